@@ -1,0 +1,116 @@
+//! Validated names and list patterns (`kes-api.md` §2.24).
+//!
+//! A [`KeyName`] proves its text is 1–80 bytes of `[0-9A-Za-z_-]`, not starting or ending with
+//! `-` and not `_` alone. A [`Pattern`] is the same with an optional trailing `*`, or empty.
+
+use std::fmt;
+
+const MAX_LEN: usize = 80;
+
+fn valid_chars(s: &str) -> bool {
+    s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
+fn valid_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= MAX_LEN
+        && s != "_"
+        && valid_chars(s)
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+}
+
+/// Why a name was refused; the server words the wire message.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("'{0}' is empty, too long or contains invalid characters")]
+pub struct InvalidName(pub String);
+
+/// A key name that passed the KES rules.
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct KeyName(String);
+
+impl KeyName {
+    pub fn new(s: &str) -> Result<Self, InvalidName> {
+        if valid_name(s) {
+            Ok(KeyName(s.to_owned()))
+        } else {
+            Err(InvalidName(s.to_owned()))
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for KeyName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Debug for KeyName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "KeyName({})", self.0)
+    }
+}
+
+/// A listing pattern: empty, `*`, a name, or a name followed by one `*`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Pattern(String);
+
+impl Pattern {
+    pub fn new(s: &str) -> Result<Self, InvalidName> {
+        let ok = s.is_empty()
+            || s == "*"
+            || match s.strip_suffix('*') {
+                // `abc*`: the stem is a name prefix; a stem may end in `-` (`_-*` is valid).
+                Some(stem) => {
+                    stem.len() < MAX_LEN && valid_chars(stem) && !stem.starts_with('-')
+                }
+                None => valid_name(s),
+            };
+        if ok {
+            Ok(Pattern(s.to_owned()))
+        } else {
+            Err(InvalidName(s.to_owned()))
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// The prefix this pattern selects. One trailing `*` is stripped (a deliberate deviation
+    /// from the reference, where `abc*` matched nothing for keys).
+    pub fn prefix(&self) -> &str {
+        self.0.strip_suffix('*').unwrap_or(&self.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_follow_kes_rules() {
+        for ok in ["my-key", "0", "_-___---_", "_0", "0-Z", &"a".repeat(80)] {
+            assert!(KeyName::new(ok).is_ok(), "{ok}");
+        }
+        for bad in ["", "my.key", "key/", "é", "_", "-a", "a-", "a b", &"a".repeat(81)] {
+            assert!(KeyName::new(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn patterns_follow_kes_rules() {
+        for ok in ["", "*", "my*", "_-*", "abc", "a-*"] {
+            assert!(Pattern::new(ok).is_ok(), "{ok}");
+        }
+        for bad in ["*-*", "_", "a*b", "**", "-*", "a.b*"] {
+            assert!(Pattern::new(bad).is_err(), "{bad}");
+        }
+        assert_eq!(Pattern::new("abc*").unwrap().prefix(), "abc");
+        assert_eq!(Pattern::new("*").unwrap().prefix(), "");
+    }
+}
