@@ -1,1 +1,196 @@
+//! The `KeyStore` trait: every key operation the KES API needs, and its two backends.
+//!
+//! Owns key lifecycle and the sealing of data keys. Knows nothing of HTTP, identities or
+//! policy: callers pass a validated [`KeyName`] and get a [`KeystoreError`] that the server
+//! maps to the wire in one place.
+//!
+//! - [`pkcs11`]: master keys inside a PKCS#11 token (SoftHSMv2 in tests, real HSMs in production).
+//! - [`soft`]: the embedded keystore for `--dev` and machines without an HSM, in memory or in a
+//!   directory of KEK-wrapped files; same schemes, byte-identical ciphertexts.
 
+use std::fmt;
+use std::time::Duration;
+
+use time::OffsetDateTime;
+
+use crate::crypto::kes::Algorithm;
+use crate::name::KeyName;
+use crate::secret::{Key32, SecretBytes};
+
+pub mod pkcs11;
+pub mod soft;
+
+/// How a key seals data keys; fixed when the key is made (DESIGN.md §3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Scheme {
+    /// AES-256-GCM on the device; kesh's native format. Default for created keys.
+    Gcm,
+    /// AES key wrap with padding on the device, for HSMs without on-device GCM.
+    Kwp,
+    /// KES's exact format: per-message key = HMAC-SHA256(master, iv), AEAD in the host.
+    Kes,
+}
+
+impl Scheme {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Scheme::Gcm => "gcm",
+            Scheme::Kwp => "kwp",
+            Scheme::Kes => "kes",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "gcm" => Some(Scheme::Gcm),
+            "kwp" => Some(Scheme::Kwp),
+            "kes" => Some(Scheme::Kes),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for Scheme {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What `describe` reports about a key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyInfo {
+    pub name: KeyName,
+    pub scheme: Scheme,
+    pub algorithm: Algorithm,
+    pub created_at: OffsetDateTime,
+    /// The identity that created the key; empty when unknown (legacy keys, skip_auth routes).
+    pub created_by: String,
+}
+
+/// Who and when, recorded with a new key.
+#[derive(Debug, Clone)]
+pub struct Provenance {
+    pub created_at: OffsetDateTime,
+    pub created_by: String,
+}
+
+impl Provenance {
+    pub fn now(created_by: impl Into<String>) -> Self {
+        // Whole microseconds: what every backend can store and return unchanged.
+        let now = OffsetDateTime::now_utc();
+        let created_at = now.replace_nanosecond(now.nanosecond() / 1000 * 1000).unwrap_or(now);
+        Provenance { created_at, created_by: created_by.into() }
+    }
+}
+
+/// The HMAC key that goes with an imported key.
+pub enum HmacKeySource {
+    /// Draw a fresh one (what KES does on `/v1/key/import`).
+    Generate,
+    /// Keep the one a migrated KES key already had, so `/v1/key/hmac` answers as before.
+    Given(Key32),
+    /// Legacy KES keys had none; `/v1/key/hmac` then answers 409.
+    None,
+}
+
+/// Key material brought in from outside: `/v1/key/import`, `kesh migrate`, test vectors.
+pub struct ImportKey {
+    pub key: Key32,
+    pub algorithm: Algorithm,
+    pub scheme: Scheme,
+    pub hmac: HmacKeySource,
+    pub provenance: Provenance,
+}
+
+impl fmt::Debug for ImportKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ImportKey")
+            .field("algorithm", &self.algorithm)
+            .field("scheme", &self.scheme)
+            .field("provenance", &self.provenance)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A freshly generated data key: the plaintext for the caller, the ciphertext to store.
+pub struct DataKey {
+    pub plaintext: Key32,
+    pub ciphertext: Vec<u8>,
+}
+
+impl fmt::Debug for DataKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DataKey").field("ciphertext_len", &self.ciphertext.len()).finish_non_exhaustive()
+    }
+}
+
+/// Errors of the keystore layer. Messages never carry secrets; the server maps each variant to
+/// its KES status and message.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum KeystoreError {
+    #[error("key already exists")]
+    KeyExists,
+    #[error("key does not exist")]
+    KeyNotFound,
+    #[error("ciphertext is not authentic")]
+    NotAuthentic,
+    #[error("key does not support HMAC")]
+    HmacUnsupported,
+    /// The backend cannot hold this kind of key (ChaCha20 keys on an HSM).
+    #[error("algorithm '{0}' is not supported by this keystore")]
+    AlgorithmUnsupported(&'static str),
+    /// The operation does not fit the key's scheme or the backend's limits.
+    #[error("invalid input: {0}")]
+    InvalidInput(String),
+    /// The device is down or being recovered; requests fail fast until it is back.
+    #[error("keystore is unreachable: {0}")]
+    Unreachable(String),
+    /// No HSM session became free within the configured wait.
+    #[error("keystore is busy: no session free within {0:?}")]
+    Busy(Duration),
+    /// Any other backend failure (a PKCS#11 return code, an I/O error).
+    #[error("keystore error: {0}")]
+    Backend(String),
+}
+
+impl From<crate::crypto::NotAuthentic> for KeystoreError {
+    fn from(_: crate::crypto::NotAuthentic) -> Self {
+        KeystoreError::NotAuthentic
+    }
+}
+
+pub type Result<T, E = KeystoreError> = std::result::Result<T, E>;
+
+/// The key operations of the KES API. Implementations are cheap to share (`Arc<dyn KeyStore>`)
+/// and safe to call concurrently; blocking work stays off the async runtime.
+#[async_trait::async_trait]
+pub trait KeyStore: Send + Sync + 'static {
+    /// One line for banners and `/v1/status` logs, e.g. `PKCS#11 token 'kesh' (SoftHSM)`.
+    fn description(&self) -> String;
+
+    /// Creates a key with the backend's default scheme and a fresh HMAC key.
+    async fn create(&self, name: &KeyName, provenance: Provenance) -> Result<()>;
+
+    /// Stores outside key material under `name`.
+    async fn import(&self, name: &KeyName, key: ImportKey) -> Result<()>;
+
+    async fn describe(&self, name: &KeyName) -> Result<KeyInfo>;
+
+    /// Names starting with `prefix`, sorted bytewise.
+    async fn list(&self, prefix: &str) -> Result<Vec<KeyName>>;
+
+    async fn delete(&self, name: &KeyName) -> Result<()>;
+
+    /// Draws a 32-byte DEK and seals it under `name` with `context` bound.
+    async fn generate(&self, name: &KeyName, context: &[u8]) -> Result<DataKey>;
+
+    async fn encrypt(&self, name: &KeyName, plaintext: &[u8], context: &[u8]) -> Result<Vec<u8>>;
+
+    async fn decrypt(&self, name: &KeyName, ciphertext: &[u8], context: &[u8]) -> Result<SecretBytes>;
+
+    /// HMAC-SHA256 of `message` under the key's separate HMAC key.
+    async fn hmac(&self, name: &KeyName, message: &[u8]) -> Result<[u8; 32]>;
+
+    /// Probes the backend; returns how long the probe took.
+    async fn status(&self) -> Result<Duration>;
+}

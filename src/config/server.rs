@@ -1,0 +1,1 @@
+//! The server part of the config file (owned by the server work).
