@@ -1,1 +1,968 @@
-//! pkcs11
+//! The HSM keystore: master keys inside a PKCS#11 token.
+//!
+//! Owns the PKCS#11 context, the session pool, the name → handle index and recovery. Knows
+//! nothing of HTTP or policy. Every cryptoki call goes through [`Inner::run`], the one seam
+//! that takes a pool permit (bounded wait, then `Busy`) and leaves the async runtime with
+//! `spawn_blocking`: PKCS#11 calls block for as long as the device takes (a network HSM
+//! answers in milliseconds), which would stall every request sharing a runtime worker.
+//!
+//! Index: built from one scan at start, kept current on create/delete, refreshed on a miss
+//! (one targeted search at a time, with a short negative cache so floods of unknown names
+//! cost nothing), on a stale handle, and before listing when older than [`LIST_RESCAN`].
+//!
+//! Recovery: a device-level return code (see [`error::classify`]) takes the device out of
+//! service at once (requests fail fast with `Unreachable`), waits for in-flight calls, then
+//! finalizes, re-initializes, logs in and rebuilds the index, retrying with backoff capped at
+//! [`RECOVERY_BACKOFF_MAX`].
+
+pub mod device;
+pub mod error;
+pub mod objects;
+pub mod softhsm;
+
+use std::collections::HashMap;
+use std::fmt;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use cryptoki::context::{Function, Pkcs11};
+use cryptoki::error::{Error as CkError, RvError};
+use cryptoki::mechanism::aead::GcmParams;
+use cryptoki::mechanism::Mechanism;
+use cryptoki::object::{Attribute, AttributeType, ObjectClass, ObjectHandle};
+use cryptoki::session::Session;
+use tokio::sync::Semaphore;
+use zeroize::Zeroizing;
+
+use self::device::Device;
+use self::error::{classify, Failure};
+use self::objects::{Meta, Role, State};
+use super::{DataKey, HmacKeySource, ImportKey, KeyInfo, KeyStore, KeystoreError, Provenance, Result, Scheme};
+use crate::crypto::{kes, kes::Algorithm, native};
+use crate::name::KeyName;
+use crate::secret::{Pin, SecretBytes};
+
+/// Listing rescans the token when the index is older than this, so keys made or removed by
+/// other kesh instances on the same token show up.
+pub const LIST_RESCAN: Duration = Duration::from_secs(5);
+/// A name just searched for and not found is answered from memory for this long.
+const NEGATIVE_TTL: Duration = Duration::from_secs(1);
+pub const RECOVERY_BACKOFF_MAX: Duration = Duration::from_secs(2);
+/// How long a create waits for a concurrent create of the same name on another instance.
+const CREATE_CONTENTION_LIMIT: Duration = Duration::from_secs(5);
+
+/// How the token is found: by label or by serial number, never by slot number.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TokenSelector {
+    Label(String),
+    Serial(String),
+}
+
+impl fmt::Display for TokenSelector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            TokenSelector::Label(l) => write!(f, "label '{l}'"),
+            TokenSelector::Serial(s) => write!(f, "serial '{s}'"),
+        }
+    }
+}
+
+/// Who draws GCM IVs: kesh (from the HSM's RNG) or the device itself (FIPS-mode HSMs ignore
+/// caller IVs and return their own, which kesh then reads back).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IvSource {
+    Caller,
+    Device,
+}
+
+/// Validated settings of the pkcs11 keystore (`keystore.pkcs11` in the config).
+#[derive(Debug, Clone)]
+pub struct Pkcs11Config {
+    pub module: PathBuf,
+    pub token: TokenSelector,
+    pub pin: Pin,
+    /// Label namespace, so kesh can share a token with other applications.
+    pub prefix: String,
+    /// Session pool size: the most PKCS#11 calls in flight at once.
+    pub sessions: usize,
+    /// Scheme of keys made by `create`.
+    pub scheme: Scheme,
+    pub iv: IvSource,
+    /// How long a request waits for a free session before `Busy` (503 + Retry-After).
+    pub session_wait: Duration,
+    pub profile: Option<&'static str>,
+}
+
+/// A key as the index knows it: handles valid for one device generation.
+#[derive(Debug)]
+struct Entry {
+    master: ObjectHandle,
+    hmac: Option<ObjectHandle>,
+    info: KeyInfo,
+    generation: u64,
+}
+
+#[derive(Default)]
+struct Index {
+    keys: HashMap<KeyName, Arc<Entry>>,
+    scanned_at: Option<Instant>,
+}
+
+/// Errors inside a blocking closure: a cryptoki code, or a verdict already made.
+enum OpError {
+    Ck(CkError),
+    Fail(KeystoreError),
+}
+
+impl From<CkError> for OpError {
+    fn from(e: CkError) -> Self {
+        OpError::Ck(e)
+    }
+}
+
+impl From<crate::crypto::NotAuthentic> for OpError {
+    fn from(_: crate::crypto::NotAuthentic) -> Self {
+        OpError::Fail(KeystoreError::NotAuthentic)
+    }
+}
+
+type OpResult<T> = std::result::Result<T, OpError>;
+
+/// The PKCS#11 keystore. Cheap to clone.
+#[derive(Clone)]
+pub struct Pkcs11KeyStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    cfg: Pkcs11Config,
+    ctx: Pkcs11,
+    /// `None` while the device is down and being recovered.
+    device: RwLock<Option<Arc<Device>>>,
+    generation: AtomicU64,
+    index: RwLock<Index>,
+    permits: Arc<Semaphore>,
+    recovering: AtomicBool,
+    last_failure: Mutex<String>,
+    /// Serialises this process's creates, imports and deletes; other processes are handled
+    /// by the on-token protocol in `create_on_token`.
+    writes: tokio::sync::Mutex<()>,
+    /// Serialises index misses and remembers recent ones.
+    misses: tokio::sync::Mutex<HashMap<KeyName, Instant>>,
+    /// Seals per key since start (random-IV GCM is bounded to about 2^32 per key).
+    seals: Mutex<HashMap<KeyName, u64>>,
+    token_description: String,
+}
+
+impl fmt::Debug for Pkcs11KeyStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Pkcs11KeyStore").field("token", &self.inner.cfg.token).finish_non_exhaustive()
+    }
+}
+
+fn join_error(e: tokio::task::JoinError) -> KeystoreError {
+    KeystoreError::Backend(format!("PKCS#11 worker failed: {e}"))
+}
+
+impl Pkcs11KeyStore {
+    /// Loads the module, finds the token, logs in and builds the index.
+    pub async fn open(cfg: Pkcs11Config) -> Result<Self> {
+        let started = Instant::now();
+        let opened = tokio::task::spawn_blocking(move || -> Result<_> {
+            let ctx = Pkcs11::new(&cfg.module).map_err(|e| {
+                KeystoreError::Unreachable(format!("cannot load PKCS#11 module {}: {e}", cfg.module.display()))
+            })?;
+            let device = Device::connect(&ctx, &cfg, 0).map_err(|e| KeystoreError::Unreachable(e.0))?;
+            let info = ctx.get_library_info().ok();
+            let token_description = format!(
+                "PKCS#11 token {} via {}{}",
+                cfg.token,
+                cfg.module.display(),
+                info.map(|i| format!(" ({})", i.manufacturer_id().trim_end())).unwrap_or_default()
+            );
+            let session = device.checkout(&ctx).map_err(|e| KeystoreError::Unreachable(e.to_string()))?;
+            let keys = scan(&session, &cfg.prefix, 0).map_err(|e| KeystoreError::Unreachable(e.to_string()))?;
+            device.checkin(session);
+            Ok((ctx, cfg, device, keys, token_description))
+        })
+        .await
+        .map_err(join_error)??;
+        let (ctx, cfg, device, keys, token_description) = opened;
+        tracing::info!(
+            keys = keys.len(),
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            sessions = cfg.sessions,
+            profile = cfg.profile.unwrap_or("none"),
+            scheme = %cfg.scheme,
+            "pkcs11 keystore ready"
+        );
+        Ok(Pkcs11KeyStore {
+            inner: Arc::new(Inner {
+                permits: Arc::new(Semaphore::new(cfg.sessions)),
+                cfg,
+                ctx,
+                device: RwLock::new(Some(Arc::new(device))),
+                generation: AtomicU64::new(0),
+                index: RwLock::new(Index { keys, scanned_at: Some(Instant::now()) }),
+                recovering: AtomicBool::new(false),
+                last_failure: Mutex::new(String::new()),
+                writes: tokio::sync::Mutex::new(()),
+                misses: tokio::sync::Mutex::new(HashMap::new()),
+                seals: Mutex::new(HashMap::new()),
+                token_description,
+            }),
+        })
+    }
+
+    /// Keys currently in the index (for start-up reports and benchmarks).
+    pub fn indexed_keys(&self) -> usize {
+        self.inner.index.read().unwrap_or_else(|e| e.into_inner()).keys.len()
+    }
+
+    /// Rebuilds the index from a full scan and returns how long it took.
+    pub async fn rebuild_index(&self) -> Result<Duration> {
+        let started = Instant::now();
+        self.inner.rescan().await?;
+        Ok(started.elapsed())
+    }
+
+    /// Seals made per key since start.
+    pub fn seal_counts(&self) -> HashMap<KeyName, u64> {
+        self.inner.seals.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Whether the device is in service (false while recovering).
+    pub fn is_available(&self) -> bool {
+        self.inner.device.read().unwrap_or_else(|e| e.into_inner()).is_some()
+    }
+}
+
+impl Inner {
+    fn current_device(&self) -> Result<Arc<Device>> {
+        self.device.read().unwrap_or_else(|e| e.into_inner()).clone().ok_or_else(|| {
+            let why = self.last_failure.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            KeystoreError::Unreachable(format!("recovering from: {why}"))
+        })
+    }
+
+    /// The seam: one blocking closure on one pooled session, off the async runtime.
+    async fn run<T, F>(self: &Arc<Self>, f: F) -> std::result::Result<(T, u64), Failure>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Session) -> OpResult<T> + Send + 'static,
+    {
+        // Fail fast while down, before queueing for a permit.
+        self.current_device().map_err(Failure::Request)?;
+        let wait = self.cfg.session_wait;
+        let permit = match tokio::time::timeout(wait, self.permits.clone().acquire_owned()).await {
+            Ok(Ok(p)) => p,
+            // The semaphore is never closed; treat it as busy should that change.
+            Ok(Err(_)) | Err(_) => return Err(Failure::Request(KeystoreError::Busy(wait))),
+        };
+        // Taken after the permit: recovery holds every permit while it swaps the device.
+        let device = self.current_device().map_err(Failure::Request)?;
+        let inner = self.clone();
+        let outcome = tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            let session = device.checkout(&inner.ctx).map_err(OpError::Ck)?;
+            let result = f(&session);
+            match &result {
+                Err(OpError::Ck(e)) if matches!(classify(e), Failure::Device(_)) => drop(session),
+                _ => device.checkin(session),
+            }
+            result.map(|v| (v, device.generation))
+        })
+        .await
+        .map_err(|e| Failure::Request(join_error(e)))?;
+        match outcome {
+            Ok(v) => Ok(v),
+            Err(OpError::Fail(e)) => Err(Failure::Request(e)),
+            Err(OpError::Ck(e)) => {
+                let failure = classify(&e);
+                if let Failure::Device(why) = &failure {
+                    self.begin_recovery(why.clone());
+                }
+                Err(failure)
+            }
+        }
+    }
+
+    /// [`run`](Self::run) for callers that have no use for stale-handle handling.
+    async fn run_plain<T, F>(self: &Arc<Self>, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Session) -> OpResult<T> + Send + 'static,
+    {
+        self.run(f).await.map(|(v, _)| v).map_err(failure_to_error)
+    }
+
+    fn begin_recovery(self: &Arc<Self>, why: String) {
+        if self.recovering.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        tracing::error!(reason = %why, "PKCS#11 device failure: taking the keystore out of service to recover");
+        *self.last_failure.lock().unwrap_or_else(|e| e.into_inner()) = why;
+        let old = self.device.write().unwrap_or_else(|e| e.into_inner()).take();
+        let inner = self.clone();
+        tokio::spawn(async move { inner.recover(old).await });
+    }
+
+    async fn recover(self: Arc<Self>, mut old: Option<Arc<Device>>) {
+        let mut backoff = Duration::from_millis(50);
+        let started = Instant::now();
+        let sessions = u32::try_from(self.cfg.sessions).unwrap_or(u32::MAX);
+        loop {
+            // Every permit: no call is in flight while the module is finalized.
+            let all = match self.permits.clone().acquire_many_owned(sessions).await {
+                Ok(p) => p,
+                Err(_) => return,
+            };
+            let generation = self.generation.fetch_add(1, Ordering::AcqRel) + 1;
+            let inner = self.clone();
+            let stale = old.take();
+            let attempt = tokio::task::spawn_blocking(move || {
+                drop(stale); // closes the old sessions (errors are expected and ignored)
+                let _ = inner.ctx.clone().finalize();
+                let device = Device::connect(&inner.ctx, &inner.cfg, generation).map_err(|e| e.0)?;
+                let session = device.checkout(&inner.ctx).map_err(|e| e.to_string())?;
+                let keys = scan(&session, &inner.cfg.prefix, generation).map_err(|e| e.to_string())?;
+                device.checkin(session);
+                Ok::<_, String>((device, keys))
+            })
+            .await
+            .unwrap_or_else(|e| Err(e.to_string()));
+            match attempt {
+                Ok((device, keys)) => {
+                    let count = keys.len();
+                    *self.index.write().unwrap_or_else(|e| e.into_inner()) = Index { keys, scanned_at: Some(Instant::now()) };
+                    *self.device.write().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(device));
+                    self.recovering.store(false, Ordering::Release);
+                    drop(all);
+                    tracing::info!(keys = count, after_ms = started.elapsed().as_millis() as u64, "PKCS#11 keystore recovered");
+                    return;
+                }
+                Err(why) => {
+                    drop(all);
+                    tracing::warn!(reason = %why, retry_in_ms = backoff.as_millis() as u64, "PKCS#11 recovery attempt failed");
+                    *self.last_failure.lock().unwrap_or_else(|e| e.into_inner()) = why;
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(RECOVERY_BACKOFF_MAX);
+                }
+            }
+        }
+    }
+
+    fn label(&self, name: &KeyName) -> String {
+        format!("{}{}", self.cfg.prefix, name)
+    }
+
+    fn cached(&self, name: &KeyName) -> Option<Arc<Entry>> {
+        self.index.read().unwrap_or_else(|e| e.into_inner()).keys.get(name).cloned()
+    }
+
+    fn forget(&self, name: &KeyName) {
+        self.index.write().unwrap_or_else(|e| e.into_inner()).keys.remove(name);
+    }
+
+    fn remember(&self, entry: Entry) -> Arc<Entry> {
+        let entry = Arc::new(entry);
+        self.index.write().unwrap_or_else(|e| e.into_inner()).keys.insert(entry.info.name.clone(), entry.clone());
+        entry
+    }
+
+    /// The index entry for `name`, searching the token on a miss.
+    async fn entry(self: &Arc<Self>, name: &KeyName, force: bool) -> Result<Arc<Entry>> {
+        if !force {
+            if let Some(e) = self.cached(name) {
+                return Ok(e);
+            }
+        }
+        let mut misses = self.misses.lock().await;
+        if let Some(e) = self.cached(name) {
+            return Ok(e);
+        }
+        let now = Instant::now();
+        misses.retain(|_, at| now.duration_since(*at) < NEGATIVE_TTL);
+        if !force && misses.contains_key(name) {
+            return Err(KeystoreError::KeyNotFound);
+        }
+        let label = self.label(name);
+        let wanted = name.clone();
+        let (found, generation) = self
+            .run(move |s| Ok(find_ready(s, &label, &wanted)?))
+            .await
+            .map_err(failure_to_error)?;
+        match found {
+            Some((master, hmac, info)) => {
+                misses.remove(name);
+                Ok(self.remember(Entry { master, hmac, info, generation }))
+            }
+            None => {
+                misses.insert(name.clone(), now);
+                Err(KeystoreError::KeyNotFound)
+            }
+        }
+    }
+
+    /// Runs `op` against a key's handles, retrying once through a fresh search when the
+    /// handles turn out stale (deleted by another instance, or from before a recovery).
+    async fn with_key<T, F>(self: &Arc<Self>, name: &KeyName, op: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: Fn(&Session, &Entry) -> OpResult<T> + Clone + Send + Sync + 'static,
+    {
+        let mut force = false;
+        for _ in 0..2 {
+            let entry = self.entry(name, force).await?;
+            let op = op.clone();
+            let e = entry.clone();
+            match self.run(move |s| op(s, &e)).await {
+                Ok((v, generation)) if generation == entry.generation => return Ok(v),
+                Ok((v, _)) => {
+                    // Succeeded on a new device with an old handle: only trust it if the
+                    // handle still names this key, which a fresh search decides next time.
+                    self.forget(name);
+                    return Ok(v);
+                }
+                Err(Failure::StaleHandle) => {
+                    self.forget(name);
+                    force = true;
+                }
+                Err(f) => return Err(failure_to_error(f)),
+            }
+        }
+        self.forget(name);
+        Err(KeystoreError::KeyNotFound)
+    }
+
+    async fn rescan(self: &Arc<Self>) -> Result<()> {
+        let prefix = self.cfg.prefix.clone();
+        let (keys, _) = self
+            .run(move |s| {
+                // The generation is only known inside; patch it below.
+                Ok(scan(s, &prefix, u64::MAX)?)
+            })
+            .await
+            .map_err(failure_to_error)?;
+        let generation = self.current_device()?.generation;
+        let keys = keys
+            .into_iter()
+            .map(|(k, e)| {
+                let e = Arc::try_unwrap(e).unwrap_or_else(|a| Entry { master: a.master, hmac: a.hmac, info: a.info.clone(), generation });
+                (k, Arc::new(Entry { generation, ..e }))
+            })
+            .collect();
+        *self.index.write().unwrap_or_else(|e| e.into_inner()) = Index { keys, scanned_at: Some(Instant::now()) };
+        Ok(())
+    }
+
+    fn count_seal(&self, name: &KeyName) {
+        *self.seals.lock().unwrap_or_else(|e| e.into_inner()).entry(name.clone()).or_default() += 1;
+    }
+
+    /// Creates a key's objects through the on-token protocol.
+    async fn create_key(self: &Arc<Self>, name: &KeyName, spec: NewKey) -> Result<()> {
+        let _writes = self.writes.lock().await;
+        let label = self.label(name);
+        let key_name = name.clone();
+        let (entry, generation) = self
+            .run(move |s| create_on_token(s, &label, &key_name, spec))
+            .await
+            .map_err(failure_to_error)?;
+        self.misses.lock().await.remove(name);
+        self.remember(Entry { generation, ..entry });
+        Ok(())
+    }
+}
+
+fn failure_to_error(f: Failure) -> KeystoreError {
+    match f {
+        Failure::Device(why) => KeystoreError::Unreachable(why),
+        Failure::StaleHandle => KeystoreError::KeyNotFound,
+        Failure::Request(e) => e,
+    }
+}
+
+/// What a create writes.
+struct NewKey {
+    scheme: Scheme,
+    algorithm: Algorithm,
+    /// `None`: the device generates the master key.
+    material: Option<Zeroizing<Vec<u8>>>,
+    hmac: NewHmac,
+    provenance: Provenance,
+}
+
+enum NewHmac {
+    Generate,
+    Given(Zeroizing<Vec<u8>>),
+    None,
+}
+
+/// An object found under a key's label, with its decoded metadata.
+struct Found {
+    handle: ObjectHandle,
+    meta: Option<Meta>,
+}
+
+fn survey(s: &Session, label: &str) -> std::result::Result<Vec<Found>, CkError> {
+    let handles = s.find_objects(&[Attribute::Class(ObjectClass::SECRET_KEY), Attribute::Label(label.as_bytes().to_vec())])?;
+    let mut out = Vec::with_capacity(handles.len());
+    for handle in handles {
+        let meta = match s.get_attributes(handle, &[AttributeType::Id]) {
+            Ok(attrs) => attrs.into_iter().find_map(|a| match a {
+                Attribute::Id(id) => Meta::decode(&id),
+                _ => None,
+            }),
+            // Deleted between the search and the read: not there.
+            Err(e) if matches!(classify(&e), Failure::StaleHandle) => continue,
+            Err(e) => return Err(e),
+        };
+        out.push(Found { handle, meta });
+    }
+    Ok(out)
+}
+
+type Located = (ObjectHandle, Option<ObjectHandle>, KeyInfo);
+
+/// The ready key under `label`, if any.
+fn find_ready(s: &Session, label: &str, name: &KeyName) -> std::result::Result<Option<Located>, CkError> {
+    let found = survey(s, label)?;
+    Ok(pick_ready(&found, name))
+}
+
+fn pick_ready(found: &[Found], name: &KeyName) -> Option<Located> {
+    // Two ready masters cannot come out of the create protocol; if a foreign tool made them,
+    // the smallest nonce wins on every instance alike.
+    let master = found
+        .iter()
+        .filter_map(|f| f.meta.as_ref().map(|m| (f, m)))
+        .filter(|(_, m)| m.role == Role::Key && m.state == State::Ready)
+        .min_by(|a, b| a.1.nonce.cmp(&b.1.nonce))?;
+    let info = master.1.key_info(name)?;
+    let hmac = found
+        .iter()
+        .find(|f| f.meta.as_ref().is_some_and(|m| m.role == Role::Hmac && m.state == State::Ready && m.nonce == master.1.nonce))
+        .map(|f| f.handle);
+    Some((master.0.handle, hmac, info))
+}
+
+/// Scans every secret key on the token once and builds the index.
+fn scan(s: &Session, prefix: &str, generation: u64) -> std::result::Result<HashMap<KeyName, Arc<Entry>>, CkError> {
+    let handles = s.find_objects(&[Attribute::Class(ObjectClass::SECRET_KEY)])?;
+    let mut by_name: HashMap<KeyName, Vec<Found>> = HashMap::new();
+    for handle in handles {
+        let attrs = match s.get_attributes(handle, &[AttributeType::Label, AttributeType::Id]) {
+            Ok(a) => a,
+            Err(e) if matches!(classify(&e), Failure::StaleHandle) => continue,
+            Err(e) => return Err(e),
+        };
+        let (mut label, mut meta) = (None, None);
+        for a in attrs {
+            match a {
+                Attribute::Label(l) => label = String::from_utf8(l).ok(),
+                Attribute::Id(id) => meta = Meta::decode(&id),
+                _ => {}
+            }
+        }
+        let Some(name) = label.as_deref().and_then(|l| l.strip_prefix(prefix)).and_then(|n| KeyName::new(n).ok()) else {
+            continue;
+        };
+        if meta.is_some() {
+            by_name.entry(name).or_default().push(Found { handle, meta });
+        }
+    }
+    Ok(by_name
+        .into_iter()
+        .filter_map(|(name, found)| {
+            let (master, hmac, info) = pick_ready(&found, &name)?;
+            Some((name, Arc::new(Entry { master, hmac, info, generation })))
+        })
+        .collect())
+}
+
+fn random_nonce(s: &Session) -> std::result::Result<String, CkError> {
+    let mut n = [0u8; 8];
+    s.generate_random_slice(&mut n)?;
+    Ok(hex::encode(n))
+}
+
+fn unix_now() -> i64 {
+    time::OffsetDateTime::now_utc().unix_timestamp()
+}
+
+/// Creates a key so that concurrent creators of one name, in any process, end with exactly
+/// one key (DESIGN.md §3). Each creator writes its objects `pending`, then looks again:
+///
+/// 1. a `ready` key under the label → "key already exists";
+/// 2. a live (not stale) object of another creator → remove ours, back off, start over;
+/// 3. otherwise commit: the HMAC key `ready`, then the master `ready` (the commit point).
+///
+/// Two creators cannot both pass step 2: whoever looks second sees the first's objects,
+/// pending or ready. Objects of a creator that crashed go stale after
+/// [`objects::STALE_PENDING_SECS`] and are removed by the next create.
+fn create_on_token(s: &Session, label: &str, name: &KeyName, spec: NewKey) -> OpResult<Entry> {
+    let deadline = Instant::now() + CREATE_CONTENTION_LIMIT;
+    let mut backoff_ms = 2u64;
+    loop {
+        let found = survey(s, label)?;
+        if pick_ready(&found, name).is_some() {
+            return Err(OpError::Fail(KeystoreError::KeyExists));
+        }
+        let now = unix_now();
+        let mut contended = false;
+        for f in &found {
+            match &f.meta {
+                Some(m) if now - m.ts > objects::STALE_PENDING_SECS => {
+                    let _ = s.destroy_object(f.handle);
+                }
+                Some(_) => contended = true,
+                None => {}
+            }
+        }
+        if !contended {
+            let nonce = random_nonce(s)?;
+            let written = write_pending(s, label, &nonce, &spec)?;
+            let found = survey(s, label)?;
+            let others_live = found.iter().any(|f| {
+                f.meta.as_ref().is_some_and(|m| m.nonce != nonce && (m.state == State::Ready || unix_now() - m.ts <= objects::STALE_PENDING_SECS))
+            });
+            if !others_live {
+                return commit(s, written, name).map_err(OpError::Ck);
+            }
+            let exists = pick_ready(&found, name).is_some();
+            written.destroy(s);
+            if exists {
+                return Err(OpError::Fail(KeystoreError::KeyExists));
+            }
+        }
+        if Instant::now() > deadline {
+            return Err(OpError::Fail(KeystoreError::Backend(format!(
+                "another instance keeps creating '{name}' at the same time; try again"
+            ))));
+        }
+        // Random jitter breaks ties between instances that back off together.
+        let mut jitter = [0u8; 1];
+        let _ = s.generate_random_slice(&mut jitter);
+        std::thread::sleep(Duration::from_millis(backoff_ms + u64::from(jitter[0] % 8)));
+        backoff_ms = (backoff_ms * 2).min(64);
+    }
+}
+
+struct Written {
+    master: ObjectHandle,
+    master_meta: Meta,
+    hmac: Option<(ObjectHandle, Meta)>,
+    scheme: Scheme,
+}
+
+impl Written {
+    fn destroy(&self, s: &Session) {
+        let _ = s.destroy_object(self.master);
+        if let Some((h, _)) = &self.hmac {
+            let _ = s.destroy_object(*h);
+        }
+    }
+}
+
+fn write_pending(s: &Session, label: &str, nonce: &str, spec: &NewKey) -> OpResult<Written> {
+    let hmac_meta = Meta::new(Role::Hmac, nonce, spec.scheme, spec.algorithm, &spec.provenance);
+    let hmac = match &spec.hmac {
+        NewHmac::None => None,
+        NewHmac::Generate => {
+            let t = objects::hmac_template(label, &hmac_meta, None);
+            Some(s.generate_key(&Mechanism::GenericSecretKeyGen, &t)?)
+        }
+        NewHmac::Given(v) => {
+            let mut t = objects::hmac_template(label, &hmac_meta, Some(v.to_vec()));
+            let h = s.create_object(&t);
+            objects::wipe(&mut t);
+            Some(h?)
+        }
+    };
+    let master_meta = Meta::new(Role::Key, nonce, spec.scheme, spec.algorithm, &spec.provenance);
+    let master = match &spec.material {
+        None => {
+            let t = objects::master_template(label, &master_meta, spec.scheme, None);
+            s.generate_key(&Mechanism::AesKeyGen, &t)
+        }
+        Some(v) => {
+            let mut t = objects::master_template(label, &master_meta, spec.scheme, Some(v.to_vec()));
+            let h = s.create_object(&t);
+            objects::wipe(&mut t);
+            h
+        }
+    };
+    match master {
+        Ok(master) => Ok(Written { master, master_meta, hmac: hmac.map(|h| (h, hmac_meta)), scheme: spec.scheme }),
+        Err(e) => {
+            if let Some(h) = hmac {
+                let _ = s.destroy_object(h);
+            }
+            Err(e.into())
+        }
+    }
+}
+
+fn commit(s: &Session, w: Written, name: &KeyName) -> std::result::Result<Entry, CkError> {
+    let result = (|| {
+        if let Some((h, meta)) = &w.hmac {
+            s.update_attributes(*h, &[Attribute::Id(meta.clone().ready().encode())])?;
+        }
+        let ready = w.master_meta.clone().ready();
+        s.update_attributes(w.master, &[Attribute::Id(ready.encode())])?;
+        Ok(ready)
+    })();
+    match result {
+        Ok(meta) => {
+            let info = meta.key_info(name).unwrap_or(KeyInfo {
+                name: name.clone(),
+                scheme: w.scheme,
+                algorithm: Algorithm::Aes256,
+                created_at: meta.created_at,
+                created_by: meta.created_by.clone(),
+            });
+            Ok(Entry { master: w.master, hmac: w.hmac.map(|(h, _)| h), info, generation: 0 })
+        }
+        Err(e) => {
+            w.destroy(s);
+            Err(e)
+        }
+    }
+}
+
+/// Seals `plaintext` on the device with the key's scheme. `rnd` holds fresh random bytes
+/// for the IV (and nonce): 12 for `gcm`, 28 for `kes`, none for `kwp`.
+fn seal_on_device(s: &Session, e: &Entry, iv_source: IvSource, rnd: &[u8], plaintext: &[u8], context: &[u8]) -> OpResult<Vec<u8>> {
+    match e.info.scheme {
+        Scheme::Gcm => {
+            let mut iv = [0u8; native::GCM_IV_LEN];
+            if iv_source == IvSource::Caller {
+                iv.copy_from_slice(&rnd[..native::GCM_IV_LEN]);
+            }
+            let sealed = {
+                let params = GcmParams::new(&mut iv, context, (native::GCM_TAG_LEN as u64 * 8).into())?;
+                s.encrypt(&Mechanism::AesGcm(params), e.master, plaintext)?
+            };
+            Ok(native::encode_gcm(&iv, &sealed))
+        }
+        Scheme::Kwp => {
+            let (pad, inner) = native::kwp_inner(plaintext, context);
+            let mut t = objects::transient_template(inner.to_vec());
+            let obj = s.create_object(&t);
+            objects::wipe(&mut t);
+            let obj = obj?;
+            let wrapped = s.wrap_key(&Mechanism::AesKeyWrapPad, e.master, obj);
+            let _ = s.destroy_object(obj);
+            Ok(native::encode_kwp(pad, &wrapped?))
+        }
+        Scheme::Kes => {
+            let iv: [u8; kes::IV_LEN] = rnd[..kes::IV_LEN].try_into().map_err(|_| OpError::Fail(KeystoreError::Backend("short random".into())))?;
+            let nonce: [u8; kes::NONCE_LEN] =
+                rnd[kes::IV_LEN..kes::TRAILER_LEN].try_into().map_err(|_| OpError::Fail(KeystoreError::Backend("short random".into())))?;
+            let derived = derive_on_device(s, e, &iv)?;
+            Ok(kes::seal(e.info.algorithm, &derived, &iv, &nonce, plaintext, context))
+        }
+    }
+}
+
+/// The `kes` scheme's per-message key, HMAC-SHA256(master, iv), computed on the device.
+fn derive_on_device(s: &Session, e: &Entry, iv: &[u8; kes::IV_LEN]) -> OpResult<Zeroizing<[u8; 32]>> {
+    let mac = Zeroizing::new(s.sign(&Mechanism::Sha256Hmac, e.master, iv)?);
+    let mut out = Zeroizing::new([0u8; 32]);
+    if mac.len() != 32 {
+        return Err(OpError::Fail(KeystoreError::Backend(format!("CKM_SHA256_HMAC returned {} bytes", mac.len()))));
+    }
+    out.copy_from_slice(&mac);
+    Ok(out)
+}
+
+fn open_on_device(s: &Session, e: &Entry, ciphertext: &[u8], context: &[u8]) -> OpResult<SecretBytes> {
+    match e.info.scheme {
+        Scheme::Gcm => {
+            let (mut iv, sealed) = native::parse_gcm(ciphertext)?;
+            let params = GcmParams::new(&mut iv, context, (native::GCM_TAG_LEN as u64 * 8).into())?;
+            match s.decrypt(&Mechanism::AesGcm(params), e.master, sealed) {
+                Ok(pt) => Ok(Zeroizing::new(pt)),
+                // SoftHSM reports a failed tag check as a general error rather than
+                // CKR_ENCRYPTED_DATA_INVALID; on C_Decrypt with GCM it can mean nothing else.
+                Err(CkError::Pkcs11(RvError::GeneralError | RvError::FunctionFailed, Function::Decrypt)) => {
+                    Err(OpError::Fail(KeystoreError::NotAuthentic))
+                }
+                Err(e) => Err(e.into()),
+            }
+        }
+        Scheme::Kwp => {
+            let (pad, wrapped) = native::parse_kwp(ciphertext)?;
+            let obj = s.unwrap_key(&Mechanism::AesKeyWrapPad, e.master, wrapped, &objects::transient_unwrap_template())?;
+            let value = s.get_attributes(obj, &[AttributeType::Value]);
+            let _ = s.destroy_object(obj);
+            let inner = value?
+                .into_iter()
+                .find_map(|a| match a {
+                    Attribute::Value(v) => Some(Zeroizing::new(v)),
+                    _ => None,
+                })
+                .ok_or(OpError::Fail(KeystoreError::NotAuthentic))?;
+            Ok(native::kwp_open(&inner, pad, context)?)
+        }
+        Scheme::Kes => {
+            let parts = kes::parse(ciphertext)?;
+            let derived = derive_on_device(s, e, &parts.iv)?;
+            Ok(kes::open(e.info.algorithm, &derived, &parts, context)?)
+        }
+    }
+}
+
+/// Random bytes a seal needs besides the plaintext.
+fn seal_random_len(scheme: Scheme, iv: IvSource) -> usize {
+    match (scheme, iv) {
+        (Scheme::Gcm, IvSource::Caller) => native::GCM_IV_LEN,
+        (Scheme::Gcm, IvSource::Device) | (Scheme::Kwp, _) => 0,
+        (Scheme::Kes, _) => kes::TRAILER_LEN,
+    }
+}
+
+#[async_trait::async_trait]
+impl KeyStore for Pkcs11KeyStore {
+    fn description(&self) -> String {
+        self.inner.token_description.clone()
+    }
+
+    async fn create(&self, name: &KeyName, provenance: Provenance) -> Result<()> {
+        let spec = NewKey {
+            scheme: self.inner.cfg.scheme,
+            algorithm: Algorithm::Aes256,
+            material: None,
+            hmac: NewHmac::Generate,
+            provenance,
+        };
+        self.inner.create_key(name, spec).await
+    }
+
+    async fn import(&self, name: &KeyName, key: ImportKey) -> Result<()> {
+        if key.algorithm == Algorithm::ChaCha20 {
+            // HChaCha20 has no PKCS#11 mechanism: the key would have to leave the HSM.
+            return Err(KeystoreError::AlgorithmUnsupported("ChaCha20"));
+        }
+        let spec = NewKey {
+            scheme: key.scheme,
+            algorithm: key.algorithm,
+            material: Some(Zeroizing::new(key.key.to_vec())),
+            hmac: match key.hmac {
+                HmacKeySource::Generate => NewHmac::Generate,
+                HmacKeySource::Given(k) => NewHmac::Given(Zeroizing::new(k.to_vec())),
+                HmacKeySource::None => NewHmac::None,
+            },
+            provenance: key.provenance,
+        };
+        self.inner.create_key(name, spec).await
+    }
+
+    async fn describe(&self, name: &KeyName) -> Result<KeyInfo> {
+        // One cheap read proves the handle still names a live object, so a key deleted by
+        // another instance is reported gone at once.
+        self.inner
+            .with_key(name, |s, e| {
+                s.get_attributes(e.master, &[AttributeType::Class])?;
+                Ok(e.info.clone())
+            })
+            .await
+    }
+
+    async fn list(&self, prefix: &str) -> Result<Vec<KeyName>> {
+        let stale = self
+            .inner
+            .index
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .scanned_at
+            .is_none_or(|at| at.elapsed() > LIST_RESCAN);
+        if stale {
+            self.inner.rescan().await?;
+        }
+        let index = self.inner.index.read().unwrap_or_else(|e| e.into_inner());
+        let mut names: Vec<KeyName> = index.keys.keys().filter(|k| k.as_str().starts_with(prefix)).cloned().collect();
+        names.sort();
+        Ok(names)
+    }
+
+    async fn delete(&self, name: &KeyName) -> Result<()> {
+        let _writes = self.inner.writes.lock().await;
+        let result = self
+            .inner
+            .with_key(name, |s, e| {
+                // The master goes first: that is the commit point of a delete.
+                s.destroy_object(e.master)?;
+                if let Some(h) = e.hmac {
+                    let _ = s.destroy_object(h);
+                }
+                Ok(())
+            })
+            .await;
+        self.inner.forget(name);
+        result
+    }
+
+    async fn generate(&self, name: &KeyName, context: &[u8]) -> Result<DataKey> {
+        let context = context.to_vec();
+        let iv_source = self.inner.cfg.iv;
+        let (plaintext, ciphertext) = self
+            .inner
+            .with_key(name, move |s, e| {
+                let extra = seal_random_len(e.info.scheme, iv_source);
+                // One C_GenerateRandom for the DEK and the IV.
+                let mut rnd = Zeroizing::new([0u8; 32 + kes::TRAILER_LEN]);
+                s.generate_random_slice(&mut rnd[..32 + extra])?;
+                let mut dek = Zeroizing::new([0u8; 32]);
+                dek.copy_from_slice(&rnd[..32]);
+                let ct = seal_on_device(s, e, iv_source, &rnd[32..32 + extra], dek.as_ref(), &context)?;
+                Ok((dek, ct))
+            })
+            .await?;
+        self.inner.count_seal(name);
+        Ok(DataKey { plaintext, ciphertext })
+    }
+
+    async fn encrypt(&self, name: &KeyName, plaintext: &[u8], context: &[u8]) -> Result<Vec<u8>> {
+        let plaintext = Arc::new(Zeroizing::new(plaintext.to_vec()));
+        let context = context.to_vec();
+        let iv_source = self.inner.cfg.iv;
+        let ct = self
+            .inner
+            .with_key(name, move |s, e| {
+                let mut rnd = [0u8; kes::TRAILER_LEN];
+                let extra = seal_random_len(e.info.scheme, iv_source);
+                s.generate_random_slice(&mut rnd[..extra])?;
+                seal_on_device(s, e, iv_source, &rnd[..extra], &plaintext, &context)
+            })
+            .await?;
+        self.inner.count_seal(name);
+        Ok(ct)
+    }
+
+    async fn decrypt(&self, name: &KeyName, ciphertext: &[u8], context: &[u8]) -> Result<SecretBytes> {
+        let ciphertext = Arc::new(ciphertext.to_vec());
+        let context = Arc::new(context.to_vec());
+        self.inner.with_key(name, move |s, e| open_on_device(s, e, &ciphertext, &context)).await
+    }
+
+    async fn hmac(&self, name: &KeyName, message: &[u8]) -> Result<[u8; 32]> {
+        let message = Arc::new(message.to_vec());
+        self.inner
+            .with_key(name, move |s, e| {
+                let h = e.hmac.ok_or(OpError::Fail(KeystoreError::HmacUnsupported))?;
+                let mac = s.sign(&Mechanism::Sha256Hmac, h, &message)?;
+                mac.try_into().map_err(|_| OpError::Fail(KeystoreError::Backend("CKM_SHA256_HMAC returned a short MAC".into())))
+            })
+            .await
+    }
+
+    async fn status(&self) -> Result<Duration> {
+        let started = Instant::now();
+        self.inner.run_plain(|s| Ok(s.get_session_info().map(|_| ())?)).await?;
+        Ok(started.elapsed())
+    }
+}

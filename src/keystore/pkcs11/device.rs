@@ -1,0 +1,101 @@
+//! One live connection to a token: the initialized module, the slot, the login and a pool of
+//! sessions.
+//!
+//! Owns every cryptoki call that is not about a key: initialize, find the token, log in, open
+//! and recycle sessions. A `Device` is replaced wholesale on recovery; its sessions and the
+//! object handles found through it die with it.
+
+use std::sync::Mutex;
+
+use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
+use cryptoki::error::{Error as CkError, RvError};
+use cryptoki::session::{Session, UserType};
+use cryptoki::slot::Slot;
+use cryptoki::types::AuthPin;
+
+use super::{Pkcs11Config, TokenSelector};
+
+pub struct Device {
+    pub slot: Slot,
+    pub generation: u64,
+    /// Sessions not in use. At most `sessions` exist at once: the pool permits bound them.
+    idle: Mutex<Vec<Session>>,
+    /// Held open for the device's lifetime: PKCS#11 logs the application out when its last
+    /// session closes.
+    _login: Mutex<Session>,
+}
+
+/// Why connecting failed, with the CKR code when there is one.
+#[derive(Debug)]
+pub struct ConnectError(pub String);
+
+fn ck(what: &str) -> impl Fn(CkError) -> ConnectError + '_ {
+    move |e| ConnectError(format!("{what}: {e}"))
+}
+
+/// Initializes the module for multi-threaded use; "already initialized" is fine.
+pub fn initialize(ctx: &Pkcs11) -> Result<(), ConnectError> {
+    match ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)) {
+        Ok(()) | Err(CkError::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) => Ok(()),
+        Err(e) => Err(ck("C_Initialize")(e)),
+    }
+}
+
+/// Finds the configured token among the slots that hold one.
+pub fn find_slot(ctx: &Pkcs11, token: &TokenSelector) -> Result<Slot, ConnectError> {
+    let slots = ctx.get_slots_with_initialized_token().map_err(ck("C_GetSlotList"))?;
+    let mut seen = Vec::new();
+    for slot in slots {
+        let info = ctx.get_token_info(slot).map_err(ck("C_GetTokenInfo"))?;
+        let (label, serial) = (info.label().trim_end().to_owned(), info.serial_number().trim_end().to_owned());
+        let hit = match token {
+            TokenSelector::Label(l) => &label == l,
+            TokenSelector::Serial(s) => &serial == s,
+        };
+        if hit {
+            return Ok(slot);
+        }
+        seen.push(format!("'{label}' (serial {serial})"));
+    }
+    Err(ConnectError(format!(
+        "no initialized token with {token}; tokens present: {}",
+        if seen.is_empty() { "none".to_owned() } else { seen.join(", ") }
+    )))
+}
+
+impl Device {
+    /// Opens the login session and logs in as the user.
+    pub fn connect(ctx: &Pkcs11, cfg: &Pkcs11Config, generation: u64) -> Result<Self, ConnectError> {
+        initialize(ctx)?;
+        let slot = find_slot(ctx, &cfg.token)?;
+        let login = ctx.open_rw_session(slot).map_err(ck("C_OpenSession"))?;
+        let pin = AuthPin::new(cfg.pin.expose().into());
+        match login.login(UserType::User, Some(&pin)) {
+            Ok(()) | Err(CkError::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => {}
+            Err(CkError::Pkcs11(rv @ (RvError::PinIncorrect | RvError::PinInvalid | RvError::PinLenRange | RvError::PinLocked), _)) => {
+                return Err(ConnectError(format!("C_Login: {rv}: check the PIN given by `pin:` or `pin_file:`")));
+            }
+            Err(e) => return Err(ck("C_Login")(e)),
+        }
+        Ok(Device { slot, generation, idle: Mutex::new(Vec::new()), _login: Mutex::new(login) })
+    }
+
+    /// A session for one operation: an idle one, or a new one.
+    pub fn checkout(&self, ctx: &Pkcs11) -> Result<Session, CkError> {
+        // A poisoned lock only means a panic while pushing or popping a Vec: it is intact.
+        let idle = self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop();
+        match idle {
+            Some(s) => Ok(s),
+            None => ctx.open_rw_session(self.slot),
+        }
+    }
+
+    /// Returns a session after a call that left it in a known state.
+    pub fn checkin(&self, session: Session) {
+        self.idle.lock().unwrap_or_else(|e| e.into_inner()).push(session);
+    }
+
+    pub fn idle_sessions(&self) -> usize {
+        self.idle.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+}

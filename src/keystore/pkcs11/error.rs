@@ -1,0 +1,68 @@
+//! The one mapping from PKCS#11 return codes to [`KeystoreError`].
+//!
+//! Device-level codes mean the sessions or the login are gone: the caller starts recovery
+//! (re-initialize, log in, rebuild the index). Everything else is about one request.
+
+use cryptoki::error::{Error as CkError, RvError};
+
+use crate::keystore::KeystoreError;
+
+/// What a failed call means for kesh.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Failure {
+    /// The device, the module's state, the sessions or the login are gone: recover.
+    Device(String),
+    /// The object handle is stale (deleted elsewhere, or from before a recovery).
+    StaleHandle,
+    /// A plain per-request error.
+    Request(KeystoreError),
+}
+
+/// Classifies a cryptoki error. Never includes secrets: only the function and the code.
+pub fn classify(err: &CkError) -> Failure {
+    match err {
+        CkError::Pkcs11(rv, function) => {
+            let what = format!("{function} returned {rv:?}");
+            match rv {
+                RvError::DeviceError
+                | RvError::DeviceRemoved
+                | RvError::DeviceMemory
+                | RvError::TokenNotPresent
+                | RvError::TokenNotRecognized
+                | RvError::SessionHandleInvalid
+                | RvError::SessionClosed
+                | RvError::CryptokiNotInitialized
+                | RvError::UserNotLoggedIn
+                | RvError::SlotIdInvalid => Failure::Device(what),
+                RvError::ObjectHandleInvalid | RvError::KeyHandleInvalid => Failure::StaleHandle,
+                // A GCM tag or KWP integrity check failed.
+                RvError::EncryptedDataInvalid
+                | RvError::EncryptedDataLenRange
+                | RvError::WrappedKeyInvalid
+                | RvError::WrappedKeyLenRange => Failure::Request(KeystoreError::NotAuthentic),
+                RvError::SessionCount => Failure::Request(KeystoreError::Busy(std::time::Duration::ZERO)),
+                _ => Failure::Request(KeystoreError::Backend(what)),
+            }
+        }
+        CkError::LibraryLoading(e) => Failure::Device(format!("cannot load the PKCS#11 module: {e}")),
+        other => Failure::Request(KeystoreError::Backend(other.to_string())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cryptoki::context::Function;
+
+    #[test]
+    fn device_codes_trigger_recovery() {
+        for rv in [RvError::DeviceError, RvError::DeviceRemoved, RvError::SessionHandleInvalid, RvError::UserNotLoggedIn, RvError::TokenNotPresent] {
+            assert!(matches!(classify(&CkError::Pkcs11(rv, Function::Encrypt)), Failure::Device(_)), "{rv:?}");
+        }
+        assert_eq!(classify(&CkError::Pkcs11(RvError::KeyHandleInvalid, Function::EncryptInit)), Failure::StaleHandle);
+        assert_eq!(
+            classify(&CkError::Pkcs11(RvError::EncryptedDataInvalid, Function::Decrypt)),
+            Failure::Request(KeystoreError::NotAuthentic)
+        );
+    }
+}

@@ -1,0 +1,5 @@
+//! kesh's one integration-test binary. `harness` builds keystores and servers; each module
+//! tests one capability through the public API.
+
+mod harness;
+mod keystore;
