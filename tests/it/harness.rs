@@ -29,18 +29,46 @@ pub fn soft() -> Store {
     Store { ks: Arc::new(SoftKeyStore::in_memory()), pkcs11: None }
 }
 
-pub fn token() -> EphemeralToken {
+fn token() -> EphemeralToken {
     EphemeralToken::create().unwrap_or_else(|e| panic!("SoftHSM is required for this test: {e}"))
 }
 
+/// The suite's tokens, all made before any test touches one: SoftHSM grows its slot list
+/// after `C_InitToken`, and doing that while other threads use the module crashes it. Tests
+/// share `shared` (every test uses unique key names); `bulk` holds the 10,000-key test apart.
+pub struct Tokens {
+    pub shared: Arc<EphemeralToken>,
+    pub bulk: Arc<EphemeralToken>,
+}
+
+pub fn tokens() -> &'static Tokens {
+    static TOKENS: std::sync::OnceLock<Tokens> = std::sync::OnceLock::new();
+    TOKENS.get_or_init(|| Tokens { shared: Arc::new(token()), bulk: Arc::new(token()) })
+}
+
 pub async fn pkcs11() -> Store {
-    let token = Arc::new(token());
-    pkcs11_on(token).await
+    pkcs11_on(tokens().shared.clone()).await
 }
 
 pub async fn pkcs11_on(token: Arc<EphemeralToken>) -> Store {
     let ks = Pkcs11KeyStore::open(token.config()).await.expect("open pkcs11 keystore");
     Store { ks: Arc::new(ks.clone()), pkcs11: Some((ks, token)) }
+}
+
+/// A config for a token whose label and PIN the caller fills in.
+pub fn token_config_template() -> kesh::keystore::pkcs11::Pkcs11Config {
+    let module = kesh::keystore::pkcs11::softhsm::module_path().expect("SoftHSM is required: apt-get install softhsm2");
+    kesh::keystore::pkcs11::Pkcs11Config {
+        module,
+        token: kesh::keystore::pkcs11::TokenSelector::Label(String::new()),
+        pin: kesh::secret::Pin::new(String::new()),
+        prefix: "kesh/".into(),
+        sessions: 2,
+        scheme: kesh::keystore::Scheme::Gcm,
+        iv: kesh::keystore::pkcs11::IvSource::Caller,
+        session_wait: std::time::Duration::from_secs(2),
+        profile: Some("softhsm"),
+    }
 }
 
 /// A unique key name per call.

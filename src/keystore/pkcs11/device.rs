@@ -43,10 +43,35 @@ pub fn initialize(ctx: &Pkcs11) -> Result<(), ConnectError> {
 
 /// Finds the configured token among the slots that hold one.
 pub fn find_slot(ctx: &Pkcs11, token: &TokenSelector) -> Result<Slot, ConnectError> {
-    let slots = ctx.get_slots_with_initialized_token().map_err(ck("C_GetSlotList"))?;
+    // A token another process is writing can fail C_GetTokenInfo for a moment (SoftHSM
+    // answers CKR_GENERAL_ERROR); look again before giving up.
+    let mut attempt = 0;
+    loop {
+        match find_slot_once(ctx, token) {
+            Err((e, true)) if attempt < 5 => {
+                attempt += 1;
+                tracing::debug!(error = %e.0, "token list incomplete; retrying");
+                std::thread::sleep(std::time::Duration::from_millis(20 << attempt));
+            }
+            other => return other.map_err(|(e, _)| e),
+        }
+    }
+}
+
+/// One pass over the slots; the flag says whether some token could not be read.
+fn find_slot_once(ctx: &Pkcs11, token: &TokenSelector) -> Result<Slot, (ConnectError, bool)> {
+    let slots = ctx.get_slots_with_initialized_token().map_err(|e| (ck("C_GetSlotList")(e), true))?;
     let mut seen = Vec::new();
+    let mut unreadable = false;
     for slot in slots {
-        let info = ctx.get_token_info(slot).map_err(ck("C_GetTokenInfo"))?;
+        let info = match ctx.get_token_info(slot) {
+            Ok(info) => info,
+            Err(e) => {
+                unreadable = true;
+                seen.push(format!("slot {slot}: C_GetTokenInfo failed: {e}"));
+                continue;
+            }
+        };
         let (label, serial) = (info.label().trim_end().to_owned(), info.serial_number().trim_end().to_owned());
         let hit = match token {
             TokenSelector::Label(l) => &label == l,
@@ -57,10 +82,13 @@ pub fn find_slot(ctx: &Pkcs11, token: &TokenSelector) -> Result<Slot, ConnectErr
         }
         seen.push(format!("'{label}' (serial {serial})"));
     }
-    Err(ConnectError(format!(
-        "no initialized token with {token}; tokens present: {}",
-        if seen.is_empty() { "none".to_owned() } else { seen.join(", ") }
-    )))
+    Err((
+        ConnectError(format!(
+            "no initialized token with {token}; tokens present: {}",
+            if seen.is_empty() { "none".to_owned() } else { seen.join(", ") }
+        )),
+        unreadable,
+    ))
 }
 
 impl Device {

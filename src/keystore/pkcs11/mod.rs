@@ -796,7 +796,14 @@ fn open_on_device(s: &Session, e: &Entry, ciphertext: &[u8], context: &[u8]) -> 
         }
         Scheme::Kwp => {
             let (pad, wrapped) = native::parse_kwp(ciphertext)?;
-            let obj = s.unwrap_key(&Mechanism::AesKeyWrapPad, e.master, wrapped, &objects::transient_unwrap_template())?;
+            let obj = match s.unwrap_key(&Mechanism::AesKeyWrapPad, e.master, wrapped, &objects::transient_unwrap_template()) {
+                Ok(obj) => obj,
+                // SoftHSM reports a failed KWP integrity check as a general error.
+                Err(CkError::Pkcs11(RvError::GeneralError | RvError::FunctionFailed, Function::UnwrapKey)) => {
+                    return Err(OpError::Fail(KeystoreError::NotAuthentic))
+                }
+                Err(e) => return Err(e.into()),
+            };
             let value = s.get_attributes(obj, &[AttributeType::Value]);
             let _ = s.destroy_object(obj);
             let inner = value?
