@@ -7,6 +7,11 @@
 //! | module       | owns                                                         | never touches          |
 //! |--------------|--------------------------------------------------------------|------------------------|
 //! | `main.rs`    | argument parsing, exit codes                                 | PKCS#11                |
+//! | [`server`]   | rustls mTLS, client identity, routes, the one error→HTTP mapping, limits | cryptoki, ciphertext bytes |
+//! | [`service`]  | one method per API operation: authorize → keystore → metrics | HTTP types, cryptoki   |
+//! | [`policy`], [`identity`], [`audit`], [`metrics`] | what their names say     | each other's internals |
+//! | [`api`]      | wire DTOs shared by server and [`client`]                    | logic                  |
+//! | [`client`]   | a small KES client (hyper + rustls) for the CLI and tests    | the server internals   |
 //! | [`config`]   | raw YAML → validated settings, `${VAR}` substitution         | I/O beyond reading files |
 //! | [`keystore`] | `trait KeyStore`, backends [`keystore::pkcs11`] and [`keystore::soft`] | HTTP, policy |
 //! | [`crypto`]   | ciphertext formats (native, KES, legacy) and host-side AEAD  | I/O of any kind        |
@@ -15,14 +20,27 @@
 //!
 //! # One request's walk (generate a data key)
 //!
-//! The server (mTLS, routing, policy) hands a validated [`name::KeyName`] and the context bytes to
+//! The rustls acceptor completes mTLS and hashes the client's SPKI into an
+//! [`identity::Identity`] once per connection. [`server`] matches the route, applies the body
+//! limit and deadline, and asks [`service::Service`] to authorize the decoded path against the
+//! [`policy::Authorizer`] (deny first; admin bypasses), yielding a [`policy::Permit`]. The service
+//! hands a validated [`name::KeyName`] and the context bytes to
 //! [`keystore::KeyStore::generate`]. The pkcs11 backend takes a session permit, leaves the async
 //! runtime through `spawn_blocking`, draws the DEK and IV from the HSM's RNG and seals the DEK
 //! with `CKM_AES_GCM` under the named master key, the context as AAD; [`crypto::native`] frames
-//! the result. The plaintext DEK travels back in a zeroizing buffer.
+//! the result. The plaintext DEK travels back in a zeroizing buffer; the dispatcher counts the
+//! request in [`metrics`] and writes its [`audit`] event (never key material).
 
+pub mod api;
+pub mod audit;
+pub mod client;
 pub mod config;
 pub mod crypto;
+pub mod identity;
 pub mod keystore;
+pub mod metrics;
 pub mod name;
+pub mod policy;
 pub mod secret;
+pub mod server;
+pub mod service;

@@ -1,1 +1,542 @@
-//! The server part of the config file (owned by the server work).
+//! The server part of the config file (`kes-api.md` §5): address, admin, tls, policy, cache,
+//! api, log, keys — and `keystore:`, handed to [`super::keystore`].
+//!
+//! The file is read as YAML, `${VAR}` references are substituted ([`super::env`]), then each
+//! section is validated into a [`ServerConfig`]. Because substituted values are strings, every
+//! bool, number and duration is accepted as a string too. Unknown keys are ignored, as in KES.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde_yaml::{Mapping, Value};
+use time::OffsetDateTime;
+
+use super::keystore::KeystoreConfig;
+use super::ConfigError;
+use crate::identity::Identity;
+use crate::name::KeyName;
+use crate::policy::{Authorizer, Policy, PolicyEntry, PolicyName};
+
+/// The default listen address of `kesh server`.
+pub const DEFAULT_ADDRESS: &str = "0.0.0.0:7373";
+
+/// A validated server configuration.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// `address:`; `--addr` overrides it.
+    pub address: Option<SocketAddr>,
+    /// `admin.identity:`; a non-hash value disables admin access.
+    pub admin: Identity,
+    pub tls: TlsConfig,
+    pub policies: BTreeMap<PolicyName, PolicyEntry>,
+    pub cache: CacheConfig,
+    /// `api:` entries by route path, verbatim.
+    pub api: BTreeMap<String, RouteOverride>,
+    pub log: LogConfig,
+    /// `keys:` created at start (existing ones are fine).
+    pub keys: Vec<KeyName>,
+    pub keystore: KeystoreConfig,
+}
+
+/// One `api:` entry (§5.3).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RouteOverride {
+    pub skip_auth: bool,
+    /// Applied only when set and non-zero.
+    pub timeout: Option<Duration>,
+}
+
+/// `tls:`.
+#[derive(Debug, Clone)]
+pub struct TlsConfig {
+    pub key: PathBuf,
+    pub cert: PathBuf,
+    /// `tls.auth: on`: verify client chains against `ca`.
+    pub verify_client_chain: bool,
+    pub ca: Option<PathBuf>,
+}
+
+/// `cache:`. kesh keeps no key cache (keys never leave the HSM); the values are validated for
+/// compatibility with KES files and otherwise unused.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CacheConfig {
+    pub any: Duration,
+    pub unused: Duration,
+    pub offline: Duration,
+}
+
+/// `log:` levels reduced to what kesh does with them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LogConfig {
+    /// Error events are logged and streamed (level at or below ERROR).
+    pub error: bool,
+    /// Audit records also go to the log (level at or below INFO); `/v1/log/audit` always streams.
+    pub audit: bool,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            error: true,
+            audit: true,
+        }
+    }
+}
+
+fn err(field: impl Into<String>, msg: impl Into<String>) -> ConfigError {
+    ConfigError::new(field, msg)
+}
+
+fn mapping<'a>(v: &'a Value, field: &str) -> Result<Option<&'a Mapping>, ConfigError> {
+    match v {
+        Value::Null => Ok(None),
+        Value::Mapping(m) => Ok(Some(m)),
+        _ => Err(err(field, "expected a mapping")),
+    }
+}
+
+fn get<'a>(m: Option<&'a Mapping>, key: &str) -> Option<&'a Value> {
+    m.and_then(|m| m.get(key)).filter(|v| !v.is_null())
+}
+
+/// A scalar as text (strings, numbers and bools alike).
+fn scalar(v: &Value, field: &str) -> Result<String, ConfigError> {
+    match v {
+        Value::String(s) => Ok(s.clone()),
+        Value::Number(n) => Ok(n.to_string()),
+        Value::Bool(b) => Ok(b.to_string()),
+        _ => Err(err(field, "expected a single value")),
+    }
+}
+
+fn opt_string(m: Option<&Mapping>, key: &str, field: &str) -> Result<Option<String>, ConfigError> {
+    get(m, key)
+        .map(|v| scalar(v, field))
+        .transpose()
+        .map(|s| s.filter(|s| !s.trim().is_empty()))
+}
+
+fn string_list(v: Option<&Value>, field: &str) -> Result<Vec<String>, ConfigError> {
+    match v {
+        None => Ok(Vec::new()),
+        Some(Value::Sequence(items)) => items.iter().map(|i| scalar(i, field)).collect(),
+        Some(other) => Ok(vec![scalar(other, field)?]),
+    }
+}
+
+/// Go's `strconv.ParseBool`.
+fn parse_bool(s: &str, field: &str) -> Result<bool, ConfigError> {
+    match s.trim() {
+        "1" | "t" | "T" | "true" | "TRUE" | "True" => Ok(true),
+        "0" | "f" | "F" | "false" | "FALSE" | "False" => Ok(false),
+        other => Err(err(
+            field,
+            format!("'{other}' is not a bool; use true or false"),
+        )),
+    }
+}
+
+/// Go duration strings: `15s`, `5m0s`, `1h30m`, `500ms`, `1.5s`, or `0`.
+pub fn parse_duration(s: &str) -> Option<Duration> {
+    let s = s.trim();
+    if s == "0" {
+        return Some(Duration::ZERO);
+    }
+    let mut rest = s;
+    let mut total = 0f64;
+    if rest.is_empty() {
+        return None;
+    }
+    while !rest.is_empty() {
+        let num_len = rest.find(|c: char| !(c.is_ascii_digit() || c == '.'))?;
+        if num_len == 0 {
+            return None;
+        }
+        let value: f64 = rest[..num_len].parse().ok()?;
+        rest = &rest[num_len..];
+        let unit_len = rest
+            .find(|c: char| c.is_ascii_digit() || c == '.')
+            .unwrap_or(rest.len());
+        let scale = match &rest[..unit_len] {
+            "ns" => 1e-9,
+            "us" | "µs" | "μs" => 1e-6,
+            "ms" => 1e-3,
+            "s" => 1.0,
+            "m" => 60.0,
+            "h" => 3600.0,
+            _ => return None,
+        };
+        rest = &rest[unit_len..];
+        total += value * scale;
+    }
+    Duration::try_from_secs_f64(total).ok()
+}
+
+fn duration(m: Option<&Mapping>, key: &str, field: &str) -> Result<Option<Duration>, ConfigError> {
+    match get(m, key) {
+        None => Ok(None),
+        Some(v) => {
+            let s = scalar(v, field)?;
+            parse_duration(&s).map(Some).ok_or_else(|| {
+                err(
+                    field,
+                    format!("'{s}' is not a duration; write e.g. 15s, 5m or 1h30m"),
+                )
+            })
+        }
+    }
+}
+
+/// KES log levels (§5.5) as slog numbers: DEBUG -4, INFO 0, WARN 4, ERROR 8, `off` above all.
+fn log_level(s: &str, field: &str) -> Result<i64, ConfigError> {
+    let t = s.trim().to_ascii_uppercase();
+    let bad = || {
+        err(
+            field,
+            format!("'{s}' is not a log level; use on, off, DEBUG, INFO, WARN or ERROR"),
+        )
+    };
+    if t.is_empty() || t == "ON" {
+        return Ok(0);
+    }
+    if t == "OFF" {
+        return Ok(9);
+    }
+    if let Ok(n) = t.parse::<i64>() {
+        return Ok(n);
+    }
+    let (name, offset) = match t.split_once(['+', '-']) {
+        Some((name, n)) => {
+            let n: i64 = n.parse().map_err(|_| bad())?;
+            (name, if t.contains('-') { -n } else { n })
+        }
+        None => (t.as_str(), 0),
+    };
+    let base = match name {
+        "DEBUG" => -4,
+        "INFO" => 0,
+        "WARN" => 4,
+        "ERROR" => 8,
+        _ => return Err(bad()),
+    };
+    Ok(base + offset)
+}
+
+impl ServerConfig {
+    /// Reads, substitutes and validates a config file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| err("(file)", format!("cannot read '{}': {e}", path.display())))?;
+        Self::parse(&text)
+    }
+
+    /// Substitutes and validates config text.
+    pub fn parse(text: &str) -> Result<Self, ConfigError> {
+        let value = super::env::substitute(text)?;
+        Self::from_value(&value)
+    }
+
+    /// Validates a substituted document.
+    pub fn from_value(doc: &Value) -> Result<Self, ConfigError> {
+        let root = mapping(doc, "(file)")?;
+        if let Some(v) = get(root, "version") {
+            let v = scalar(v, "version")?;
+            if v.trim() != "v1" {
+                return Err(err(
+                    "version",
+                    format!("invalid server config version '{v}'; use v1"),
+                ));
+            }
+        }
+
+        let address = match opt_string(root, "address", "address")? {
+            None => None,
+            Some(a) => Some(parse_address(&a).ok_or_else(|| {
+                err(
+                    "address",
+                    format!("'{a}' is not an <ip>:<port> address; e.g. 0.0.0.0:7373"),
+                )
+            })?),
+        };
+
+        let admin_map = get(root, "admin")
+            .map(|v| mapping(v, "admin"))
+            .transpose()?
+            .flatten();
+        let admin_text = opt_string(admin_map, "identity", "admin.identity")?.ok_or_else(|| {
+            err(
+                "admin.identity",
+                "required; set an identity (or `disabled` to turn admin access off)",
+            )
+        })?;
+        let admin =
+            Identity::new(admin_text.trim()).map_err(|e| err("admin.identity", format!("{e}")))?;
+
+        let tls_map = get(root, "tls")
+            .map(|v| mapping(v, "tls"))
+            .transpose()?
+            .flatten();
+        let key = opt_string(tls_map, "key", "tls.key")?
+            .ok_or_else(|| err("tls.key", "required: the server's private key PEM file"))?;
+        let cert = opt_string(tls_map, "cert", "tls.cert")?
+            .ok_or_else(|| err("tls.cert", "required: the server's certificate PEM file"))?;
+        if opt_string(tls_map, "password", "tls.password")?.is_some() {
+            return Err(err(
+                "tls.password",
+                "encrypted private keys are not supported; decrypt the key (e.g. `openssl pkey -in key.pem -out plain.pem`) and remove tls.password",
+            ));
+        }
+        let verify_client_chain = match opt_string(tls_map, "auth", "tls.auth")? {
+            None => false,
+            Some(a) => match a.trim().to_ascii_lowercase().as_str() {
+                "on" => true,
+                "off" => false,
+                other => return Err(err("tls.auth", format!("'{other}' is neither on nor off"))),
+            },
+        };
+        let ca = opt_string(tls_map, "ca", "tls.ca")?.map(PathBuf::from);
+        if verify_client_chain && ca.is_none() {
+            return Err(err("tls.ca", "tls.auth is on: set tls.ca to the CA file or directory that issues client certificates"));
+        }
+        if get(tls_map, "proxy").is_some() {
+            tracing::warn!("tls.proxy is ignored: the current KES server does not use it either");
+        }
+        let tls = TlsConfig {
+            key: PathBuf::from(key),
+            cert: PathBuf::from(cert),
+            verify_client_chain,
+            ca,
+        };
+
+        let mut policies = BTreeMap::new();
+        if let Some(pm) = get(root, "policy")
+            .map(|v| mapping(v, "policy"))
+            .transpose()?
+            .flatten()
+        {
+            for (k, v) in pm {
+                let name_text = scalar(k, "policy")?;
+                let field = format!("policy.{name_text}");
+                let name = PolicyName::new(&name_text).map_err(|e| err(&field, e.to_string()))?;
+                let m = mapping(v, &field)?;
+                let allow = string_list(get(m, "allow"), &format!("{field}.allow"))?;
+                let deny = string_list(get(m, "deny"), &format!("{field}.deny"))?;
+                let identities = string_list(get(m, "identities"), &format!("{field}.identities"))?
+                    .iter()
+                    .map(|s| s.trim())
+                    .filter(|s| !s.is_empty())
+                    .map(|s| {
+                        Identity::new(s)
+                            .map_err(|e| err(format!("{field}.identities"), e.to_string()))
+                    })
+                    .collect::<Result<Vec<_>, _>>()?;
+                policies.insert(
+                    name,
+                    PolicyEntry {
+                        policy: Policy { allow, deny },
+                        identities,
+                    },
+                );
+            }
+        }
+
+        let cache_map = get(root, "cache")
+            .map(|v| mapping(v, "cache"))
+            .transpose()?
+            .flatten();
+        let expiry = get(cache_map, "expiry")
+            .map(|v| mapping(v, "cache.expiry"))
+            .transpose()?
+            .flatten();
+        let cache = CacheConfig {
+            any: duration(expiry, "any", "cache.expiry.any")?.unwrap_or_default(),
+            unused: duration(expiry, "unused", "cache.expiry.unused")?.unwrap_or_default(),
+            offline: duration(expiry, "offline", "cache.expiry.offline")?.unwrap_or_default(),
+        };
+
+        let mut api = BTreeMap::new();
+        if let Some(am) = get(root, "api")
+            .map(|v| mapping(v, "api"))
+            .transpose()?
+            .flatten()
+        {
+            for (k, v) in am {
+                let path = scalar(k, "api")?;
+                let field = format!("api.{path}");
+                let m = mapping(v, &field)?;
+                let skip_auth = match get(m, "skip_auth") {
+                    None => false,
+                    Some(v) => parse_bool(&scalar(v, &field)?, &format!("{field}.skip_auth"))?,
+                };
+                let timeout = duration(m, "timeout", &format!("{field}.timeout"))?;
+                api.insert(path, RouteOverride { skip_auth, timeout });
+            }
+        }
+
+        let log_map = get(root, "log")
+            .map(|v| mapping(v, "log"))
+            .transpose()?
+            .flatten();
+        let error_level = log_level(
+            &opt_string(log_map, "error", "log.error")?.unwrap_or_default(),
+            "log.error",
+        )?;
+        let audit_level = log_level(
+            &opt_string(log_map, "audit", "log.audit")?.unwrap_or_default(),
+            "log.audit",
+        )?;
+        let log = LogConfig {
+            error: error_level <= 8,
+            audit: audit_level <= 0,
+        };
+
+        let mut keys = Vec::new();
+        let mut seen = BTreeSet::new();
+        match get(root, "keys") {
+            None => {}
+            Some(Value::Sequence(items)) => {
+                for (i, item) in items.iter().enumerate() {
+                    let field = format!("keys[{i}].name");
+                    let m = mapping(item, &format!("keys[{i}]"))?;
+                    let name =
+                        opt_string(m, "name", &field)?.ok_or_else(|| err(&field, "required"))?;
+                    let name = KeyName::new(name.trim())
+                        .map_err(|e| err(&field, format!("key name {e}")))?;
+                    if !seen.insert(name.clone()) {
+                        return Err(err(&field, format!("key '{name}' is listed twice")));
+                    }
+                    keys.push(name);
+                }
+            }
+            Some(_) => return Err(err("keys", "expected a list of `- name: <key>` entries")),
+        }
+
+        let keystore = KeystoreConfig::from_value(get(root, "keystore").ok_or_else(|| {
+            err(
+                "keystore",
+                "no keystore specified; add `pkcs11:` or `soft:`",
+            )
+        })?)?;
+
+        let cfg = ServerConfig {
+            address,
+            admin,
+            tls,
+            policies,
+            cache,
+            api,
+            log,
+            keys,
+            keystore,
+        };
+        // Catch policy conflicts (one policy per identity, admin in no policy) at load time.
+        cfg.authorizer(OffsetDateTime::now_utc())?;
+        Ok(cfg)
+    }
+
+    /// The admin and policies as an authorization snapshot.
+    pub fn authorizer(&self, created_at: OffsetDateTime) -> Result<Authorizer, ConfigError> {
+        Authorizer::new(self.admin.clone(), self.policies.clone(), created_at)
+            .map_err(|e| err("policy", e.to_string()))
+    }
+}
+
+/// `ip:port`, `[v6]:port` or `:port` (all interfaces).
+pub fn parse_address(s: &str) -> Option<SocketAddr> {
+    let s = s.trim();
+    if let Some(port) = s.strip_prefix(':') {
+        return format!("0.0.0.0:{port}").parse().ok();
+    }
+    s.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ADMIN: &str = "3ecfcdf38fcbe141ae26a1030f81e96b753365a46760ae6b578698a97c59fd22";
+
+    fn base() -> String {
+        format!(
+            "version: v1\naddress: 127.0.0.1:7373\nadmin:\n  identity: {ADMIN}\ntls:\n  key: k.pem\n  cert: c.pem\nkeystore:\n  soft: {{}}\n"
+        )
+    }
+
+    #[test]
+    fn parses_full_file() {
+        let text = format!(
+            "{}policy:\n  minio:\n    allow:\n    - /v1/key/generate/*\n    deny: [/v1/key/delete/*]\n    identities:\n    - {}\ncache:\n  expiry:\n    any: 5m0s\n    unused: \"30s\"\napi:\n  /v1/status:\n    skip_auth: \"true\"\n    timeout: 3s\nlog:\n  error: on\n  audit: off\nkeys:\n  - name: minio-key\n",
+            base(),
+            "a".repeat(64)
+        );
+        let cfg = ServerConfig::parse(&text).unwrap();
+        assert_eq!(cfg.address.unwrap().port(), 7373);
+        assert_eq!(cfg.admin.as_str(), ADMIN);
+        let p = &cfg.policies[&PolicyName::new("minio").unwrap()];
+        assert_eq!(p.policy.allow, vec!["/v1/key/generate/*"]);
+        assert_eq!(p.policy.deny, vec!["/v1/key/delete/*"]);
+        assert_eq!(cfg.cache.any, Duration::from_secs(300));
+        assert_eq!(
+            cfg.api["/v1/status"],
+            RouteOverride {
+                skip_auth: true,
+                timeout: Some(Duration::from_secs(3))
+            }
+        );
+        assert_eq!(
+            cfg.log,
+            LogConfig {
+                error: true,
+                audit: false
+            }
+        );
+        assert_eq!(cfg.keys[0].as_str(), "minio-key");
+    }
+
+    #[test]
+    fn rejects_bad_values() {
+        let bad = |extra: &str| ServerConfig::parse(&format!("{}{extra}", base())).unwrap_err();
+        assert_eq!(
+            ServerConfig::parse(&base().replace("version: v1", "version: v2"))
+                .unwrap_err()
+                .field,
+            "version"
+        );
+        assert_eq!(bad("keys:\n - name: a.b\n").field, "keys[0].name");
+        assert_eq!(bad("keys:\n - name: a\n - name: a\n").field, "keys[1].name");
+        assert_eq!(
+            bad("api:\n  /v1/status:\n    timeout: 10\n").field,
+            "api./v1/status.timeout"
+        );
+        let dup = format!(
+            "policy:\n  p1:\n    identities: [{0}]\n  p2:\n    identities: [{0}]\n",
+            "b".repeat(64)
+        );
+        assert!(bad(&dup).message.contains("identity already has a policy"));
+        let e =
+            ServerConfig::parse(&base().replace("soft: {}", "fs:\n    path: /tmp/x")).unwrap_err();
+        assert!(
+            e.message.contains("pkcs11")
+                && e.message.contains("soft")
+                && e.message.contains("kesh migrate"),
+            "{e}"
+        );
+        let e = ServerConfig::parse(&base().replace(&format!("admin:\n  identity: {ADMIN}\n"), ""))
+            .unwrap_err();
+        assert_eq!(e.field, "admin.identity");
+    }
+
+    #[test]
+    fn go_durations() {
+        assert_eq!(parse_duration("5m0s"), Some(Duration::from_secs(300)));
+        assert_eq!(parse_duration("1h30m"), Some(Duration::from_secs(5400)));
+        assert_eq!(parse_duration("500ms"), Some(Duration::from_millis(500)));
+        assert_eq!(parse_duration("1.5s"), Some(Duration::from_millis(1500)));
+        assert_eq!(parse_duration("0"), Some(Duration::ZERO));
+        assert_eq!(parse_duration("10"), None);
+        assert_eq!(parse_duration("s"), None);
+        assert_eq!(parse_address(":7373").unwrap().to_string(), "0.0.0.0:7373");
+    }
+}

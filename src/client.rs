@@ -1,0 +1,656 @@
+//! A small KES API client over mTLS (hyper + rustls), used by the CLI and the tests.
+//!
+//! It speaks like kms-go's `kes` client: POST where KES routes are PUT, names path-escaped,
+//! success only on status 200, and errors parsed the same way (`kes-api.md` §1.6, §9): a
+//! JSON `{"message"|"error"}` body or the body text, giving a [`KesError`] that compares
+//! equal only when status *and* message match — so the typed errors of §9.1 work with `==`.
+//! One TLS connection per request keeps it simple; HTTP/2 is used when the server picks it.
+
+use std::borrow::Cow;
+use std::fmt;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{header, HeaderMap, Method, StatusCode};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+
+use crate::api;
+use crate::identity::ApiKey;
+
+/// Response bodies larger than this are refused (kms-go's 1 MiB).
+const MAX_RESPONSE: usize = 1 << 20;
+
+/// An error response of the server: status and message, compared as a pair.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct KesError {
+    pub status: u16,
+    pub message: Cow<'static, str>,
+}
+
+impl KesError {
+    pub const fn new(status: u16, message: &'static str) -> Self {
+        KesError {
+            status,
+            message: Cow::Borrowed(message),
+        }
+    }
+}
+
+impl fmt::Display for KesError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} ({})", self.message, self.status)
+    }
+}
+
+impl std::error::Error for KesError {}
+
+/// The typed errors of kms-go (§9.1).
+pub mod errors {
+    use super::KesError;
+
+    pub const NOT_ALLOWED: KesError =
+        KesError::new(403, "not authorized: insufficient permissions");
+    pub const PARTIAL_WRITE: KesError = KesError::new(503, "change committed but not replicated");
+    pub const KEY_NOT_FOUND: KesError = KesError::new(404, "key does not exist");
+    pub const KEY_EXISTS: KesError = KesError::new(400, "key already exists");
+    pub const SECRET_NOT_FOUND: KesError = KesError::new(404, "secret does not exist");
+    pub const SECRET_VERSION_NOT_FOUND: KesError =
+        KesError::new(404, "secret version does not exist");
+    pub const SECRET_EXISTS: KesError = KesError::new(404, "secret already exists");
+    pub const POLICY_EXISTS: KesError = KesError::new(400, "policy already exists");
+    pub const POLICY_NOT_FOUND: KesError = KesError::new(404, "policy does not exist");
+    pub const IDENTITY_EXISTS: KesError = KesError::new(400, "identity already exists");
+    pub const IDENTITY_NOT_FOUND: KesError = KesError::new(404, "identity does not exist");
+    pub const DECRYPT: KesError =
+        KesError::new(400, "decryption failed: ciphertext is not authentic");
+    pub const ENCLAVE_EXISTS: KesError = KesError::new(400, "enclave already exists");
+    pub const ENCLAVE_NOT_FOUND: KesError = KesError::new(404, "enclave does not exist");
+}
+
+/// Errors of a client call.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The server answered with an error status.
+    #[error("kes: {0}")]
+    Api(KesError),
+    /// A status that is neither 200 nor an error.
+    #[error("kes: unexpected status {0}")]
+    UnexpectedStatus(u16),
+    #[error("kes: invalid endpoint '{0}'")]
+    Endpoint(String),
+    #[error("kes: {0}")]
+    Credentials(String),
+    #[error("kes: connection failed: {0}")]
+    Connect(String),
+    #[error("kes: invalid response: {0}")]
+    Decode(String),
+}
+
+impl ClientError {
+    /// The server's error, if that is what this is.
+    pub fn api(&self) -> Option<&KesError> {
+        match self {
+            ClientError::Api(e) => Some(e),
+            _ => None,
+        }
+    }
+}
+
+/// The client's certificate: from an API key, or a PEM certificate and key.
+pub enum Credentials {
+    ApiKey(ApiKey),
+    Certificate {
+        chain: Vec<CertificateDer<'static>>,
+        key: PrivateKeyDer<'static>,
+    },
+}
+
+impl fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Credentials::ApiKey(k) => f.debug_tuple("ApiKey").field(k).finish(),
+            Credentials::Certificate { .. } => f.write_str("Certificate(<redacted key>)"),
+        }
+    }
+}
+
+/// How the server certificate is checked.
+#[derive(Debug, Clone)]
+pub enum ServerTrust {
+    /// Verify the chain and name against these roots.
+    Roots(Vec<CertificateDer<'static>>),
+    /// Accept any server certificate (`-k/--insecure`); handshake signatures are still checked.
+    DangerInsecure,
+}
+
+/// A raw response.
+#[derive(Debug)]
+pub struct RawResponse {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+    /// The HTTP version the server chose.
+    pub version: http::Version,
+}
+
+/// A KES API client for one endpoint.
+#[derive(Clone)]
+pub struct Client {
+    addr: String,
+    server_name: ServerName<'static>,
+    tls: Arc<ClientConfig>,
+}
+
+impl fmt::Debug for Client {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Client")
+            .field("addr", &self.addr)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Percent-escapes one path segment like Go's `url.PathEscape` for the characters that
+/// matter: names are ASCII `[0-9A-Za-z_-]`, patterns add `*`.
+fn escape_segment(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// `path.Join(api, PathEscape(name))`: an empty name drops the trailing slash.
+fn join(api: &str, name: &str) -> String {
+    if name.is_empty() {
+        api.trim_end_matches('/').to_owned()
+    } else {
+        format!("{api}{}", escape_segment(name))
+    }
+}
+
+/// Turns an error response into a [`KesError`] the way kms-go's `parseErrorResponse` does.
+pub fn parse_error(status: StatusCode, headers: &HeaderMap, body: &[u8]) -> KesError {
+    let code = status.as_u16();
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .trim();
+    let message = if content_type.starts_with("application/json") {
+        match serde_json::Deserializer::from_slice(body)
+            .into_iter::<api::ErrorResponse>()
+            .next()
+        {
+            Some(Ok(r)) if !r.error.is_empty() => r.error,
+            Some(Ok(r)) => r.message,
+            _ => String::from_utf8_lossy(body).into_owned(),
+        }
+    } else {
+        String::from_utf8_lossy(&body[..body.len().min(MAX_RESPONSE)]).into_owned()
+    };
+    match (code, message.as_str()) {
+        (400, "key does already exist") => errors::KEY_EXISTS,
+        (403, "prohibited by policy") => errors::NOT_ALLOWED,
+        _ => KesError {
+            status: code,
+            message: Cow::Owned(message),
+        },
+    }
+}
+
+impl Client {
+    /// A client for `endpoint` (`host:port`, optionally with `https://`).
+    pub fn new(
+        endpoint: &str,
+        credentials: Credentials,
+        trust: ServerTrust,
+    ) -> Result<Self, ClientError> {
+        let addr = endpoint
+            .trim()
+            .trim_start_matches("https://")
+            .trim_start_matches("http://")
+            .trim_end_matches('/');
+        let host = match addr.rsplit_once(':') {
+            Some((host, port)) if port.parse::<u16>().is_ok() => host,
+            _ => return Err(ClientError::Endpoint(endpoint.to_owned())),
+        };
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        let server_name = ServerName::try_from(host.to_owned())
+            .map_err(|_| ClientError::Endpoint(endpoint.to_owned()))?;
+        let provider = crate::server::tls::provider();
+        let builder = ClientConfig::builder_with_provider(provider.clone())
+            .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+            .map_err(|e| ClientError::Credentials(e.to_string()))?;
+        let builder =
+            match trust {
+                ServerTrust::Roots(certs) => {
+                    let mut roots = RootCertStore::empty();
+                    for c in certs {
+                        roots.add(c).map_err(|e| {
+                            ClientError::Credentials(format!("bad CA certificate: {e}"))
+                        })?;
+                    }
+                    builder.with_root_certificates(roots)
+                }
+                ServerTrust::DangerInsecure => builder
+                    .dangerous()
+                    .with_custom_certificate_verifier(Arc::new(InsecureServer(
+                        provider.signature_verification_algorithms,
+                    ))),
+            };
+        let (chain, key) = match credentials {
+            Credentials::ApiKey(k) => {
+                let (cert, key) = k
+                    .certificate()
+                    .map_err(|e| ClientError::Credentials(e.to_string()))?;
+                (
+                    vec![CertificateDer::from(cert)],
+                    PrivateKeyDer::try_from(key.to_vec())
+                        .map_err(|e| ClientError::Credentials(e.to_string()))?,
+                )
+            }
+            Credentials::Certificate { chain, key } => (chain, key),
+        };
+        let mut tls = builder
+            .with_client_auth_cert(chain, key)
+            .map_err(|e| ClientError::Credentials(e.to_string()))?;
+        tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        Ok(Client {
+            addr: addr.to_owned(),
+            server_name,
+            tls: Arc::new(tls),
+        })
+    }
+
+    /// Sends one request and returns whatever came back.
+    pub async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Bytes>,
+        content_type: Option<&str>,
+    ) -> Result<RawResponse, ClientError> {
+        let connect = |e: &dyn fmt::Display| ClientError::Connect(e.to_string());
+        let tcp = TcpStream::connect(&self.addr)
+            .await
+            .map_err(|e| connect(&e))?;
+        let _ = tcp.set_nodelay(true);
+        let tls = TlsConnector::from(self.tls.clone())
+            .connect(self.server_name.clone(), tcp)
+            .await
+            .map_err(|e| connect(&e))?;
+        let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+        let mut req = http::Request::builder().method(method).uri(path);
+        if !h2 {
+            req = req.header(header::HOST, self.addr.as_str());
+        } else {
+            req = req.uri(format!("https://{}{path}", self.addr));
+        }
+        if let Some(ct) = content_type {
+            req = req.header(header::CONTENT_TYPE, ct);
+        }
+        let req = req
+            .body(Full::new(body.unwrap_or_default()))
+            .map_err(|e| ClientError::Endpoint(e.to_string()))?;
+        let io = TokioIo::new(tls);
+        let resp = if h2 {
+            let (mut sender, conn) =
+                hyper::client::conn::http2::handshake(TokioExecutor::new(), io)
+                    .await
+                    .map_err(|e| connect(&e))?;
+            tokio::spawn(conn);
+            sender.send_request(req).await.map_err(|e| connect(&e))?
+        } else {
+            let (mut sender, conn) = hyper::client::conn::http1::handshake(io)
+                .await
+                .map_err(|e| connect(&e))?;
+            tokio::spawn(conn);
+            sender.send_request(req).await.map_err(|e| connect(&e))?
+        };
+        let status = resp.status();
+        let version = resp.version();
+        let headers = resp.headers().clone();
+        let body = Limited::new(resp.into_body(), MAX_RESPONSE)
+            .collect()
+            .await
+            .map_err(|e| ClientError::Decode(e.to_string()))?
+            .to_bytes();
+        Ok(RawResponse {
+            status,
+            headers,
+            body,
+            version,
+        })
+    }
+
+    /// Sends and turns non-200 into errors.
+    async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+        json: bool,
+    ) -> Result<Bytes, ClientError> {
+        let ct = json.then_some("application/json");
+        let resp = self.send(method, path, body.map(Bytes::from), ct).await?;
+        if resp.status.as_u16() >= 400 {
+            return Err(ClientError::Api(parse_error(
+                resp.status,
+                &resp.headers,
+                &resp.body,
+            )));
+        }
+        if resp.status != StatusCode::OK {
+            return Err(ClientError::UnexpectedStatus(resp.status.as_u16()));
+        }
+        Ok(resp.body)
+    }
+
+    async fn call_json<T: serde::de::DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> Result<T, ClientError> {
+        let json = body.is_some();
+        let bytes = self.call(method, path, body, json).await?;
+        serde_json::from_slice(&bytes).map_err(|e| ClientError::Decode(e.to_string()))
+    }
+
+    fn body<T: serde::Serialize>(v: &T) -> Option<Vec<u8>> {
+        Some(serde_json::to_vec(v).unwrap_or_default())
+    }
+
+    pub async fn version(&self) -> Result<String, ClientError> {
+        Ok(self
+            .call_json::<api::VersionResponse>(Method::GET, "/version", None)
+            .await?
+            .version)
+    }
+
+    pub async fn ready(&self) -> Result<(), ClientError> {
+        self.call(Method::GET, "/v1/ready", None, false)
+            .await
+            .map(drop)
+    }
+
+    pub async fn status(&self) -> Result<api::StatusResponse, ClientError> {
+        self.call_json(Method::GET, "/v1/status", None).await
+    }
+
+    pub async fn api(&self) -> Result<Vec<api::ApiRoute>, ClientError> {
+        self.call_json(Method::GET, "/v1/api", None).await
+    }
+
+    pub async fn metrics(&self) -> Result<String, ClientError> {
+        let b = self.call(Method::GET, "/v1/metrics", None, false).await?;
+        Ok(String::from_utf8_lossy(&b).into_owned())
+    }
+
+    pub async fn create_key(&self, name: &str) -> Result<(), ClientError> {
+        self.call(Method::POST, &join("/v1/key/create/", name), None, false)
+            .await
+            .map(drop)
+    }
+
+    pub async fn import_key(
+        &self,
+        name: &str,
+        key: &[u8],
+        cipher: &str,
+    ) -> Result<(), ClientError> {
+        let req = api::ImportKeyRequest {
+            key: api::SecretBytes(zeroize::Zeroizing::new(key.to_vec())),
+            cipher: cipher.to_owned(),
+        };
+        self.call(
+            Method::POST,
+            &join("/v1/key/import/", name),
+            Self::body(&req),
+            true,
+        )
+        .await
+        .map(drop)
+    }
+
+    pub async fn describe_key(&self, name: &str) -> Result<api::DescribeKeyResponse, ClientError> {
+        self.call_json(Method::GET, &join("/v1/key/describe/", name), None)
+            .await
+    }
+
+    pub async fn delete_key(&self, name: &str) -> Result<(), ClientError> {
+        self.call(Method::DELETE, &join("/v1/key/delete/", name), None, false)
+            .await
+            .map(drop)
+    }
+
+    pub async fn list_keys(&self, prefix: &str) -> Result<Vec<String>, ClientError> {
+        Ok(self
+            .call_json::<api::ListKeysResponse>(Method::GET, &join("/v1/key/list/", prefix), None)
+            .await?
+            .names)
+    }
+
+    pub async fn generate_key(
+        &self,
+        name: &str,
+        context: &[u8],
+    ) -> Result<api::GenerateKeyResponse, ClientError> {
+        let req = api::GenerateKeyRequest {
+            context: api::Bytes(context.to_vec()),
+        };
+        self.call_json(
+            Method::POST,
+            &join("/v1/key/generate/", name),
+            Self::body(&req),
+        )
+        .await
+    }
+
+    pub async fn encrypt(
+        &self,
+        name: &str,
+        plaintext: &[u8],
+        context: &[u8],
+    ) -> Result<Vec<u8>, ClientError> {
+        let req = api::EncryptKeyRequest {
+            plaintext: api::SecretBytes(zeroize::Zeroizing::new(plaintext.to_vec())),
+            context: api::Bytes(context.to_vec()),
+        };
+        Ok(self
+            .call_json::<api::EncryptKeyResponse>(
+                Method::POST,
+                &join("/v1/key/encrypt/", name),
+                Self::body(&req),
+            )
+            .await?
+            .ciphertext
+            .0)
+    }
+
+    pub async fn decrypt(
+        &self,
+        name: &str,
+        ciphertext: &[u8],
+        context: &[u8],
+    ) -> Result<api::SecretBytes, ClientError> {
+        let req = api::DecryptKeyRequest {
+            ciphertext: api::Bytes(ciphertext.to_vec()),
+            context: api::Bytes(context.to_vec()),
+        };
+        Ok(self
+            .call_json::<api::DecryptKeyResponse>(
+                Method::POST,
+                &join("/v1/key/decrypt/", name),
+                Self::body(&req),
+            )
+            .await?
+            .plaintext)
+    }
+
+    /// HMAC-SHA256 under the key's HMAC key (PUT without Content-Type, as kms-go sends it).
+    pub async fn hmac(&self, name: &str, message: &[u8]) -> Result<Vec<u8>, ClientError> {
+        let req = api::HmacRequest {
+            message: api::SecretBytes(zeroize::Zeroizing::new(message.to_vec())),
+        };
+        let b = self
+            .call(
+                Method::PUT,
+                &join("/v1/key/hmac/", name),
+                Self::body(&req),
+                false,
+            )
+            .await?;
+        let r: api::HmacResponse =
+            serde_json::from_slice(&b).map_err(|e| ClientError::Decode(e.to_string()))?;
+        Ok(r.hmac.0)
+    }
+
+    pub async fn describe_policy(
+        &self,
+        name: &str,
+    ) -> Result<api::DescribePolicyResponse, ClientError> {
+        self.call_json(Method::GET, &join("/v1/policy/describe/", name), None)
+            .await
+    }
+
+    pub async fn read_policy(&self, name: &str) -> Result<api::ReadPolicyResponse, ClientError> {
+        self.call_json(Method::GET, &join("/v1/policy/read/", name), None)
+            .await
+    }
+
+    pub async fn list_policies(&self, pattern: &str) -> Result<Vec<String>, ClientError> {
+        Ok(self
+            .call_json::<api::ListPoliciesResponse>(
+                Method::GET,
+                &join("/v1/policy/list/", pattern),
+                None,
+            )
+            .await?
+            .names)
+    }
+
+    pub async fn describe_identity(
+        &self,
+        identity: &str,
+    ) -> Result<api::DescribeIdentityResponse, ClientError> {
+        self.call_json(Method::GET, &join("/v1/identity/describe/", identity), None)
+            .await
+    }
+
+    pub async fn list_identities(&self, pattern: &str) -> Result<Vec<String>, ClientError> {
+        Ok(self
+            .call_json::<api::ListIdentitiesResponse>(
+                Method::GET,
+                &join("/v1/identity/list/", pattern),
+                None,
+            )
+            .await?
+            .identities)
+    }
+
+    pub async fn describe_self(&self) -> Result<api::SelfDescribeResponse, ClientError> {
+        self.call_json(Method::GET, "/v1/identity/self/describe", None)
+            .await
+    }
+}
+
+/// Accepts any server certificate but verifies handshake signatures (`--insecure`).
+#[derive(Debug)]
+struct InsecureServer(rustls::crypto::WebPkiSupportedAlgorithms);
+
+impl ServerCertVerifier for InsecureServer {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.supported_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_errors_like_kms_go() {
+        let mut json = HeaderMap::new();
+        json.insert(header::CONTENT_TYPE, "application/json".parse().unwrap());
+        let e = parse_error(
+            StatusCode::BAD_REQUEST,
+            &json,
+            b"{\"message\":\"key already exists\"\n}",
+        );
+        assert_eq!(e, errors::KEY_EXISTS);
+        let e = parse_error(
+            StatusCode::BAD_REQUEST,
+            &json,
+            b"{\"message\":\"key does already exist\"}",
+        );
+        assert_eq!(e, errors::KEY_EXISTS);
+        let e = parse_error(
+            StatusCode::FORBIDDEN,
+            &json,
+            b"{\"message\":\"x\",\"error\":\"prohibited by policy\"}",
+        );
+        assert_eq!(e, errors::NOT_ALLOWED);
+        let e = parse_error(
+            StatusCode::NOT_FOUND,
+            &HeaderMap::new(),
+            b"404 page not found\n",
+        );
+        assert_eq!(
+            e,
+            KesError {
+                status: 404,
+                message: "404 page not found\n".into()
+            }
+        );
+        assert_ne!(
+            parse_error(
+                StatusCode::NOT_FOUND,
+                &json,
+                b"{\"message\":\"key does not exist\"}"
+            ),
+            errors::POLICY_NOT_FOUND
+        );
+        assert_eq!(join("/v1/key/list/", ""), "/v1/key/list");
+        assert_eq!(join("/v1/key/list/", "*"), "/v1/key/list/%2A");
+    }
+}

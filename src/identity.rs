@@ -1,0 +1,326 @@
+//! Client identities and `kes:v1:` API keys (`kes-api.md` §3).
+//!
+//! An [`Identity`] is what policies and the admin setting name: for a TLS client it is the
+//! lowercase hex SHA-256 of its leaf certificate's SubjectPublicKeyInfo DER. An [`ApiKey`] is
+//! an Ed25519 seed in KES's text form; clients turn it into a self-signed certificate whose
+//! identity is the hash of the Ed25519 SPKI.
+
+use std::fmt;
+
+use base64::Engine as _;
+use sha2::{Digest, Sha256};
+use zeroize::Zeroizing;
+
+use crate::name::KeyName;
+
+/// A client identity: a name by the KES rules (§2.24). Certificate-derived identities are 64
+/// lowercase hex characters; configured ones may be any valid name (`disabled` turns the admin
+/// off because no certificate hashes to it).
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Identity(String);
+
+/// Why an identity string was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("identity '{0}' is empty, too long or contains invalid characters")]
+pub struct InvalidIdentity(pub String);
+
+impl Identity {
+    /// Validates `s` with the same rules as key names.
+    pub fn new(s: &str) -> Result<Self, InvalidIdentity> {
+        // Identities share the name grammar of keys (kes `validName`); reuse its checker.
+        match KeyName::new(s) {
+            Ok(_) => Ok(Identity(s.to_owned())),
+            Err(_) => Err(InvalidIdentity(s.to_owned())),
+        }
+    }
+
+    /// The identity of a certificate's public key: hex(SHA-256(SPKI DER)).
+    pub fn from_spki(spki_der: &[u8]) -> Self {
+        Identity(hex::encode(Sha256::digest(spki_der)))
+    }
+
+    /// The identity of a DER certificate (its leaf SPKI hashed).
+    pub fn from_certificate(cert_der: &[u8]) -> Result<Self, CertError> {
+        Ok(Self::from_spki(spki_of_certificate(cert_der)?))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// Whether a certificate could ever hash to this identity (64 lowercase hex digits).
+    /// A configured admin that is not is "disabled".
+    pub fn is_hash(&self) -> bool {
+        self.0.len() == 64
+            && self
+                .0
+                .bytes()
+                .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+    }
+}
+
+impl fmt::Display for Identity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Debug for Identity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Identity({})", self.0)
+    }
+}
+
+/// A certificate whose SubjectPublicKeyInfo could not be located.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("malformed X.509 certificate")]
+pub struct CertError;
+
+/// One DER element and what follows it.
+struct Element<'a> {
+    tag: u8,
+    whole: &'a [u8],
+    content: &'a [u8],
+    rest: &'a [u8],
+}
+
+fn der_element(input: &[u8]) -> Result<Element<'_>, CertError> {
+    let (&tag, after_tag) = input.split_first().ok_or(CertError)?;
+    let (&first, after_len) = after_tag.split_first().ok_or(CertError)?;
+    let (len, header) = if first < 0x80 {
+        (usize::from(first), 2)
+    } else {
+        let n = usize::from(first & 0x7f);
+        if n == 0 || n > 4 || after_len.len() < n {
+            return Err(CertError);
+        }
+        let len = after_len[..n]
+            .iter()
+            .fold(0usize, |acc, &b| (acc << 8) | usize::from(b));
+        (len, 2 + n)
+    };
+    let end = header.checked_add(len).ok_or(CertError)?;
+    if input.len() < end {
+        return Err(CertError);
+    }
+    Ok(Element {
+        tag,
+        whole: &input[..end],
+        content: &input[header..end],
+        rest: &input[end..],
+    })
+}
+
+/// The content of a SEQUENCE element.
+fn sequence_content<'a>(e: &Element<'a>) -> Result<&'a [u8], CertError> {
+    const SEQUENCE: u8 = 0x30;
+    if e.tag != SEQUENCE {
+        return Err(CertError);
+    }
+    Ok(e.content)
+}
+
+/// The SubjectPublicKeyInfo DER inside an X.509 certificate (RFC 5280 §4.1).
+pub fn spki_of_certificate(cert_der: &[u8]) -> Result<&[u8], CertError> {
+    let cert = sequence_content(&der_element(cert_der)?)?;
+    let mut rest = sequence_content(&der_element(cert)?)?;
+    // Optional `[0] EXPLICIT Version`.
+    if rest.first() == Some(&0xa0) {
+        rest = der_element(rest)?.rest;
+    }
+    // serialNumber, signature, issuer, validity, subject.
+    for _ in 0..5 {
+        rest = der_element(rest)?.rest;
+    }
+    let spki = der_element(rest)?;
+    sequence_content(&spki)?;
+    Ok(spki.whole)
+}
+
+/// The DER prefix of an Ed25519 SubjectPublicKeyInfo; the 32-byte public key follows.
+const ED25519_SPKI_PREFIX: [u8; 12] = [
+    0x30, 0x2a, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x03, 0x21, 0x00,
+];
+/// The DER prefix of an Ed25519 PKCS#8 v1 private key; the 32-byte seed follows.
+const ED25519_PKCS8_PREFIX: [u8; 16] = [
+    0x30, 0x2e, 0x02, 0x01, 0x00, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x04, 0x22, 0x04, 0x20,
+];
+
+/// Why an API key text was refused; messages match kms-go.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ApiKeyError {
+    #[error("kes: invalid API key: invalid length")]
+    InvalidLength,
+    #[error("kes: invalid API key: unsupported type")]
+    UnsupportedType,
+    #[error("kes: invalid API key: {0}")]
+    Malformed(String),
+}
+
+/// A KES API key: an Ed25519 seed. Never printed; [`ApiKey::expose_text`] gives the text form
+/// for the one place that shows it to an operator.
+pub struct ApiKey {
+    seed: Zeroizing<[u8; 32]>,
+}
+
+impl ApiKey {
+    const PREFIX: &'static str = "kes:v1:";
+
+    /// A fresh key from the OS random generator.
+    pub fn generate() -> Result<Self, getrandom::Error> {
+        Ok(ApiKey {
+            seed: crate::secret::random::<32>()?,
+        })
+    }
+
+    /// Parses `kes:v1:<base64 of 0x00 || seed>`; the prefix is optional, as in kms-go.
+    pub fn parse(text: &str) -> Result<Self, ApiKeyError> {
+        let b64 = text.strip_prefix(Self::PREFIX).unwrap_or(text);
+        let raw = Zeroizing::new(
+            base64::engine::general_purpose::STANDARD
+                .decode(b64)
+                .map_err(|e| ApiKeyError::Malformed(e.to_string()))?,
+        );
+        if raw.len() != 33 {
+            return Err(ApiKeyError::InvalidLength);
+        }
+        if raw[0] != 0 {
+            return Err(ApiKeyError::UnsupportedType);
+        }
+        let mut seed = Zeroizing::new([0u8; 32]);
+        seed.copy_from_slice(&raw[1..]);
+        Ok(ApiKey { seed })
+    }
+
+    /// The text form `kes:v1:...`. This is a credential: show it once, never log it.
+    pub fn expose_text(&self) -> Zeroizing<String> {
+        let mut raw = Zeroizing::new([0u8; 33]);
+        raw[1..].copy_from_slice(self.seed.as_ref());
+        Zeroizing::new(format!(
+            "{}{}",
+            Self::PREFIX,
+            base64::engine::general_purpose::STANDARD.encode(raw.as_ref())
+        ))
+    }
+
+    /// The Ed25519 public key of the seed.
+    pub fn public_key(&self) -> [u8; 32] {
+        use ring::signature::KeyPair as _;
+        // Invariant: `from_seed_unchecked` only rejects seeds that are not 32 bytes long, and
+        // `seed` is a `[u8; 32]`.
+        #[allow(clippy::expect_used)]
+        let pair = ring::signature::Ed25519KeyPair::from_seed_unchecked(self.seed.as_ref())
+            .expect("a 32-byte Ed25519 seed is always valid");
+        let mut out = [0u8; 32];
+        out.copy_from_slice(pair.public_key().as_ref());
+        out
+    }
+
+    /// The Ed25519 SubjectPublicKeyInfo DER.
+    pub fn spki_der(&self) -> Vec<u8> {
+        let mut spki = ED25519_SPKI_PREFIX.to_vec();
+        spki.extend_from_slice(&self.public_key());
+        spki
+    }
+
+    pub fn identity(&self) -> Identity {
+        Identity::from_spki(&self.spki_der())
+    }
+
+    /// The private key as PKCS#8 v1 DER (what TLS libraries load).
+    pub fn pkcs8_der(&self) -> Zeroizing<Vec<u8>> {
+        let mut der = Zeroizing::new(ED25519_PKCS8_PREFIX.to_vec());
+        der.extend_from_slice(self.seed.as_ref());
+        der
+    }
+
+    /// The self-signed client certificate KES clients make from an API key (§3.3): CN =
+    /// identity, 90 days, EKU clientAuth, not a CA. Returns (certificate DER, PKCS#8 key DER).
+    pub fn certificate(&self) -> Result<(Vec<u8>, Zeroizing<Vec<u8>>), rcgen::Error> {
+        let pkcs8 = self.pkcs8_der();
+        let key_der = rustls_pki_types::PrivatePkcs8KeyDer::from(pkcs8.as_slice());
+        let key = rcgen::KeyPair::from_pkcs8_der_and_sign_algo(&key_der, &rcgen::PKCS_ED25519)?;
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new())?;
+        params.distinguished_name = rcgen::DistinguishedName::new();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, self.identity().as_str());
+        let now = time::OffsetDateTime::now_utc();
+        params.not_before = now - time::Duration::minutes(1);
+        params.not_after = now + time::Duration::days(90);
+        params.key_usages = vec![rcgen::KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+        params.is_ca = rcgen::IsCa::ExplicitNoCa;
+        let cert = params.self_signed(&key)?;
+        Ok((cert.der().to_vec(), pkcs8))
+    }
+}
+
+impl fmt::Debug for ApiKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "ApiKey(<redacted>, identity {})", self.identity())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn api_key_vectors() {
+        for (key, id) in [
+            (
+                "kes:v1:AGaV6VXHasF0FnaB60WdCOeTZ8eTIDikL4zlN16c8NAs",
+                "ea9826089311fe44d7590408ede9150f7c637b6cab0a91ee6fe1aa5d9fb366f6",
+            ),
+            (
+                "kes:v1:ACQpoGqx3rHHjT938Hfu5hVVQJHZWSqVI2Xp1KlYxFVw",
+                "0426fa9a04bc2756b92fbe8a97e1a1e07b53ecf04ed33da22c33e5c9faeb8cbb",
+            ),
+            (
+                "kes:v1:AMxvd2uV1l5dDSRwuKZxSjuM5BDemlr+685+JAHA1TuJ",
+                "ab785e3b95d80d72cc9c27cb9fde886a0bf9068a69d40e3bd08a54e68c3f2bf7",
+            ),
+        ] {
+            let k = ApiKey::parse(key).unwrap();
+            assert_eq!(k.identity().as_str(), id);
+            assert_eq!(k.expose_text().as_str(), key);
+            assert!(k.identity().is_hash());
+        }
+    }
+
+    #[test]
+    fn api_key_errors() {
+        assert_eq!(
+            ApiKey::parse("kes:v1:AAAA").unwrap_err(),
+            ApiKeyError::InvalidLength
+        );
+        assert_eq!(
+            ApiKey::parse("kes:v1:AWaV6VXHasF0FnaB60WdCOeTZ8eTIDikL4zlN16c8NAs")
+                .unwrap_err()
+                .to_string(),
+            "kes: invalid API key: unsupported type"
+        );
+        assert!(matches!(
+            ApiKey::parse("kes:v1:!!"),
+            Err(ApiKeyError::Malformed(_))
+        ));
+    }
+
+    #[test]
+    fn certificate_identity_matches_api_key() {
+        let k = ApiKey::generate().unwrap();
+        let (cert, _) = k.certificate().unwrap();
+        assert_eq!(Identity::from_certificate(&cert).unwrap(), k.identity());
+        assert!(!format!("{k:?}").contains(&*k.expose_text()));
+    }
+
+    #[test]
+    fn identity_names() {
+        assert!(Identity::new("disabled").is_ok());
+        assert!(!Identity::new("disabled").unwrap().is_hash());
+        assert!(Identity::new("a.b").is_err());
+        assert!(Identity::new("").is_err());
+        assert!(spki_of_certificate(b"\x30\x03\x02\x01").is_err());
+    }
+}

@@ -1,0 +1,516 @@
+//! The HTTPS server: TLS accept, client identity, dispatch, limits, audit and shutdown.
+//!
+//! Each TCP connection is handshaken with the TLS config in force at that moment (hot-swapped
+//! on SIGHUP; open connections keep theirs). The client's identity is computed once per
+//! connection from its leaf certificate. Every request then goes through [`dispatch`]: path
+//! decoding, route match, method check, deadline, authentication, body limit, handler; the
+//! outcome is counted, audited and, for 5xx, sent to the error log.
+
+pub mod error;
+pub mod routes;
+pub mod tls;
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use axum::body::Body;
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use http::{header, HeaderValue, Method, StatusCode};
+use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use time::OffsetDateTime;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio_rustls::TlsAcceptor;
+
+use self::error::{ApiError, BodyKind};
+use self::routes::{Auth, Route, RouteId, RouteSettings};
+use crate::audit::{AuditLog, ErrorLog};
+use crate::config::server::ServerConfig;
+use crate::identity::Identity;
+use crate::name::KeyName;
+use crate::policy::{Authorizer, Permit};
+use crate::service::Service;
+
+/// How long a TLS handshake may take.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// `ReadHeaderTimeout` of the reference.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long shutdown waits for requests in flight.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// Shared by every connection.
+pub struct State {
+    pub(crate) service: Arc<Service>,
+    pub(crate) audit: AuditLog,
+    pub(crate) errors: ErrorLog,
+    pub(crate) routes: RouteSettings,
+    tls: RwLock<TlsAcceptor>,
+}
+
+/// What a connection knows about its peer.
+#[derive(Debug, Clone)]
+struct ConnInfo {
+    ip: IpAddr,
+    identity: Option<Identity>,
+}
+
+/// Everything a server needs to run.
+pub struct ServerParts {
+    pub service: Arc<Service>,
+    pub tls: Arc<rustls::ServerConfig>,
+    pub routes: RouteSettings,
+    pub audit: AuditLog,
+    pub errors: ErrorLog,
+}
+
+/// The TLS config a config file describes (server cert and key, client authentication).
+pub fn tls_from_config(cfg: &ServerConfig) -> Result<Arc<rustls::ServerConfig>, tls::TlsError> {
+    let certs = tls::load_certs(&cfg.tls.cert)?;
+    let key = tls::load_key(&cfg.tls.key)?;
+    let auth = match (&cfg.tls.ca, cfg.tls.verify_client_chain) {
+        (Some(ca), true) => tls::ClientAuth::VerifyChain(Arc::new(tls::load_roots(ca)?)),
+        _ => tls::ClientAuth::AnyCertificate,
+    };
+    let mandatory = !RouteSettings::new(&cfg.api).any_skip_auth();
+    tls::server_config(certs, key, &auth, mandatory)
+}
+
+/// Creates the config's `keys:` (KES does so at start and on reload); existing keys are fine.
+pub async fn create_keys(
+    service: &Service,
+    keys: &[KeyName],
+) -> Result<(), crate::service::ServiceError> {
+    let permit = service.identify_only(None);
+    for name in keys {
+        match service.create_key(&permit, name).await {
+            Ok(()) => tracing::info!(key = %name, "created key listed in config"),
+            Err(crate::service::ServiceError::KeyExists) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// A bound, not yet running server.
+pub struct Server {
+    state: Arc<State>,
+    listener: TcpListener,
+    shutdown: watch::Receiver<bool>,
+    handle: ServerHandle,
+}
+
+/// Controls a running server: reloads and shutdown. Cheap to clone.
+#[derive(Clone)]
+pub struct ServerHandle {
+    state: Arc<State>,
+    shutdown: Arc<watch::Sender<bool>>,
+}
+
+impl ServerHandle {
+    /// New TLS settings for connections accepted from now on.
+    pub fn set_tls(&self, config: Arc<rustls::ServerConfig>) {
+        *self.state.tls.write().unwrap_or_else(|e| e.into_inner()) = TlsAcceptor::from(config);
+    }
+
+    /// A new admin and policy set for requests from now on.
+    pub fn set_authorizer(&self, authorizer: Authorizer) {
+        self.state.service.replace_authorizer(authorizer);
+    }
+
+    pub fn service(&self) -> &Arc<Service> {
+        &self.state.service
+    }
+
+    /// Applies a re-read config file (SIGHUP): TLS for new connections, admin and policies
+    /// for new requests, and the listed keys. Connections stay open; on any error nothing
+    /// is changed.
+    pub async fn reload(&self, cfg: &ServerConfig) -> Result<(), String> {
+        let authorizer = cfg
+            .authorizer(OffsetDateTime::now_utc())
+            .map_err(|e| e.to_string())?;
+        let tls = tls_from_config(cfg).map_err(|e| e.to_string())?;
+        self.set_tls(tls);
+        self.set_authorizer(authorizer);
+        create_keys(&self.state.service, &cfg.keys)
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(())
+    }
+
+    /// Stops accepting and lets requests in flight finish (bounded by a grace period).
+    pub fn shutdown(&self) {
+        self.shutdown.send_replace(true);
+    }
+}
+
+impl Server {
+    pub async fn bind(addr: SocketAddr, parts: ServerParts) -> std::io::Result<Server> {
+        let listener = TcpListener::bind(addr).await?;
+        let state = Arc::new(State {
+            service: parts.service,
+            audit: parts.audit,
+            errors: parts.errors,
+            routes: parts.routes,
+            tls: RwLock::new(TlsAcceptor::from(parts.tls)),
+        });
+        let (tx, rx) = watch::channel(false);
+        let handle = ServerHandle {
+            state: state.clone(),
+            shutdown: Arc::new(tx),
+        };
+        Ok(Server {
+            state,
+            listener,
+            shutdown: rx,
+            handle,
+        })
+    }
+
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    pub fn handle(&self) -> ServerHandle {
+        self.handle.clone()
+    }
+
+    /// Serves until [`ServerHandle::shutdown`]; then waits for open requests up to the grace
+    /// period.
+    pub async fn run(mut self) -> std::io::Result<()> {
+        let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+        loop {
+            tokio::select! {
+                accepted = self.listener.accept() => {
+                    let (tcp, peer) = match accepted {
+                        Ok(a) => a,
+                        Err(e) => {
+                            // Out of file descriptors and the like: back off, keep serving.
+                            tracing::warn!(error = %e, "accept failed");
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                            continue;
+                        }
+                    };
+                    let _ = tcp.set_nodelay(true);
+                    let acceptor = self.state.tls.read().unwrap_or_else(|e| e.into_inner()).clone();
+                    let state = self.state.clone();
+                    let watcher = graceful.watcher();
+                    tokio::spawn(async move {
+                        let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                            Ok(Ok(tls)) => tls,
+                            Ok(Err(e)) => {
+                                tracing::debug!(peer = %peer, error = %e, "TLS handshake failed");
+                                return;
+                            }
+                            Err(_) => {
+                                tracing::debug!(peer = %peer, "TLS handshake timed out");
+                                return;
+                            }
+                        };
+                        let identity = tls
+                            .get_ref()
+                            .1
+                            .peer_certificates()
+                            .and_then(|certs| certs.first())
+                            .and_then(|leaf| Identity::from_certificate(leaf).ok());
+                        let conn = Arc::new(ConnInfo { ip: peer.ip(), identity });
+                        let svc = hyper::service::service_fn(move |req| {
+                            let state = state.clone();
+                            let conn = conn.clone();
+                            async move { dispatch(&state, &conn, req).await }
+                        });
+                        let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                        builder.http1().timer(TokioTimer::new()).header_read_timeout(HEADER_TIMEOUT);
+                        let conn = builder.serve_connection(TokioIo::new(tls), svc);
+                        if let Err(e) = watcher.watch(conn).await {
+                            tracing::debug!(peer = %peer, error = %e, "connection ended with an error");
+                        }
+                    });
+                }
+                _ = self.shutdown.changed() => break,
+            }
+        }
+        drop(self.listener);
+        if tokio::time::timeout(SHUTDOWN_GRACE, graceful.shutdown())
+            .await
+            .is_err()
+        {
+            tracing::warn!("shutdown grace period over; closing remaining connections");
+        }
+        Ok(())
+    }
+}
+
+/// A request that ran past its route's deadline. Returning it makes hyper abort the
+/// connection (HTTP/1.1) or reset the stream (HTTP/2) without a status, as KES does.
+#[derive(Debug, thiserror::Error)]
+#[error("request deadline exceeded")]
+struct DeadlineExceeded;
+
+/// Go's `net/http` default 404.
+fn not_found() -> Response {
+    let mut resp = Response::new(Body::from("404 page not found\n"));
+    *resp.status_mut() = StatusCode::NOT_FOUND;
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    h.insert(
+        "x-content-type-options",
+        HeaderValue::from_static("nosniff"),
+    );
+    resp
+}
+
+fn plain(status: StatusCode, text: &'static str) -> Response {
+    let mut resp = Response::new(Body::from(text));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    resp
+}
+
+/// `%XX` decoding of a URL path, like Go's `url.PathUnescape`; `None` if malformed.
+fn percent_decode(path: &str) -> Option<String> {
+    if !path.contains('%') {
+        return Some(path.to_owned());
+    }
+    let bytes = path.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = bytes.get(i + 1..i + 3)?;
+            let hex = std::str::from_utf8(hex).ok()?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    Some(String::from_utf8_lossy(&out).into_owned())
+}
+
+/// Go's `path.Clean` keeping a trailing slash, as the mux redirects to; `None` if already clean.
+fn clean_path(path: &str) -> Option<String> {
+    let dirty = path.contains("//")
+        || path.contains("/./")
+        || path.contains("/../")
+        || path.ends_with("/.")
+        || path.ends_with("/..");
+    if !dirty {
+        return None;
+    }
+    let mut parts: Vec<&str> = Vec::new();
+    for seg in path.split('/') {
+        match seg {
+            "" | "." => {}
+            ".." => {
+                parts.pop();
+            }
+            s => parts.push(s),
+        }
+    }
+    let mut clean = format!("/{}", parts.join("/"));
+    if path.ends_with('/') && clean != "/" {
+        clean.push('/');
+    }
+    Some(clean)
+}
+
+/// Reads the body up to the route's limit. `Ok(None)` means `Content-Length: 0` was sent.
+async fn read_body(req: http::Request<Incoming>, limit: usize) -> Result<Option<Bytes>, ()> {
+    if limit == 0 {
+        return Ok(Some(Bytes::new()));
+    }
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    match declared {
+        Some(0) => return Ok(None),
+        Some(n) if n > limit as u64 => return Err(()),
+        _ => {}
+    }
+    match Limited::new(req.into_body(), limit).collect().await {
+        Ok(collected) => Ok(Some(collected.to_bytes())),
+        Err(_) => Err(()),
+    }
+}
+
+/// Handles one request end to end.
+async fn dispatch(
+    state: &Arc<State>,
+    conn: &ConnInfo,
+    req: http::Request<Incoming>,
+) -> Result<Response, DeadlineExceeded> {
+    let start = Instant::now();
+    let Some(path) = percent_decode(req.uri().path()) else {
+        return Ok(plain(
+            StatusCode::BAD_REQUEST,
+            "400 Bad Request: invalid URL escape",
+        ));
+    };
+    if let Some(clean) = clean_path(&path) {
+        let mut resp = Response::new(Body::empty());
+        *resp.status_mut() = StatusCode::MOVED_PERMANENTLY;
+        if let Ok(v) = HeaderValue::from_str(&clean) {
+            resp.headers_mut().insert(header::LOCATION, v);
+        }
+        return Ok(resp);
+    }
+    let Some((route, resource)) = routes::lookup(&path) else {
+        return Ok(not_found());
+    };
+    let method = req.method().clone();
+    let method_ok =
+        method == route.method || (route.method == Method::PUT && method == Method::POST);
+    if !method_ok {
+        return Ok(ApiError::MethodNotAllowed {
+            got: method,
+            want: route.method.clone(),
+        }
+        .into_response());
+    }
+    let resource = resource.to_owned();
+    let work = serve_route(state, conn, route, &path, resource, req, start);
+    match state.routes.timeout(route) {
+        Some(deadline) => tokio::time::timeout(deadline, work).await.map_err(|_| {
+            tracing::warn!(path, ?deadline, "request deadline exceeded; aborting");
+            DeadlineExceeded
+        }),
+        None => Ok(work.await),
+    }
+}
+
+async fn serve_route(
+    state: &Arc<State>,
+    conn: &ConnInfo,
+    route: &'static Route,
+    path: &str,
+    resource: String,
+    req: http::Request<Incoming>,
+    start: Instant,
+) -> Response {
+    if route.id == RouteId::Version {
+        return routes::json(&routes::version());
+    }
+    let method = req.method().clone();
+    let svc = &state.service;
+    let permit: Permit = match state.routes.auth(route) {
+        Auth::Public | Auth::IdentifyOnly => svc.identify_only(conn.identity.as_ref()),
+        Auth::Verify => match svc.authorize(conn.identity.as_ref(), path) {
+            Ok(p) => p,
+            Err(e) => {
+                let resp = ApiError::Service(e).into_response();
+                if route.counted {
+                    finish(state, conn, path, &method, resp.status(), start, None);
+                }
+                return resp;
+            }
+        },
+    };
+    let _active = route.counted.then(|| svc.metrics().request_started());
+    let result = match read_body(req, route.max_body).await {
+        Err(()) => Err(ApiError::InvalidBody(if route.id == RouteId::KeyImport {
+            BodyKind::Import
+        } else {
+            BodyKind::Other
+        })),
+        Ok(body) => {
+            let request = routes::Request {
+                resource,
+                empty_body: body.is_none(),
+                body: body.unwrap_or_default(),
+            };
+            routes::handle(state, route, &permit, request).await
+        }
+    };
+    let (resp, failure) = match result {
+        Ok(resp) => (resp, None),
+        Err(e) => {
+            let (status, message) = e.status_and_message();
+            let detail = match &e {
+                ApiError::Service(s) => s.to_string(),
+                _ => message.clone(),
+            };
+            let failure = status.is_server_error().then_some((message, detail));
+            (e.into_response(), failure)
+        }
+    };
+    if let Some((message, detail)) = &failure {
+        let identity = conn.identity.as_ref().map(|i| i.as_str()).unwrap_or("");
+        tracing::debug!(path, detail = %detail, "request failed");
+        state.errors.record(
+            &format!("{message}: {detail}"),
+            method.as_str(),
+            path,
+            &conn.ip.to_string(),
+            identity,
+        );
+    }
+    if route.counted {
+        svc.metrics()
+            .request_finished(resp.status().as_u16(), start.elapsed());
+        finish(
+            state,
+            conn,
+            path,
+            &method,
+            resp.status(),
+            start,
+            Some(&permit),
+        );
+    }
+    resp
+}
+
+/// Writes the audit event of a counted route.
+fn finish(
+    state: &State,
+    conn: &ConnInfo,
+    path: &str,
+    _method: &Method,
+    status: StatusCode,
+    start: Instant,
+    permit: Option<&Permit>,
+) {
+    let identity = permit
+        .and_then(|p| p.identity())
+        .or(conn.identity.as_ref())
+        .map(|i| i.as_str())
+        .unwrap_or("");
+    state.audit.record(
+        &conn.ip.to_string(),
+        identity,
+        path,
+        status.as_u16(),
+        start.elapsed(),
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_decode_and_clean_like_go() {
+        assert_eq!(
+            percent_decode("/v1/key/list/%2A").unwrap(),
+            "/v1/key/list/*"
+        );
+        assert!(percent_decode("/v1/key/list/%2").is_none());
+        assert!(percent_decode("/v1/key/list/%zz").is_none());
+        assert_eq!(clean_path("/v1//key/list/").unwrap(), "/v1/key/list/");
+        assert_eq!(clean_path("/v1/key/../status").unwrap(), "/v1/status");
+        assert_eq!(clean_path("/v1/key/list/"), None);
+    }
+}

@@ -1,0 +1,476 @@
+//! One method per KES API operation: authorize → keystore → metrics.
+//!
+//! The service sits between the HTTP layer and the [`KeyStore`]. It knows identities, policies
+//! and keys, but no HTTP types: it takes validated names and a [`Permit`], and fails with a
+//! [`ServiceError`] that the server turns into a status and message in one place
+//! (`server::error`). The audit event for each request is written by the server's dispatcher,
+//! which alone knows the final status code.
+
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use time::OffsetDateTime;
+
+use crate::crypto::kes::Algorithm;
+use crate::identity::Identity;
+use crate::keystore::{
+    DataKey, HmacKeySource, ImportKey, KeyInfo, KeyStore, KeystoreError, Provenance, Scheme,
+};
+use crate::metrics::Metrics;
+use crate::name::{KeyName, Pattern};
+use crate::policy::{Authorizer, Denial, Permit, Policy, PolicyName};
+use crate::secret::{Key32, SecretBytes};
+
+/// The operation a failure happened in; chooses the wire message for backend failures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Op {
+    Create,
+    Import,
+    Describe,
+    List,
+    Delete,
+    Generate,
+    Encrypt,
+    Decrypt,
+    Hmac,
+    Ready,
+}
+
+impl Op {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Op::Create => "create",
+            Op::Import => "import",
+            Op::Describe => "describe",
+            Op::List => "list",
+            Op::Delete => "delete",
+            Op::Generate => "generate",
+            Op::Encrypt => "encrypt",
+            Op::Decrypt => "decrypt",
+            Op::Hmac => "hmac",
+            Op::Ready => "status",
+        }
+    }
+}
+
+/// Errors of the service layer.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ServiceError {
+    #[error("not authorized")]
+    NotAllowed,
+    #[error("no client certificate")]
+    NoCertificate,
+    #[error("key already exists")]
+    KeyExists,
+    #[error("key does not exist")]
+    KeyNotFound,
+    #[error("ciphertext is not authentic")]
+    NotAuthentic,
+    #[error("key does not support HMAC")]
+    HmacUnsupported,
+    /// Import with a cipher name that is unknown or that the keystore cannot hold.
+    #[error("algorithm '{0}' is not supported")]
+    AlgorithmUnsupported(String),
+    #[error("invalid key size for '{0}'")]
+    InvalidKeySize(String),
+    #[error("policy does not exist")]
+    PolicyNotFound,
+    #[error("identity does not exist")]
+    IdentityNotFound,
+    /// The keystore refused input that passed HTTP decoding (e.g. a size limit of the device).
+    #[error("{0:?}: invalid input: {1}")]
+    InvalidInput(Op, String),
+    #[error("keystore busy")]
+    Busy,
+    #[error("{0:?}: keystore unreachable: {1}")]
+    Unreachable(Op, String),
+    #[error("{0:?}: keystore failure: {1}")]
+    Backend(Op, String),
+}
+
+impl ServiceError {
+    fn from_keystore(op: Op, e: KeystoreError) -> Self {
+        match e {
+            KeystoreError::KeyExists => ServiceError::KeyExists,
+            KeystoreError::KeyNotFound => ServiceError::KeyNotFound,
+            KeystoreError::NotAuthentic => ServiceError::NotAuthentic,
+            KeystoreError::HmacUnsupported => ServiceError::HmacUnsupported,
+            KeystoreError::AlgorithmUnsupported(a) => {
+                ServiceError::AlgorithmUnsupported(a.to_owned())
+            }
+            KeystoreError::InvalidInput(m) => ServiceError::InvalidInput(op, m),
+            KeystoreError::Unreachable(m) => ServiceError::Unreachable(op, m),
+            KeystoreError::Busy(_) => ServiceError::Busy,
+            KeystoreError::Backend(m) => ServiceError::Backend(op, m),
+        }
+    }
+}
+
+fn error_kind(e: &KeystoreError) -> &'static str {
+    match e {
+        KeystoreError::KeyExists => "key_exists",
+        KeystoreError::KeyNotFound => "key_not_found",
+        KeystoreError::NotAuthentic => "not_authentic",
+        KeystoreError::HmacUnsupported => "hmac_unsupported",
+        KeystoreError::AlgorithmUnsupported(_) => "algorithm_unsupported",
+        KeystoreError::InvalidInput(_) => "invalid_input",
+        KeystoreError::Unreachable(_) => "unreachable",
+        KeystoreError::Busy(_) => "busy",
+        KeystoreError::Backend(_) => "backend",
+    }
+}
+
+/// A policy as describe/read report it.
+#[derive(Debug, Clone)]
+pub struct PolicyView {
+    pub name: PolicyName,
+    pub policy: Policy,
+    pub created_at: OffsetDateTime,
+    pub created_by: Identity,
+}
+
+/// An identity as describe reports it.
+#[derive(Debug, Clone)]
+pub struct IdentityView {
+    pub admin: bool,
+    pub policy: Option<PolicyName>,
+    pub created_at: OffsetDateTime,
+    /// The admin, for identities assigned to a policy.
+    pub created_by: Option<Identity>,
+}
+
+/// What the caller learns about itself.
+#[derive(Debug, Clone)]
+pub struct SelfView {
+    pub identity: Option<Identity>,
+    pub admin: bool,
+    pub policy: Option<(PolicyName, Policy)>,
+    pub created_at: OffsetDateTime,
+    pub created_by: Option<Identity>,
+}
+
+/// Keystore health as `/v1/status` reports it.
+#[derive(Debug, Clone, Copy)]
+pub enum KeystoreHealth {
+    Reachable(Duration),
+    Unreachable,
+}
+
+/// The API operations over one keystore and the current authorization snapshot.
+pub struct Service {
+    keystore: Arc<dyn KeyStore>,
+    authorizer: RwLock<Arc<Authorizer>>,
+    metrics: Arc<Metrics>,
+    started: Instant,
+}
+
+impl std::fmt::Debug for Service {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Service")
+            .field("keystore", &self.keystore.description())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Service {
+    pub fn new(keystore: Arc<dyn KeyStore>, authorizer: Authorizer, metrics: Arc<Metrics>) -> Self {
+        Service {
+            keystore,
+            authorizer: RwLock::new(Arc::new(authorizer)),
+            metrics,
+            started: Instant::now(),
+        }
+    }
+
+    /// The authorization snapshot in force. The lock only guards the pointer swap; a poisoned
+    /// lock still holds a complete snapshot.
+    pub fn authorizer(&self) -> Arc<Authorizer> {
+        self.authorizer
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Installs a new admin and policy set (SIGHUP). Requests in flight keep the old one.
+    pub fn replace_authorizer(&self, authorizer: Authorizer) {
+        *self.authorizer.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(authorizer);
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    pub fn keystore_description(&self) -> String {
+        self.keystore.description()
+    }
+
+    pub fn uptime(&self) -> Duration {
+        self.started.elapsed()
+    }
+
+    /// The check every authenticated route runs; denials are counted.
+    pub fn authorize(
+        &self,
+        identity: Option<&Identity>,
+        path: &str,
+    ) -> Result<Permit, ServiceError> {
+        self.authorizer().authorize(identity, path).map_err(|d| {
+            self.metrics.denied();
+            match d {
+                Denial::NoCertificate => ServiceError::NoCertificate,
+                Denial::NotAllowed => ServiceError::NotAllowed,
+            }
+        })
+    }
+
+    /// Identification without authorization (self-describe, `skip_auth` routes).
+    pub fn identify_only(&self, identity: Option<&Identity>) -> Permit {
+        self.authorizer().identify_only(identity)
+    }
+
+    /// Runs one keystore call, timing it and counting its failures.
+    async fn call<T>(
+        &self,
+        op: Op,
+        fut: impl std::future::Future<Output = Result<T, KeystoreError>>,
+    ) -> Result<T, ServiceError> {
+        let start = Instant::now();
+        let res = fut.await;
+        let kind = res.as_ref().err().map(error_kind);
+        self.metrics
+            .keystore_call(op.as_str(), start.elapsed(), kind);
+        res.map_err(|e| ServiceError::from_keystore(op, e))
+    }
+
+    fn provenance(permit: &Permit) -> Provenance {
+        Provenance::now(
+            permit
+                .identity()
+                .map(|i| i.as_str().to_owned())
+                .unwrap_or_default(),
+        )
+    }
+
+    pub async fn create_key(&self, permit: &Permit, name: &KeyName) -> Result<(), ServiceError> {
+        self.call(
+            Op::Create,
+            self.keystore.create(name, Self::provenance(permit)),
+        )
+        .await
+    }
+
+    /// Imports outside key material. The cipher is checked before the length, as in KES.
+    /// Imported keys use the `kes` scheme so KES ciphertexts made with them keep decrypting.
+    pub async fn import_key(
+        &self,
+        permit: &Permit,
+        name: &KeyName,
+        key: &[u8],
+        cipher: &str,
+    ) -> Result<(), ServiceError> {
+        let algorithm = Algorithm::from_import_name(cipher)
+            .ok_or_else(|| ServiceError::AlgorithmUnsupported(cipher.to_owned()))?;
+        if key.len() != 32 {
+            return Err(ServiceError::InvalidKeySize(cipher.to_owned()));
+        }
+        let mut bytes = Key32::new([0u8; 32]);
+        bytes.copy_from_slice(key);
+        let import = ImportKey {
+            key: bytes,
+            algorithm,
+            scheme: Scheme::Kes,
+            hmac: HmacKeySource::Generate,
+            provenance: Self::provenance(permit),
+        };
+        match self
+            .call(Op::Import, self.keystore.import(name, import))
+            .await
+        {
+            Err(ServiceError::AlgorithmUnsupported(_)) => {
+                Err(ServiceError::AlgorithmUnsupported(cipher.to_owned()))
+            }
+            other => other,
+        }
+    }
+
+    pub async fn describe_key(
+        &self,
+        _permit: &Permit,
+        name: &KeyName,
+    ) -> Result<KeyInfo, ServiceError> {
+        self.call(Op::Describe, self.keystore.describe(name)).await
+    }
+
+    /// Every key whose name starts with the pattern's prefix (`abc*` and `abc` alike; `*` and
+    /// the empty pattern list everything), sorted.
+    pub async fn list_keys(
+        &self,
+        _permit: &Permit,
+        pattern: &Pattern,
+    ) -> Result<Vec<KeyName>, ServiceError> {
+        self.call(Op::List, self.keystore.list(pattern.prefix()))
+            .await
+    }
+
+    pub async fn delete_key(&self, _permit: &Permit, name: &KeyName) -> Result<(), ServiceError> {
+        self.call(Op::Delete, self.keystore.delete(name)).await
+    }
+
+    pub async fn generate_key(
+        &self,
+        _permit: &Permit,
+        name: &KeyName,
+        context: &[u8],
+    ) -> Result<DataKey, ServiceError> {
+        let dek = self
+            .call(Op::Generate, self.keystore.generate(name, context))
+            .await?;
+        self.metrics.sealed(name.as_str());
+        Ok(dek)
+    }
+
+    pub async fn encrypt(
+        &self,
+        _permit: &Permit,
+        name: &KeyName,
+        plaintext: &[u8],
+        context: &[u8],
+    ) -> Result<Vec<u8>, ServiceError> {
+        let ct = self
+            .call(Op::Encrypt, self.keystore.encrypt(name, plaintext, context))
+            .await?;
+        self.metrics.sealed(name.as_str());
+        Ok(ct)
+    }
+
+    pub async fn decrypt(
+        &self,
+        _permit: &Permit,
+        name: &KeyName,
+        ciphertext: &[u8],
+        context: &[u8],
+    ) -> Result<SecretBytes, ServiceError> {
+        match self
+            .call(
+                Op::Decrypt,
+                self.keystore.decrypt(name, ciphertext, context),
+            )
+            .await
+        {
+            // A ciphertext the keystore cannot even parse is just not authentic.
+            Err(ServiceError::InvalidInput(..)) => Err(ServiceError::NotAuthentic),
+            other => other,
+        }
+    }
+
+    pub async fn hmac(
+        &self,
+        _permit: &Permit,
+        name: &KeyName,
+        message: &[u8],
+    ) -> Result<[u8; 32], ServiceError> {
+        self.call(Op::Hmac, self.keystore.hmac(name, message)).await
+    }
+
+    /// `/v1/ready`: the keystore's probe, with its error.
+    pub async fn ready(&self, _permit: &Permit) -> Result<Duration, ServiceError> {
+        self.call(Op::Ready, self.keystore.status()).await
+    }
+
+    /// `/v1/status`: any keystore error means unreachable.
+    pub async fn keystore_health(&self, permit: &Permit) -> KeystoreHealth {
+        match self.ready(permit).await {
+            Ok(d) => KeystoreHealth::Reachable(d),
+            Err(_) => KeystoreHealth::Unreachable,
+        }
+    }
+
+    pub fn describe_policy(
+        &self,
+        _permit: &Permit,
+        name: &PolicyName,
+    ) -> Result<PolicyView, ServiceError> {
+        let auth = self.authorizer();
+        let entry = auth.policy(name).ok_or(ServiceError::PolicyNotFound)?;
+        Ok(PolicyView {
+            name: name.clone(),
+            policy: entry.policy.clone(),
+            created_at: auth.created_at(),
+            created_by: auth.admin().clone(),
+        })
+    }
+
+    /// Policy names with the pattern's prefix, sorted.
+    pub fn list_policies(&self, _permit: &Permit, pattern: &Pattern) -> Vec<PolicyName> {
+        let prefix = pattern.prefix();
+        self.authorizer()
+            .policy_names()
+            .filter(|n| n.as_str().starts_with(prefix))
+            .cloned()
+            .collect()
+    }
+
+    pub fn describe_identity(
+        &self,
+        _permit: &Permit,
+        identity: &Identity,
+    ) -> Result<IdentityView, ServiceError> {
+        let auth = self.authorizer();
+        if identity == auth.admin() {
+            return Ok(IdentityView {
+                admin: true,
+                policy: None,
+                created_at: auth.created_at(),
+                created_by: None,
+            });
+        }
+        let (policy, _) = auth
+            .policy_of(identity)
+            .ok_or(ServiceError::IdentityNotFound)?;
+        Ok(IdentityView {
+            admin: false,
+            policy: Some(policy.clone()),
+            created_at: auth.created_at(),
+            created_by: Some(auth.admin().clone()),
+        })
+    }
+
+    /// Identities with the pattern's prefix, the admin included, sorted.
+    pub fn list_identities(&self, _permit: &Permit, pattern: &Pattern) -> Vec<Identity> {
+        let prefix = pattern.prefix();
+        let mut ids: Vec<Identity> = self
+            .authorizer()
+            .identities()
+            .filter(|i| i.as_str().starts_with(prefix))
+            .cloned()
+            .collect();
+        ids.sort();
+        ids.dedup();
+        ids
+    }
+
+    /// The caller's own identity and policy (for any caller; a deliberate deviation, §2.20).
+    pub fn describe_self(&self, permit: &Permit) -> Result<SelfView, ServiceError> {
+        let auth = self.authorizer();
+        let identity = permit.identity().ok_or(ServiceError::IdentityNotFound)?;
+        if permit.is_admin() {
+            return Ok(SelfView {
+                identity: Some(identity.clone()),
+                admin: true,
+                policy: None,
+                created_at: auth.created_at(),
+                created_by: None,
+            });
+        }
+        let (name, entry) = auth
+            .policy_of(identity)
+            .ok_or(ServiceError::IdentityNotFound)?;
+        Ok(SelfView {
+            identity: Some(identity.clone()),
+            admin: false,
+            policy: Some((name.clone(), entry.policy.clone())),
+            created_at: auth.created_at(),
+            created_by: Some(auth.admin().clone()),
+        })
+    }
+}
