@@ -333,6 +333,55 @@ impl Client {
         })
     }
 
+    /// Subscribes to an ndjson stream (`/v1/log/audit`, `/v1/log/error`).
+    pub async fn stream(&self, path: &str) -> Result<LineStream, ClientError> {
+        let connect = |e: &dyn fmt::Display| ClientError::Connect(e.to_string());
+        let tcp = TcpStream::connect(&self.addr)
+            .await
+            .map_err(|e| connect(&e))?;
+        let tls = TlsConnector::from(self.tls.clone())
+            .connect(self.server_name.clone(), tcp)
+            .await
+            .map_err(|e| connect(&e))?;
+        let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+        let io = TokioIo::new(tls);
+        let resp = if h2 {
+            let req = http::Request::get(format!("https://{}{path}", self.addr))
+                .body(Full::new(Bytes::new()))
+                .map_err(|e| ClientError::Endpoint(e.to_string()))?;
+            let (mut sender, conn) =
+                hyper::client::conn::http2::handshake(TokioExecutor::new(), io)
+                    .await
+                    .map_err(|e| connect(&e))?;
+            tokio::spawn(conn);
+            sender.send_request(req).await.map_err(|e| connect(&e))?
+        } else {
+            let req = http::Request::get(path)
+                .header(header::HOST, self.addr.as_str())
+                .body(Full::new(Bytes::new()))
+                .map_err(|e| ClientError::Endpoint(e.to_string()))?;
+            let (mut sender, conn) = hyper::client::conn::http1::handshake(io)
+                .await
+                .map_err(|e| connect(&e))?;
+            tokio::spawn(conn);
+            sender.send_request(req).await.map_err(|e| connect(&e))?
+        };
+        let status = resp.status();
+        if status != StatusCode::OK {
+            let headers = resp.headers().clone();
+            let body = Limited::new(resp.into_body(), MAX_RESPONSE)
+                .collect()
+                .await
+                .map_err(|e| ClientError::Decode(e.to_string()))?
+                .to_bytes();
+            return Err(ClientError::Api(parse_error(status, &headers, &body)));
+        }
+        Ok(LineStream {
+            body: resp.into_body(),
+            buf: Vec::new(),
+        })
+    }
+
     /// Sends and turns non-200 into errors.
     async fn call(
         &self,
@@ -562,6 +611,39 @@ impl Client {
     pub async fn describe_self(&self) -> Result<api::SelfDescribeResponse, ClientError> {
         self.call_json(Method::GET, "/v1/identity/self/describe", None)
             .await
+    }
+}
+
+/// An open ndjson stream: one JSON text per line.
+pub struct LineStream {
+    body: hyper::body::Incoming,
+    buf: Vec<u8>,
+}
+
+impl fmt::Debug for LineStream {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LineStream").finish_non_exhaustive()
+    }
+}
+
+impl LineStream {
+    /// The next line without its newline; `None` when the server closed the stream.
+    pub async fn next_line(&mut self) -> Result<Option<Bytes>, ClientError> {
+        loop {
+            if let Some(pos) = self.buf.iter().position(|b| *b == b'\n') {
+                let line: Vec<u8> = self.buf.drain(..=pos).collect();
+                return Ok(Some(Bytes::from(line[..line.len() - 1].to_vec())));
+            }
+            match self.body.frame().await {
+                None => return Ok(None),
+                Some(Err(e)) => return Err(ClientError::Decode(e.to_string())),
+                Some(Ok(frame)) => {
+                    if let Ok(data) = frame.into_data() {
+                        self.buf.extend_from_slice(&data);
+                    }
+                }
+            }
+        }
     }
 }
 

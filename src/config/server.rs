@@ -232,9 +232,18 @@ impl ServerConfig {
         Self::parse(&text)
     }
 
-    /// Substitutes and validates config text.
+    /// Substitutes (from the process environment) and validates config text.
     pub fn parse(text: &str) -> Result<Self, ConfigError> {
         let value = super::env::substitute(text)?;
+        Self::from_value(&value)
+    }
+
+    /// [`ServerConfig::parse`] with an explicit variable lookup.
+    pub fn parse_with(
+        text: &str,
+        lookup: impl Fn(&str) -> Option<String>,
+    ) -> Result<Self, ConfigError> {
+        let value = super::env::substitute_with(text, lookup)?;
         Self::from_value(&value)
     }
 
@@ -526,6 +535,34 @@ mod tests {
         let e = ServerConfig::parse(&base().replace(&format!("admin:\n  identity: {ADMIN}\n"), ""))
             .unwrap_err();
         assert_eq!(e.field, "admin.identity");
+    }
+
+    #[test]
+    fn env_substitution_reaches_typed_fields() {
+        let text = "address: ${ADDR}\nadmin:\n  identity: ${ADMIN}\ntls:\n  key: k\n  cert: c\napi:\n  /v1/ready:\n    skip_auth: ${SKIP}\n    timeout: ${T}\nkeys:\n  - name: ${KEY}\nkeystore:\n  soft: {}\n";
+        let vars = |name: &str| {
+            Some(match name {
+                "ADDR" => "127.0.0.1:9000".to_owned(),
+                "ADMIN" => ADMIN.to_owned(),
+                "SKIP" => "true".to_owned(),
+                "T" => "20s".to_owned(),
+                "KEY" => "from-env".to_owned(),
+                _ => return None,
+            })
+        };
+        let cfg = ServerConfig::parse_with(text, vars).unwrap();
+        assert_eq!(cfg.address.unwrap().port(), 9000);
+        assert_eq!(cfg.admin.as_str(), ADMIN);
+        assert_eq!(
+            cfg.api["/v1/ready"],
+            RouteOverride {
+                skip_auth: true,
+                timeout: Some(Duration::from_secs(20))
+            }
+        );
+        assert_eq!(cfg.keys[0].as_str(), "from-env");
+        let missing = ServerConfig::parse_with(text, |_| None).unwrap_err();
+        assert!(missing.message.contains("ADDR"), "{missing}");
     }
 
     #[test]

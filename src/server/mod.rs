@@ -381,6 +381,13 @@ async fn dispatch(
         .into_response());
     }
     let resource = resource.to_owned();
+    // A subtree root without its slash (`/v1/key/list`) is the path a Go client reaches after
+    // the mux's 301, so policies and the audit trail see the canonical `/v1/key/list/`.
+    let path = if route.path.strip_suffix('/') == Some(path.as_str()) {
+        format!("{path}/")
+    } else {
+        path
+    };
     let work = serve_route(state, conn, route, &path, resource, req, start);
     match state.routes.timeout(route) {
         Some(deadline) => tokio::time::timeout(deadline, work).await.map_err(|_| {

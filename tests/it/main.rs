@@ -1,5 +1,6 @@
 //! kesh's one integration-test binary. `harness` builds keystores and servers; each module
 //! tests one capability through the public API.
 
+mod api;
 mod harness;
 mod keystore;
