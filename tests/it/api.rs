@@ -19,6 +19,7 @@ use kesh::name::KeyName;
 use kesh::policy::{Authorizer, Policy, PolicyEntry, PolicyName};
 use kesh::secret::SecretBytes;
 use kesh::server::routes::RouteSettings;
+use kesh::server::tls::ClientAuth;
 use kesh::server::{Server, ServerHandle, ServerParts};
 use kesh::service::Service;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -171,6 +172,16 @@ impl TestServer {
         policies: &[TestPolicy],
         api: &BTreeMap<String, RouteOverride>,
     ) -> Self {
+        Self::start_full(ks, store, policies, api, ClientAuth::AnyCertificate).await
+    }
+
+    async fn start_full(
+        ks: Arc<dyn KeyStore>,
+        store: Option<Store>,
+        policies: &[TestPolicy],
+        api: &BTreeMap<String, RouteOverride>,
+        client_auth: ClientAuth,
+    ) -> Self {
         let admin = ApiKey::generate().unwrap();
         let certs = server_certs();
         let metrics = Arc::new(Metrics::new());
@@ -184,7 +195,7 @@ impl TestServer {
         let tls = kesh::server::tls::server_config(
             certs.chain.clone(),
             key,
-            &kesh::server::tls::ClientAuth::AnyCertificate,
+            &client_auth,
             !routes.any_skip_auth(),
         )
         .unwrap();
@@ -1582,4 +1593,132 @@ fn dev_server_starts_fast() {
     assert!(killed.success());
     let status = child.wait().unwrap();
     assert!(status.success(), "{status:?}");
+}
+
+/// `tls.auth: on`: only certificates that chain to `tls.ca` get in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_auth_on_verifies_client_chains() {
+    let ca_key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "client CA");
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).unwrap();
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "minio");
+    params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+    let leaf = params.signed_by(&key, &ca, &ca_key).unwrap();
+    let id = Identity::from_certificate(leaf.der()).unwrap();
+    let issued = Credentials::Certificate {
+        chain: vec![leaf.der().clone()],
+        key: PrivateKeyDer::try_from(key.serialize_der()).unwrap(),
+    };
+    let (self_signed, self_id) = client_cert(&rcgen::PKCS_ED25519);
+
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(ca.der().clone()).unwrap();
+    let policies = [TestPolicy {
+        name: "p",
+        allow: vec!["/v1/status"],
+        deny: vec![],
+        identities: vec![id.clone(), self_id],
+    }];
+    let ks = Arc::new(kesh::keystore::soft::SoftKeyStore::in_memory());
+    let srv = TestServer::start_full(
+        ks,
+        None,
+        &policies,
+        &BTreeMap::new(),
+        ClientAuth::VerifyChain(Arc::new(roots)),
+    )
+    .await;
+    let c = srv.client(issued);
+    c.status().await.unwrap();
+    assert_eq!(
+        c.list_keys("").await.unwrap_err().api(),
+        Some(&errors::NOT_ALLOWED)
+    );
+    match srv.client(self_signed).status().await {
+        Err(ClientError::Connect(_)) => {}
+        other => panic!("a certificate outside tls.ca must not get in: {other:?}"),
+    }
+}
+
+/// A keystore that answers slowly, to check per-route deadlines.
+struct Slow(kesh::keystore::soft::SoftKeyStore);
+
+#[async_trait::async_trait]
+impl KeyStore for Slow {
+    fn description(&self) -> String {
+        "slow test keystore".into()
+    }
+    async fn create(&self, name: &KeyName, p: Provenance) -> Result<(), KeystoreError> {
+        self.0.create(name, p).await
+    }
+    async fn import(&self, name: &KeyName, k: ImportKey) -> Result<(), KeystoreError> {
+        self.0.import(name, k).await
+    }
+    async fn describe(&self, name: &KeyName) -> Result<KeyInfo, KeystoreError> {
+        self.0.describe(name).await
+    }
+    async fn list(&self, prefix: &str) -> Result<Vec<KeyName>, KeystoreError> {
+        self.0.list(prefix).await
+    }
+    async fn delete(&self, name: &KeyName) -> Result<(), KeystoreError> {
+        self.0.delete(name).await
+    }
+    async fn generate(&self, name: &KeyName, context: &[u8]) -> Result<DataKey, KeystoreError> {
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        self.0.generate(name, context).await
+    }
+    async fn encrypt(&self, name: &KeyName, p: &[u8], c: &[u8]) -> Result<Vec<u8>, KeystoreError> {
+        self.0.encrypt(name, p, c).await
+    }
+    async fn decrypt(
+        &self,
+        name: &KeyName,
+        ct: &[u8],
+        c: &[u8],
+    ) -> Result<SecretBytes, KeystoreError> {
+        self.0.decrypt(name, ct, c).await
+    }
+    async fn hmac(&self, name: &KeyName, m: &[u8]) -> Result<[u8; 32], KeystoreError> {
+        self.0.hmac(name, m).await
+    }
+    async fn status(&self) -> Result<Duration, KeystoreError> {
+        self.0.status().await
+    }
+}
+
+/// Past its deadline a request gets no status: the stream is reset, as in KES.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn route_deadline_aborts_the_request() {
+    let mut api = BTreeMap::new();
+    api.insert(
+        "/v1/key/generate/".to_owned(),
+        RouteOverride {
+            skip_auth: false,
+            timeout: Some(Duration::from_millis(300)),
+        },
+    );
+    let ks = Arc::new(Slow(kesh::keystore::soft::SoftKeyStore::in_memory()));
+    let srv = TestServer::start_with(ks, None, &[], &api).await;
+    let c = srv.admin();
+    c.create_key("slow").await.unwrap();
+    let start = Instant::now();
+    match c.generate_key("slow", b"").await {
+        Err(ClientError::Connect(_)) => {}
+        other => panic!("expected an aborted request, got {other:?}"),
+    }
+    assert!(
+        start.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        start.elapsed()
+    );
+    // The server keeps serving.
+    c.describe_key("slow").await.unwrap();
 }
