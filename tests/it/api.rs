@@ -1722,3 +1722,161 @@ async fn route_deadline_aborts_the_request() {
     // The server keeps serving.
     c.describe_key("slow").await.unwrap();
 }
+
+/// Reads the banner of a `kesh server` child until it is up; returns the API address.
+fn wait_for_banner(child: &mut std::process::Child) -> String {
+    use std::io::{BufRead, BufReader};
+    let stdout = child.stdout.take().unwrap();
+    let mut addr = None;
+    for line in BufReader::new(stdout).lines() {
+        let line = line.unwrap();
+        if let Some(rest) = line.strip_prefix("API         · https://") {
+            addr = Some(rest.trim().to_owned());
+        } else if line.contains("Server is up and running") {
+            break;
+        }
+    }
+    addr.expect("banner names the API address")
+}
+
+fn signal(child: &std::process::Child, sig: &str) {
+    let ok = std::process::Command::new("kill")
+        .args([sig, &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(ok.success());
+}
+
+/// `kesh server --config FILE`: a real process, a real SIGHUP reload of a policy, SIGTERM.
+#[test]
+fn server_process_reloads_policies_on_sighup() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = server_certs();
+    std::fs::write(dir.path().join("key.pem"), &certs.key_pem).unwrap();
+    std::fs::write(dir.path().join("cert.pem"), &certs.cert_pem).unwrap();
+    let (creds, id) = client_cert(&rcgen::PKCS_ECDSA_P256_SHA256);
+    let config = dir.path().join("config.yaml");
+    let write = |allow: &str| {
+        let text = format!(
+            "address: 127.0.0.1:0\nadmin:\n  identity: disabled\ntls:\n  key: {0}/key.pem\n  cert: {0}/cert.pem\npolicy:\n  app:\n    allow: [{allow}]\n    identities: [\"{id}\"]\nkeys:\n  - name: k1\nkeystore:\n  soft: {{}}\n",
+            dir.path().display()
+        );
+        std::fs::write(&config, text).unwrap();
+    };
+    write("/v1/status");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_kesh"))
+        .args(["server", "--config", config.to_str().unwrap()])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .env_remove("SOFTHSM2_CONF")
+        .spawn()
+        .unwrap();
+    let addr = wait_for_banner(&mut child);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let c = Client::new(&addr, creds, ServerTrust::Roots(vec![certs.ca.clone()])).unwrap();
+        c.status().await.unwrap();
+        assert_eq!(
+            c.list_keys("").await.unwrap_err().api(),
+            Some(&errors::NOT_ALLOWED)
+        );
+        write("/v1/key/list/*");
+        signal(&child, "-HUP");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            match c.list_keys("").await {
+                Ok(names) => {
+                    assert_eq!(names, vec!["k1".to_owned()]);
+                    break;
+                }
+                Err(e) if Instant::now() < deadline => {
+                    assert_eq!(e.api(), Some(&errors::NOT_ALLOWED));
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(e) => panic!("policy not reloaded after SIGHUP: {e}"),
+            }
+        }
+        assert_eq!(
+            c.status().await.unwrap_err().api(),
+            Some(&errors::NOT_ALLOWED)
+        );
+    });
+    signal(&child, "-TERM");
+    assert!(child.wait().unwrap().success());
+}
+
+/// A KES backend kesh does not serve is refused at start with the way out.
+#[test]
+fn server_refuses_kes_backends() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("config.yaml");
+    std::fs::write(
+        &config,
+        "admin:\n  identity: disabled\ntls:\n  key: k.pem\n  cert: c.pem\nkeystore:\n  vault:\n    endpoint: https://127.0.0.1:8200\n",
+    )
+    .unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_kesh"))
+        .args(["server", "--config", config.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    for word in ["pkcs11", "soft", "kesh migrate"] {
+        assert!(err.contains(word), "{err}");
+    }
+}
+
+/// With some route on `skip_auth`, certificates become optional: that route answers without
+/// one, every other route says 400 `tls: client certificate is required`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn skip_auth_makes_certificates_optional() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut api = BTreeMap::new();
+    api.insert(
+        "/v1/ready".to_owned(),
+        RouteOverride {
+            skip_auth: true,
+            timeout: None,
+        },
+    );
+    let ks = Arc::new(kesh::keystore::soft::SoftKeyStore::in_memory());
+    let srv = TestServer::start_with(ks, None, &[], &api).await;
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(srv.certs.ca.clone()).unwrap();
+    let config = Arc::new(
+        rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth(),
+    );
+    let get = |path: &'static str| {
+        let config = config.clone();
+        async move {
+            let tcp = tokio::net::TcpStream::connect(srv.addr).await.unwrap();
+            let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+            let mut tls = tokio_rustls::TlsConnector::from(config)
+                .connect(name, tcp)
+                .await
+                .unwrap();
+            let req = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+            tls.write_all(req.as_bytes()).await.unwrap();
+            let mut buf = Vec::new();
+            tls.read_to_end(&mut buf).await.unwrap();
+            String::from_utf8(buf).unwrap()
+        }
+    };
+    let ready = get("/v1/ready").await;
+    assert!(ready.starts_with("HTTP/1.1 200 OK\r\n"), "{ready}");
+    let status = get("/v1/status").await;
+    assert!(
+        status.starts_with("HTTP/1.1 400 Bad Request\r\n"),
+        "{status}"
+    );
+    assert!(
+        status.ends_with("\r\n\r\n{\"message\":\"tls: client certificate is required\"\n}"),
+        "{status}"
+    );
+}
