@@ -419,7 +419,7 @@ async fn serve_route(
             Err(e) => {
                 let resp = ApiError::Service(e).into_response();
                 if route.counted {
-                    finish(state, conn, path, &method, resp.status(), start, None);
+                    finish(state, conn, path, resp.status(), start, None);
                 }
                 return resp;
             }
@@ -467,15 +467,7 @@ async fn serve_route(
     if route.counted {
         svc.metrics()
             .request_finished(resp.status().as_u16(), start.elapsed());
-        finish(
-            state,
-            conn,
-            path,
-            &method,
-            resp.status(),
-            start,
-            Some(&permit),
-        );
+        finish(state, conn, path, resp.status(), start, Some(&permit));
     }
     resp
 }
@@ -485,7 +477,6 @@ fn finish(
     state: &State,
     conn: &ConnInfo,
     path: &str,
-    _method: &Method,
     status: StatusCode,
     start: Instant,
     permit: Option<&Permit>,
