@@ -146,9 +146,6 @@ struct Inner {
     permits: Arc<Semaphore>,
     recovering: AtomicBool,
     last_failure: Mutex<String>,
-    /// Serialises this process's creates, imports and deletes; other processes are handled
-    /// by the on-token protocol in `create_on_token`.
-    writes: tokio::sync::Mutex<()>,
     /// Serialises index misses and remembers recent ones.
     misses: tokio::sync::Mutex<HashMap<KeyName, Instant>>,
     /// Seals per key since start (random-IV GCM is bounded to about 2^32 per key).
@@ -170,6 +167,7 @@ impl Pkcs11KeyStore {
     /// Loads the module, finds the token, logs in and builds the index.
     pub async fn open(cfg: Pkcs11Config) -> Result<Self> {
         let started = Instant::now();
+        let _writes = TOKEN_WRITES.lock().await;
         let opened = tokio::task::spawn_blocking(move || -> Result<_> {
             let ctx = Pkcs11::new(&cfg.module).map_err(|e| {
                 KeystoreError::Unreachable(format!("cannot load PKCS#11 module {}: {e}", cfg.module.display()))
@@ -208,7 +206,6 @@ impl Pkcs11KeyStore {
                 index: RwLock::new(Index { keys, scanned_at: Some(Instant::now()) }),
                 recovering: AtomicBool::new(false),
                 last_failure: Mutex::new(String::new()),
-                writes: tokio::sync::Mutex::new(()),
                 misses: tokio::sync::Mutex::new(HashMap::new()),
                 seals: Mutex::new(HashMap::new()),
                 token_description,
@@ -438,6 +435,7 @@ impl Inner {
     }
 
     async fn rescan(self: &Arc<Self>) -> Result<()> {
+        let _writes = TOKEN_WRITES.lock().await;
         let prefix = self.cfg.prefix.clone();
         let (keys, _) = self
             .run(move |s| {
@@ -464,7 +462,7 @@ impl Inner {
 
     /// Creates a key's objects through the on-token protocol.
     async fn create_key(self: &Arc<Self>, name: &KeyName, spec: NewKey) -> Result<()> {
-        let _writes = self.writes.lock().await;
+        let _writes = TOKEN_WRITES.lock().await;
         let label = self.label(name);
         let key_name = name.clone();
         let (entry, generation) = self
@@ -476,6 +474,13 @@ impl Inner {
         Ok(())
     }
 }
+
+/// Serialises this process's token writes (create, import, delete) and full scans, across
+/// every keystore instance in the process: SoftHSM's object store fails (CKR_GENERAL_ERROR,
+/// half-read objects) when one process's threads create objects and scan concurrently, and
+/// writes are rare enough that one at a time costs nothing. Other processes are handled by
+/// the on-token protocol in `create_on_token`.
+static TOKEN_WRITES: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 fn failure_to_error(f: Failure) -> KeystoreError {
     match f {
@@ -897,7 +902,7 @@ impl KeyStore for Pkcs11KeyStore {
     }
 
     async fn delete(&self, name: &KeyName) -> Result<()> {
-        let _writes = self.inner.writes.lock().await;
+        let _writes = TOKEN_WRITES.lock().await;
         let result = self
             .inner
             .with_key(name, |s, e| {
