@@ -43,7 +43,15 @@ pub struct Tokens {
 
 pub fn tokens() -> &'static Tokens {
     static TOKENS: std::sync::OnceLock<Tokens> = std::sync::OnceLock::new();
-    TOKENS.get_or_init(|| Tokens { shared: Arc::new(token()), bulk: Arc::new(token()) })
+    TOKENS.get_or_init(|| {
+        // `softhsm-tests/run` makes the shared token the way an operator would (softhsm2-util).
+        let shared = match (std::env::var("KESH_TEST_TOKEN_LABEL"), std::env::var("KESH_TEST_TOKEN_PIN")) {
+            (Ok(label), Ok(pin)) => EphemeralToken::existing(label, kesh::secret::Pin::new(pin))
+                .unwrap_or_else(|e| panic!("SoftHSM is required for this test: {e}")),
+            _ => token(),
+        };
+        Tokens { shared: Arc::new(shared), bulk: Arc::new(token()) }
+    })
 }
 
 pub async fn pkcs11() -> Store {

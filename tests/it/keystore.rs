@@ -448,6 +448,56 @@ mod pkcs11_only {
         }
     }
 
+    /// The child half of the PIN test: logs everything at TRACE to stderr while opening the
+    /// token with a wrong PIN and the right one, and prints every value a PIN could leak into.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn child_pin_logging() {
+        if std::env::var("KESH_CHILD_PIN_LOGGING").is_err() {
+            return;
+        }
+        tracing_subscriber::fmt().with_max_level(tracing::Level::TRACE).with_writer(std::io::stderr).init();
+        let right = std::env::var("KESH_CHILD_PIN").unwrap();
+        let base = harness::token_config_template();
+        let label = TokenSelector::Label(std::env::var("KESH_CHILD_TOKEN").unwrap());
+        let wrong = kesh::keystore::pkcs11::Pkcs11Config {
+            token: label.clone(),
+            pin: kesh::secret::Pin::new(format!("{right}0")),
+            ..base.clone()
+        };
+        println!("wrong config: {wrong:?}");
+        let err = Pkcs11KeyStore::open(wrong).await.unwrap_err();
+        println!("wrong PIN error: {err} / {err:?}");
+        tracing::error!(error = %err, "open failed");
+        let cfg = kesh::keystore::pkcs11::Pkcs11Config { token: label, pin: kesh::secret::Pin::new(right), ..base };
+        println!("config: {cfg:?}");
+        let ks = Pkcs11KeyStore::open(cfg).await.unwrap();
+        println!("keystore: {ks:?}");
+        let n = harness::name("pin");
+        ks.create(&n, harness::who()).await.unwrap();
+        let dk = ks.generate(&n, b"").await.unwrap();
+        println!("data key: {dk:?}");
+        println!("CHILD-OUTCOME ok");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn pin_never_reaches_logs_errors_or_debug() {
+        let token = harness::tokens().shared.clone();
+        let pin = token.pin().expose().to_owned();
+        let out = Command::new(std::env::current_exe().unwrap())
+            .args(["keystore::pkcs11_only::child_pin_logging", "--exact", "--nocapture", "--test-threads=1"])
+            .env("KESH_CHILD_PIN_LOGGING", "1")
+            .env("KESH_CHILD_TOKEN", &token.label)
+            .env("KESH_CHILD_PIN", &pin)
+            .output()
+            .unwrap();
+        let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(stdout.contains("CHILD-OUTCOME ok"), "child failed:\n{stdout}\n{stderr}");
+        // The output is real: the wrong PIN was reported and the keystore logged its start.
+        assert!(stdout.contains("check the PIN"), "{stdout}");
+        assert!(stderr.contains("pkcs11 keystore ready"), "{stderr}");
+        assert!(!stdout.contains(&pin) && !stderr.contains(&pin), "the PIN leaked:\n{stdout}\n{stderr}");
+    }
+
     /// 10,000 keys on one token: the index is built in one scan, and lookups don't search.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn ten_thousand_keys() {

@@ -105,6 +105,13 @@ impl EphemeralToken {
         Ok(EphemeralToken { module, label, pin })
     }
 
+    /// A token someone else initialized (the test script's), used the same way.
+    pub fn existing(label: String, pin: Pin) -> Result<Self, SoftHsmError> {
+        let module = module_path()
+            .ok_or_else(|| SoftHsmError("libsofthsm2.so not found; install it with `apt-get install softhsm2`".into()))?;
+        Ok(EphemeralToken { module, label, pin })
+    }
+
     /// The token's PIN, for tests that open a second handle on the token.
     pub fn pin(&self) -> &Pin {
         &self.pin
