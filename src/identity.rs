@@ -120,8 +120,8 @@ fn sequence_content<'a>(e: &Element<'a>) -> Result<&'a [u8], CertError> {
     Ok(e.content)
 }
 
-/// The SubjectPublicKeyInfo DER inside an X.509 certificate (RFC 5280 §4.1).
-pub fn spki_of_certificate(cert_der: &[u8]) -> Result<&[u8], CertError> {
+/// The SubjectPublicKeyInfo element and everything after it in the TBSCertificate.
+fn spki_and_rest(cert_der: &[u8]) -> Result<Element<'_>, CertError> {
     let cert = sequence_content(&der_element(cert_der)?)?;
     let mut rest = sequence_content(&der_element(cert)?)?;
     // Optional `[0] EXPLICIT Version`.
@@ -134,7 +134,75 @@ pub fn spki_of_certificate(cert_der: &[u8]) -> Result<&[u8], CertError> {
     }
     let spki = der_element(rest)?;
     sequence_content(&spki)?;
-    Ok(spki.whole)
+    Ok(spki)
+}
+
+/// The SubjectPublicKeyInfo DER inside an X.509 certificate (RFC 5280 §4.1).
+pub fn spki_of_certificate(cert_der: &[u8]) -> Result<&[u8], CertError> {
+    Ok(spki_and_rest(cert_der)?.whole)
+}
+
+/// Whether the certificate's basic constraints say `cA: TRUE` (RFC 5280 §4.2.1.9).
+pub fn is_ca_certificate(cert_der: &[u8]) -> Result<bool, CertError> {
+    const BASIC_CONSTRAINTS: [u8; 3] = [0x55, 0x1d, 0x13];
+    let mut rest = spki_and_rest(cert_der)?.rest;
+    while !rest.is_empty() {
+        let e = der_element(rest)?;
+        rest = e.rest;
+        // `[3] EXPLICIT Extensions`; `[1]`/`[2]` unique IDs are skipped.
+        if e.tag != 0xa3 {
+            continue;
+        }
+        let mut exts = sequence_content(&der_element(e.content)?)?;
+        while !exts.is_empty() {
+            let ext = der_element(exts)?;
+            exts = ext.rest;
+            let oid = der_element(sequence_content(&ext)?)?;
+            if oid.tag != 0x06 || oid.content != BASIC_CONSTRAINTS {
+                continue;
+            }
+            let mut value = der_element(oid.rest)?;
+            if value.tag == 0x01 {
+                // The optional `critical` flag.
+                value = der_element(value.rest)?;
+            }
+            if value.tag != 0x04 {
+                return Err(CertError);
+            }
+            let constraints = sequence_content(&der_element(value.content)?)?;
+            return Ok(match constraints.first() {
+                Some(0x01) => der_element(constraints)?
+                    .content
+                    .first()
+                    .is_some_and(|b| *b != 0),
+                _ => false,
+            });
+        }
+    }
+    Ok(false)
+}
+
+/// Why a connection has no usable client identity (`kes-api.md` §3.1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum PeerError {
+    #[error("tls: client certificate is required")]
+    NoCertificate,
+    #[error("tls: received more than one client certificate")]
+    MoreThanOne,
+}
+
+/// The identity of a TLS peer as KES picks it: certificates marked as CAs are skipped and
+/// exactly one end-entity certificate must remain.
+pub fn identify_peer<C: AsRef<[u8]>>(chain: &[C]) -> Result<Identity, PeerError> {
+    let mut leaves = chain
+        .iter()
+        .map(AsRef::as_ref)
+        .filter(|c| !is_ca_certificate(c).unwrap_or(false));
+    let leaf = leaves.next().ok_or(PeerError::NoCertificate)?;
+    if leaves.next().is_some() {
+        return Err(PeerError::MoreThanOne);
+    }
+    Identity::from_certificate(leaf).map_err(|_| PeerError::NoCertificate)
 }
 
 /// The DER prefix of an Ed25519 SubjectPublicKeyInfo; the 32-byte public key follows.
@@ -313,6 +381,40 @@ mod tests {
         let (cert, _) = k.certificate().unwrap();
         assert_eq!(Identity::from_certificate(&cert).unwrap(), k.identity());
         assert!(!format!("{k:?}").contains(&*k.expose_text()));
+    }
+
+    #[test]
+    fn peer_leaf_selection_skips_cas() {
+        let ca_key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca = ca.self_signed(&ca_key).unwrap();
+        let k = ApiKey::generate().unwrap();
+        let (leaf, _) = k.certificate().unwrap();
+        let (other, _) = ApiKey::generate().unwrap().certificate().unwrap();
+        assert!(is_ca_certificate(ca.der()).unwrap());
+        assert!(!is_ca_certificate(&leaf).unwrap());
+        let ca = ca.der().to_vec();
+        assert_eq!(
+            identify_peer(&[leaf.clone(), ca.clone()]).unwrap(),
+            k.identity()
+        );
+        assert_eq!(
+            identify_peer(&[ca.clone(), leaf.clone()]).unwrap(),
+            k.identity()
+        );
+        assert_eq!(
+            identify_peer(&[ca.clone()]).unwrap_err(),
+            PeerError::NoCertificate
+        );
+        assert_eq!(
+            identify_peer::<Vec<u8>>(&[]).unwrap_err(),
+            PeerError::NoCertificate
+        );
+        assert_eq!(
+            identify_peer(&[leaf, other]).unwrap_err(),
+            PeerError::MoreThanOne
+        );
     }
 
     #[test]

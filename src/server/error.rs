@@ -31,6 +31,8 @@ pub enum ApiError {
     InvalidPolicyName(String),
     InvalidIdentity(String),
     InvalidBody(BodyKind),
+    /// The client sent more than one end-entity certificate.
+    MultipleCertificates,
     Service(ServiceError),
 }
 
@@ -95,6 +97,10 @@ impl ApiError {
             ApiError::InvalidBody(BodyKind::Other) => {
                 fixed(StatusCode::BAD_REQUEST, "invalid request body")
             }
+            ApiError::MultipleCertificates => fixed(
+                StatusCode::BAD_REQUEST,
+                "tls: received more than one client certificate",
+            ),
             ApiError::Service(e) => match e {
                 S::NotAllowed => fixed(
                     StatusCode::FORBIDDEN,

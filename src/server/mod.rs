@@ -30,7 +30,7 @@ use self::error::{ApiError, BodyKind};
 use self::routes::{Auth, Route, RouteId, RouteSettings};
 use crate::audit::{AuditLog, ErrorLog};
 use crate::config::server::ServerConfig;
-use crate::identity::Identity;
+use crate::identity::{identify_peer, Identity, PeerError};
 use crate::name::KeyName;
 use crate::policy::{Authorizer, Permit};
 use crate::service::Service;
@@ -55,7 +55,7 @@ pub struct State {
 #[derive(Debug, Clone)]
 struct ConnInfo {
     ip: IpAddr,
-    identity: Option<Identity>,
+    identity: Result<Identity, PeerError>,
 }
 
 /// Everything a server needs to run.
@@ -210,12 +210,10 @@ impl Server {
                                 return;
                             }
                         };
-                        let identity = tls
-                            .get_ref()
-                            .1
-                            .peer_certificates()
-                            .and_then(|certs| certs.first())
-                            .and_then(|leaf| Identity::from_certificate(leaf).ok());
+                        let identity = match tls.get_ref().1.peer_certificates() {
+                            Some(chain) => identify_peer(chain),
+                            None => Err(PeerError::NoCertificate),
+                        };
                         let conn = Arc::new(ConnInfo { ip: peer.ip(), identity });
                         let svc = hyper::service::service_fn(move |req| {
                             let state = state.clone();
@@ -413,11 +411,11 @@ async fn serve_route(
     let method = req.method().clone();
     let svc = &state.service;
     let permit: Permit = match state.routes.auth(route) {
-        Auth::Public | Auth::IdentifyOnly => svc.identify_only(conn.identity.as_ref()),
-        Auth::Verify => match svc.authorize(conn.identity.as_ref(), path) {
+        Auth::Public | Auth::IdentifyOnly => svc.identify_only(conn.identity.as_ref().ok()),
+        Auth::Verify => match authenticate(svc, conn, path) {
             Ok(p) => p,
             Err(e) => {
-                let resp = ApiError::Service(e).into_response();
+                let resp = e.into_response();
                 if route.counted {
                     finish(state, conn, path, resp.status(), start, None);
                 }
@@ -472,6 +470,15 @@ async fn serve_route(
     resp
 }
 
+/// The `verifyIdentity` authenticator: one end-entity certificate, then admin or policy.
+fn authenticate(svc: &Service, conn: &ConnInfo, path: &str) -> Result<Permit, ApiError> {
+    match &conn.identity {
+        Err(PeerError::MoreThanOne) => Err(ApiError::MultipleCertificates),
+        Err(PeerError::NoCertificate) => Ok(svc.authorize(None, path)?),
+        Ok(id) => Ok(svc.authorize(Some(id), path)?),
+    }
+}
+
 /// Writes the audit event of a counted route.
 fn finish(
     state: &State,
@@ -483,7 +490,7 @@ fn finish(
 ) {
     let identity = permit
         .and_then(|p| p.identity())
-        .or(conn.identity.as_ref())
+        .or(conn.identity.as_ref().ok())
         .map(|i| i.as_str())
         .unwrap_or("");
     state.audit.record(

@@ -1880,3 +1880,39 @@ async fn skip_auth_makes_certificates_optional() {
         "{status}"
     );
 }
+
+/// KES picks the client's identity from the one non-CA certificate it sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn identity_comes_from_the_single_end_entity_certificate() {
+    let ca_key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let key = ApiKey::generate().unwrap();
+    let (leaf, pkcs8) = key.certificate().unwrap();
+    let (other, _) = ApiKey::generate().unwrap().certificate().unwrap();
+    let ks = Arc::new(kesh::keystore::soft::SoftKeyStore::in_memory());
+    let policies = [TestPolicy {
+        name: "p",
+        allow: vec!["/v1/status"],
+        deny: vec![],
+        identities: vec![key.identity()],
+    }];
+    let srv = TestServer::start_with(ks, None, &policies, &BTreeMap::new()).await;
+    let creds = |chain: Vec<Vec<u8>>| Credentials::Certificate {
+        chain: chain.into_iter().map(CertificateDer::from).collect(),
+        key: PrivateKeyDer::try_from(pkcs8.to_vec()).unwrap(),
+    };
+    let with_ca = srv.client(creds(vec![leaf.clone(), ca.der().to_vec()]));
+    with_ca.status().await.unwrap();
+    assert_eq!(
+        with_ca.describe_self().await.unwrap().identity,
+        key.identity().to_string()
+    );
+    let two = srv.client(creds(vec![leaf, other]));
+    assert_error(
+        &send(&two, Method::GET, "/v1/status", None).await,
+        400,
+        "tls: received more than one client certificate",
+    );
+}
