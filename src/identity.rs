@@ -404,7 +404,7 @@ mod tests {
             k.identity()
         );
         assert_eq!(
-            identify_peer(&[ca.clone()]).unwrap_err(),
+            identify_peer(std::slice::from_ref(&ca)).unwrap_err(),
             PeerError::NoCertificate
         );
         assert_eq!(
