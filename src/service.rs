@@ -53,6 +53,12 @@ impl Op {
     }
 }
 
+impl std::fmt::Display for Op {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// Errors of the service layer.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ServiceError {
@@ -78,13 +84,13 @@ pub enum ServiceError {
     #[error("identity does not exist")]
     IdentityNotFound,
     /// The keystore refused input that passed HTTP decoding (e.g. a size limit of the device).
-    #[error("{0:?}: invalid input: {1}")]
+    #[error("{0}: invalid input: {1}")]
     InvalidInput(Op, String),
     #[error("keystore busy")]
     Busy,
-    #[error("{0:?}: keystore unreachable: {1}")]
+    #[error("{0}: keystore unreachable: {1}")]
     Unreachable(Op, String),
-    #[error("{0:?}: keystore failure: {1}")]
+    #[error("{0}: keystore failure: {1}")]
     Backend(Op, String),
 }
 

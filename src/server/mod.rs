@@ -388,10 +388,27 @@ async fn dispatch(
     };
     let work = serve_route(state, conn, route, &path, resource, req, start);
     match state.routes.timeout(route) {
-        Some(deadline) => tokio::time::timeout(deadline, work).await.map_err(|_| {
-            tracing::warn!(path, ?deadline, "request deadline exceeded; aborting");
-            DeadlineExceeded
-        }),
+        Some(deadline) => match tokio::time::timeout(deadline, work).await {
+            Ok(resp) => Ok(resp),
+            Err(_) => {
+                // The client gets no status (KES semantics); the trail still records the
+                // request, as a 504, so no key operation goes unaudited.
+                let identity = conn.identity.as_ref().map(|i| i.as_str()).unwrap_or("");
+                let msg = format!("request deadline of {deadline:?} exceeded; request aborted");
+                state
+                    .errors
+                    .record(&msg, method.as_str(), &path, &conn.ip.to_string(), identity);
+                if route.counted {
+                    let status = StatusCode::GATEWAY_TIMEOUT;
+                    state
+                        .service
+                        .metrics()
+                        .request_finished(status.as_u16(), start.elapsed());
+                    finish(state, conn, &path, status, start, None);
+                }
+                Err(DeadlineExceeded)
+            }
+        },
         None => Ok(work.await),
     }
 }

@@ -1719,8 +1719,20 @@ async fn route_deadline_aborts_the_request() {
         "{:?}",
         start.elapsed()
     );
-    // The server keeps serving.
+    // The server keeps serving, and the aborted request is on the audit trail.
     c.describe_key("slow").await.unwrap();
+    let mut audit = c.stream("/v1/log/audit").await.unwrap();
+    let _ = c.generate_key("slow", b"").await;
+    let line = tokio::time::timeout(Duration::from_secs(5), audit.next_line())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let event: api::AuditEvent = serde_json::from_slice(&line).unwrap();
+    assert_eq!(
+        (event.request.path.as_str(), event.response.code),
+        ("/v1/key/generate/slow", 504)
+    );
 }
 
 /// Reads the banner of a `kesh server` child until it is up; returns the API address.
