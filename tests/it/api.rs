@@ -1510,6 +1510,42 @@ async fn config_file_and_reload() {
         Some(&errors::NOT_ALLOWED)
     );
 
+    // A keep-alive connection opened before the reload must survive it.
+    let (cert, pkcs8) = admin.certificate().unwrap();
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(certs.ca.clone()).unwrap();
+    let mut tls_cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_client_auth_cert(
+        vec![CertificateDer::from(cert)],
+        PrivateKeyDer::try_from(pkcs8.to_vec()).unwrap(),
+    )
+    .unwrap();
+    tls_cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(tls_cfg))
+        .connect(
+            rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap(),
+            tcp,
+        )
+        .await
+        .unwrap();
+    let (mut kept, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
+        .await
+        .unwrap();
+    let conn_task = tokio::spawn(conn);
+    let status_req = || {
+        http::Request::get("/v1/status")
+            .header("host", "127.0.0.1")
+            .body(http_body_util::Empty::<Bytes>::new())
+            .unwrap()
+    };
+    assert_eq!(kept.send_request(status_req()).await.unwrap().status(), 200);
+
     write("/v1/key/create/*");
     handle
         .reload(&ServerConfig::load(&dir.path().join("config.yaml")).unwrap())
@@ -1520,6 +1556,14 @@ async fn config_file_and_reload() {
         c.list_keys("").await.unwrap_err().api(),
         Some(&errors::NOT_ALLOWED)
     );
+
+    let resp = kept.send_request(status_req()).await.unwrap();
+    assert_eq!(
+        resp.status(),
+        200,
+        "the kept-alive connection still serves after the reload"
+    );
+    assert!(!conn_task.is_finished());
 
     // A broken file leaves the running configuration alone.
     std::fs::write(dir.path().join("config.yaml"), "admin: [").unwrap();
