@@ -221,9 +221,32 @@ fn banner(service: &Service, addr: SocketAddr, admin: &str, api_key: Option<&Api
     print!("{out}");
 }
 
+/// How often the TLS files are re-read, as KES does, so renewed certificates go live.
+const TLS_REFRESH: std::time::Duration = std::time::Duration::from_secs(15 * 60);
+
 /// SIGHUP reloads the config file (policies, admin, TLS, keys); SIGINT/SIGTERM shut down.
+/// With a config file, the TLS certificate and key are also re-read every 15 minutes.
 fn spawn_signals(handle: ServerHandle, config: Option<PathBuf>) {
     use tokio::signal::unix::{signal, SignalKind};
+    if let Some(path) = config.clone() {
+        let handle = handle.clone();
+        tokio::spawn(async move {
+            let mut tick =
+                tokio::time::interval_at(tokio::time::Instant::now() + TLS_REFRESH, TLS_REFRESH);
+            loop {
+                tick.tick().await;
+                let refreshed = ServerConfig::load(&path)
+                    .map_err(|e| e.to_string())
+                    .and_then(|cfg| server::tls_from_config(&cfg).map_err(|e| e.to_string()));
+                match refreshed {
+                    Ok(tls) => handle.set_tls(tls),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "periodic TLS refresh failed; keeping the current certificate")
+                    }
+                }
+            }
+        });
+    }
     tokio::spawn(async move {
         let (Ok(mut hup), Ok(mut term), Ok(mut int)) = (
             signal(SignalKind::hangup()),
