@@ -2,7 +2,7 @@
 //!
 //! Each TCP connection is handshaken with the TLS config in force at that moment (hot-swapped
 //! on SIGHUP; open connections keep theirs). The client's identity is computed once per
-//! connection from its leaf certificate. Every request then goes through [`dispatch`]: path
+//! connection from its leaf certificate. Every request then goes through `dispatch`: path
 //! decoding, route match, method check, deadline, authentication, body limit, handler; the
 //! outcome is counted, audited and, for 5xx, sent to the error log.
 

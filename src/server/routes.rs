@@ -3,7 +3,7 @@
 //! [`ROUTES`] is the table the dispatcher matches against and `/v1/api` reports: method, path
 //! (subtree routes end in `/`), body limit, default timeout, authenticator, and whether the
 //! route counts in the HTTP metrics. Handlers parse the resource into a validated name, decode
-//! the body, call the one [`Service`] method and shape the JSON; failures are [`ApiError`]s.
+//! the body, call the one [`Service`](crate::service::Service) method and shape the JSON; failures are [`ApiError`]s.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::Duration;
