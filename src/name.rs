@@ -8,7 +8,8 @@ use std::fmt;
 const MAX_LEN: usize = 80;
 
 fn valid_chars(s: &str) -> bool {
-    s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+    s.bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
 }
 
 fn valid_name(s: &str) -> bool {
@@ -65,9 +66,7 @@ impl Pattern {
             || s == "*"
             || match s.strip_suffix('*') {
                 // `abc*`: the stem is a name prefix; a stem may end in `-` (`_-*` is valid).
-                Some(stem) => {
-                    stem.len() < MAX_LEN && valid_chars(stem) && !stem.starts_with('-')
-                }
+                Some(stem) => stem.len() < MAX_LEN && valid_chars(stem) && !stem.starts_with('-'),
                 None => valid_name(s),
             };
         if ok {
@@ -97,7 +96,17 @@ mod tests {
         for ok in ["my-key", "0", "_-___---_", "_0", "0-Z", &"a".repeat(80)] {
             assert!(KeyName::new(ok).is_ok(), "{ok}");
         }
-        for bad in ["", "my.key", "key/", "é", "_", "-a", "a-", "a b", &"a".repeat(81)] {
+        for bad in [
+            "",
+            "my.key",
+            "key/",
+            "é",
+            "_",
+            "-a",
+            "a-",
+            "a b",
+            &"a".repeat(81),
+        ] {
             assert!(KeyName::new(bad).is_err(), "{bad}");
         }
     }

@@ -14,7 +14,10 @@ pub fn substitute(text: &str) -> Result<Value, ConfigError> {
 }
 
 /// [`substitute`] with an explicit lookup, for tests.
-pub fn substitute_with(text: &str, lookup: impl Fn(&str) -> Option<String>) -> Result<Value, ConfigError> {
+pub fn substitute_with(
+    text: &str,
+    lookup: impl Fn(&str) -> Option<String>,
+) -> Result<Value, ConfigError> {
     let mut value: Value = serde_yaml::from_str(text)
         .map_err(|e| ConfigError::new("(file)", format!("not valid YAML: {e}")))?;
     walk(&mut value, &mut Vec::new(), text, &lookup)?;
@@ -33,7 +36,8 @@ fn walk(
     lookup: &impl Fn(&str) -> Option<String>,
 ) -> Result<(), ConfigError> {
     // `policy.<name>.allow|deny` are plain strings in KES.
-    let is_pattern_list = path.len() == 3 && path[0] == "policy" && (path[2] == "allow" || path[2] == "deny");
+    let is_pattern_list =
+        path.len() == 3 && path[0] == "policy" && (path[2] == "allow" || path[2] == "deny");
     match value {
         Value::String(s) if !is_pattern_list => {
             if let Some(name) = reference(s) {
@@ -97,6 +101,10 @@ mod tests {
     fn missing_variable_names_it_and_its_line() {
         let err = substitute_with("a: 1\nb: ${NOPE}\n", env).unwrap_err();
         assert_eq!(err.field, "b");
-        assert!(err.message.contains("'NOPE' in line '2' not found"), "{}", err.message);
+        assert!(
+            err.message.contains("'NOPE' in line '2' not found"),
+            "{}",
+            err.message
+        );
     }
 }

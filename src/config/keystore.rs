@@ -24,7 +24,9 @@ use crate::keystore::{KeyStore, KeystoreError, Scheme};
 use crate::secret::Pin;
 
 /// KES backends kesh does not serve; named so the error can point at `kesh migrate`.
-const KES_BACKENDS: &[&str] = &["fs", "vault", "aws", "azure", "gcp", "gemalto", "fortanix", "entrust", "kes"];
+const KES_BACKENDS: &[&str] = &[
+    "fs", "vault", "aws", "azure", "gcp", "gemalto", "fortanix", "entrust", "kes",
+];
 
 /// A validated keystore section.
 #[derive(Debug, Clone)]
@@ -57,12 +59,42 @@ pub struct Profile {
 
 pub const PROFILES: &[Profile] = &[
     // SoftHSM serialises threads within one process: two sessions measured fastest.
-    Profile { name: "softhsm", sessions: 2, iv: IvSource::Caller, scheme: Scheme::Gcm },
-    Profile { name: "luna", sessions: 16, iv: IvSource::Device, scheme: Scheme::Gcm },
-    Profile { name: "nshield", sessions: 16, iv: IvSource::Device, scheme: Scheme::Gcm },
-    Profile { name: "cloudhsm", sessions: 32, iv: IvSource::Device, scheme: Scheme::Gcm },
-    Profile { name: "yubihsm", sessions: 4, iv: IvSource::Caller, scheme: Scheme::Kwp },
-    Profile { name: "utimaco", sessions: 16, iv: IvSource::Caller, scheme: Scheme::Gcm },
+    Profile {
+        name: "softhsm",
+        sessions: 2,
+        iv: IvSource::Caller,
+        scheme: Scheme::Gcm,
+    },
+    Profile {
+        name: "luna",
+        sessions: 16,
+        iv: IvSource::Device,
+        scheme: Scheme::Gcm,
+    },
+    Profile {
+        name: "nshield",
+        sessions: 16,
+        iv: IvSource::Device,
+        scheme: Scheme::Gcm,
+    },
+    Profile {
+        name: "cloudhsm",
+        sessions: 32,
+        iv: IvSource::Device,
+        scheme: Scheme::Gcm,
+    },
+    Profile {
+        name: "yubihsm",
+        sessions: 4,
+        iv: IvSource::Caller,
+        scheme: Scheme::Kwp,
+    },
+    Profile {
+        name: "utimaco",
+        sessions: 16,
+        iv: IvSource::Caller,
+        scheme: Scheme::Gcm,
+    },
 ];
 
 pub fn profile(name: &str) -> Option<&'static Profile> {
@@ -72,9 +104,9 @@ pub fn profile(name: &str) -> Option<&'static Profile> {
 impl KeystoreConfig {
     /// Validates the `keystore:` mapping (after `${VAR}` substitution).
     pub fn from_value(value: &Value) -> Result<Self, ConfigError> {
-        let map = value
-            .as_mapping()
-            .ok_or_else(|| ConfigError::new("keystore", "expected a mapping with `pkcs11:` or `soft:`"))?;
+        let map = value.as_mapping().ok_or_else(|| {
+            ConfigError::new("keystore", "expected a mapping with `pkcs11:` or `soft:`")
+        })?;
         let mut found: Option<(&str, &Value)> = None;
         for (k, v) in map {
             let key = k.as_str().unwrap_or_default();
@@ -88,17 +120,26 @@ impl KeystoreConfig {
                 ));
             }
             if key != "pkcs11" && key != "soft" {
-                return Err(ConfigError::new(format!("keystore.{key}"), "unknown keystore; use `pkcs11:` or `soft:`"));
+                return Err(ConfigError::new(
+                    format!("keystore.{key}"),
+                    "unknown keystore; use `pkcs11:` or `soft:`",
+                ));
             }
             if found.is_some() {
-                return Err(ConfigError::new("keystore", "more than one keystore specified; keep exactly one of `pkcs11:` and `soft:`"));
+                return Err(ConfigError::new(
+                    "keystore",
+                    "more than one keystore specified; keep exactly one of `pkcs11:` and `soft:`",
+                ));
             }
             found = Some((key, v));
         }
         match found {
             Some(("pkcs11", v)) => parse_pkcs11(v).map(KeystoreConfig::Pkcs11),
             Some((_, v)) => parse_soft(v).map(KeystoreConfig::Soft),
-            None => Err(ConfigError::new("keystore", "no keystore specified; add `pkcs11:` or `soft:`")),
+            None => Err(ConfigError::new(
+                "keystore",
+                "no keystore specified; add `pkcs11:` or `soft:`",
+            )),
         }
     }
 
@@ -143,21 +184,32 @@ impl<'a> Section<'a> {
             Some(Value::String(s)) => Ok(Some(s.clone())),
             Some(Value::Number(n)) => Ok(Some(n.to_string())),
             Some(Value::Bool(b)) => Ok(Some(b.to_string())),
-            Some(_) => Err(ConfigError::new(self.field(name), "expected a single value")),
+            Some(_) => Err(ConfigError::new(
+                self.field(name),
+                "expected a single value",
+            )),
         }
     }
 
     fn number(&self, name: &str) -> Result<Option<usize>, ConfigError> {
         self.string(name)?
-            .map(|s| s.trim().parse::<usize>().map_err(|_| ConfigError::new(self.field(name), format!("'{s}' is not a whole number"))))
+            .map(|s| {
+                s.trim().parse::<usize>().map_err(|_| {
+                    ConfigError::new(self.field(name), format!("'{s}' is not a whole number"))
+                })
+            })
             .transpose()
     }
 
     fn duration(&self, name: &str) -> Result<Option<Duration>, ConfigError> {
         self.string(name)?
             .map(|s| {
-                super::parse_duration(&s)
-                    .ok_or_else(|| ConfigError::new(self.field(name), format!("'{s}' is not a duration; write e.g. `2s` or `500ms`")))
+                super::parse_duration(&s).ok_or_else(|| {
+                    ConfigError::new(
+                        self.field(name),
+                        format!("'{s}' is not a duration; write e.g. `2s` or `500ms`"),
+                    )
+                })
             })
             .transpose()
     }
@@ -165,9 +217,10 @@ impl<'a> Section<'a> {
     fn scheme(&self, name: &str) -> Result<Option<Scheme>, ConfigError> {
         self.string(name)?
             .map(|s| match Scheme::parse(&s) {
-                Some(Scheme::Kes) | None => {
-                    Err(ConfigError::new(self.field(name), format!("'{s}' is not a scheme for new keys; use `gcm` or `kwp`")))
-                }
+                Some(Scheme::Kes) | None => Err(ConfigError::new(
+                    self.field(name),
+                    format!("'{s}' is not a scheme for new keys; use `gcm` or `kwp`"),
+                )),
                 Some(scheme) => Ok(scheme),
             })
             .transpose()
@@ -177,7 +230,10 @@ impl<'a> Section<'a> {
         for k in self.map.into_iter().flat_map(|m| m.keys()) {
             let k = k.as_str().unwrap_or("?");
             if !known.contains(&k) {
-                return Err(ConfigError::new(self.field(k), format!("unknown field; known fields are: {}", known.join(", "))));
+                return Err(ConfigError::new(
+                    self.field(k),
+                    format!("unknown field; known fields are: {}", known.join(", ")),
+                ));
             }
         }
         Ok(())
@@ -187,45 +243,91 @@ impl<'a> Section<'a> {
 fn parse_pkcs11(value: &Value) -> Result<Pkcs11Config, ConfigError> {
     let s = Section::new("keystore.pkcs11", value)?;
     s.reject_unknown(&[
-        "module", "token", "serial", "pin", "pin_file", "prefix", "sessions", "profile", "scheme", "iv", "session_wait",
+        "module",
+        "token",
+        "serial",
+        "pin",
+        "pin_file",
+        "prefix",
+        "sessions",
+        "profile",
+        "scheme",
+        "iv",
+        "session_wait",
     ])?;
-    let module = s
-        .string("module")?
-        .ok_or_else(|| ConfigError::new(s.field("module"), "required: the path of the PKCS#11 module, e.g. /usr/lib/softhsm/libsofthsm2.so"))?;
+    let module = s.string("module")?.ok_or_else(|| {
+        ConfigError::new(
+            s.field("module"),
+            "required: the path of the PKCS#11 module, e.g. /usr/lib/softhsm/libsofthsm2.so",
+        )
+    })?;
     let token = match (s.string("token")?, s.string("serial")?) {
         (Some(label), None) => TokenSelector::Label(label),
         (None, Some(serial)) => TokenSelector::Serial(serial),
-        (Some(_), Some(_)) => return Err(ConfigError::new(s.field("token"), "give either `token:` (label) or `serial:`, not both")),
-        (None, None) => return Err(ConfigError::new(s.field("token"), "required: the token label (or `serial:`)")),
+        (Some(_), Some(_)) => {
+            return Err(ConfigError::new(
+                s.field("token"),
+                "give either `token:` (label) or `serial:`, not both",
+            ))
+        }
+        (None, None) => {
+            return Err(ConfigError::new(
+                s.field("token"),
+                "required: the token label (or `serial:`)",
+            ))
+        }
     };
     let pin = match (s.string("pin")?, s.string("pin_file")?) {
         (Some(pin), None) => Pin::new(pin),
         (None, Some(file)) => {
-            let text = std::fs::read_to_string(&file)
-                .map_err(|e| ConfigError::new(s.field("pin_file"), format!("cannot read '{file}': {e}")))?;
+            let text = std::fs::read_to_string(&file).map_err(|e| {
+                ConfigError::new(s.field("pin_file"), format!("cannot read '{file}': {e}"))
+            })?;
             Pin::new(text.trim_end_matches(['\n', '\r']).to_owned())
         }
-        (Some(_), Some(_)) => return Err(ConfigError::new(s.field("pin"), "give either `pin:` or `pin_file:`, not both")),
+        (Some(_), Some(_)) => {
+            return Err(ConfigError::new(
+                s.field("pin"),
+                "give either `pin:` or `pin_file:`, not both",
+            ))
+        }
         (None, None) => {
-            return Err(ConfigError::new(s.field("pin"), "required: `pin: ${KESH_PIN}` (from the environment) or `pin_file: /path`"))
+            return Err(ConfigError::new(
+                s.field("pin"),
+                "required: `pin: ${KESH_PIN}` (from the environment) or `pin_file: /path`",
+            ))
         }
     };
     let profile = match s.string("profile")? {
         Some(name) => Some(*profile(&name).ok_or_else(|| {
             let names: Vec<_> = PROFILES.iter().map(|p| p.name).collect();
-            ConfigError::new(s.field("profile"), format!("unknown profile '{name}'; known: {}", names.join(", ")))
+            ConfigError::new(
+                s.field("profile"),
+                format!("unknown profile '{name}'; known: {}", names.join(", ")),
+            )
         })?),
         None => None,
     };
-    let sessions = s.number("sessions")?.or(profile.map(|p| p.sessions)).unwrap_or(4);
+    let sessions = s
+        .number("sessions")?
+        .or(profile.map(|p| p.sessions))
+        .unwrap_or(4);
     if sessions == 0 || sessions > 1024 {
-        return Err(ConfigError::new(s.field("sessions"), "must be between 1 and 1024"));
+        return Err(ConfigError::new(
+            s.field("sessions"),
+            "must be between 1 and 1024",
+        ));
     }
     let iv = match s.string("iv")?.as_deref() {
         None => profile.map_or(IvSource::Caller, |p| p.iv),
         Some("caller") => IvSource::Caller,
         Some("device") => IvSource::Device,
-        Some(other) => return Err(ConfigError::new(s.field("iv"), format!("'{other}': use `caller` or `device`"))),
+        Some(other) => {
+            return Err(ConfigError::new(
+                s.field("iv"),
+                format!("'{other}': use `caller` or `device`"),
+            ))
+        }
     };
     let prefix = s.string("prefix")?.unwrap_or_else(|| "kesh/".to_owned());
     if prefix.len() > 64 {
@@ -237,9 +339,14 @@ fn parse_pkcs11(value: &Value) -> Result<Pkcs11Config, ConfigError> {
         pin,
         prefix,
         sessions,
-        scheme: s.scheme("scheme")?.or(profile.map(|p| p.scheme)).unwrap_or(Scheme::Gcm),
+        scheme: s
+            .scheme("scheme")?
+            .or(profile.map(|p| p.scheme))
+            .unwrap_or(Scheme::Gcm),
         iv,
-        session_wait: s.duration("session_wait")?.unwrap_or(Duration::from_secs(2)),
+        session_wait: s
+            .duration("session_wait")?
+            .unwrap_or(Duration::from_secs(2)),
         profile: profile.map(|p| p.name),
     })
 }
@@ -248,17 +355,26 @@ fn parse_soft(value: &Value) -> Result<SoftConfig, ConfigError> {
     let s = Section::new("keystore.soft", value)?;
     s.reject_unknown(&["path", "kek_file", "scheme"])?;
     let dir = match (s.string("path")?, s.string("kek_file")?) {
-        (Some(path), Some(kek)) => Some(SoftDir { path: path.into(), kek_file: kek.into() }),
+        (Some(path), Some(kek)) => Some(SoftDir {
+            path: path.into(),
+            kek_file: kek.into(),
+        }),
         (None, None) => None,
-        (Some(_), None) => {
+        (Some(_), None) => return Err(ConfigError::new(
+            s.field("kek_file"),
+            "required with `path:`: a file holding the 32-byte key-encryption key (base64 or hex)",
+        )),
+        (None, Some(_)) => {
             return Err(ConfigError::new(
-                s.field("kek_file"),
-                "required with `path:`: a file holding the 32-byte key-encryption key (base64 or hex)",
+                s.field("path"),
+                "required with `kek_file:`: the key directory",
             ))
         }
-        (None, Some(_)) => return Err(ConfigError::new(s.field("path"), "required with `kek_file:`: the key directory")),
     };
-    Ok(SoftConfig { dir, scheme: s.scheme("scheme")? })
+    Ok(SoftConfig {
+        dir,
+        scheme: s.scheme("scheme")?,
+    })
 }
 
 #[cfg(test)]
@@ -272,8 +388,12 @@ mod tests {
 
     #[test]
     fn pkcs11_section_with_profile_defaults() {
-        let cfg = parse("pkcs11:\n  module: /m.so\n  token: kesh\n  pin: '1234'\n  profile: softhsm\n").unwrap();
-        let KeystoreConfig::Pkcs11(c) = cfg else { panic!("not pkcs11") };
+        let cfg =
+            parse("pkcs11:\n  module: /m.so\n  token: kesh\n  pin: '1234'\n  profile: softhsm\n")
+                .unwrap();
+        let KeystoreConfig::Pkcs11(c) = cfg else {
+            panic!("not pkcs11")
+        };
         assert_eq!(c.sessions, 2);
         assert_eq!(c.prefix, "kesh/");
         assert_eq!(c.token, TokenSelector::Label("kesh".into()));
@@ -283,12 +403,19 @@ mod tests {
     #[test]
     fn errors_name_the_field_and_the_fix() {
         let e = parse("fs:\n  path: /keys\n").unwrap_err();
-        assert!(e.message.contains("pkcs11") && e.message.contains("soft") && e.message.contains("kesh migrate"), "{e}");
+        assert!(
+            e.message.contains("pkcs11")
+                && e.message.contains("soft")
+                && e.message.contains("kesh migrate"),
+            "{e}"
+        );
         let e = parse("pkcs11:\n  module: /m.so\n  pin: x\n").unwrap_err();
         assert_eq!(e.field, "keystore.pkcs11.token");
-        let e = parse("pkcs11:\n  module: /m.so\n  token: t\n  pin: x\n  sesions: 3\n").unwrap_err();
+        let e =
+            parse("pkcs11:\n  module: /m.so\n  token: t\n  pin: x\n  sesions: 3\n").unwrap_err();
         assert_eq!(e.field, "keystore.pkcs11.sesions");
-        let e = parse("pkcs11:\n  module: /m.so\n  token: t\n  pin: x\n  profile: nope\n").unwrap_err();
+        let e =
+            parse("pkcs11:\n  module: /m.so\n  token: t\n  pin: x\n  profile: nope\n").unwrap_err();
         assert!(e.message.contains("softhsm"), "{e}");
         let e = parse("soft: {}\npkcs11: {}\n").unwrap_err();
         assert!(e.message.contains("more than one"), "{e}");

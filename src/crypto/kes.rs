@@ -82,9 +82,7 @@ pub fn parse(ct: &[u8]) -> Result<Parts<'_>, NotAuthentic> {
 fn parse_msgpack(ct: &[u8]) -> Option<Parts<'static>> {
     let mut r = MsgpackReader { buf: ct.get(1..)? };
     let alg = r.str()?;
-    if Algorithm::from_import_name(alg).is_none() {
-        return None;
-    }
+    Algorithm::from_import_name(alg)?;
     let _id = r.str()?;
     let iv = r.bin()?.try_into().ok()?;
     let nonce = r.bin()?.try_into().ok()?;
@@ -92,7 +90,11 @@ fn parse_msgpack(ct: &[u8]) -> Option<Parts<'static>> {
     if !r.buf.is_empty() {
         return None;
     }
-    Some(Parts { sealed: Cow::Owned(sealed), iv, nonce })
+    Some(Parts {
+        sealed: Cow::Owned(sealed),
+        iv,
+        nonce,
+    })
 }
 
 /// Reads just the MessagePack types KES wrote: strings and binaries.
@@ -112,7 +114,11 @@ impl<'a> MsgpackReader<'a> {
 
     fn len_be(&mut self, width: usize) -> Option<usize> {
         let bytes = self.take(width)?;
-        Some(bytes.iter().fold(0usize, |acc, &b| (acc << 8) | usize::from(b)))
+        Some(
+            bytes
+                .iter()
+                .fold(0usize, |acc, &b| (acc << 8) | usize::from(b)),
+        )
     }
 
     fn str(&mut self) -> Option<&'a str> {
@@ -153,11 +159,19 @@ fn parse_json(ct: &[u8]) -> Option<Parts<'static>> {
         "AES-256-GCM-HMAC-SHA-256" | "ChaCha20Poly1305" => {}
         _ => return None,
     }
-    let b64 = |name: &str| base64::engine::general_purpose::STANDARD.decode(field(name)?).ok();
+    let b64 = |name: &str| {
+        base64::engine::general_purpose::STANDARD
+            .decode(field(name)?)
+            .ok()
+    };
     let iv = b64("iv")?.try_into().ok()?;
     let nonce = b64("nonce")?.try_into().ok()?;
     let sealed = b64("bytes")?;
-    Some(Parts { sealed: Cow::Owned(sealed), iv, nonce })
+    Some(Parts {
+        sealed: Cow::Owned(sealed),
+        iv,
+        nonce,
+    })
 }
 
 /// Derives the per-message key in the host (soft keystore). The pkcs11 keystore computes the
@@ -173,7 +187,14 @@ pub fn derive_soft(alg: Algorithm, master: &[u8; 32], iv: &[u8; IV_LEN]) -> Key3
 }
 
 /// Seals with an already derived key: `AEAD(derived, nonce, pt, ctx) | iv | nonce`.
-pub fn seal(alg: Algorithm, derived: &[u8; 32], iv: &[u8; IV_LEN], nonce: &[u8; NONCE_LEN], plaintext: &[u8], context: &[u8]) -> Vec<u8> {
+pub fn seal(
+    alg: Algorithm,
+    derived: &[u8; 32],
+    iv: &[u8; IV_LEN],
+    nonce: &[u8; NONCE_LEN],
+    plaintext: &[u8],
+    context: &[u8],
+) -> Vec<u8> {
     use aes_gcm::aead::{AeadInPlace, KeyInit};
     let mut out = Vec::with_capacity(plaintext.len() + TAG_LEN + TRAILER_LEN);
     out.extend_from_slice(plaintext);
@@ -192,7 +213,12 @@ pub fn seal(alg: Algorithm, derived: &[u8; 32], iv: &[u8; IV_LEN], nonce: &[u8; 
 }
 
 /// Opens parsed parts with an already derived key.
-pub fn open(alg: Algorithm, derived: &[u8; 32], parts: &Parts<'_>, context: &[u8]) -> Result<zeroize::Zeroizing<Vec<u8>>, NotAuthentic> {
+pub fn open(
+    alg: Algorithm,
+    derived: &[u8; 32],
+    parts: &Parts<'_>,
+    context: &[u8],
+) -> Result<zeroize::Zeroizing<Vec<u8>>, NotAuthentic> {
     use aes_gcm::aead::{AeadInPlace, KeyInit};
     if parts.sealed.len() < TAG_LEN {
         return Err(NotAuthentic);
@@ -200,10 +226,11 @@ pub fn open(alg: Algorithm, derived: &[u8; 32], parts: &Parts<'_>, context: &[u8
     let mut buf = zeroize::Zeroizing::new(parts.sealed.to_vec());
     let nonce = (&parts.nonce).into();
     let res = match alg {
-        Algorithm::Aes256 => aes_gcm::Aes256Gcm::new(derived.into()).decrypt_in_place(nonce, context, &mut *buf),
-        Algorithm::ChaCha20 => {
-            chacha20poly1305::ChaCha20Poly1305::new(derived.into()).decrypt_in_place(nonce, context, &mut *buf)
+        Algorithm::Aes256 => {
+            aes_gcm::Aes256Gcm::new(derived.into()).decrypt_in_place(nonce, context, &mut *buf)
         }
+        Algorithm::ChaCha20 => chacha20poly1305::ChaCha20Poly1305::new(derived.into())
+            .decrypt_in_place(nonce, context, &mut *buf),
     };
     res.map(|()| buf).map_err(|_| NotAuthentic)
 }
@@ -218,7 +245,12 @@ mod tests {
         base64::engine::general_purpose::STANDARD.decode(s).unwrap()
     }
 
-    fn open_soft(alg: Algorithm, key: &[u8; 32], ct: &[u8], aad: &[u8]) -> Result<Vec<u8>, NotAuthentic> {
+    fn open_soft(
+        alg: Algorithm,
+        key: &[u8; 32],
+        ct: &[u8],
+        aad: &[u8],
+    ) -> Result<Vec<u8>, NotAuthentic> {
         let parts = parse(ct)?;
         let derived = derive_soft(alg, key, &parts.iv);
         open(alg, &derived, &parts, aad).map(|p| p.to_vec())
@@ -227,21 +259,39 @@ mod tests {
     #[test]
     fn zero_key_vectors() {
         let key = [0u8; 32];
-        let current = b64("zwdDgHeRlIFRnJ7+DIhs/ka7GFK2CFSfDELqg1VCyTQzZ58o7MAdupMLk3ZjlMo2ZUDwldL2o41nAWDc");
-        assert_eq!(open_soft(Algorithm::Aes256, &key, &current, b"").unwrap(), vec![0u8; 16]);
+        let current =
+            b64("zwdDgHeRlIFRnJ7+DIhs/ka7GFK2CFSfDELqg1VCyTQzZ58o7MAdupMLk3ZjlMo2ZUDwldL2o41nAWDc");
+        assert_eq!(
+            open_soft(Algorithm::Aes256, &key, &current, b"").unwrap(),
+            vec![0u8; 16]
+        );
         let json_aes = br#"{"aead":"AES-256-GCM-HMAC-SHA-256","iv":"xLxIN3tSCkg2xMafuvwUwg==","nonce":"gu0mGwUkwcvMEoi5","bytes":"WVgRjeIJm3w50C/l+y7y2i6mbNg5NCAqN1zvOYWZKmc="}"#;
-        assert_eq!(open_soft(Algorithm::Aes256, &key, json_aes, b"").unwrap(), vec![0u8; 16]);
+        assert_eq!(
+            open_soft(Algorithm::Aes256, &key, json_aes, b"").unwrap(),
+            vec![0u8; 16]
+        );
         let json_chacha = br#"{"aead":"ChaCha20Poly1305","iv":"s3fSZ6vk5m+DfQA8yZWeUg==","nonce":"8/kHMnCMs3h9NZ2a","bytes":"cw22HjLq/4cx8507SW4hhSrYbDiMuRao4b5+GE+XfbE="}"#;
-        assert_eq!(open_soft(Algorithm::ChaCha20, &key, json_chacha, b"").unwrap(), vec![0u8; 16]);
+        assert_eq!(
+            open_soft(Algorithm::ChaCha20, &key, json_chacha, b"").unwrap(),
+            vec![0u8; 16]
+        );
         let mp_aes = b64("lbFBRVMyNTYtR0NNX1NIQTI1NtkgNjY2ODdhYWRmODYyYmQ3NzZjOGZjMThiOGU5ZjhlMjDEEExv7LAd4oz0SaHZrX5LBufEDEKME1ow1CDfUFrqv8QgJuy7Sw+jVqz99TK1HV851LT3K4mwwDv46TB2ngWkAJQ=");
-        assert_eq!(open_soft(Algorithm::Aes256, &key, &mp_aes, b"").unwrap(), vec![0u8; 16]);
+        assert_eq!(
+            open_soft(Algorithm::Aes256, &key, &mp_aes, b"").unwrap(),
+            vec![0u8; 16]
+        );
         let mp_chacha = b64("lbJYQ0hBQ0hBMjAtUE9MWTEzMDXZIDY2Njg3YWFkZjg2MmJkNzc2YzhmYzE4YjhlOWY4ZTIwxBBAr+aptD4x2+qfOhiErbnkxAxYs8RmNC1JJXD1hiHEIJ2KqM0jjkME7ndx8nyVseesN83Np0rM5ejVUun+fNFu");
-        assert_eq!(open_soft(Algorithm::ChaCha20, &key, &mp_chacha, b"").unwrap(), vec![0u8; 16]);
+        assert_eq!(
+            open_soft(Algorithm::ChaCha20, &key, &mp_chacha, b"").unwrap(),
+            vec![0u8; 16]
+        );
     }
 
     #[test]
     fn keyed_vectors_round_trip_bit_for_bit() {
-        let key: [u8; 32] = b64("dDHbTWgo+Yh3u804SYB5OyVMy6RiLeJYBQth1f6KlEU=").try_into().unwrap();
+        let key: [u8; 32] = b64("dDHbTWgo+Yh3u804SYB5OyVMy6RiLeJYBQth1f6KlEU=")
+            .try_into()
+            .unwrap();
         let aad = [0u8; 16];
         let pt = b64("CLcJoykFCWZDkEIiUq9bJRqwCwW9ZDvdgu8EMA==");
         for (alg, ct) in [
@@ -267,7 +317,10 @@ mod tests {
             r#"{"aead":"AES-256-GCM-HMAC-SHA-256","iv":"xLxIN3tSCkg2xMafuvwUwg==","nonce":"gu0mGwUkwcvMEoi5","bytes":"XVgRjeIJm3w50C/l+y7y2i6mbNg5NCAqN1zvOYWZKmc="}"#,
             r#"{"aead":"AES-256-GCM-HMAC-SHA-256" "iv":"xLxIN3tSCkg2xMafuvwUwg==","nonce":"gu0mGwUkwcvMEoi5","bytes":"WVgRjeIJm3w50C/l+y7y2i6mbNg5NCAqN1zvOYWZKmc="}"#,
         ] {
-            assert!(open_soft(Algorithm::Aes256, &key, bad.as_bytes(), b"").is_err(), "{bad}");
+            assert!(
+                open_soft(Algorithm::Aes256, &key, bad.as_bytes(), b"").is_err(),
+                "{bad}"
+            );
         }
         assert!(parse(&[0u8; 28]).is_err());
     }

@@ -59,7 +59,9 @@ pub fn encode_kwp(pad: u8, wrapped: &[u8]) -> Vec<u8> {
 
 /// Splits a `kwp` ciphertext into its pad count and the wrapped bytes.
 pub fn parse_kwp(ct: &[u8]) -> Result<(u8, &[u8]), NotAuthentic> {
-    let body = ct.strip_prefix(&[MAGIC, VERSION, SCHEME_KWP][..]).ok_or(NotAuthentic)?;
+    let body = ct
+        .strip_prefix(&[MAGIC, VERSION, SCHEME_KWP][..])
+        .ok_or(NotAuthentic)?;
     let (&pad, wrapped) = body.split_first().ok_or(NotAuthentic)?;
     // The smallest wrap is of the 32-byte digest alone: 40 bytes, and always a multiple of 8.
     if pad > 7 || wrapped.len() < 40 || wrapped.len() % 8 != 0 {
@@ -69,7 +71,11 @@ pub fn parse_kwp(ct: &[u8]) -> Result<(u8, &[u8]), NotAuthentic> {
 }
 
 /// Checks an unwrapped `kwp` inner value against the context and returns the plaintext.
-pub fn kwp_open(inner: &[u8], pad: u8, context: &[u8]) -> Result<zeroize::Zeroizing<Vec<u8>>, NotAuthentic> {
+pub fn kwp_open(
+    inner: &[u8],
+    pad: u8,
+    context: &[u8],
+) -> Result<zeroize::Zeroizing<Vec<u8>>, NotAuthentic> {
     use subtle::ConstantTimeEq;
     let pad = usize::from(pad);
     if inner.len() < 32 + pad {
@@ -88,24 +94,45 @@ pub fn kwp_open(inner: &[u8], pad: u8, context: &[u8]) -> Result<zeroize::Zeroiz
 }
 
 /// AES-256-GCM seal in the host (soft keystore).
-pub fn seal_gcm_soft(key: &[u8; 32], iv: &[u8; GCM_IV_LEN], plaintext: &[u8], context: &[u8]) -> Vec<u8> {
+pub fn seal_gcm_soft(
+    key: &[u8; 32],
+    iv: &[u8; GCM_IV_LEN],
+    plaintext: &[u8],
+    context: &[u8],
+) -> Vec<u8> {
     use aes_gcm::aead::{Aead, KeyInit, Payload};
     let cipher = aes_gcm::Aes256Gcm::new(key.into());
     // Encryption with a 12-byte nonce fails only for plaintexts above 64 GiB, which the
     // 1 MB body limit excludes.
     let sealed = cipher
-        .encrypt(iv.into(), Payload { msg: plaintext, aad: context })
+        .encrypt(
+            iv.into(),
+            Payload {
+                msg: plaintext,
+                aad: context,
+            },
+        )
         .expect("AES-GCM seal of a bounded plaintext");
     encode_gcm(iv, &sealed)
 }
 
 /// AES-256-GCM open in the host (soft keystore).
-pub fn open_gcm_soft(key: &[u8; 32], ct: &[u8], context: &[u8]) -> Result<zeroize::Zeroizing<Vec<u8>>, NotAuthentic> {
+pub fn open_gcm_soft(
+    key: &[u8; 32],
+    ct: &[u8],
+    context: &[u8],
+) -> Result<zeroize::Zeroizing<Vec<u8>>, NotAuthentic> {
     use aes_gcm::aead::{Aead, KeyInit, Payload};
     let (iv, sealed) = parse_gcm(ct)?;
     let cipher = aes_gcm::Aes256Gcm::new(key.into());
     cipher
-        .decrypt((&iv).into(), Payload { msg: sealed, aad: context })
+        .decrypt(
+            (&iv).into(),
+            Payload {
+                msg: sealed,
+                aad: context,
+            },
+        )
         .map(zeroize::Zeroizing::new)
         .map_err(|_| NotAuthentic)
 }
@@ -115,15 +142,24 @@ pub fn seal_kwp_soft(key: &[u8; 32], plaintext: &[u8], context: &[u8]) -> Vec<u8
     let (pad, inner) = kwp_inner(plaintext, context);
     let kek = aes_kw::KekAes256::from(*key);
     // Wrapping fails only for inputs longer than 2^32 bytes, which the body limit excludes.
-    let wrapped = kek.wrap_with_padding_vec(&inner).expect("KWP wrap of a bounded input");
+    let wrapped = kek
+        .wrap_with_padding_vec(&inner)
+        .expect("KWP wrap of a bounded input");
     encode_kwp(pad, &wrapped)
 }
 
 /// AES-KWP unwrap in the host (soft keystore).
-pub fn open_kwp_soft(key: &[u8; 32], ct: &[u8], context: &[u8]) -> Result<zeroize::Zeroizing<Vec<u8>>, NotAuthentic> {
+pub fn open_kwp_soft(
+    key: &[u8; 32],
+    ct: &[u8],
+    context: &[u8],
+) -> Result<zeroize::Zeroizing<Vec<u8>>, NotAuthentic> {
     let (pad, wrapped) = parse_kwp(ct)?;
     let kek = aes_kw::KekAes256::from(*key);
-    let inner = zeroize::Zeroizing::new(kek.unwrap_with_padding_vec(wrapped).map_err(|_| NotAuthentic)?);
+    let inner = zeroize::Zeroizing::new(
+        kek.unwrap_with_padding_vec(wrapped)
+            .map_err(|_| NotAuthentic)?,
+    );
     kwp_open(&inner, pad, context)
 }
 
@@ -139,7 +175,10 @@ mod tests {
         assert_eq!(ct.len(), 3 + 12 + 3 + 16);
         assert_eq!(&open_gcm_soft(&key, &ct, b"ctx").unwrap()[..], b"dek");
         assert_eq!(open_gcm_soft(&key, &ct, b"other"), Err(NotAuthentic));
-        assert_eq!(open_gcm_soft(&key, &ct[..ct.len() - 1], b"ctx"), Err(NotAuthentic));
+        assert_eq!(
+            open_gcm_soft(&key, &ct[..ct.len() - 1], b"ctx"),
+            Err(NotAuthentic)
+        );
     }
 
     #[test]

@@ -78,8 +78,13 @@ impl Provenance {
     pub fn now(created_by: impl Into<String>) -> Self {
         // Whole microseconds: what every backend can store and return unchanged.
         let now = OffsetDateTime::now_utc();
-        let created_at = now.replace_nanosecond(now.nanosecond() / 1000 * 1000).unwrap_or(now);
-        Provenance { created_at, created_by: created_by.into() }
+        let created_at = now
+            .replace_nanosecond(now.nanosecond() / 1000 * 1000)
+            .unwrap_or(now);
+        Provenance {
+            created_at,
+            created_by: created_by.into(),
+        }
     }
 }
 
@@ -120,7 +125,9 @@ pub struct DataKey {
 
 impl fmt::Debug for DataKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("DataKey").field("ciphertext_len", &self.ciphertext.len()).finish_non_exhaustive()
+        f.debug_struct("DataKey")
+            .field("ciphertext_len", &self.ciphertext.len())
+            .finish_non_exhaustive()
     }
 }
 
@@ -186,7 +193,12 @@ pub trait KeyStore: Send + Sync + 'static {
 
     async fn encrypt(&self, name: &KeyName, plaintext: &[u8], context: &[u8]) -> Result<Vec<u8>>;
 
-    async fn decrypt(&self, name: &KeyName, ciphertext: &[u8], context: &[u8]) -> Result<SecretBytes>;
+    async fn decrypt(
+        &self,
+        name: &KeyName,
+        ciphertext: &[u8],
+        context: &[u8],
+    ) -> Result<SecretBytes>;
 
     /// HMAC-SHA256 of `message` under the key's separate HMAC key.
     async fn hmac(&self, name: &KeyName, message: &[u8]) -> Result<[u8; 32]>;

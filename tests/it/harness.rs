@@ -26,7 +26,10 @@ impl std::ops::Deref for Store {
 }
 
 pub fn soft() -> Store {
-    Store { ks: Arc::new(SoftKeyStore::in_memory()), pkcs11: None }
+    Store {
+        ks: Arc::new(SoftKeyStore::in_memory()),
+        pkcs11: None,
+    }
 }
 
 fn token() -> EphemeralToken {
@@ -45,12 +48,18 @@ pub fn tokens() -> &'static Tokens {
     static TOKENS: std::sync::OnceLock<Tokens> = std::sync::OnceLock::new();
     TOKENS.get_or_init(|| {
         // `softhsm-tests/run` makes the shared token the way an operator would (softhsm2-util).
-        let shared = match (std::env::var("KESH_TEST_TOKEN_LABEL"), std::env::var("KESH_TEST_TOKEN_PIN")) {
+        let shared = match (
+            std::env::var("KESH_TEST_TOKEN_LABEL"),
+            std::env::var("KESH_TEST_TOKEN_PIN"),
+        ) {
             (Ok(label), Ok(pin)) => EphemeralToken::existing(label, kesh::secret::Pin::new(pin))
                 .unwrap_or_else(|e| panic!("SoftHSM is required for this test: {e}")),
             _ => token(),
         };
-        Tokens { shared: Arc::new(shared), bulk: Arc::new(token()) }
+        Tokens {
+            shared: Arc::new(shared),
+            bulk: Arc::new(token()),
+        }
     })
 }
 
@@ -59,13 +68,19 @@ pub async fn pkcs11() -> Store {
 }
 
 pub async fn pkcs11_on(token: Arc<EphemeralToken>) -> Store {
-    let ks = Pkcs11KeyStore::open(token.config()).await.expect("open pkcs11 keystore");
-    Store { ks: Arc::new(ks.clone()), pkcs11: Some((ks, token)) }
+    let ks = Pkcs11KeyStore::open(token.config())
+        .await
+        .expect("open pkcs11 keystore");
+    Store {
+        ks: Arc::new(ks.clone()),
+        pkcs11: Some((ks, token)),
+    }
 }
 
 /// A config for a token whose label and PIN the caller fills in.
 pub fn token_config_template() -> kesh::keystore::pkcs11::Pkcs11Config {
-    let module = kesh::keystore::pkcs11::softhsm::module_path().expect("SoftHSM is required: apt-get install softhsm2");
+    let module = kesh::keystore::pkcs11::softhsm::module_path()
+        .expect("SoftHSM is required: apt-get install softhsm2");
     kesh::keystore::pkcs11::Pkcs11Config {
         module,
         token: kesh::keystore::pkcs11::TokenSelector::Label(String::new()),
@@ -83,7 +98,12 @@ pub fn token_config_template() -> kesh::keystore::pkcs11::Pkcs11Config {
 pub fn name(hint: &str) -> KeyName {
     use std::sync::atomic::{AtomicU32, Ordering};
     static N: AtomicU32 = AtomicU32::new(0);
-    KeyName::new(&format!("{hint}-{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed))).expect("valid name")
+    KeyName::new(&format!(
+        "{hint}-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ))
+    .expect("valid name")
 }
 
 pub fn who() -> Provenance {
@@ -92,7 +112,9 @@ pub fn who() -> Provenance {
 
 pub fn b64(s: &str) -> Vec<u8> {
     use base64::Engine;
-    base64::engine::general_purpose::STANDARD.decode(s).expect("base64")
+    base64::engine::general_purpose::STANDARD
+        .decode(s)
+        .expect("base64")
 }
 
 /// Generates one `#[tokio::test]` per backend for each listed `async fn(Store)`.

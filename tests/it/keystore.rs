@@ -25,18 +25,39 @@ crate::on_both_keystores!(
 );
 
 fn import(key: [u8; 32], scheme: Scheme, hmac: HmacKeySource) -> ImportKey {
-    ImportKey { key: Zeroizing::new(key), algorithm: Algorithm::Aes256, scheme, hmac, provenance: harness::who() }
+    ImportKey {
+        key: Zeroizing::new(key),
+        algorithm: Algorithm::Aes256,
+        scheme,
+        hmac,
+        provenance: harness::who(),
+    }
 }
 
 async fn lifecycle(ks: Store) {
     let n = harness::name("life");
     ks.create(&n, harness::who()).await.unwrap();
     let info = ks.describe(&n).await.unwrap();
-    assert_eq!((info.scheme, info.algorithm, info.name.clone()), (Scheme::Gcm, Algorithm::Aes256, n.clone()));
+    assert_eq!(
+        (info.scheme, info.algorithm, info.name.clone()),
+        (Scheme::Gcm, Algorithm::Aes256, n.clone())
+    );
     assert_eq!(info.created_by, harness::who().created_by);
-    assert!((time::OffsetDateTime::now_utc() - info.created_at).whole_seconds().abs() < 60);
-    assert_eq!(ks.create(&n, harness::who()).await, Err(KeystoreError::KeyExists));
-    assert_eq!(ks.import(&n, import([1; 32], Scheme::Kes, HmacKeySource::Generate)).await, Err(KeystoreError::KeyExists));
+    assert!(
+        (time::OffsetDateTime::now_utc() - info.created_at)
+            .whole_seconds()
+            .abs()
+            < 60
+    );
+    assert_eq!(
+        ks.create(&n, harness::who()).await,
+        Err(KeystoreError::KeyExists)
+    );
+    assert_eq!(
+        ks.import(&n, import([1; 32], Scheme::Kes, HmacKeySource::Generate))
+            .await,
+        Err(KeystoreError::KeyExists)
+    );
     assert_eq!(ks.list(n.as_str()).await.unwrap(), vec![n.clone()]);
     ks.delete(&n).await.unwrap();
     assert_eq!(ks.describe(&n).await, Err(KeystoreError::KeyNotFound));
@@ -55,28 +76,56 @@ async fn generate_and_decrypt(ks: Store) {
     let b = ks.generate(&n, ctx).await.unwrap();
     assert_ne!(a.plaintext, b.plaintext, "DEKs must be fresh");
     assert_ne!(a.ciphertext, b.ciphertext);
-    assert_eq!(a.ciphertext.len(), 63, "gcm: 3-byte header, 12-byte IV, 32-byte DEK, 16-byte tag");
-    assert_eq!(&ks.decrypt(&n, &a.ciphertext, ctx).await.unwrap()[..], &a.plaintext[..]);
+    assert_eq!(
+        a.ciphertext.len(),
+        63,
+        "gcm: 3-byte header, 12-byte IV, 32-byte DEK, 16-byte tag"
+    );
+    assert_eq!(
+        &ks.decrypt(&n, &a.ciphertext, ctx).await.unwrap()[..],
+        &a.plaintext[..]
+    );
     let empty = ks.generate(&n, b"").await.unwrap();
-    assert_eq!(&ks.decrypt(&n, &empty.ciphertext, b"").await.unwrap()[..], &empty.plaintext[..]);
+    assert_eq!(
+        &ks.decrypt(&n, &empty.ciphertext, b"").await.unwrap()[..],
+        &empty.plaintext[..]
+    );
 }
 
 async fn tampered_truncated_and_wrong_context(ks: Store) {
     let n = harness::name("tamper");
     ks.create(&n, harness::who()).await.unwrap();
     let dk = ks.generate(&n, b"ctx").await.unwrap();
-    assert_eq!(ks.decrypt(&n, &dk.ciphertext, b"ctX").await.unwrap_err(), KeystoreError::NotAuthentic);
+    assert_eq!(
+        ks.decrypt(&n, &dk.ciphertext, b"ctX").await.unwrap_err(),
+        KeystoreError::NotAuthentic
+    );
     for i in [0, 1, 2, 3, 14, 15, 40, dk.ciphertext.len() - 1] {
         let mut bad = dk.ciphertext.clone();
         bad[i] ^= 0x01;
-        assert_eq!(ks.decrypt(&n, &bad, b"ctx").await.unwrap_err(), KeystoreError::NotAuthentic, "flipped byte {i}");
+        assert_eq!(
+            ks.decrypt(&n, &bad, b"ctx").await.unwrap_err(),
+            KeystoreError::NotAuthentic,
+            "flipped byte {i}"
+        );
     }
     for len in [0, 1, 3, 15, 30, dk.ciphertext.len() - 1] {
-        assert_eq!(ks.decrypt(&n, &dk.ciphertext[..len], b"ctx").await.unwrap_err(), KeystoreError::NotAuthentic, "truncated to {len}");
+        assert_eq!(
+            ks.decrypt(&n, &dk.ciphertext[..len], b"ctx")
+                .await
+                .unwrap_err(),
+            KeystoreError::NotAuthentic,
+            "truncated to {len}"
+        );
     }
     let other = harness::name("tamper-other");
     ks.create(&other, harness::who()).await.unwrap();
-    assert_eq!(ks.decrypt(&other, &dk.ciphertext, b"ctx").await.unwrap_err(), KeystoreError::NotAuthentic);
+    assert_eq!(
+        ks.decrypt(&other, &dk.ciphertext, b"ctx")
+            .await
+            .unwrap_err(),
+        KeystoreError::NotAuthentic
+    );
 }
 
 async fn encrypt_any_size(ks: Store) {
@@ -85,21 +134,43 @@ async fn encrypt_any_size(ks: Store) {
     for len in [0usize, 1, 100, 65_536] {
         let pt: Vec<u8> = (0..len).map(|i| i as u8).collect();
         let ct = ks.encrypt(&n, &pt, b"c").await.unwrap();
-        assert_eq!(&ks.decrypt(&n, &ct, b"c").await.unwrap()[..], &pt[..], "len {len}");
+        assert_eq!(
+            &ks.decrypt(&n, &ct, b"c").await.unwrap()[..],
+            &pt[..],
+            "len {len}"
+        );
     }
 }
 
 async fn unknown_keys(ks: Store) {
     let n = harness::name("nope");
-    assert_eq!(ks.describe(&n).await.unwrap_err(), KeystoreError::KeyNotFound);
-    assert_eq!(ks.generate(&n, b"").await.unwrap_err(), KeystoreError::KeyNotFound);
-    assert_eq!(ks.encrypt(&n, b"x", b"").await.unwrap_err(), KeystoreError::KeyNotFound);
-    assert_eq!(ks.decrypt(&n, &[0u8; 63], b"").await.unwrap_err(), KeystoreError::KeyNotFound);
-    assert_eq!(ks.hmac(&n, b"m").await.unwrap_err(), KeystoreError::KeyNotFound);
+    assert_eq!(
+        ks.describe(&n).await.unwrap_err(),
+        KeystoreError::KeyNotFound
+    );
+    assert_eq!(
+        ks.generate(&n, b"").await.unwrap_err(),
+        KeystoreError::KeyNotFound
+    );
+    assert_eq!(
+        ks.encrypt(&n, b"x", b"").await.unwrap_err(),
+        KeystoreError::KeyNotFound
+    );
+    assert_eq!(
+        ks.decrypt(&n, &[0u8; 63], b"").await.unwrap_err(),
+        KeystoreError::KeyNotFound
+    );
+    assert_eq!(
+        ks.hmac(&n, b"m").await.unwrap_err(),
+        KeystoreError::KeyNotFound
+    );
     assert_eq!(ks.delete(&n).await.unwrap_err(), KeystoreError::KeyNotFound);
     // A flood of lookups of one unknown name stays an answer, not an error.
     for _ in 0..50 {
-        assert_eq!(ks.describe(&n).await.unwrap_err(), KeystoreError::KeyNotFound);
+        assert_eq!(
+            ks.describe(&n).await.unwrap_err(),
+            KeystoreError::KeyNotFound
+        );
     }
 }
 
@@ -113,18 +184,37 @@ async fn hmac_per_key(ks: Store) {
     // A migrated KES key keeps its HMAC key, so HMACs answer as they did under KES.
     let given = harness::name("mac-given");
     let key: [u8; 32] = core::array::from_fn(|i| i as u8);
-    ks.import(&given, import([9; 32], Scheme::Kes, HmacKeySource::Given(Zeroizing::new(key)))).await.unwrap();
-    assert_eq!(hex::encode(ks.hmac(&given, b"message").await.unwrap()), "6297b77508a1a30ea4dfadd8f847c31b49aba45de10a79daf721d3f7ec112a24");
+    ks.import(
+        &given,
+        import(
+            [9; 32],
+            Scheme::Kes,
+            HmacKeySource::Given(Zeroizing::new(key)),
+        ),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        hex::encode(ks.hmac(&given, b"message").await.unwrap()),
+        "6297b77508a1a30ea4dfadd8f847c31b49aba45de10a79daf721d3f7ec112a24"
+    );
     // Legacy KES keys had no HMAC key.
     let legacy = harness::name("mac-legacy");
-    ks.import(&legacy, import([9; 32], Scheme::Kes, HmacKeySource::None)).await.unwrap();
-    assert_eq!(ks.hmac(&legacy, b"m").await.unwrap_err(), KeystoreError::HmacUnsupported);
+    ks.import(&legacy, import([9; 32], Scheme::Kes, HmacKeySource::None))
+        .await
+        .unwrap();
+    assert_eq!(
+        ks.hmac(&legacy, b"m").await.unwrap_err(),
+        KeystoreError::HmacUnsupported
+    );
 }
 
 /// `kes-api.md` §7.5 through the keystore: the `kes` scheme decrypts what KES wrote.
 async fn kes_vectors(ks: Store) {
     let zero = harness::name("kes-zero");
-    ks.import(&zero, import([0; 32], Scheme::Kes, HmacKeySource::Generate)).await.unwrap();
+    ks.import(&zero, import([0; 32], Scheme::Kes, HmacKeySource::Generate))
+        .await
+        .unwrap();
     assert_eq!(ks.describe(&zero).await.unwrap().scheme, Scheme::Kes);
     let vectors: [&[u8]; 3] = [
         &b64("zwdDgHeRlIFRnJ7+DIhs/ka7GFK2CFSfDELqg1VCyTQzZ58o7MAdupMLk3ZjlMo2ZUDwldL2o41nAWDc"),
@@ -135,63 +225,134 @@ async fn kes_vectors(ks: Store) {
         assert_eq!(&ks.decrypt(&zero, v, b"").await.unwrap()[..], &[0u8; 16]);
     }
     let keyed = harness::name("kes-keyed");
-    let key: [u8; 32] = b64("dDHbTWgo+Yh3u804SYB5OyVMy6RiLeJYBQth1f6KlEU=").try_into().unwrap();
-    ks.import(&keyed, import(key, Scheme::Kes, HmacKeySource::Generate)).await.unwrap();
+    let key: [u8; 32] = b64("dDHbTWgo+Yh3u804SYB5OyVMy6RiLeJYBQth1f6KlEU=")
+        .try_into()
+        .unwrap();
+    ks.import(&keyed, import(key, Scheme::Kes, HmacKeySource::Generate))
+        .await
+        .unwrap();
     let ct = b64("s2gmfQHeGdlyL8x1yEWSACUV3GrSoz3t160hugMgzKWgyqesXDVUJ5Dw5Mt076rR1PNiU9X4YjLH14D8a81t2r2xsz4gVZac");
-    assert_eq!(&ks.decrypt(&keyed, &ct, &[0u8; 16]).await.unwrap()[..], &b64("CLcJoykFCWZDkEIiUq9bJRqwCwW9ZDvdgu8EMA==")[..]);
-    assert_eq!(ks.decrypt(&keyed, &ct, b"").await.unwrap_err(), KeystoreError::NotAuthentic);
+    assert_eq!(
+        &ks.decrypt(&keyed, &ct, &[0u8; 16]).await.unwrap()[..],
+        &b64("CLcJoykFCWZDkEIiUq9bJRqwCwW9ZDvdgu8EMA==")[..]
+    );
+    assert_eq!(
+        ks.decrypt(&keyed, &ct, b"").await.unwrap_err(),
+        KeystoreError::NotAuthentic
+    );
     // What the `kes` scheme seals is KES's format: 76 bytes for a DEK.
     let dk = ks.generate(&keyed, b"c").await.unwrap();
     assert_eq!(dk.ciphertext.len(), 76);
-    assert_eq!(&ks.decrypt(&keyed, &dk.ciphertext, b"c").await.unwrap()[..], &dk.plaintext[..]);
+    assert_eq!(
+        &ks.decrypt(&keyed, &dk.ciphertext, b"c").await.unwrap()[..],
+        &dk.plaintext[..]
+    );
 
     // ChaCha20 keys: the soft keystore serves them; an HSM cannot compute HChaCha20, so the
     // pkcs11 keystore refuses them plainly instead of pulling the key out of the device.
     let chacha = harness::name("kes-chacha");
-    let imp = ImportKey { algorithm: Algorithm::ChaCha20, ..import(key, Scheme::Kes, HmacKeySource::Generate) };
+    let imp = ImportKey {
+        algorithm: Algorithm::ChaCha20,
+        ..import(key, Scheme::Kes, HmacKeySource::Generate)
+    };
     let ct = b64("gO4woRIswAJdjUjW7z2ApsSQxJlwB24yjLrmH4eI7sB0uh5nfEJfk9ybTPFft5FRFaZCVBmzhx7OJs9n0WWtxH3sySIxecIK");
     if ks.pkcs11.is_some() {
-        assert_eq!(ks.import(&chacha, imp).await, Err(KeystoreError::AlgorithmUnsupported("ChaCha20")));
-        assert_eq!(ks.describe(&chacha).await, Err(KeystoreError::KeyNotFound), "nothing half-created");
+        assert_eq!(
+            ks.import(&chacha, imp).await,
+            Err(KeystoreError::AlgorithmUnsupported("ChaCha20"))
+        );
+        assert_eq!(
+            ks.describe(&chacha).await,
+            Err(KeystoreError::KeyNotFound),
+            "nothing half-created"
+        );
     } else {
         ks.import(&chacha, imp).await.unwrap();
-        assert_eq!(&ks.decrypt(&chacha, &ct, &[0u8; 16]).await.unwrap()[..], &b64("CLcJoykFCWZDkEIiUq9bJRqwCwW9ZDvdgu8EMA==")[..]);
+        assert_eq!(
+            &ks.decrypt(&chacha, &ct, &[0u8; 16]).await.unwrap()[..],
+            &b64("CLcJoykFCWZDkEIiUq9bJRqwCwW9ZDvdgu8EMA==")[..]
+        );
     }
 }
 
 /// The vectors of `docs/FORMAT.md` §4 (computed independently with Python `cryptography`).
 pub const FORMAT_KEY: [u8; 32] = [
-    0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31,
+    0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25,
+    26, 27, 28, 29, 30, 31,
 ];
 pub const FORMAT_CONTEXT: &[u8] = br#"{"bucket":"bucket/object"}"#;
-pub const FORMAT_GCM: &str = "awEBoKGio6Slpqeoqaqrplk+bgGORPgqLM2YSzeOkSD9C0PG4hQ7xFd83SP2K16KN0Kb/euPNvDLhuJ4ib82";
+pub const FORMAT_GCM: &str =
+    "awEBoKGio6Slpqeoqaqrplk+bgGORPgqLM2YSzeOkSD9C0PG4hQ7xFd83SP2K16KN0Kb/euPNvDLhuJ4ib82";
 pub const FORMAT_KWP: &str = "awECALowQydQFbEAWQFgSAvxK5MdYqUuSOecDkQMpS2BPb0LG0kPmvkbrRdPd4bjBs3/hfjWLpCfd/5+GhQemyVsj+rYiDfz7e60Eg==";
-pub const FORMAT_KWP_SHORT: &str = "awECA8UwJPhsQ5hqbeLsBzvatumgi1LvnBe0Af0yaFe82eDdZZhU6Ho9xQvkRoZgG3lRpg==";
+pub const FORMAT_KWP_SHORT: &str =
+    "awECA8UwJPhsQ5hqbeLsBzvatumgi1LvnBe0Af0yaFe82eDdZZhU6Ho9xQvkRoZgG3lRpg==";
 
 async fn format_vectors(ks: Store) {
     let dek: Vec<u8> = (0x40..0x60).collect();
     let gcm = harness::name("fmt-gcm");
-    ks.import(&gcm, import(FORMAT_KEY, Scheme::Gcm, HmacKeySource::Generate)).await.unwrap();
-    assert_eq!(&ks.decrypt(&gcm, &b64(FORMAT_GCM), FORMAT_CONTEXT).await.unwrap()[..], &dek[..]);
+    ks.import(
+        &gcm,
+        import(FORMAT_KEY, Scheme::Gcm, HmacKeySource::Generate),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        &ks.decrypt(&gcm, &b64(FORMAT_GCM), FORMAT_CONTEXT)
+            .await
+            .unwrap()[..],
+        &dek[..]
+    );
     let kwp = harness::name("fmt-kwp");
-    ks.import(&kwp, import(FORMAT_KEY, Scheme::Kwp, HmacKeySource::Generate)).await.unwrap();
-    assert_eq!(&ks.decrypt(&kwp, &b64(FORMAT_KWP), FORMAT_CONTEXT).await.unwrap()[..], &dek[..]);
-    assert_eq!(&ks.decrypt(&kwp, &b64(FORMAT_KWP_SHORT), FORMAT_CONTEXT).await.unwrap()[..], b"hello");
+    ks.import(
+        &kwp,
+        import(FORMAT_KEY, Scheme::Kwp, HmacKeySource::Generate),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        &ks.decrypt(&kwp, &b64(FORMAT_KWP), FORMAT_CONTEXT)
+            .await
+            .unwrap()[..],
+        &dek[..]
+    );
+    assert_eq!(
+        &ks.decrypt(&kwp, &b64(FORMAT_KWP_SHORT), FORMAT_CONTEXT)
+            .await
+            .unwrap()[..],
+        b"hello"
+    );
     // KWP is deterministic: sealing the same DEK under the same context gives the vector.
-    assert_eq!(ks.encrypt(&kwp, &dek, FORMAT_CONTEXT).await.unwrap(), b64(FORMAT_KWP));
-    assert_eq!(ks.encrypt(&kwp, b"hello", FORMAT_CONTEXT).await.unwrap(), b64(FORMAT_KWP_SHORT));
+    assert_eq!(
+        ks.encrypt(&kwp, &dek, FORMAT_CONTEXT).await.unwrap(),
+        b64(FORMAT_KWP)
+    );
+    assert_eq!(
+        ks.encrypt(&kwp, b"hello", FORMAT_CONTEXT).await.unwrap(),
+        b64(FORMAT_KWP_SHORT)
+    );
 }
 
 async fn kwp_scheme_round_trip(ks: Store) {
     let n = harness::name("kwp");
-    ks.import(&n, import([5; 32], Scheme::Kwp, HmacKeySource::Generate)).await.unwrap();
+    ks.import(&n, import([5; 32], Scheme::Kwp, HmacKeySource::Generate))
+        .await
+        .unwrap();
     let dk = ks.generate(&n, b"ctx").await.unwrap();
     assert_eq!(dk.ciphertext.len(), 4 + 72);
-    assert_eq!(&ks.decrypt(&n, &dk.ciphertext, b"ctx").await.unwrap()[..], &dk.plaintext[..]);
-    assert_eq!(ks.decrypt(&n, &dk.ciphertext, b"xtc").await.unwrap_err(), KeystoreError::NotAuthentic);
+    assert_eq!(
+        &ks.decrypt(&n, &dk.ciphertext, b"ctx").await.unwrap()[..],
+        &dk.plaintext[..]
+    );
+    assert_eq!(
+        ks.decrypt(&n, &dk.ciphertext, b"xtc").await.unwrap_err(),
+        KeystoreError::NotAuthentic
+    );
     let mut bad = dk.ciphertext.clone();
     bad[10] ^= 1;
-    assert_eq!(ks.decrypt(&n, &bad, b"ctx").await.unwrap_err(), KeystoreError::NotAuthentic);
+    assert_eq!(
+        ks.decrypt(&n, &bad, b"ctx").await.unwrap_err(),
+        KeystoreError::NotAuthentic
+    );
 }
 
 async fn concurrent_create_yields_one_key(ks: Store) {
@@ -216,7 +377,10 @@ async fn concurrent_create_yields_one_key(ks: Store) {
 
 async fn list_by_prefix(ks: Store) {
     let stem = harness::name("ls");
-    let names: Vec<KeyName> = ["b", "a", "c-1", "c-2"].iter().map(|s| KeyName::new(&format!("{stem}-{s}")).unwrap()).collect();
+    let names: Vec<KeyName> = ["b", "a", "c-1", "c-2"]
+        .iter()
+        .map(|s| KeyName::new(&format!("{stem}-{s}")).unwrap())
+        .collect();
     for n in &names {
         ks.create(n, harness::who()).await.unwrap();
     }
@@ -254,28 +418,59 @@ mod pkcs11_only {
         device::initialize(&ctx).unwrap();
         let slot = device::find_slot(&ctx, &TokenSelector::Label(token.label.clone())).unwrap();
         let s = ctx.open_rw_session(slot).unwrap();
-        match s.login(UserType::User, Some(&AuthPin::new(token.pin().expose().into()))) {
-            Ok(()) | Err(cryptoki::error::Error::Pkcs11(cryptoki::error::RvError::UserAlreadyLoggedIn, _)) => {}
+        match s.login(
+            UserType::User,
+            Some(&AuthPin::new(token.pin().expose().into())),
+        ) {
+            Ok(())
+            | Err(cryptoki::error::Error::Pkcs11(
+                cryptoki::error::RvError::UserAlreadyLoggedIn,
+                _,
+            )) => {}
             Err(e) => panic!("login: {e}"),
         }
         (ctx, s)
     }
 
     fn objects_labelled(s: &Session, label: &str) -> Vec<ObjectHandle> {
-        s.find_objects(&[Attribute::Class(ObjectClass::SECRET_KEY), Attribute::Label(label.as_bytes().to_vec())]).unwrap()
+        s.find_objects(&[
+            Attribute::Class(ObjectClass::SECRET_KEY),
+            Attribute::Label(label.as_bytes().to_vec()),
+        ])
+        .unwrap()
     }
 
     fn bool_attr(s: &Session, h: ObjectHandle, t: AttributeType) -> bool {
         match s.get_attributes(h, &[t]).unwrap().pop() {
-            Some(Attribute::Token(b) | Attribute::Private(b) | Attribute::Sensitive(b) | Attribute::Extractable(b))
-            | Some(Attribute::NeverExtractable(b) | Attribute::AlwaysSensitive(b) | Attribute::Derive(b) | Attribute::Sign(b))
-            | Some(Attribute::Verify(b) | Attribute::Wrap(b) | Attribute::Unwrap(b) | Attribute::Encrypt(b) | Attribute::Decrypt(b)) => b,
+            Some(
+                Attribute::Token(b)
+                | Attribute::Private(b)
+                | Attribute::Sensitive(b)
+                | Attribute::Extractable(b),
+            )
+            | Some(
+                Attribute::NeverExtractable(b)
+                | Attribute::AlwaysSensitive(b)
+                | Attribute::Derive(b)
+                | Attribute::Sign(b),
+            )
+            | Some(
+                Attribute::Verify(b)
+                | Attribute::Wrap(b)
+                | Attribute::Unwrap(b)
+                | Attribute::Encrypt(b)
+                | Attribute::Decrypt(b),
+            ) => b,
             other => panic!("{t:?}: {other:?}"),
         }
     }
 
     fn allowed(s: &Session, h: ObjectHandle) -> Vec<MechanismType> {
-        match s.get_attributes(h, &[AttributeType::AllowedMechanisms]).unwrap().pop() {
+        match s
+            .get_attributes(h, &[AttributeType::AllowedMechanisms])
+            .unwrap()
+            .pop()
+        {
             Some(Attribute::AllowedMechanisms(m)) => m,
             other => panic!("{other:?}"),
         }
@@ -294,7 +489,10 @@ mod pkcs11_only {
         let (_, token) = store.pkcs11.as_ref().unwrap();
         let (gcm, kes) = (harness::name("tpl-gcm"), harness::name("tpl-kes"));
         store.create(&gcm, harness::who()).await.unwrap();
-        store.import(&kes, import([3; 32], Scheme::Kes, HmacKeySource::Generate)).await.unwrap();
+        store
+            .import(&kes, import([3; 32], Scheme::Kes, HmacKeySource::Generate))
+            .await
+            .unwrap();
         let (_ctx, s) = raw_session(token);
         for (name, scheme) in [(&gcm, Scheme::Gcm), (&kes, Scheme::Kes)] {
             let handles = objects_labelled(&s, &format!("kesh/{name}"));
@@ -314,22 +512,42 @@ mod pkcs11_only {
                 match role(&s, h) {
                     objects::Role::Key => {
                         assert_eq!(allowed(&s, h), vec![objects::scheme_mechanism(scheme)]);
-                        assert_eq!(bool_attr(&s, h, AttributeType::Verify), false);
+                        assert!(!bool_attr(&s, h, AttributeType::Verify));
                         assert_eq!(bool_attr(&s, h, AttributeType::Sign), scheme == Scheme::Kes);
-                        assert_eq!(bool_attr(&s, h, AttributeType::Encrypt), scheme == Scheme::Gcm);
+                        assert_eq!(
+                            bool_attr(&s, h, AttributeType::Encrypt),
+                            scheme == Scheme::Gcm
+                        );
                         // Generated keys were never extractable; imported ones came from outside.
-                        assert_eq!(bool_attr(&s, h, AttributeType::NeverExtractable), scheme == Scheme::Gcm);
-                        assert!(s.get_attributes(h, &[AttributeType::Value]).map(|a| a.is_empty()).unwrap_or(true), "value readable");
+                        assert_eq!(
+                            bool_attr(&s, h, AttributeType::NeverExtractable),
+                            scheme == Scheme::Gcm
+                        );
+                        assert!(
+                            s.get_attributes(h, &[AttributeType::Value])
+                                .map(|a| a.is_empty())
+                                .unwrap_or(true),
+                            "value readable"
+                        );
                         if scheme == Scheme::Gcm {
                             // Only CKM_AES_GCM: CBC (a classic way to recover GCM keystreams) is refused.
                             let cbc = s.encrypt(&Mechanism::AesCbcPad([0; 16]), h, &[0u8; 16]);
-                            assert!(cbc.is_err(), "AES-CBC must be refused by CKA_ALLOWED_MECHANISMS");
+                            assert!(
+                                cbc.is_err(),
+                                "AES-CBC must be refused by CKA_ALLOWED_MECHANISMS"
+                            );
                         }
                     }
                     objects::Role::Hmac => {
                         assert_eq!(allowed(&s, h), vec![MechanismType::SHA256_HMAC]);
-                        assert!(bool_attr(&s, h, AttributeType::Sign) && bool_attr(&s, h, AttributeType::Verify));
-                        assert!(!bool_attr(&s, h, AttributeType::Encrypt) && !bool_attr(&s, h, AttributeType::Decrypt));
+                        assert!(
+                            bool_attr(&s, h, AttributeType::Sign)
+                                && bool_attr(&s, h, AttributeType::Verify)
+                        );
+                        assert!(
+                            !bool_attr(&s, h, AttributeType::Encrypt)
+                                && !bool_attr(&s, h, AttributeType::Decrypt)
+                        );
                     }
                 }
             }
@@ -343,12 +561,29 @@ mod pkcs11_only {
         for scheme in [Scheme::Gcm, Scheme::Kwp, Scheme::Kes] {
             let n = harness::name(&format!("cross-{scheme}"));
             let material: [u8; 32] = core::array::from_fn(|i| (i * 7) as u8);
-            hsm.import(&n, import(material, scheme, HmacKeySource::None)).await.unwrap();
-            soft.import(&n, import(material, scheme, HmacKeySource::None)).await.unwrap();
+            hsm.import(&n, import(material, scheme, HmacKeySource::None))
+                .await
+                .unwrap();
+            soft.import(&n, import(material, scheme, HmacKeySource::None))
+                .await
+                .unwrap();
             let from_soft = soft.generate(&n, b"ctx").await.unwrap();
-            assert_eq!(&hsm.decrypt(&n, &from_soft.ciphertext, b"ctx").await.unwrap()[..], &from_soft.plaintext[..], "{scheme}: soft → pkcs11");
+            assert_eq!(
+                &hsm.decrypt(&n, &from_soft.ciphertext, b"ctx")
+                    .await
+                    .unwrap()[..],
+                &from_soft.plaintext[..],
+                "{scheme}: soft → pkcs11"
+            );
             let from_hsm = hsm.generate(&n, b"ctx").await.unwrap();
-            assert_eq!(&soft.decrypt(&n, &from_hsm.ciphertext, b"ctx").await.unwrap()[..], &from_hsm.plaintext[..], "{scheme}: pkcs11 → soft");
+            assert_eq!(
+                &soft
+                    .decrypt(&n, &from_hsm.ciphertext, b"ctx")
+                    .await
+                    .unwrap()[..],
+                &from_hsm.plaintext[..],
+                "{scheme}: pkcs11 → soft"
+            );
             let big: Vec<u8> = (0..5000).map(|i| i as u8).collect();
             let ct = hsm.encrypt(&n, &big, b"").await.unwrap();
             assert_eq!(&soft.decrypt(&n, &ct, b"").await.unwrap()[..], &big[..]);
@@ -359,7 +594,9 @@ mod pkcs11_only {
     /// environment and prints its outcome. Does nothing in a normal run.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn child_process_action() {
-        let Ok(action) = std::env::var("KESH_CHILD_ACTION") else { return };
+        let Ok(action) = std::env::var("KESH_CHILD_ACTION") else {
+            return;
+        };
         let cfg = kesh::keystore::pkcs11::Pkcs11Config {
             token: TokenSelector::Label(std::env::var("KESH_CHILD_TOKEN").unwrap()),
             pin: kesh::secret::Pin::new(std::env::var("KESH_CHILD_PIN").unwrap()),
@@ -371,7 +608,12 @@ mod pkcs11_only {
         // Start together: wait for the go-time the parent wrote.
         if let Ok(at) = std::env::var("KESH_CHILD_START_MS") {
             let at: u128 = at.parse().unwrap();
-            while std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() < at {
+            while std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_millis()
+                < at
+            {
                 std::thread::sleep(std::time::Duration::from_millis(1));
             }
         }
@@ -381,20 +623,32 @@ mod pkcs11_only {
             "generate" => ks.generate(&name, b"").await.map(|_| ()),
             _ => panic!("unknown action {verb}"),
         };
-        println!("CHILD-OUTCOME {}", match outcome {
-            Ok(()) => "ok".to_owned(),
-            Err(e) => format!("{e:?}"),
-        });
+        println!(
+            "CHILD-OUTCOME {}",
+            match outcome {
+                Ok(()) => "ok".to_owned(),
+                Err(e) => format!("{e:?}"),
+            }
+        );
     }
 
-    fn spawn_child(token: &EphemeralToken, action: &str, start_ms: Option<u128>) -> std::process::Child {
+    fn spawn_child(
+        token: &EphemeralToken,
+        action: &str,
+        start_ms: Option<u128>,
+    ) -> std::process::Child {
         let mut cmd = Command::new(std::env::current_exe().unwrap());
-        cmd.args(["keystore::pkcs11_only::child_process_action", "--exact", "--nocapture", "--test-threads=1"])
-            .env("KESH_CHILD_ACTION", action)
-            .env("KESH_CHILD_TOKEN", &token.label)
-            .env("KESH_CHILD_PIN", token.pin().expose())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped());
+        cmd.args([
+            "keystore::pkcs11_only::child_process_action",
+            "--exact",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env("KESH_CHILD_ACTION", action)
+        .env("KESH_CHILD_TOKEN", &token.label)
+        .env("KESH_CHILD_PIN", token.pin().expose())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
         if let Some(ms) = start_ms {
             cmd.env("KESH_CHILD_START_MS", ms.to_string());
         }
@@ -406,7 +660,12 @@ mod pkcs11_only {
         let text = String::from_utf8_lossy(&out.stdout).to_string();
         text.lines()
             .find_map(|l| l.split_once("CHILD-OUTCOME ").map(|(_, o)| o.to_owned()))
-            .unwrap_or_else(|| panic!("child printed no outcome: {text}\n{}", String::from_utf8_lossy(&out.stderr)))
+            .unwrap_or_else(|| {
+                panic!(
+                    "child printed no outcome: {text}\n{}",
+                    String::from_utf8_lossy(&out.stderr)
+                )
+            })
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -417,15 +676,36 @@ mod pkcs11_only {
         store.create(&mine, harness::who()).await.unwrap();
         let dk = store.generate(&mine, b"c").await.unwrap();
         // The other process creates a key: usable here at once (an index miss searches the token).
-        assert_eq!(child_outcome(spawn_child(&token, &format!("create:{theirs}"), None)), "ok");
+        assert_eq!(
+            child_outcome(spawn_child(&token, &format!("create:{theirs}"), None)),
+            "ok"
+        );
         store.describe(&theirs).await.unwrap();
         assert!(store.list("").await.is_ok());
         // It can use ours, and deletes it: gone here on the next request (the stale handle is noticed).
-        assert_eq!(child_outcome(spawn_child(&token, &format!("generate:{mine}"), None)), "ok");
-        assert_eq!(child_outcome(spawn_child(&token, &format!("delete:{mine}"), None)), "ok");
-        assert_eq!(store.decrypt(&mine, &dk.ciphertext, b"c").await.unwrap_err(), KeystoreError::KeyNotFound);
-        assert_eq!(store.describe(&mine).await.unwrap_err(), KeystoreError::KeyNotFound);
-        assert_eq!(child_outcome(spawn_child(&token, &format!("create:{theirs}"), None)), "KeyExists");
+        assert_eq!(
+            child_outcome(spawn_child(&token, &format!("generate:{mine}"), None)),
+            "ok"
+        );
+        assert_eq!(
+            child_outcome(spawn_child(&token, &format!("delete:{mine}"), None)),
+            "ok"
+        );
+        assert_eq!(
+            store
+                .decrypt(&mine, &dk.ciphertext, b"c")
+                .await
+                .unwrap_err(),
+            KeystoreError::KeyNotFound
+        );
+        assert_eq!(
+            store.describe(&mine).await.unwrap_err(),
+            KeystoreError::KeyNotFound
+        );
+        assert_eq!(
+            child_outcome(spawn_child(&token, &format!("create:{theirs}"), None)),
+            "KeyExists"
+        );
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -435,15 +715,28 @@ mod pkcs11_only {
         for round in 0..3 {
             let n = harness::name(&format!("xrace{round}"));
             // Children need ~a second to start; all go at the same wall-clock instant.
-            let start = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() + 1500;
-            let children: Vec<_> = (0..3).map(|_| spawn_child(&token, &format!("create:{n}"), Some(start))).collect();
+            let start = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_millis()
+                + 1500;
+            let children: Vec<_> = (0..3)
+                .map(|_| spawn_child(&token, &format!("create:{n}"), Some(start)))
+                .collect();
             let outcomes: Vec<String> = children.into_iter().map(child_outcome).collect();
             let wins = outcomes.iter().filter(|o| *o == "ok").count();
             assert_eq!(wins, 1, "round {round}: {outcomes:?}");
-            assert!(outcomes.iter().all(|o| o == "ok" || o == "KeyExists"), "{outcomes:?}");
+            assert!(
+                outcomes.iter().all(|o| o == "ok" || o == "KeyExists"),
+                "{outcomes:?}"
+            );
             // Exactly one master and one HMAC object remain under the label.
             let (_ctx, s) = raw_session(&token);
-            assert_eq!(objects_labelled(&s, &format!("kesh/{n}")).len(), 2, "round {round}");
+            assert_eq!(
+                objects_labelled(&s, &format!("kesh/{n}")).len(),
+                2,
+                "round {round}"
+            );
             store.describe(&n).await.unwrap();
         }
     }
@@ -455,7 +748,10 @@ mod pkcs11_only {
         if std::env::var("KESH_CHILD_PIN_LOGGING").is_err() {
             return;
         }
-        tracing_subscriber::fmt().with_max_level(tracing::Level::TRACE).with_writer(std::io::stderr).init();
+        tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::TRACE)
+            .with_writer(std::io::stderr)
+            .init();
         let right = std::env::var("KESH_CHILD_PIN").unwrap();
         let base = harness::token_config_template();
         let label = TokenSelector::Label(std::env::var("KESH_CHILD_TOKEN").unwrap());
@@ -468,7 +764,11 @@ mod pkcs11_only {
         let err = Pkcs11KeyStore::open(wrong).await.unwrap_err();
         println!("wrong PIN error: {err} / {err:?}");
         tracing::error!(error = %err, "open failed");
-        let cfg = kesh::keystore::pkcs11::Pkcs11Config { token: label, pin: kesh::secret::Pin::new(right), ..base };
+        let cfg = kesh::keystore::pkcs11::Pkcs11Config {
+            token: label,
+            pin: kesh::secret::Pin::new(right),
+            ..base
+        };
         println!("config: {cfg:?}");
         let ks = Pkcs11KeyStore::open(cfg).await.unwrap();
         println!("keystore: {ks:?}");
@@ -484,18 +784,32 @@ mod pkcs11_only {
         let token = harness::tokens().shared.clone();
         let pin = token.pin().expose().to_owned();
         let out = Command::new(std::env::current_exe().unwrap())
-            .args(["keystore::pkcs11_only::child_pin_logging", "--exact", "--nocapture", "--test-threads=1"])
+            .args([
+                "keystore::pkcs11_only::child_pin_logging",
+                "--exact",
+                "--nocapture",
+                "--test-threads=1",
+            ])
             .env("KESH_CHILD_PIN_LOGGING", "1")
             .env("KESH_CHILD_TOKEN", &token.label)
             .env("KESH_CHILD_PIN", &pin)
             .output()
             .unwrap();
-        let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-        assert!(stdout.contains("CHILD-OUTCOME ok"), "child failed:\n{stdout}\n{stderr}");
+        let (stdout, stderr) = (
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+        );
+        assert!(
+            stdout.contains("CHILD-OUTCOME ok"),
+            "child failed:\n{stdout}\n{stderr}"
+        );
         // The output is real: the wrong PIN was reported and the keystore logged its start.
         assert!(stdout.contains("check the PIN"), "{stdout}");
         assert!(stderr.contains("pkcs11 keystore ready"), "{stderr}");
-        assert!(!stdout.contains(&pin) && !stderr.contains(&pin), "the PIN leaked:\n{stdout}\n{stderr}");
+        assert!(
+            !stdout.contains(&pin) && !stderr.contains(&pin),
+            "the PIN leaked:\n{stdout}\n{stderr}"
+        );
     }
 
     /// 10,000 keys on one token: the index is built in one scan, and lookups don't search.
@@ -508,7 +822,14 @@ mod pkcs11_only {
         // Written straight to the token in kesh's layout (the create protocol's searches would
         // make bulk loading quadratic); kesh must then find them all.
         for i in 0..10_000 {
-            let meta = objects::Meta::new(objects::Role::Key, &format!("{i:016x}"), Scheme::Gcm, Algorithm::Aes256, &provenance).ready();
+            let meta = objects::Meta::new(
+                objects::Role::Key,
+                &format!("{i:016x}"),
+                Scheme::Gcm,
+                Algorithm::Aes256,
+                &provenance,
+            )
+            .ready();
             let t = objects::master_template(&format!("kesh/bulk-{i}"), &meta, Scheme::Gcm, None);
             s.generate_key(&Mechanism::AesKeyGen, &t).unwrap();
         }
@@ -523,7 +844,10 @@ mod pkcs11_only {
         for i in (0..10_000).step_by(50) {
             let n = KeyName::new(&format!("bulk-{i}")).unwrap();
             let dk = ks.generate(&n, b"c").await.unwrap();
-            assert_eq!(&ks.decrypt(&n, &dk.ciphertext, b"c").await.unwrap()[..], &dk.plaintext[..]);
+            assert_eq!(
+                &ks.decrypt(&n, &dk.ciphertext, b"c").await.unwrap()[..],
+                &dk.plaintext[..]
+            );
         }
         let per_pair = started.elapsed() / 200;
         assert_eq!(ks.list("bulk-").await.unwrap().len(), 10_000);

@@ -60,7 +60,9 @@ pub fn find_slot(ctx: &Pkcs11, token: &TokenSelector) -> Result<Slot, ConnectErr
 
 /// One pass over the slots; the flag says whether some token could not be read.
 fn find_slot_once(ctx: &Pkcs11, token: &TokenSelector) -> Result<Slot, (ConnectError, bool)> {
-    let slots = ctx.get_slots_with_initialized_token().map_err(|e| (ck("C_GetSlotList")(e), true))?;
+    let slots = ctx
+        .get_slots_with_initialized_token()
+        .map_err(|e| (ck("C_GetSlotList")(e), true))?;
     let mut seen = Vec::new();
     let mut unreadable = false;
     for slot in slots {
@@ -72,7 +74,10 @@ fn find_slot_once(ctx: &Pkcs11, token: &TokenSelector) -> Result<Slot, (ConnectE
                 continue;
             }
         };
-        let (label, serial) = (info.label().trim_end().to_owned(), info.serial_number().trim_end().to_owned());
+        let (label, serial) = (
+            info.label().trim_end().to_owned(),
+            info.serial_number().trim_end().to_owned(),
+        );
         let hit = match token {
             TokenSelector::Label(l) => &label == l,
             TokenSelector::Serial(s) => &serial == s,
@@ -85,7 +90,11 @@ fn find_slot_once(ctx: &Pkcs11, token: &TokenSelector) -> Result<Slot, (ConnectE
     Err((
         ConnectError(format!(
             "no initialized token with {token}; tokens present: {}",
-            if seen.is_empty() { "none".to_owned() } else { seen.join(", ") }
+            if seen.is_empty() {
+                "none".to_owned()
+            } else {
+                seen.join(", ")
+            }
         )),
         unreadable,
     ))
@@ -93,19 +102,36 @@ fn find_slot_once(ctx: &Pkcs11, token: &TokenSelector) -> Result<Slot, (ConnectE
 
 impl Device {
     /// Opens the login session and logs in as the user.
-    pub fn connect(ctx: &Pkcs11, cfg: &Pkcs11Config, generation: u64) -> Result<Self, ConnectError> {
+    pub fn connect(
+        ctx: &Pkcs11,
+        cfg: &Pkcs11Config,
+        generation: u64,
+    ) -> Result<Self, ConnectError> {
         initialize(ctx)?;
         let slot = find_slot(ctx, &cfg.token)?;
         let login = ctx.open_rw_session(slot).map_err(ck("C_OpenSession"))?;
         let pin = AuthPin::new(cfg.pin.expose().into());
         match login.login(UserType::User, Some(&pin)) {
             Ok(()) | Err(CkError::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => {}
-            Err(CkError::Pkcs11(rv @ (RvError::PinIncorrect | RvError::PinInvalid | RvError::PinLenRange | RvError::PinLocked), _)) => {
-                return Err(ConnectError(format!("C_Login: {rv}: check the PIN given by `pin:` or `pin_file:`")));
+            Err(CkError::Pkcs11(
+                rv @ (RvError::PinIncorrect
+                | RvError::PinInvalid
+                | RvError::PinLenRange
+                | RvError::PinLocked),
+                _,
+            )) => {
+                return Err(ConnectError(format!(
+                    "C_Login: {rv}: check the PIN given by `pin:` or `pin_file:`"
+                )));
             }
             Err(e) => return Err(ck("C_Login")(e)),
         }
-        Ok(Device { slot, generation, idle: Mutex::new(Vec::new()), _login: Mutex::new(login) })
+        Ok(Device {
+            slot,
+            generation,
+            idle: Mutex::new(Vec::new()),
+            _login: Mutex::new(login),
+        })
     }
 
     /// A session for one operation: an idle one, or a new one.
@@ -120,7 +146,10 @@ impl Device {
 
     /// Returns a session after a call that left it in a known state.
     pub fn checkin(&self, session: Session) {
-        self.idle.lock().unwrap_or_else(|e| e.into_inner()).push(session);
+        self.idle
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(session);
     }
 
     pub fn idle_sessions(&self) -> usize {

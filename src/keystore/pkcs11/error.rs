@@ -40,11 +40,15 @@ pub fn classify(err: &CkError) -> Failure {
                 | RvError::EncryptedDataLenRange
                 | RvError::WrappedKeyInvalid
                 | RvError::WrappedKeyLenRange => Failure::Request(KeystoreError::NotAuthentic),
-                RvError::SessionCount => Failure::Request(KeystoreError::Busy(std::time::Duration::ZERO)),
+                RvError::SessionCount => {
+                    Failure::Request(KeystoreError::Busy(std::time::Duration::ZERO))
+                }
                 _ => Failure::Request(KeystoreError::Backend(what)),
             }
         }
-        CkError::LibraryLoading(e) => Failure::Device(format!("cannot load the PKCS#11 module: {e}")),
+        CkError::LibraryLoading(e) => {
+            Failure::Device(format!("cannot load the PKCS#11 module: {e}"))
+        }
         other => Failure::Request(KeystoreError::Backend(other.to_string())),
     }
 }
@@ -56,12 +60,33 @@ mod tests {
 
     #[test]
     fn device_codes_trigger_recovery() {
-        for rv in [RvError::DeviceError, RvError::DeviceRemoved, RvError::SessionHandleInvalid, RvError::UserNotLoggedIn, RvError::TokenNotPresent] {
-            assert!(matches!(classify(&CkError::Pkcs11(rv, Function::Encrypt)), Failure::Device(_)), "{rv:?}");
+        for rv in [
+            RvError::DeviceError,
+            RvError::DeviceRemoved,
+            RvError::SessionHandleInvalid,
+            RvError::UserNotLoggedIn,
+            RvError::TokenNotPresent,
+        ] {
+            assert!(
+                matches!(
+                    classify(&CkError::Pkcs11(rv, Function::Encrypt)),
+                    Failure::Device(_)
+                ),
+                "{rv:?}"
+            );
         }
-        assert_eq!(classify(&CkError::Pkcs11(RvError::KeyHandleInvalid, Function::EncryptInit)), Failure::StaleHandle);
         assert_eq!(
-            classify(&CkError::Pkcs11(RvError::EncryptedDataInvalid, Function::Decrypt)),
+            classify(&CkError::Pkcs11(
+                RvError::KeyHandleInvalid,
+                Function::EncryptInit
+            )),
+            Failure::StaleHandle
+        );
+        assert_eq!(
+            classify(&CkError::Pkcs11(
+                RvError::EncryptedDataInvalid,
+                Function::Decrypt
+            )),
             Failure::Request(KeystoreError::NotAuthentic)
         );
     }

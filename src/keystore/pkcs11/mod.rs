@@ -39,7 +39,9 @@ use zeroize::Zeroizing;
 use self::device::Device;
 use self::error::{classify, Failure};
 use self::objects::{Meta, Role, State};
-use super::{DataKey, HmacKeySource, ImportKey, KeyInfo, KeyStore, KeystoreError, Provenance, Result, Scheme};
+use super::{
+    DataKey, HmacKeySource, ImportKey, KeyInfo, KeyStore, KeystoreError, Provenance, Result, Scheme,
+};
 use crate::crypto::{kes, kes::Algorithm, native};
 use crate::name::KeyName;
 use crate::secret::{Pin, SecretBytes};
@@ -155,7 +157,9 @@ struct Inner {
 
 impl fmt::Debug for Pkcs11KeyStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Pkcs11KeyStore").field("token", &self.inner.cfg.token).finish_non_exhaustive()
+        f.debug_struct("Pkcs11KeyStore")
+            .field("token", &self.inner.cfg.token)
+            .finish_non_exhaustive()
     }
 }
 
@@ -170,18 +174,26 @@ impl Pkcs11KeyStore {
         let _writes = TOKEN_WRITES.lock().await;
         let opened = tokio::task::spawn_blocking(move || -> Result<_> {
             let ctx = Pkcs11::new(&cfg.module).map_err(|e| {
-                KeystoreError::Unreachable(format!("cannot load PKCS#11 module {}: {e}", cfg.module.display()))
+                KeystoreError::Unreachable(format!(
+                    "cannot load PKCS#11 module {}: {e}",
+                    cfg.module.display()
+                ))
             })?;
-            let device = Device::connect(&ctx, &cfg, 0).map_err(|e| KeystoreError::Unreachable(e.0))?;
+            let device =
+                Device::connect(&ctx, &cfg, 0).map_err(|e| KeystoreError::Unreachable(e.0))?;
             let info = ctx.get_library_info().ok();
             let token_description = format!(
                 "PKCS#11 token {} via {}{}",
                 cfg.token,
                 cfg.module.display(),
-                info.map(|i| format!(" ({})", i.manufacturer_id().trim_end())).unwrap_or_default()
+                info.map(|i| format!(" ({})", i.manufacturer_id().trim_end()))
+                    .unwrap_or_default()
             );
-            let session = device.checkout(&ctx).map_err(|e| KeystoreError::Unreachable(e.to_string()))?;
-            let keys = scan(&session, &cfg.prefix, 0).map_err(|e| KeystoreError::Unreachable(e.to_string()))?;
+            let session = device
+                .checkout(&ctx)
+                .map_err(|e| KeystoreError::Unreachable(e.to_string()))?;
+            let keys = scan(&session, &cfg.prefix, 0)
+                .map_err(|e| KeystoreError::Unreachable(e.to_string()))?;
             device.checkin(session);
             Ok((ctx, cfg, device, keys, token_description))
         })
@@ -203,7 +215,10 @@ impl Pkcs11KeyStore {
                 ctx,
                 device: RwLock::new(Some(Arc::new(device))),
                 generation: AtomicU64::new(0),
-                index: RwLock::new(Index { keys, scanned_at: Some(Instant::now()) }),
+                index: RwLock::new(Index {
+                    keys,
+                    scanned_at: Some(Instant::now()),
+                }),
                 recovering: AtomicBool::new(false),
                 last_failure: Mutex::new(String::new()),
                 misses: tokio::sync::Mutex::new(HashMap::new()),
@@ -215,7 +230,12 @@ impl Pkcs11KeyStore {
 
     /// Keys currently in the index (for start-up reports and benchmarks).
     pub fn indexed_keys(&self) -> usize {
-        self.inner.index.read().unwrap_or_else(|e| e.into_inner()).keys.len()
+        self.inner
+            .index
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .keys
+            .len()
     }
 
     /// Rebuilds the index from a full scan and returns how long it took.
@@ -227,21 +247,37 @@ impl Pkcs11KeyStore {
 
     /// Seals made per key since start.
     pub fn seal_counts(&self) -> HashMap<KeyName, u64> {
-        self.inner.seals.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.inner
+            .seals
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// Whether the device is in service (false while recovering).
     pub fn is_available(&self) -> bool {
-        self.inner.device.read().unwrap_or_else(|e| e.into_inner()).is_some()
+        self.inner
+            .device
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some()
     }
 }
 
 impl Inner {
     fn current_device(&self) -> Result<Arc<Device>> {
-        self.device.read().unwrap_or_else(|e| e.into_inner()).clone().ok_or_else(|| {
-            let why = self.last_failure.lock().unwrap_or_else(|e| e.into_inner()).clone();
-            KeystoreError::Unreachable(format!("recovering from: {why}"))
-        })
+        self.device
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+            .ok_or_else(|| {
+                let why = self
+                    .last_failure
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .clone();
+                KeystoreError::Unreachable(format!("recovering from: {why}"))
+            })
     }
 
     /// The seam: one blocking closure on one pooled session, off the async runtime.
@@ -301,7 +337,11 @@ impl Inner {
         }
         tracing::error!(reason = %why, "PKCS#11 device failure: taking the keystore out of service to recover");
         *self.last_failure.lock().unwrap_or_else(|e| e.into_inner()) = why;
-        let old = self.device.write().unwrap_or_else(|e| e.into_inner()).take();
+        let old = self
+            .device
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
         let inner = self.clone();
         tokio::spawn(async move { inner.recover(old).await });
     }
@@ -322,9 +362,11 @@ impl Inner {
             let attempt = tokio::task::spawn_blocking(move || {
                 drop(stale); // closes the old sessions (errors are expected and ignored)
                 let _ = inner.ctx.clone().finalize();
-                let device = Device::connect(&inner.ctx, &inner.cfg, generation).map_err(|e| e.0)?;
+                let device =
+                    Device::connect(&inner.ctx, &inner.cfg, generation).map_err(|e| e.0)?;
                 let session = device.checkout(&inner.ctx).map_err(|e| e.to_string())?;
-                let keys = scan(&session, &inner.cfg.prefix, generation).map_err(|e| e.to_string())?;
+                let keys =
+                    scan(&session, &inner.cfg.prefix, generation).map_err(|e| e.to_string())?;
                 device.checkin(session);
                 Ok::<_, String>((device, keys))
             })
@@ -333,11 +375,19 @@ impl Inner {
             match attempt {
                 Ok((device, keys)) => {
                     let count = keys.len();
-                    *self.index.write().unwrap_or_else(|e| e.into_inner()) = Index { keys, scanned_at: Some(Instant::now()) };
-                    *self.device.write().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(device));
+                    *self.index.write().unwrap_or_else(|e| e.into_inner()) = Index {
+                        keys,
+                        scanned_at: Some(Instant::now()),
+                    };
+                    *self.device.write().unwrap_or_else(|e| e.into_inner()) =
+                        Some(Arc::new(device));
                     self.recovering.store(false, Ordering::Release);
                     drop(all);
-                    tracing::info!(keys = count, after_ms = started.elapsed().as_millis() as u64, "PKCS#11 keystore recovered");
+                    tracing::info!(
+                        keys = count,
+                        after_ms = started.elapsed().as_millis() as u64,
+                        "PKCS#11 keystore recovered"
+                    );
                     return;
                 }
                 Err(why) => {
@@ -356,16 +406,29 @@ impl Inner {
     }
 
     fn cached(&self, name: &KeyName) -> Option<Arc<Entry>> {
-        self.index.read().unwrap_or_else(|e| e.into_inner()).keys.get(name).cloned()
+        self.index
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .keys
+            .get(name)
+            .cloned()
     }
 
     fn forget(&self, name: &KeyName) {
-        self.index.write().unwrap_or_else(|e| e.into_inner()).keys.remove(name);
+        self.index
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .keys
+            .remove(name);
     }
 
     fn remember(&self, entry: Entry) -> Arc<Entry> {
         let entry = Arc::new(entry);
-        self.index.write().unwrap_or_else(|e| e.into_inner()).keys.insert(entry.info.name.clone(), entry.clone());
+        self.index
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .keys
+            .insert(entry.info.name.clone(), entry.clone());
         entry
     }
 
@@ -394,7 +457,12 @@ impl Inner {
         match found {
             Some((master, hmac, info)) => {
                 misses.remove(name);
-                Ok(self.remember(Entry { master, hmac, info, generation }))
+                Ok(self.remember(Entry {
+                    master,
+                    hmac,
+                    info,
+                    generation,
+                }))
             }
             None => {
                 misses.insert(name.clone(), now);
@@ -448,16 +516,29 @@ impl Inner {
         let keys = keys
             .into_iter()
             .map(|(k, e)| {
-                let e = Arc::try_unwrap(e).unwrap_or_else(|a| Entry { master: a.master, hmac: a.hmac, info: a.info.clone(), generation });
+                let e = Arc::try_unwrap(e).unwrap_or_else(|a| Entry {
+                    master: a.master,
+                    hmac: a.hmac,
+                    info: a.info.clone(),
+                    generation,
+                });
                 (k, Arc::new(Entry { generation, ..e }))
             })
             .collect();
-        *self.index.write().unwrap_or_else(|e| e.into_inner()) = Index { keys, scanned_at: Some(Instant::now()) };
+        *self.index.write().unwrap_or_else(|e| e.into_inner()) = Index {
+            keys,
+            scanned_at: Some(Instant::now()),
+        };
         Ok(())
     }
 
     fn count_seal(&self, name: &KeyName) {
-        *self.seals.lock().unwrap_or_else(|e| e.into_inner()).entry(name.clone()).or_default() += 1;
+        *self
+            .seals
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(name.clone())
+            .or_default() += 1;
     }
 
     /// Creates a key's objects through the on-token protocol.
@@ -470,7 +551,10 @@ impl Inner {
             .await
             .map_err(failure_to_error)?;
         self.misses.lock().await.remove(name);
-        self.remember(Entry { generation, ..entry });
+        self.remember(Entry {
+            generation,
+            ..entry
+        });
         Ok(())
     }
 }
@@ -513,7 +597,10 @@ struct Found {
 }
 
 fn survey(s: &Session, label: &str) -> std::result::Result<Vec<Found>, CkError> {
-    let handles = s.find_objects(&[Attribute::Class(ObjectClass::SECRET_KEY), Attribute::Label(label.as_bytes().to_vec())])?;
+    let handles = s.find_objects(&[
+        Attribute::Class(ObjectClass::SECRET_KEY),
+        Attribute::Label(label.as_bytes().to_vec()),
+    ])?;
     let mut out = Vec::with_capacity(handles.len());
     for handle in handles {
         let meta = match s.get_attributes(handle, &[AttributeType::Id]) {
@@ -533,7 +620,11 @@ fn survey(s: &Session, label: &str) -> std::result::Result<Vec<Found>, CkError> 
 type Located = (ObjectHandle, Option<ObjectHandle>, KeyInfo);
 
 /// The ready key under `label`, if any.
-fn find_ready(s: &Session, label: &str, name: &KeyName) -> std::result::Result<Option<Located>, CkError> {
+fn find_ready(
+    s: &Session,
+    label: &str,
+    name: &KeyName,
+) -> std::result::Result<Option<Located>, CkError> {
     let found = survey(s, label)?;
     Ok(pick_ready(&found, name))
 }
@@ -549,13 +640,21 @@ fn pick_ready(found: &[Found], name: &KeyName) -> Option<Located> {
     let info = master.1.key_info(name)?;
     let hmac = found
         .iter()
-        .find(|f| f.meta.as_ref().is_some_and(|m| m.role == Role::Hmac && m.state == State::Ready && m.nonce == master.1.nonce))
+        .find(|f| {
+            f.meta.as_ref().is_some_and(|m| {
+                m.role == Role::Hmac && m.state == State::Ready && m.nonce == master.1.nonce
+            })
+        })
         .map(|f| f.handle);
     Some((master.0.handle, hmac, info))
 }
 
 /// Scans every secret key on the token once and builds the index.
-fn scan(s: &Session, prefix: &str, generation: u64) -> std::result::Result<HashMap<KeyName, Arc<Entry>>, CkError> {
+fn scan(
+    s: &Session,
+    prefix: &str,
+    generation: u64,
+) -> std::result::Result<HashMap<KeyName, Arc<Entry>>, CkError> {
     let handles = s.find_objects(&[Attribute::Class(ObjectClass::SECRET_KEY)])?;
     let mut by_name: HashMap<KeyName, Vec<Found>> = HashMap::new();
     for handle in handles {
@@ -572,18 +671,33 @@ fn scan(s: &Session, prefix: &str, generation: u64) -> std::result::Result<HashM
                 _ => {}
             }
         }
-        let Some(name) = label.as_deref().and_then(|l| l.strip_prefix(prefix)).and_then(|n| KeyName::new(n).ok()) else {
+        let Some(name) = label
+            .as_deref()
+            .and_then(|l| l.strip_prefix(prefix))
+            .and_then(|n| KeyName::new(n).ok())
+        else {
             continue;
         };
         if meta.is_some() {
-            by_name.entry(name).or_default().push(Found { handle, meta });
+            by_name
+                .entry(name)
+                .or_default()
+                .push(Found { handle, meta });
         }
     }
     Ok(by_name
         .into_iter()
         .filter_map(|(name, found)| {
             let (master, hmac, info) = pick_ready(&found, &name)?;
-            Some((name, Arc::new(Entry { master, hmac, info, generation })))
+            Some((
+                name,
+                Arc::new(Entry {
+                    master,
+                    hmac,
+                    info,
+                    generation,
+                }),
+            ))
         })
         .collect())
 }
@@ -632,7 +746,11 @@ fn create_on_token(s: &Session, label: &str, name: &KeyName, spec: NewKey) -> Op
             let written = write_pending(s, label, &nonce, &spec)?;
             let found = survey(s, label)?;
             let others_live = found.iter().any(|f| {
-                f.meta.as_ref().is_some_and(|m| m.nonce != nonce && (m.state == State::Ready || unix_now() - m.ts <= objects::STALE_PENDING_SECS))
+                f.meta.as_ref().is_some_and(|m| {
+                    m.nonce != nonce
+                        && (m.state == State::Ready
+                            || unix_now() - m.ts <= objects::STALE_PENDING_SECS)
+                })
             });
             if !others_live {
                 return commit(s, written, name).map_err(OpError::Ck);
@@ -673,7 +791,13 @@ impl Written {
 }
 
 fn write_pending(s: &Session, label: &str, nonce: &str, spec: &NewKey) -> OpResult<Written> {
-    let hmac_meta = Meta::new(Role::Hmac, nonce, spec.scheme, spec.algorithm, &spec.provenance);
+    let hmac_meta = Meta::new(
+        Role::Hmac,
+        nonce,
+        spec.scheme,
+        spec.algorithm,
+        &spec.provenance,
+    );
     let hmac = match &spec.hmac {
         NewHmac::None => None,
         NewHmac::Generate => {
@@ -687,21 +811,33 @@ fn write_pending(s: &Session, label: &str, nonce: &str, spec: &NewKey) -> OpResu
             Some(h?)
         }
     };
-    let master_meta = Meta::new(Role::Key, nonce, spec.scheme, spec.algorithm, &spec.provenance);
+    let master_meta = Meta::new(
+        Role::Key,
+        nonce,
+        spec.scheme,
+        spec.algorithm,
+        &spec.provenance,
+    );
     let master = match &spec.material {
         None => {
             let t = objects::master_template(label, &master_meta, spec.scheme, None);
             s.generate_key(&Mechanism::AesKeyGen, &t)
         }
         Some(v) => {
-            let mut t = objects::master_template(label, &master_meta, spec.scheme, Some(v.to_vec()));
+            let mut t =
+                objects::master_template(label, &master_meta, spec.scheme, Some(v.to_vec()));
             let h = s.create_object(&t);
             objects::wipe(&mut t);
             h
         }
     };
     match master {
-        Ok(master) => Ok(Written { master, master_meta, hmac: hmac.map(|h| (h, hmac_meta)), scheme: spec.scheme }),
+        Ok(master) => Ok(Written {
+            master,
+            master_meta,
+            hmac: hmac.map(|h| (h, hmac_meta)),
+            scheme: spec.scheme,
+        }),
         Err(e) => {
             if let Some(h) = hmac {
                 let _ = s.destroy_object(h);
@@ -729,7 +865,12 @@ fn commit(s: &Session, w: Written, name: &KeyName) -> std::result::Result<Entry,
                 created_at: meta.created_at,
                 created_by: meta.created_by.clone(),
             });
-            Ok(Entry { master: w.master, hmac: w.hmac.map(|(h, _)| h), info, generation: 0 })
+            Ok(Entry {
+                master: w.master,
+                hmac: w.hmac.map(|(h, _)| h),
+                info,
+                generation: 0,
+            })
         }
         Err(e) => {
             w.destroy(s);
@@ -740,7 +881,14 @@ fn commit(s: &Session, w: Written, name: &KeyName) -> std::result::Result<Entry,
 
 /// Seals `plaintext` on the device with the key's scheme. `rnd` holds fresh random bytes
 /// for the IV (and nonce): 12 for `gcm`, 28 for `kes`, none for `kwp`.
-fn seal_on_device(s: &Session, e: &Entry, iv_source: IvSource, rnd: &[u8], plaintext: &[u8], context: &[u8]) -> OpResult<Vec<u8>> {
+fn seal_on_device(
+    s: &Session,
+    e: &Entry,
+    iv_source: IvSource,
+    rnd: &[u8],
+    plaintext: &[u8],
+    context: &[u8],
+) -> OpResult<Vec<u8>> {
     match e.info.scheme {
         Scheme::Gcm => {
             let mut iv = [0u8; native::GCM_IV_LEN];
@@ -748,7 +896,8 @@ fn seal_on_device(s: &Session, e: &Entry, iv_source: IvSource, rnd: &[u8], plain
                 iv.copy_from_slice(&rnd[..native::GCM_IV_LEN]);
             }
             let sealed = {
-                let params = GcmParams::new(&mut iv, context, (native::GCM_TAG_LEN as u64 * 8).into())?;
+                let params =
+                    GcmParams::new(&mut iv, context, (native::GCM_TAG_LEN as u64 * 8).into())?;
                 s.encrypt(&Mechanism::AesGcm(params), e.master, plaintext)?
             };
             Ok(native::encode_gcm(&iv, &sealed))
@@ -764,27 +913,49 @@ fn seal_on_device(s: &Session, e: &Entry, iv_source: IvSource, rnd: &[u8], plain
             Ok(native::encode_kwp(pad, &wrapped?))
         }
         Scheme::Kes => {
-            let iv: [u8; kes::IV_LEN] = rnd[..kes::IV_LEN].try_into().map_err(|_| OpError::Fail(KeystoreError::Backend("short random".into())))?;
-            let nonce: [u8; kes::NONCE_LEN] =
-                rnd[kes::IV_LEN..kes::TRAILER_LEN].try_into().map_err(|_| OpError::Fail(KeystoreError::Backend("short random".into())))?;
+            let iv: [u8; kes::IV_LEN] = rnd[..kes::IV_LEN]
+                .try_into()
+                .map_err(|_| OpError::Fail(KeystoreError::Backend("short random".into())))?;
+            let nonce: [u8; kes::NONCE_LEN] = rnd[kes::IV_LEN..kes::TRAILER_LEN]
+                .try_into()
+                .map_err(|_| OpError::Fail(KeystoreError::Backend("short random".into())))?;
             let derived = derive_on_device(s, e, &iv)?;
-            Ok(kes::seal(e.info.algorithm, &derived, &iv, &nonce, plaintext, context))
+            Ok(kes::seal(
+                e.info.algorithm,
+                &derived,
+                &iv,
+                &nonce,
+                plaintext,
+                context,
+            ))
         }
     }
 }
 
 /// The `kes` scheme's per-message key, HMAC-SHA256(master, iv), computed on the device.
-fn derive_on_device(s: &Session, e: &Entry, iv: &[u8; kes::IV_LEN]) -> OpResult<Zeroizing<[u8; 32]>> {
+fn derive_on_device(
+    s: &Session,
+    e: &Entry,
+    iv: &[u8; kes::IV_LEN],
+) -> OpResult<Zeroizing<[u8; 32]>> {
     let mac = Zeroizing::new(s.sign(&Mechanism::Sha256Hmac, e.master, iv)?);
     let mut out = Zeroizing::new([0u8; 32]);
     if mac.len() != 32 {
-        return Err(OpError::Fail(KeystoreError::Backend(format!("CKM_SHA256_HMAC returned {} bytes", mac.len()))));
+        return Err(OpError::Fail(KeystoreError::Backend(format!(
+            "CKM_SHA256_HMAC returned {} bytes",
+            mac.len()
+        ))));
     }
     out.copy_from_slice(&mac);
     Ok(out)
 }
 
-fn open_on_device(s: &Session, e: &Entry, ciphertext: &[u8], context: &[u8]) -> OpResult<SecretBytes> {
+fn open_on_device(
+    s: &Session,
+    e: &Entry,
+    ciphertext: &[u8],
+    context: &[u8],
+) -> OpResult<SecretBytes> {
     match e.info.scheme {
         Scheme::Gcm => {
             let (mut iv, sealed) = native::parse_gcm(ciphertext)?;
@@ -793,20 +964,27 @@ fn open_on_device(s: &Session, e: &Entry, ciphertext: &[u8], context: &[u8]) -> 
                 Ok(pt) => Ok(Zeroizing::new(pt)),
                 // SoftHSM reports a failed tag check as a general error rather than
                 // CKR_ENCRYPTED_DATA_INVALID; on C_Decrypt with GCM it can mean nothing else.
-                Err(CkError::Pkcs11(RvError::GeneralError | RvError::FunctionFailed, Function::Decrypt)) => {
-                    Err(OpError::Fail(KeystoreError::NotAuthentic))
-                }
+                Err(CkError::Pkcs11(
+                    RvError::GeneralError | RvError::FunctionFailed,
+                    Function::Decrypt,
+                )) => Err(OpError::Fail(KeystoreError::NotAuthentic)),
                 Err(e) => Err(e.into()),
             }
         }
         Scheme::Kwp => {
             let (pad, wrapped) = native::parse_kwp(ciphertext)?;
-            let obj = match s.unwrap_key(&Mechanism::AesKeyWrapPad, e.master, wrapped, &objects::transient_unwrap_template()) {
+            let obj = match s.unwrap_key(
+                &Mechanism::AesKeyWrapPad,
+                e.master,
+                wrapped,
+                &objects::transient_unwrap_template(),
+            ) {
                 Ok(obj) => obj,
                 // SoftHSM reports a failed KWP integrity check as a general error.
-                Err(CkError::Pkcs11(RvError::GeneralError | RvError::FunctionFailed, Function::UnwrapKey)) => {
-                    return Err(OpError::Fail(KeystoreError::NotAuthentic))
-                }
+                Err(CkError::Pkcs11(
+                    RvError::GeneralError | RvError::FunctionFailed,
+                    Function::UnwrapKey,
+                )) => return Err(OpError::Fail(KeystoreError::NotAuthentic)),
                 Err(e) => return Err(e.into()),
             };
             let value = s.get_attributes(obj, &[AttributeType::Value]);
@@ -896,7 +1074,12 @@ impl KeyStore for Pkcs11KeyStore {
             self.inner.rescan().await?;
         }
         let index = self.inner.index.read().unwrap_or_else(|e| e.into_inner());
-        let mut names: Vec<KeyName> = index.keys.keys().filter(|k| k.as_str().starts_with(prefix)).cloned().collect();
+        let mut names: Vec<KeyName> = index
+            .keys
+            .keys()
+            .filter(|k| k.as_str().starts_with(prefix))
+            .cloned()
+            .collect();
         names.sort();
         Ok(names)
     }
@@ -930,12 +1113,22 @@ impl KeyStore for Pkcs11KeyStore {
                 s.generate_random_slice(&mut rnd[..32 + extra])?;
                 let mut dek = Zeroizing::new([0u8; 32]);
                 dek.copy_from_slice(&rnd[..32]);
-                let ct = seal_on_device(s, e, iv_source, &rnd[32..32 + extra], dek.as_ref(), &context)?;
+                let ct = seal_on_device(
+                    s,
+                    e,
+                    iv_source,
+                    &rnd[32..32 + extra],
+                    dek.as_ref(),
+                    &context,
+                )?;
                 Ok((dek, ct))
             })
             .await?;
         self.inner.count_seal(name);
-        Ok(DataKey { plaintext, ciphertext })
+        Ok(DataKey {
+            plaintext,
+            ciphertext,
+        })
     }
 
     async fn encrypt(&self, name: &KeyName, plaintext: &[u8], context: &[u8]) -> Result<Vec<u8>> {
@@ -955,26 +1148,43 @@ impl KeyStore for Pkcs11KeyStore {
         Ok(ct)
     }
 
-    async fn decrypt(&self, name: &KeyName, ciphertext: &[u8], context: &[u8]) -> Result<SecretBytes> {
+    async fn decrypt(
+        &self,
+        name: &KeyName,
+        ciphertext: &[u8],
+        context: &[u8],
+    ) -> Result<SecretBytes> {
         let ciphertext = Arc::new(ciphertext.to_vec());
         let context = Arc::new(context.to_vec());
-        self.inner.with_key(name, move |s, e| open_on_device(s, e, &ciphertext, &context)).await
+        self.inner
+            .with_key(name, move |s, e| {
+                open_on_device(s, e, &ciphertext, &context)
+            })
+            .await
     }
 
     async fn hmac(&self, name: &KeyName, message: &[u8]) -> Result<[u8; 32]> {
         let message = Arc::new(message.to_vec());
         self.inner
             .with_key(name, move |s, e| {
-                let h = e.hmac.ok_or(OpError::Fail(KeystoreError::HmacUnsupported))?;
+                let h = e
+                    .hmac
+                    .ok_or(OpError::Fail(KeystoreError::HmacUnsupported))?;
                 let mac = s.sign(&Mechanism::Sha256Hmac, h, &message)?;
-                mac.try_into().map_err(|_| OpError::Fail(KeystoreError::Backend("CKM_SHA256_HMAC returned a short MAC".into())))
+                mac.try_into().map_err(|_| {
+                    OpError::Fail(KeystoreError::Backend(
+                        "CKM_SHA256_HMAC returned a short MAC".into(),
+                    ))
+                })
             })
             .await
     }
 
     async fn status(&self) -> Result<Duration> {
         let started = Instant::now();
-        self.inner.run_plain(|s| Ok(s.get_session_info().map(|_| ())?)).await?;
+        self.inner
+            .run_plain(|s| Ok(s.get_session_info().map(|_| ())?))
+            .await?;
         Ok(started.elapsed())
     }
 }

@@ -58,7 +58,13 @@ pub struct Meta {
 pub const STALE_PENDING_SECS: i64 = 10;
 
 impl Meta {
-    pub fn new(role: Role, nonce: &str, scheme: Scheme, alg: Algorithm, provenance: &Provenance) -> Self {
+    pub fn new(
+        role: Role,
+        nonce: &str,
+        scheme: Scheme,
+        alg: Algorithm,
+        provenance: &Provenance,
+    ) -> Self {
         Meta {
             kesh: META_VERSION,
             role,
@@ -78,7 +84,9 @@ impl Meta {
     }
 
     pub fn decode(bytes: &[u8]) -> Option<Self> {
-        serde_json::from_slice::<Meta>(bytes).ok().filter(|m| m.kesh == META_VERSION)
+        serde_json::from_slice::<Meta>(bytes)
+            .ok()
+            .filter(|m| m.kesh == META_VERSION)
     }
 
     pub fn ready(mut self) -> Self {
@@ -125,13 +133,22 @@ fn common(label: &str, meta: &Meta) -> Vec<Attribute> {
 
 /// The master key's template. `value` is `Some` for imported material (C_CreateObject) and
 /// `None` for a key the device generates (C_GenerateKey).
-pub fn master_template(label: &str, meta: &Meta, scheme: Scheme, value: Option<Vec<u8>>) -> Vec<Attribute> {
+pub fn master_template(
+    label: &str,
+    meta: &Meta,
+    scheme: Scheme,
+    value: Option<Vec<u8>>,
+) -> Vec<Attribute> {
     let mut t = common(label, meta);
     let kwp = scheme == Scheme::Kwp;
     let gcm = scheme == Scheme::Gcm;
     let kes = scheme == Scheme::Kes;
     t.extend([
-        Attribute::KeyType(if kes { KeyType::GENERIC_SECRET } else { KeyType::AES }),
+        Attribute::KeyType(if kes {
+            KeyType::GENERIC_SECRET
+        } else {
+            KeyType::AES
+        }),
         Attribute::Encrypt(gcm),
         Attribute::Decrypt(gcm),
         Attribute::Wrap(kwp),

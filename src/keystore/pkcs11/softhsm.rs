@@ -76,12 +76,18 @@ impl EphemeralToken {
         static LOCK: Mutex<()> = Mutex::new(());
         // One initializer at a time: SoftHSM hands out "the" free slot.
         let _guard = LOCK.lock().unwrap_or_else(|e| e.into_inner());
-        let module = module_path()
-            .ok_or_else(|| SoftHsmError("libsofthsm2.so not found; install it with `apt-get install softhsm2`".into()))?;
+        let module = module_path().ok_or_else(|| {
+            SoftHsmError(
+                "libsofthsm2.so not found; install it with `apt-get install softhsm2`".into(),
+            )
+        })?;
         token_home()?;
-        let suffix = hex::encode(*crate::secret::random::<6>().map_err(|e| SoftHsmError(e.to_string()))?);
+        let suffix =
+            hex::encode(*crate::secret::random::<6>().map_err(|e| SoftHsmError(e.to_string()))?);
         let label = format!("kesh-{suffix}");
-        let pin = Pin::new(hex::encode(*crate::secret::random::<8>().map_err(|e| SoftHsmError(e.to_string()))?));
+        let pin = Pin::new(hex::encode(
+            *crate::secret::random::<8>().map_err(|e| SoftHsmError(e.to_string()))?,
+        ));
         let ck = |what: &str| {
             let what = what.to_owned();
             move |e: cryptoki::error::Error| SoftHsmError(format!("{what}: {e}"))
@@ -92,23 +98,36 @@ impl EphemeralToken {
             .get_all_slots()
             .map_err(ck("C_GetSlotList"))?
             .into_iter()
-            .find(|s| ctx.get_token_info(*s).map(|t| !t.token_initialized()).unwrap_or(false))
+            .find(|s| {
+                ctx.get_token_info(*s)
+                    .map(|t| !t.token_initialized())
+                    .unwrap_or(false)
+            })
             .ok_or_else(|| SoftHsmError("no free slot to initialize a token in".into()))?;
         let so_pin = AuthPin::new(pin.expose().into());
-        ctx.init_token(slot, &so_pin, &label).map_err(ck("C_InitToken"))?;
+        ctx.init_token(slot, &so_pin, &label)
+            .map_err(ck("C_InitToken"))?;
         // C_InitToken moves the token to a new slot id in SoftHSM: find it again by label.
-        let slot = device::find_slot(&ctx, &TokenSelector::Label(label.clone())).map_err(|e| SoftHsmError(e.0))?;
+        let slot = device::find_slot(&ctx, &TokenSelector::Label(label.clone()))
+            .map_err(|e| SoftHsmError(e.0))?;
         let session = ctx.open_rw_session(slot).map_err(ck("C_OpenSession"))?;
-        session.login(UserType::So, Some(&so_pin)).map_err(ck("C_Login(SO)"))?;
-        session.init_pin(&AuthPin::new(pin.expose().into())).map_err(ck("C_InitPIN"))?;
+        session
+            .login(UserType::So, Some(&so_pin))
+            .map_err(ck("C_Login(SO)"))?;
+        session
+            .init_pin(&AuthPin::new(pin.expose().into()))
+            .map_err(ck("C_InitPIN"))?;
         let _ = session.logout();
         Ok(EphemeralToken { module, label, pin })
     }
 
     /// A token someone else initialized (the test script's), used the same way.
     pub fn existing(label: String, pin: Pin) -> Result<Self, SoftHsmError> {
-        let module = module_path()
-            .ok_or_else(|| SoftHsmError("libsofthsm2.so not found; install it with `apt-get install softhsm2`".into()))?;
+        let module = module_path().ok_or_else(|| {
+            SoftHsmError(
+                "libsofthsm2.so not found; install it with `apt-get install softhsm2`".into(),
+            )
+        })?;
         Ok(EphemeralToken { module, label, pin })
     }
 

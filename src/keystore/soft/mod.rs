@@ -15,7 +15,9 @@ use std::time::{Duration, Instant};
 use time::OffsetDateTime;
 use zeroize::Zeroizing;
 
-use super::{DataKey, HmacKeySource, ImportKey, KeyInfo, KeyStore, KeystoreError, Provenance, Result, Scheme};
+use super::{
+    DataKey, HmacKeySource, ImportKey, KeyInfo, KeyStore, KeystoreError, Provenance, Result, Scheme,
+};
 use crate::crypto::{self, kes, kes::Algorithm, native};
 use crate::name::KeyName;
 use crate::secret::{self, Key32, SecretBytes};
@@ -35,7 +37,9 @@ pub struct SoftKeyStore {
 
 impl std::fmt::Debug for SoftKeyStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SoftKeyStore").field("dir", &self.dir.as_ref().map(|d| &d.path)).finish_non_exhaustive()
+        f.debug_struct("SoftKeyStore")
+            .field("dir", &self.dir.as_ref().map(|d| &d.path))
+            .finish_non_exhaustive()
     }
 }
 
@@ -46,7 +50,11 @@ fn rng_error(e: getrandom::Error) -> KeystoreError {
 impl SoftKeyStore {
     /// An empty store that forgets everything on exit.
     pub fn in_memory() -> Self {
-        SoftKeyStore { keys: RwLock::new(BTreeMap::new()), dir: None, scheme: Scheme::Gcm }
+        SoftKeyStore {
+            keys: RwLock::new(BTreeMap::new()),
+            dir: None,
+            scheme: Scheme::Gcm,
+        }
     }
 
     /// A store backed by `path`, one wrapped file per key, under the KEK in `kek_file`
@@ -54,7 +62,11 @@ impl SoftKeyStore {
     pub fn open_dir(path: &Path, kek_file: &Path) -> Result<Self> {
         let dir = KeyDir::open(path, kek_file)?;
         let keys = dir.load_all()?;
-        Ok(SoftKeyStore { keys: RwLock::new(keys), dir: Some(dir), scheme: Scheme::Gcm })
+        Ok(SoftKeyStore {
+            keys: RwLock::new(keys),
+            dir: Some(dir),
+            scheme: Scheme::Gcm,
+        })
     }
 
     /// The scheme for keys made by `create`.
@@ -65,14 +77,22 @@ impl SoftKeyStore {
 
     fn key(&self, name: &KeyName) -> Result<Arc<SoftKey>> {
         // A poisoned lock means a panic mid-update of a map of Arcs: the map itself is intact.
-        let found = self.keys.read().unwrap_or_else(|e| e.into_inner()).get(name).cloned();
+        let found = self
+            .keys
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(name)
+            .cloned();
         match found {
             Some(k) => Ok(k),
             None => {
                 // Another process may have created it in the shared directory.
                 let dir = self.dir.as_ref().ok_or(KeystoreError::KeyNotFound)?;
                 let key = Arc::new(dir.load(name)?.ok_or(KeystoreError::KeyNotFound)?);
-                self.keys.write().unwrap_or_else(|e| e.into_inner()).insert(name.clone(), key.clone());
+                self.keys
+                    .write()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(name.clone(), key.clone());
                 Ok(key)
             }
         }
@@ -94,13 +114,25 @@ impl SoftKeyStore {
 /// Seals `plaintext` under `key` with its scheme, in software.
 fn seal(key: &SoftKey, plaintext: &[u8], context: &[u8]) -> Result<Vec<u8>> {
     Ok(match key.info.scheme {
-        Scheme::Gcm => native::seal_gcm_soft(&key.master, &*secret::random::<12>().map_err(rng_error)?, plaintext, context),
+        Scheme::Gcm => native::seal_gcm_soft(
+            &key.master,
+            &*secret::random::<12>().map_err(rng_error)?,
+            plaintext,
+            context,
+        ),
         Scheme::Kwp => native::seal_kwp_soft(&key.master, plaintext, context),
         Scheme::Kes => {
             let iv = secret::random::<{ kes::IV_LEN }>().map_err(rng_error)?;
             let nonce = secret::random::<{ kes::NONCE_LEN }>().map_err(rng_error)?;
             let derived = kes::derive_soft(key.info.algorithm, &key.master, &iv);
-            kes::seal(key.info.algorithm, &derived, &iv, &nonce, plaintext, context)
+            kes::seal(
+                key.info.algorithm,
+                &derived,
+                &iv,
+                &nonce,
+                plaintext,
+                context,
+            )
         }
     })
 }
@@ -143,7 +175,10 @@ impl KeyStore for SoftKeyStore {
 
     async fn import(&self, name: &KeyName, import: ImportKey) -> Result<()> {
         if import.scheme != Scheme::Kes && import.algorithm != Algorithm::Aes256 {
-            return Err(KeystoreError::InvalidInput(format!("the {} scheme takes AES256 keys only", import.scheme)));
+            return Err(KeystoreError::InvalidInput(format!(
+                "the {} scheme takes AES256 keys only",
+                import.scheme
+            )));
         }
         let hmac = match import.hmac {
             HmacKeySource::Generate => Some(secret::random::<32>().map_err(rng_error)?),
@@ -170,7 +205,11 @@ impl KeyStore for SoftKeyStore {
 
     async fn list(&self, prefix: &str) -> Result<Vec<KeyName>> {
         let keys = self.keys.read().unwrap_or_else(|e| e.into_inner());
-        Ok(keys.keys().filter(|k| k.as_str().starts_with(prefix)).cloned().collect())
+        Ok(keys
+            .keys()
+            .filter(|k| k.as_str().starts_with(prefix))
+            .cloned()
+            .collect())
     }
 
     async fn delete(&self, name: &KeyName) -> Result<()> {
@@ -191,14 +230,22 @@ impl KeyStore for SoftKeyStore {
         let key = self.key(name)?;
         let plaintext = secret::random::<32>().map_err(rng_error)?;
         let ciphertext = seal(&key, plaintext.as_ref(), context)?;
-        Ok(DataKey { plaintext, ciphertext })
+        Ok(DataKey {
+            plaintext,
+            ciphertext,
+        })
     }
 
     async fn encrypt(&self, name: &KeyName, plaintext: &[u8], context: &[u8]) -> Result<Vec<u8>> {
         seal(&*self.key(name)?, plaintext, context)
     }
 
-    async fn decrypt(&self, name: &KeyName, ciphertext: &[u8], context: &[u8]) -> Result<SecretBytes> {
+    async fn decrypt(
+        &self,
+        name: &KeyName,
+        ciphertext: &[u8],
+        context: &[u8],
+    ) -> Result<SecretBytes> {
         open(&*self.key(name)?, ciphertext, context)
     }
 
@@ -211,8 +258,9 @@ impl KeyStore for SoftKeyStore {
     async fn status(&self) -> Result<Duration> {
         let start = Instant::now();
         if let Some(dir) = &self.dir {
-            std::fs::metadata(&dir.path)
-                .map_err(|e| KeystoreError::Unreachable(format!("key directory {}: {e}", dir.path.display())))?;
+            std::fs::metadata(&dir.path).map_err(|e| {
+                KeystoreError::Unreachable(format!("key directory {}: {e}", dir.path.display()))
+            })?;
         }
         Ok(start.elapsed())
     }
@@ -241,15 +289,22 @@ fn scheme_id(s: Scheme) -> u8 {
 
 impl KeyDir {
     fn open(path: &Path, kek_file: &Path) -> Result<Self> {
-        let text = Zeroizing::new(std::fs::read_to_string(kek_file).map_err(|e| io_error("cannot read KEK file", kek_file, e))?);
+        let text = Zeroizing::new(
+            std::fs::read_to_string(kek_file)
+                .map_err(|e| io_error("cannot read KEK file", kek_file, e))?,
+        );
         let kek = parse_kek(text.trim()).ok_or_else(|| {
             KeystoreError::InvalidInput(format!(
                 "KEK file {} must hold 32 bytes as base64 (44 characters) or hex (64 characters)",
                 kek_file.display()
             ))
         })?;
-        std::fs::create_dir_all(path).map_err(|e| io_error("cannot create key directory", path, e))?;
-        Ok(KeyDir { path: path.to_owned(), kek })
+        std::fs::create_dir_all(path)
+            .map_err(|e| io_error("cannot create key directory", path, e))?;
+        Ok(KeyDir {
+            path: path.to_owned(),
+            kek,
+        })
     }
 
     fn file(&self, name: &KeyName) -> PathBuf {
@@ -258,13 +313,20 @@ impl KeyDir {
 
     fn load_all(&self) -> Result<BTreeMap<KeyName, Arc<SoftKey>>> {
         let mut keys = BTreeMap::new();
-        let entries = std::fs::read_dir(&self.path).map_err(|e| io_error("cannot read key directory", &self.path, e))?;
+        let entries = std::fs::read_dir(&self.path)
+            .map_err(|e| io_error("cannot read key directory", &self.path, e))?;
         for entry in entries {
             let entry = entry.map_err(|e| io_error("cannot read key directory", &self.path, e))?;
             let file_name = entry.file_name();
-            let Some(stem) = file_name.to_str().and_then(|n| n.strip_suffix(FILE_SUFFIX)) else { continue };
-            let name = KeyName::new(stem)
-                .map_err(|_| KeystoreError::Backend(format!("key file {} has an invalid key name", entry.path().display())))?;
+            let Some(stem) = file_name.to_str().and_then(|n| n.strip_suffix(FILE_SUFFIX)) else {
+                continue;
+            };
+            let name = KeyName::new(stem).map_err(|_| {
+                KeystoreError::Backend(format!(
+                    "key file {} has an invalid key name",
+                    entry.path().display()
+                ))
+            })?;
             if let Some(key) = self.load(&name)? {
                 keys.insert(name, Arc::new(key));
             }
@@ -281,11 +343,14 @@ impl KeyDir {
         };
         let kek = aes_kw::KekAes256::from(*self.kek);
         let record = Zeroizing::new(kek.unwrap_with_padding_vec(&wrapped).map_err(|_| {
-            KeystoreError::Backend(format!("key file {} does not open under the KEK (wrong KEK or corrupt file)", path.display()))
+            KeystoreError::Backend(format!(
+                "key file {} does not open under the KEK (wrong KEK or corrupt file)",
+                path.display()
+            ))
         })?);
-        decode_record(&record, name)
-            .map(Some)
-            .ok_or_else(|| KeystoreError::Backend(format!("key file {} is malformed", path.display())))
+        decode_record(&record, name).map(Some).ok_or_else(|| {
+            KeystoreError::Backend(format!("key file {} is malformed", path.display()))
+        })
     }
 
     /// Writes the key exclusively: a temporary file, fsynced, then hard-linked to its name, so
@@ -306,11 +371,15 @@ impl KeyDir {
                 .mode_0600()
                 .open(&tmp)
                 .map_err(|e| io_error("cannot write key file", &tmp, e))?;
-            f.write_all(&wrapped).and_then(|()| f.sync_all()).map_err(|e| io_error("cannot write key file", &tmp, e))?;
+            f.write_all(&wrapped)
+                .and_then(|()| f.sync_all())
+                .map_err(|e| io_error("cannot write key file", &tmp, e))?;
             let target = self.file(name);
             match std::fs::hard_link(&tmp, &target) {
                 Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => return Err(KeystoreError::KeyExists),
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                    return Err(KeystoreError::KeyExists)
+                }
                 Err(e) => return Err(io_error("cannot commit key file", &target, e)),
             }
             sync_dir(&self.path);
@@ -357,7 +426,9 @@ fn parse_kek(text: &str) -> Option<Key32> {
     let bytes = Zeroizing::new(if text.len() == 64 {
         hex::decode(text).ok()?
     } else {
-        base64::engine::general_purpose::STANDARD.decode(text).ok()?
+        base64::engine::general_purpose::STANDARD
+            .decode(text)
+            .ok()?
     });
     let mut key = Zeroizing::new([0u8; 32]);
     key.copy_from_slice(bytes.get(..32).filter(|_| bytes.len() == 32)?);
@@ -416,7 +487,8 @@ fn decode_record(rec: &[u8], expected: &KeyName) -> Option<SoftKey> {
             name: expected.clone(),
             scheme,
             algorithm,
-            created_at: OffsetDateTime::from_unix_timestamp_nanos(i128::from_be_bytes(*created)).ok()?,
+            created_at: OffsetDateTime::from_unix_timestamp_nanos(i128::from_be_bytes(*created))
+                .ok()?,
             created_by: String::from_utf8(created_by.to_vec()).ok()?,
         },
         master: Zeroizing::new(*master),
