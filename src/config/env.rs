@@ -86,7 +86,7 @@ mod tests {
     #[test]
     fn substitutes_whole_values_only() {
         let v = substitute_with(
-            "admin:\n  identity: ${ADMIN}\nkeystore:\n  pkcs11:\n    pin: ' ${ PIN } '\n    token: x${PIN}\npolicy:\n  p:\n    allow: ['${PIN}']\n    identities: [${ADMIN}]\n",
+            "admin:\n  identity: ${ADMIN}\nkeystore:\n  pkcs11:\n    pin: ' ${ PIN } '\n    token: x${PIN}\npolicy:\n  p:\n    allow: ['${PIN}']\n    identities:\n    - ${ADMIN}\n",
             env,
         )
         .unwrap();

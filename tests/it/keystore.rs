@@ -856,3 +856,23 @@ mod pkcs11_only {
         );
     }
 }
+
+/// Every file in `hsm-config/` parses and its keystore section validates.
+#[test]
+fn hsm_config_files_validate() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("hsm-config");
+    let mut seen = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().and_then(|e| e.to_str()) != Some("yaml") {
+            continue;
+        }
+        let text = std::fs::read_to_string(&path).unwrap();
+        let value = kesh::config::env::substitute_with(&text, |_| Some("placeholder".into()))
+            .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        kesh::config::keystore::KeystoreConfig::from_value(&value["keystore"])
+            .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        seen += 1;
+    }
+    assert!(seen > 0, "no configs in {}", dir.display());
+}
