@@ -441,12 +441,21 @@ async fn serve_route(
         },
     };
     let _active = route.counted.then(|| svc.metrics().request_started());
-    let result = match read_body(req, route.max_body).await {
-        Err(()) => Err(ApiError::InvalidBody(if route.id == RouteId::KeyImport {
-            BodyKind::Import
-        } else {
-            BodyKind::Other
-        })),
+    // KES validates the key name before it reads a body.
+    let bad_name = route.max_body > 0 && crate::name::KeyName::new(&resource).is_err();
+    let body = if bad_name {
+        Err(ApiError::InvalidKeyName(resource.clone()))
+    } else {
+        read_body(req, route.max_body).await.map_err(|()| {
+            ApiError::InvalidBody(if route.id == RouteId::KeyImport {
+                BodyKind::Import
+            } else {
+                BodyKind::Other
+            })
+        })
+    };
+    let result = match body {
+        Err(e) => Err(e),
         Ok(body) => {
             let request = routes::Request {
                 resource,

@@ -609,6 +609,19 @@ async fn request_errors_and_limits(store: Store) {
         "invalid import key request body",
     );
 
+    // The name is checked before the body is read.
+    assert_error(
+        &send(
+            &c,
+            Method::POST,
+            "/v1/key/import/a.b",
+            Some(over.as_bytes()),
+        )
+        .await,
+        400,
+        "key name 'a.b' is empty, too long or contains invalid characters",
+    );
+
     // Import: body, cipher (checked first), then size.
     let imp = format!("/v1/key/import/{}", name("imp"));
     assert_error(
