@@ -60,13 +60,16 @@ pub fn find_slot(ctx: &Pkcs11, token: &TokenSelector) -> Result<Slot, ConnectErr
 
 /// One pass over the slots; the flag says whether some token could not be read.
 fn find_slot_once(ctx: &Pkcs11, token: &TokenSelector) -> Result<Slot, (ConnectError, bool)> {
+    // Not `get_slots_with_initialized_token`: it fails as a whole when any one token cannot
+    // be read (e.g. one another process is writing to), where ours may be fine.
     let slots = ctx
-        .get_slots_with_initialized_token()
+        .get_slots_with_token()
         .map_err(|e| (ck("C_GetSlotList")(e), true))?;
     let mut seen = Vec::new();
     let mut unreadable = false;
     for slot in slots {
         let info = match ctx.get_token_info(slot) {
+            Ok(info) if !info.token_initialized() => continue,
             Ok(info) => info,
             Err(e) => {
                 unreadable = true;
