@@ -1139,8 +1139,12 @@ async fn audit_stream_delivers(store: Store) {
     c.create_key(&k).await.unwrap();
     let g = c.generate_key(&k, b"secret context").await.unwrap();
     let _ = c.describe_key("audit-missing").await;
+    // A refused request is on the trail too, with the caller's identity.
+    let (creds, stranger_id) = client_cert(&rcgen::PKCS_ED25519);
+    let stranger = srv.client(creds);
+    let _ = stranger.delete_key(&k).await;
     let mut events = Vec::new();
-    for _ in 0..3 {
+    for _ in 0..4 {
         let line = tokio::time::timeout(Duration::from_secs(5), audit.next_line())
             .await
             .unwrap()
@@ -1175,11 +1179,16 @@ async fn audit_stream_delivers(store: Store) {
                 404,
                 admin.clone()
             ),
+            (format!("/v1/key/delete/{k}"), 403, stranger_id.to_string()),
         ]
     );
     assert_eq!(events[0].request.ip, "127.0.0.1");
     let metrics = c.metrics().await.unwrap();
-    assert!(metrics.contains("kes_log_audit_events 3"), "{metrics}");
+    assert!(metrics.contains("kes_log_audit_events 4"), "{metrics}");
+    // As in KES, requests refused by authentication are not in the HTTP counters.
+    assert!(!metrics.contains("code=\"403\""), "{metrics}");
+    assert!(metrics.contains("kesh_policy_denials_total 1"), "{metrics}");
+    c.describe_key(&k).await.unwrap();
 }
 
 // ---- tests that need no second keystore run ----
