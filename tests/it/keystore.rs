@@ -602,7 +602,20 @@ mod pkcs11_only {
             pin: kesh::secret::Pin::new(std::env::var("KESH_CHILD_PIN").unwrap()),
             ..harness::token_config_template()
         };
-        let ks = Pkcs11KeyStore::open(cfg).await.unwrap();
+        // Other tests' processes may be writing to the token directory as this one starts;
+        // SoftHSM then fails token reads for a moment. Opening is not what this test is about.
+        let mut attempt = 0;
+        let ks = loop {
+            match Pkcs11KeyStore::open(cfg.clone()).await {
+                Ok(ks) => break ks,
+                Err(e) if attempt < 30 => {
+                    attempt += 1;
+                    eprintln!("open failed ({e}); retrying");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                }
+                Err(e) => panic!("open: {e}"),
+            }
+        };
         let (verb, name) = action.split_once(':').unwrap();
         let name = KeyName::new(name).unwrap();
         // Start together: wait for the go-time the parent wrote.
