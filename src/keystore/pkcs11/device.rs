@@ -48,10 +48,10 @@ pub fn find_slot(ctx: &Pkcs11, token: &TokenSelector) -> Result<Slot, ConnectErr
     let mut attempt = 0;
     loop {
         match find_slot_once(ctx, token) {
-            Err((e, true)) if attempt < 5 => {
+            Err((e, true)) if attempt < 25 => {
                 attempt += 1;
                 tracing::debug!(error = %e.0, "token list incomplete; retrying");
-                std::thread::sleep(std::time::Duration::from_millis(20 << attempt));
+                std::thread::sleep(std::time::Duration::from_millis((20u64 << attempt.min(4)).min(250)));
             }
             other => return other.map_err(|(e, _)| e),
         }
