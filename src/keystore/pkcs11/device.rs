@@ -51,7 +51,9 @@ pub fn find_slot(ctx: &Pkcs11, token: &TokenSelector) -> Result<Slot, ConnectErr
             Err((e, true)) if attempt < 25 => {
                 attempt += 1;
                 tracing::debug!(error = %e.0, "token list incomplete; retrying");
-                std::thread::sleep(std::time::Duration::from_millis((20u64 << attempt.min(4)).min(250)));
+                std::thread::sleep(std::time::Duration::from_millis(
+                    (20u64 << attempt.min(4)).min(250),
+                ));
             }
             other => return other.map_err(|(e, _)| e),
         }
