@@ -38,10 +38,13 @@ fn token() -> EphemeralToken {
 
 /// The suite's tokens, all made before any test touches one: SoftHSM grows its slot list
 /// after `C_InitToken`, and doing that while other threads use the module crashes it. Tests
-/// share `shared` (every test uses unique key names); `bulk` holds the 10,000-key test apart.
+/// share `shared` (every test uses unique key names); `bulk` holds the 10,000-key test apart;
+/// `processes` is written by child processes, whose writes make SoftHSM in other processes
+/// briefly misread that token, so the in-process tests stay off it.
 pub struct Tokens {
     pub shared: Arc<EphemeralToken>,
     pub bulk: Arc<EphemeralToken>,
+    pub processes: Arc<EphemeralToken>,
 }
 
 pub fn tokens() -> &'static Tokens {
@@ -59,6 +62,7 @@ pub fn tokens() -> &'static Tokens {
         Tokens {
             shared: Arc::new(shared),
             bulk: Arc::new(token()),
+            processes: Arc::new(token()),
         }
     })
 }
@@ -77,21 +81,11 @@ pub async fn pkcs11_on(token: Arc<EphemeralToken>) -> Store {
     }
 }
 
-/// A config for a token whose label and PIN the caller fills in.
-pub fn token_config_template() -> kesh::keystore::pkcs11::Pkcs11Config {
-    let module = kesh::keystore::pkcs11::softhsm::module_path()
-        .expect("SoftHSM is required: apt-get install softhsm2");
-    kesh::keystore::pkcs11::Pkcs11Config {
-        module,
-        token: kesh::keystore::pkcs11::TokenSelector::Label(String::new()),
-        pin: kesh::secret::Pin::new(String::new()),
-        prefix: "kesh/".into(),
-        sessions: 2,
-        scheme: kesh::keystore::Scheme::Gcm,
-        iv: kesh::keystore::pkcs11::IvSource::Caller,
-        session_wait: std::time::Duration::from_secs(2),
-        profile: Some("softhsm"),
-    }
+/// The token a child process was told to use (`KESH_CHILD_TOKEN`, `KESH_CHILD_PIN`).
+pub fn child_token() -> EphemeralToken {
+    let label = std::env::var("KESH_CHILD_TOKEN").expect("KESH_CHILD_TOKEN");
+    let pin = std::env::var("KESH_CHILD_PIN").expect("KESH_CHILD_PIN");
+    EphemeralToken::existing(label, kesh::secret::Pin::new(pin)).expect("SoftHSM is required")
 }
 
 /// A unique key name per call.

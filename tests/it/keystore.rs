@@ -597,11 +597,7 @@ mod pkcs11_only {
         let Ok(action) = std::env::var("KESH_CHILD_ACTION") else {
             return;
         };
-        let cfg = kesh::keystore::pkcs11::Pkcs11Config {
-            token: TokenSelector::Label(std::env::var("KESH_CHILD_TOKEN").unwrap()),
-            pin: kesh::secret::Pin::new(std::env::var("KESH_CHILD_PIN").unwrap()),
-            ..harness::token_config_template()
-        };
+        let cfg = harness::child_token().config();
         // Other tests' processes may be writing to the token directory as this one starts;
         // SoftHSM then fails token reads for a moment. Opening is not what this test is about.
         let mut attempt = 0;
@@ -683,7 +679,7 @@ mod pkcs11_only {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn two_processes_see_each_others_creates_and_deletes() {
-        let store = harness::pkcs11().await;
+        let store = harness::pkcs11_on(harness::tokens().processes.clone()).await;
         let token = store.pkcs11.as_ref().unwrap().1.clone();
         let (mine, theirs) = (harness::name("mine"), harness::name("theirs"));
         store.create(&mine, harness::who()).await.unwrap();
@@ -723,7 +719,7 @@ mod pkcs11_only {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn create_race_across_processes_yields_one_key() {
-        let store = harness::pkcs11().await;
+        let store = harness::pkcs11_on(harness::tokens().processes.clone()).await;
         let token = store.pkcs11.as_ref().unwrap().1.clone();
         for round in 0..3 {
             let n = harness::name(&format!("xrace{round}"));
@@ -765,23 +761,15 @@ mod pkcs11_only {
             .with_max_level(tracing::Level::TRACE)
             .with_writer(std::io::stderr)
             .init();
-        let right = std::env::var("KESH_CHILD_PIN").unwrap();
-        let base = harness::token_config_template();
-        let label = TokenSelector::Label(std::env::var("KESH_CHILD_TOKEN").unwrap());
+        let cfg = harness::child_token().config();
         let wrong = kesh::keystore::pkcs11::Pkcs11Config {
-            token: label.clone(),
-            pin: kesh::secret::Pin::new(format!("{right}0")),
-            ..base.clone()
+            pin: kesh::secret::Pin::new(format!("{}0", cfg.pin.expose())),
+            ..cfg.clone()
         };
         println!("wrong config: {wrong:?}");
         let err = Pkcs11KeyStore::open(wrong).await.unwrap_err();
         println!("wrong PIN error: {err} / {err:?}");
         tracing::error!(error = %err, "open failed");
-        let cfg = kesh::keystore::pkcs11::Pkcs11Config {
-            token: label,
-            pin: kesh::secret::Pin::new(right),
-            ..base
-        };
         println!("config: {cfg:?}");
         let ks = Pkcs11KeyStore::open(cfg).await.unwrap();
         println!("keystore: {ks:?}");
@@ -794,7 +782,7 @@ mod pkcs11_only {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn pin_never_reaches_logs_errors_or_debug() {
-        let token = harness::tokens().shared.clone();
+        let token = harness::tokens().processes.clone();
         let pin = token.pin().expose().to_owned();
         let out = Command::new(std::env::current_exe().unwrap())
             .args([

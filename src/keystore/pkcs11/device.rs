@@ -156,8 +156,4 @@ impl Device {
             .unwrap_or_else(|e| e.into_inner())
             .push(session);
     }
-
-    pub fn idle_sessions(&self) -> usize {
-        self.idle.lock().unwrap_or_else(|e| e.into_inner()).len()
-    }
 }

@@ -116,6 +116,8 @@ struct Index {
 enum OpError {
     Ck(CkError),
     Fail(KeystoreError),
+    /// An index entry from another device generation: search again.
+    Stale,
 }
 
 impl From<CkError> for OpError {
@@ -150,8 +152,6 @@ struct Inner {
     last_failure: Mutex<String>,
     /// Serialises index misses and remembers recent ones.
     misses: tokio::sync::Mutex<HashMap<KeyName, Instant>>,
-    /// Seals per key since start (random-IV GCM is bounded to about 2^32 per key).
-    seals: Mutex<HashMap<KeyName, u64>>,
     token_description: String,
 }
 
@@ -222,7 +222,6 @@ impl Pkcs11KeyStore {
                 recovering: AtomicBool::new(false),
                 last_failure: Mutex::new(String::new()),
                 misses: tokio::sync::Mutex::new(HashMap::new()),
-                seals: Mutex::new(HashMap::new()),
                 token_description,
             }),
         })
@@ -244,24 +243,6 @@ impl Pkcs11KeyStore {
         self.inner.rescan().await?;
         Ok(started.elapsed())
     }
-
-    /// Seals made per key since start.
-    pub fn seal_counts(&self) -> HashMap<KeyName, u64> {
-        self.inner
-            .seals
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
-    }
-
-    /// Whether the device is in service (false while recovering).
-    pub fn is_available(&self) -> bool {
-        self.inner
-            .device
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .is_some()
-    }
 }
 
 impl Inner {
@@ -281,10 +262,12 @@ impl Inner {
     }
 
     /// The seam: one blocking closure on one pooled session, off the async runtime.
-    async fn run<T, F>(self: &Arc<Self>, f: F) -> std::result::Result<(T, u64), Failure>
+    /// The closure gets the device's generation, so handles from another generation are
+    /// refused before they are used (a re-initialized module may reuse handle numbers).
+    async fn run<T, F>(self: &Arc<Self>, f: F) -> std::result::Result<T, Failure>
     where
         T: Send + 'static,
-        F: FnOnce(&Session) -> OpResult<T> + Send + 'static,
+        F: FnOnce(&Session, u64) -> OpResult<T> + Send + 'static,
     {
         // Fail fast while down, before queueing for a permit.
         self.current_device().map_err(Failure::Request)?;
@@ -300,18 +283,19 @@ impl Inner {
         let outcome = tokio::task::spawn_blocking(move || {
             let _permit = permit;
             let session = device.checkout(&inner.ctx).map_err(OpError::Ck)?;
-            let result = f(&session);
+            let result = f(&session, device.generation);
             match &result {
                 Err(OpError::Ck(e)) if matches!(classify(e), Failure::Device(_)) => drop(session),
                 _ => device.checkin(session),
             }
-            result.map(|v| (v, device.generation))
+            result
         })
         .await
         .map_err(|e| Failure::Request(join_error(e)))?;
         match outcome {
             Ok(v) => Ok(v),
             Err(OpError::Fail(e)) => Err(Failure::Request(e)),
+            Err(OpError::Stale) => Err(Failure::StaleHandle),
             Err(OpError::Ck(e)) => {
                 let failure = classify(&e);
                 if let Failure::Device(why) = &failure {
@@ -320,15 +304,6 @@ impl Inner {
                 Err(failure)
             }
         }
-    }
-
-    /// [`run`](Self::run) for callers that have no use for stale-handle handling.
-    async fn run_plain<T, F>(self: &Arc<Self>, f: F) -> Result<T>
-    where
-        T: Send + 'static,
-        F: FnOnce(&Session) -> OpResult<T> + Send + 'static,
-    {
-        self.run(f).await.map(|(v, _)| v).map_err(failure_to_error)
     }
 
     fn begin_recovery(self: &Arc<Self>, why: String) {
@@ -451,7 +426,7 @@ impl Inner {
         let label = self.label(name);
         let wanted = name.clone();
         let (found, generation) = self
-            .run(move |s| Ok(find_ready(s, &label, &wanted)?))
+            .run(move |s, generation| Ok((find_ready(s, &label, &wanted)?, generation)))
             .await
             .map_err(failure_to_error)?;
         match found {
@@ -483,14 +458,16 @@ impl Inner {
             let entry = self.entry(name, force).await?;
             let op = op.clone();
             let e = entry.clone();
-            match self.run(move |s| op(s, &e)).await {
-                Ok((v, generation)) if generation == entry.generation => return Ok(v),
-                Ok((v, _)) => {
-                    // Succeeded on a new device with an old handle: only trust it if the
-                    // handle still names this key, which a fresh search decides next time.
-                    self.forget(name);
-                    return Ok(v);
-                }
+            let outcome = self
+                .run(move |s, generation| {
+                    if generation != e.generation {
+                        return Err(OpError::Stale);
+                    }
+                    op(s, &e)
+                })
+                .await;
+            match outcome {
+                Ok(v) => return Ok(v),
                 Err(Failure::StaleHandle) => {
                     self.forget(name);
                     force = true;
@@ -505,26 +482,10 @@ impl Inner {
     async fn rescan(self: &Arc<Self>) -> Result<()> {
         let _writes = TOKEN_WRITES.lock().await;
         let prefix = self.cfg.prefix.clone();
-        let (keys, _) = self
-            .run(move |s| {
-                // The generation is only known inside; patch it below.
-                Ok(scan(s, &prefix, u64::MAX)?)
-            })
+        let keys = self
+            .run(move |s, generation| Ok(scan(s, &prefix, generation)?))
             .await
             .map_err(failure_to_error)?;
-        let generation = self.current_device()?.generation;
-        let keys = keys
-            .into_iter()
-            .map(|(k, e)| {
-                let e = Arc::try_unwrap(e).unwrap_or_else(|a| Entry {
-                    master: a.master,
-                    hmac: a.hmac,
-                    info: a.info.clone(),
-                    generation,
-                });
-                (k, Arc::new(Entry { generation, ..e }))
-            })
-            .collect();
         *self.index.write().unwrap_or_else(|e| e.into_inner()) = Index {
             keys,
             scanned_at: Some(Instant::now()),
@@ -532,29 +493,17 @@ impl Inner {
         Ok(())
     }
 
-    fn count_seal(&self, name: &KeyName) {
-        *self
-            .seals
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .entry(name.clone())
-            .or_default() += 1;
-    }
-
     /// Creates a key's objects through the on-token protocol.
     async fn create_key(self: &Arc<Self>, name: &KeyName, spec: NewKey) -> Result<()> {
         let _writes = TOKEN_WRITES.lock().await;
         let label = self.label(name);
         let key_name = name.clone();
-        let (entry, generation) = self
-            .run(move |s| create_on_token(s, &label, &key_name, spec))
+        let entry = self
+            .run(move |s, generation| create_on_token(s, &label, &key_name, spec, generation))
             .await
             .map_err(failure_to_error)?;
         self.misses.lock().await.remove(name);
-        self.remember(Entry {
-            generation,
-            ..entry
-        });
+        self.remember(entry);
         Ok(())
     }
 }
@@ -627,6 +576,16 @@ fn find_ready(
 ) -> std::result::Result<Option<Located>, CkError> {
     let found = survey(s, label)?;
     Ok(pick_ready(&found, name))
+}
+
+/// Whether a committed master key is under the label, readable by this version or not: a
+/// create must never remove one (a newer kesh may have written a scheme this one can't name).
+fn has_ready_master(found: &[Found]) -> bool {
+    found.iter().any(|f| {
+        f.meta
+            .as_ref()
+            .is_some_and(|m| m.role == Role::Key && m.state == State::Ready)
+    })
 }
 
 fn pick_ready(found: &[Found], name: &KeyName) -> Option<Located> {
@@ -722,12 +681,18 @@ fn unix_now() -> i64 {
 /// Two creators cannot both pass step 2: whoever looks second sees the first's objects,
 /// pending or ready. Objects of a creator that crashed go stale after
 /// [`objects::STALE_PENDING_SECS`] and are removed by the next create.
-fn create_on_token(s: &Session, label: &str, name: &KeyName, spec: NewKey) -> OpResult<Entry> {
+fn create_on_token(
+    s: &Session,
+    label: &str,
+    name: &KeyName,
+    spec: NewKey,
+    generation: u64,
+) -> OpResult<Entry> {
     let deadline = Instant::now() + CREATE_CONTENTION_LIMIT;
     let mut backoff_ms = 2u64;
     loop {
         let found = survey(s, label)?;
-        if pick_ready(&found, name).is_some() {
+        if has_ready_master(&found) {
             return Err(OpError::Fail(KeystoreError::KeyExists));
         }
         let now = unix_now();
@@ -753,9 +718,9 @@ fn create_on_token(s: &Session, label: &str, name: &KeyName, spec: NewKey) -> Op
                 })
             });
             if !others_live {
-                return commit(s, written, name).map_err(OpError::Ck);
+                return commit(s, written, name, generation).map_err(OpError::Ck);
             }
-            let exists = pick_ready(&found, name).is_some();
+            let exists = has_ready_master(&found);
             written.destroy(s);
             if exists {
                 return Err(OpError::Fail(KeystoreError::KeyExists));
@@ -847,7 +812,12 @@ fn write_pending(s: &Session, label: &str, nonce: &str, spec: &NewKey) -> OpResu
     }
 }
 
-fn commit(s: &Session, w: Written, name: &KeyName) -> std::result::Result<Entry, CkError> {
+fn commit(
+    s: &Session,
+    w: Written,
+    name: &KeyName,
+    generation: u64,
+) -> std::result::Result<Entry, CkError> {
     let result = (|| {
         if let Some((h, meta)) = &w.hmac {
             s.update_attributes(*h, &[Attribute::Id(meta.clone().ready().encode())])?;
@@ -869,7 +839,7 @@ fn commit(s: &Session, w: Written, name: &KeyName) -> std::result::Result<Entry,
                 master: w.master,
                 hmac: w.hmac.map(|(h, _)| h),
                 info,
-                generation: 0,
+                generation,
             })
         }
         Err(e) => {
@@ -1102,7 +1072,7 @@ impl KeyStore for Pkcs11KeyStore {
     }
 
     async fn generate(&self, name: &KeyName, context: &[u8]) -> Result<DataKey> {
-        let context = context.to_vec();
+        let context = Arc::new(context.to_vec());
         let iv_source = self.inner.cfg.iv;
         let (plaintext, ciphertext) = self
             .inner
@@ -1124,7 +1094,6 @@ impl KeyStore for Pkcs11KeyStore {
                 Ok((dek, ct))
             })
             .await?;
-        self.inner.count_seal(name);
         Ok(DataKey {
             plaintext,
             ciphertext,
@@ -1133,7 +1102,7 @@ impl KeyStore for Pkcs11KeyStore {
 
     async fn encrypt(&self, name: &KeyName, plaintext: &[u8], context: &[u8]) -> Result<Vec<u8>> {
         let plaintext = Arc::new(Zeroizing::new(plaintext.to_vec()));
-        let context = context.to_vec();
+        let context = Arc::new(context.to_vec());
         let iv_source = self.inner.cfg.iv;
         let ct = self
             .inner
@@ -1144,7 +1113,6 @@ impl KeyStore for Pkcs11KeyStore {
                 seal_on_device(s, e, iv_source, &rnd[..extra], &plaintext, &context)
             })
             .await?;
-        self.inner.count_seal(name);
         Ok(ct)
     }
 
@@ -1183,8 +1151,9 @@ impl KeyStore for Pkcs11KeyStore {
     async fn status(&self) -> Result<Duration> {
         let started = Instant::now();
         self.inner
-            .run_plain(|s| Ok(s.get_session_info().map(|_| ())?))
-            .await?;
+            .run(|s, _| Ok(s.get_session_info().map(|_| ())?))
+            .await
+            .map_err(failure_to_error)?;
         Ok(started.elapsed())
     }
 }

@@ -150,11 +150,6 @@ impl EphemeralToken {
             profile: Some("softhsm"),
         }
     }
-
-    /// The directory holding this process's ephemeral tokens (removed by [`cleanup`]).
-    pub fn home() -> Option<PathBuf> {
-        token_home().ok().map(|(p, _)| p.clone())
-    }
 }
 
 /// Removes the token directory this process created, if it created one. Call at exit.
