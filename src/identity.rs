@@ -142,9 +142,8 @@ pub fn spki_of_certificate(cert_der: &[u8]) -> Result<&[u8], CertError> {
     Ok(spki_and_rest(cert_der)?.whole)
 }
 
-/// Whether the certificate's basic constraints say `cA: TRUE` (RFC 5280 §4.2.1.9).
-pub fn is_ca_certificate(cert_der: &[u8]) -> Result<bool, CertError> {
-    const BASIC_CONSTRAINTS: [u8; 3] = [0x55, 0x1d, 0x13];
+/// The value (the OCTET STRING's content) of the extension with `oid`, if present.
+fn extension<'a>(cert_der: &'a [u8], oid: &[u8]) -> Result<Option<&'a [u8]>, CertError> {
     let mut rest = spki_and_rest(cert_der)?.rest;
     while !rest.is_empty() {
         let e = der_element(rest)?;
@@ -157,11 +156,11 @@ pub fn is_ca_certificate(cert_der: &[u8]) -> Result<bool, CertError> {
         while !exts.is_empty() {
             let ext = der_element(exts)?;
             exts = ext.rest;
-            let oid = der_element(sequence_content(&ext)?)?;
-            if oid.tag != 0x06 || oid.content != BASIC_CONSTRAINTS {
+            let id = der_element(sequence_content(&ext)?)?;
+            if id.tag != 0x06 || id.content != oid {
                 continue;
             }
-            let mut value = der_element(oid.rest)?;
+            let mut value = der_element(id.rest)?;
             if value.tag == 0x01 {
                 // The optional `critical` flag.
                 value = der_element(value.rest)?;
@@ -169,15 +168,44 @@ pub fn is_ca_certificate(cert_der: &[u8]) -> Result<bool, CertError> {
             if value.tag != 0x04 {
                 return Err(CertError);
             }
-            let constraints = sequence_content(&der_element(value.content)?)?;
-            return Ok(match constraints.first() {
-                Some(0x01) => der_element(constraints)?
-                    .content
-                    .first()
-                    .is_some_and(|b| *b != 0),
-                _ => false,
-            });
+            return Ok(Some(value.content));
         }
+    }
+    Ok(None)
+}
+
+/// Whether the certificate's basic constraints say `cA: TRUE` (RFC 5280 §4.2.1.9).
+pub fn is_ca_certificate(cert_der: &[u8]) -> Result<bool, CertError> {
+    const BASIC_CONSTRAINTS: [u8; 3] = [0x55, 0x1d, 0x13];
+    let Some(value) = extension(cert_der, &BASIC_CONSTRAINTS)? else {
+        return Ok(false);
+    };
+    let constraints = sequence_content(&der_element(value)?)?;
+    Ok(match constraints.first() {
+        Some(0x01) => der_element(constraints)?
+            .content
+            .first()
+            .is_some_and(|b| *b != 0),
+        _ => false,
+    })
+}
+
+/// Whether the certificate names at least one DNS name or IP address in its subject
+/// alternative names (RFC 5280 §4.2.1.6), as KES requires of a server certificate.
+pub fn has_dns_or_ip_san(cert_der: &[u8]) -> Result<bool, CertError> {
+    const SUBJECT_ALT_NAME: [u8; 3] = [0x55, 0x1d, 0x11];
+    const DNS_NAME: u8 = 0x82;
+    const IP_ADDRESS: u8 = 0x87;
+    let Some(value) = extension(cert_der, &SUBJECT_ALT_NAME)? else {
+        return Ok(false);
+    };
+    let mut names = sequence_content(&der_element(value)?)?;
+    while !names.is_empty() {
+        let name = der_element(names)?;
+        if name.tag == DNS_NAME || name.tag == IP_ADDRESS {
+            return Ok(true);
+        }
+        names = name.rest;
     }
     Ok(false)
 }
@@ -373,6 +401,26 @@ mod tests {
             ApiKey::parse("kes:v1:!!"),
             Err(ApiKeyError::Malformed(_))
         ));
+    }
+
+    #[test]
+    fn server_certificates_need_a_dns_or_ip_san() {
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let with_dns = rcgen::CertificateParams::new(vec!["kesh.example".to_owned()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        assert!(has_dns_or_ip_san(with_dns.der()).unwrap());
+        let mut ip = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        ip.subject_alt_names = vec![rcgen::SanType::IpAddress([127, 0, 0, 1].into())];
+        assert!(has_dns_or_ip_san(ip.self_signed(&key).unwrap().der()).unwrap());
+        let mut email = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        email.subject_alt_names = vec![rcgen::SanType::Rfc822Name("a@b.c".try_into().unwrap())];
+        assert!(!has_dns_or_ip_san(email.self_signed(&key).unwrap().der()).unwrap());
+        // Client certificates made from API keys carry no SAN at all.
+        let (cert, _) = ApiKey::generate().unwrap().certificate().unwrap();
+        assert!(!has_dns_or_ip_san(&cert).unwrap());
+        assert!(!is_ca_certificate(&cert).unwrap());
     }
 
     #[test]

@@ -169,6 +169,7 @@ async fn run_dev(addr: Option<&str>) -> Result<(), Fatal> {
         Arc<dyn KeyStore>,
         Option<kesh::keystore::pkcs11::softhsm::EphemeralToken>,
     ) = if kesh::keystore::pkcs11::softhsm::module_path().is_some() {
+        kesh::keystore::pkcs11::softhsm::use_private_token_dir();
         let token = kesh::keystore::pkcs11::softhsm::EphemeralToken::create()?;
         let ks = kesh::keystore::pkcs11::Pkcs11KeyStore::open(token.config()).await?;
         (Arc::new(ks), Some(token))

@@ -70,6 +70,11 @@ pub struct ServerParts {
 /// The TLS config a config file describes (server cert and key, client authentication).
 pub fn tls_from_config(cfg: &ServerConfig) -> Result<Arc<rustls::ServerConfig>, tls::TlsError> {
     let certs = tls::load_certs(&cfg.tls.cert)?;
+    // As KES: clients check the server's name, so a leaf without one can never be reached.
+    // `load_certs` never returns an empty list, so `certs[0]` is the leaf.
+    if !crate::identity::has_dns_or_ip_san(&certs[0]).unwrap_or(false) {
+        return Err(tls::TlsError::NoSubjectAltName(cfg.tls.cert.clone()));
+    }
     let key = tls::load_key(&cfg.tls.key)?;
     let auth = match (&cfg.tls.ca, cfg.tls.verify_client_chain) {
         (Some(ca), true) => tls::ClientAuth::VerifyChain(Arc::new(tls::load_roots(ca)?)),

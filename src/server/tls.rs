@@ -35,6 +35,8 @@ pub enum TlsError {
     Read { path: PathBuf, message: String },
     #[error("tls: '{0}' contains no certificate")]
     NoCertificate(PathBuf),
+    #[error("tls: certificate '{0}' does not contain any DNS or IP address as SAN; clients verify the server's name against it")]
+    NoSubjectAltName(PathBuf),
     #[error("tls: invalid TLS configuration: {0}")]
     Rustls(String),
     #[error("tls: cannot generate certificate: {0}")]

@@ -40,11 +40,21 @@ pub fn module_path() -> Option<PathBuf> {
 #[error("SoftHSM: {0}")]
 pub struct SoftHsmError(String);
 
+static PRIVATE_DIR: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Makes this process keep its ephemeral tokens in a directory of its own even when
+/// `SOFTHSM2_CONF` names the user's real one (`kesh server --dev` must not leave tokens there).
+/// Call before the first token is made.
+pub fn use_private_token_dir() {
+    PRIVATE_DIR.store(true, std::sync::atomic::Ordering::Relaxed);
+}
+
 /// The directory the process's ephemeral tokens live in, and whether this module made it.
 fn token_home() -> Result<&'static (PathBuf, bool), SoftHsmError> {
     static HOME: OnceLock<Result<(PathBuf, bool), String>> = OnceLock::new();
     HOME.get_or_init(|| {
-        if let Some(conf) = std::env::var_os("SOFTHSM2_CONF") {
+        let private = PRIVATE_DIR.load(std::sync::atomic::Ordering::Relaxed);
+        if let Some(conf) = std::env::var_os("SOFTHSM2_CONF").filter(|_| !private) {
             return Ok((PathBuf::from(conf).parent().map(Path::to_owned).unwrap_or_default(), false));
         }
         let dir = std::env::temp_dir().join(format!("kesh-softhsm-{}", std::process::id()));
