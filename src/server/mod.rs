@@ -223,7 +223,13 @@ impl Server {
                         let svc = hyper::service::service_fn(move |req| {
                             let state = state.clone();
                             let conn = conn.clone();
-                            async move { dispatch(&state, &conn, req).await }
+                            async move {
+                                // A HEAD response carries headers only (RFC 9110 §9.3.2); a
+                                // body would break the connection for HTTP/1.1 and h2 clients.
+                                let head = req.method() == Method::HEAD;
+                                let resp = dispatch(&state, &conn, req).await?;
+                                Ok::<_, DeadlineExceeded>(if head { strip_body(resp) } else { resp })
+                            }
                         });
                         let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
                         builder.http1().timer(TokioTimer::new()).header_read_timeout(HEADER_TIMEOUT);
@@ -347,6 +353,11 @@ async fn read_body(req: http::Request<Incoming>, limit: usize) -> Result<Option<
         Ok(collected) => Ok(Some(collected.to_bytes())),
         Err(_) => Err(()),
     }
+}
+
+fn strip_body(resp: Response) -> Response {
+    let (parts, _) = resp.into_parts();
+    Response::from_parts(parts, Body::empty())
 }
 
 /// Handles one request end to end.

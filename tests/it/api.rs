@@ -689,6 +689,10 @@ async fn request_errors_and_limits(store: Store) {
         405,
         "received method 'PUT' expected 'DELETE'",
     );
+    // A HEAD response has no body to carry the message; the status and `Accept` still say it.
+    let r = send(&c, Method::HEAD, "/v1/key/list/", None).await;
+    assert_eq!(r.status, 405);
+    assert_eq!(r.headers["accept"], "GET");
 
     // Unknown paths: Go's plain-text 404, before any authentication.
     let r = send(&c, Method::GET, "/v1/key/bulk/decrypt/x", None).await;
