@@ -183,8 +183,8 @@ impl Metrics {
         self.denials.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// The text exposition of every family.
-    pub fn render(&self) -> String {
+    /// The text exposition of every family; `pool` is the keystore's session pool, if any.
+    pub fn render(&self, pool: Option<crate::keystore::PoolStats>) -> String {
         let mut out = String::with_capacity(4096);
         let stats = ProcessStats::read();
         family(
@@ -287,6 +287,31 @@ impl Metrics {
             let _ = writeln!(out, "{name} {value}");
         }
 
+        if let Some(pool) = pool {
+            for (name, help, value) in [
+                (
+                    "kesh_hsm_session_acquired_total",
+                    "Keystore calls that took an HSM session.",
+                    pool.acquired as f64,
+                ),
+                (
+                    "kesh_hsm_session_wait_seconds_total",
+                    "Time keystore calls spent waiting for a free HSM session.",
+                    pool.wait_seconds,
+                ),
+            ] {
+                family(&mut out, name, "counter", help);
+                let _ = writeln!(out, "{name} {value}");
+            }
+            family(
+                &mut out,
+                "kesh_hsm_sessions",
+                "gauge",
+                "HSM sessions in the pool, by state.",
+            );
+            let _ = writeln!(out, "kesh_hsm_sessions{{state=\"in_use\"}} {}", pool.in_use);
+            let _ = writeln!(out, "kesh_hsm_sessions{{state=\"size\"}} {}", pool.size);
+        }
         family(
             &mut out,
             "kesh_keystore_busy_total",
@@ -410,7 +435,20 @@ mod tests {
         m.keystore_call("generate", Duration::from_micros(300), None);
         m.keystore_call("generate", Duration::from_micros(300), Some("busy"));
         m.sealed("k1");
-        let text = m.render();
+        let text = m.render(Some(crate::keystore::PoolStats {
+            size: 4,
+            in_use: 1,
+            acquired: 10,
+            wait_seconds: 0.5,
+        }));
+        assert!(
+            text.contains("kesh_hsm_sessions{state=\"in_use\"} 1\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("kesh_hsm_session_wait_seconds_total 0.5\n"),
+            "{text}"
+        );
         assert!(
             text.contains("kes_http_request_success{code=\"200\"} 1\n"),
             "{text}"

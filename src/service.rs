@@ -206,6 +206,10 @@ impl Service {
         &self.metrics
     }
 
+    pub fn keystore_pool(&self) -> Option<crate::keystore::PoolStats> {
+        self.keystore.pool_stats()
+    }
+
     pub fn keystore_description(&self) -> String {
         self.keystore.description()
     }

@@ -168,6 +168,18 @@ impl From<crate::crypto::NotAuthentic> for KeystoreError {
 
 pub type Result<T, E = KeystoreError> = std::result::Result<T, E>;
 
+/// The state of a backend's session pool, for metrics. Counters are cumulative since start.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct PoolStats {
+    pub size: usize,
+    pub in_use: usize,
+    /// Calls that took a session.
+    pub acquired: u64,
+    /// Total time those calls waited for it. (Refusals are counted by the caller, which
+    /// sees every `Busy` error.)
+    pub wait_seconds: f64,
+}
+
 /// The key operations of the KES API. Implementations are cheap to share (`Arc<dyn KeyStore>`)
 /// and safe to call concurrently; blocking work stays off the async runtime.
 #[async_trait::async_trait]
@@ -205,4 +217,9 @@ pub trait KeyStore: Send + Sync + 'static {
 
     /// Probes the backend; returns how long the probe took.
     async fn status(&self) -> Result<Duration>;
+
+    /// The session pool's state, for backends that have one.
+    fn pool_stats(&self) -> Option<PoolStats> {
+        None
+    }
 }

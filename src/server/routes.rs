@@ -420,7 +420,7 @@ pub async fn handle(
             })
         }
         RouteId::Metrics => with_type(
-            svc.metrics().render().into_bytes(),
+            svc.metrics().render(svc.keystore_pool()).into_bytes(),
             crate::metrics::CONTENT_TYPE,
         ),
         RouteId::Api => {

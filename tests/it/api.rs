@@ -1136,6 +1136,7 @@ async fn status_metrics_api_version(store: Store) {
 }
 
 async fn audit_stream_delivers(store: Store) {
+    let hsm = store.pkcs11.is_some();
     let srv = TestServer::start(store, &[]).await;
     let c = srv.admin();
     let mut audit = c.stream("/v1/log/audit").await.unwrap();
@@ -1192,6 +1193,17 @@ async fn audit_stream_delivers(store: Store) {
     // As in KES, requests refused by authentication are not in the HTTP counters.
     assert!(!metrics.contains("code=\"403\""), "{metrics}");
     assert!(metrics.contains("kesh_policy_denials_total 1"), "{metrics}");
+    // The HSM's session pool shows up only where there is one.
+    assert_eq!(
+        metrics.contains("kesh_hsm_sessions{state=\"size\"} 2\n"),
+        hsm,
+        "{metrics}"
+    );
+    assert_eq!(
+        metrics.contains("kesh_hsm_session_acquired_total "),
+        hsm,
+        "{metrics}"
+    );
     c.describe_key(&k).await.unwrap();
 }
 

@@ -18,6 +18,7 @@
 pub mod device;
 pub mod error;
 pub mod objects;
+pub mod probe;
 pub mod softhsm;
 
 use std::collections::HashMap;
@@ -40,7 +41,8 @@ use self::device::Device;
 use self::error::{classify, Failure};
 use self::objects::{Meta, Role, State};
 use super::{
-    DataKey, HmacKeySource, ImportKey, KeyInfo, KeyStore, KeystoreError, Provenance, Result, Scheme,
+    DataKey, HmacKeySource, ImportKey, KeyInfo, KeyStore, KeystoreError, PoolStats, Provenance,
+    Result, Scheme,
 };
 use crate::crypto::{kes, kes::Algorithm, native};
 use crate::name::KeyName;
@@ -148,6 +150,9 @@ struct Inner {
     generation: AtomicU64,
     index: RwLock<Index>,
     permits: Arc<Semaphore>,
+    /// Session-pool figures for metrics: sessions taken, nanoseconds waited.
+    acquired: AtomicU64,
+    waited_nanos: AtomicU64,
     recovering: AtomicBool,
     last_failure: Mutex<String>,
     /// Serialises index misses and remembers recent ones.
@@ -211,6 +216,8 @@ impl Pkcs11KeyStore {
         Ok(Pkcs11KeyStore {
             inner: Arc::new(Inner {
                 permits: Arc::new(Semaphore::new(cfg.sessions)),
+                acquired: AtomicU64::new(0),
+                waited_nanos: AtomicU64::new(0),
                 cfg,
                 ctx,
                 device: RwLock::new(Some(Arc::new(device))),
@@ -272,11 +279,15 @@ impl Inner {
         // Fail fast while down, before queueing for a permit.
         self.current_device().map_err(Failure::Request)?;
         let wait = self.cfg.session_wait;
+        let waiting = Instant::now();
         let permit = match tokio::time::timeout(wait, self.permits.clone().acquire_owned()).await {
             Ok(Ok(p)) => p,
             // The semaphore is never closed; treat it as busy should that change.
             Ok(Err(_)) | Err(_) => return Err(Failure::Request(KeystoreError::Busy(wait))),
         };
+        self.acquired.fetch_add(1, Ordering::Relaxed);
+        let waited = u64::try_from(waiting.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        self.waited_nanos.fetch_add(waited, Ordering::Relaxed);
         // Taken after the permit: recovery holds every permit while it swaps the device.
         let device = self.current_device().map_err(Failure::Request)?;
         let inner = self.clone();
@@ -1146,6 +1157,16 @@ impl KeyStore for Pkcs11KeyStore {
                 })
             })
             .await
+    }
+
+    fn pool_stats(&self) -> Option<PoolStats> {
+        let i = &self.inner;
+        Some(PoolStats {
+            size: i.cfg.sessions,
+            in_use: i.cfg.sessions.saturating_sub(i.permits.available_permits()),
+            acquired: i.acquired.load(Ordering::Relaxed),
+            wait_seconds: i.waited_nanos.load(Ordering::Relaxed) as f64 / 1e9,
+        })
     }
 
     async fn status(&self) -> Result<Duration> {
