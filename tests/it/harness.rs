@@ -45,6 +45,8 @@ pub struct Tokens {
     pub shared: Arc<EphemeralToken>,
     pub bulk: Arc<EphemeralToken>,
     pub processes: Arc<EphemeralToken>,
+    /// Used by `kesh server` processes that load SoftHSM through the fault shim.
+    pub faults: Arc<EphemeralToken>,
 }
 
 pub fn tokens() -> &'static Tokens {
@@ -63,6 +65,7 @@ pub fn tokens() -> &'static Tokens {
             shared: Arc::new(shared),
             bulk: Arc::new(token()),
             processes: Arc::new(token()),
+            faults: Arc::new(token()),
         }
     })
 }

@@ -2,5 +2,6 @@
 //! tests one capability through the public API.
 
 mod api;
+mod faults;
 mod harness;
 mod keystore;

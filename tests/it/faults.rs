@@ -1,0 +1,304 @@
+//! HSM faults injected through `kesh-fault-shim` (softhsm-tests/fault-shim) into a running
+//! `kesh server`: what a client sees during the fault, and that kesh recovers without a
+//! restart and loses nothing.
+//!
+//! Each test runs its own server process: recovery finalizes and re-initializes the module,
+//! which must not disturb the other tests' keystores in this process.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use http::{Method, StatusCode};
+use kesh::client::{Client, ClientError, Credentials, ServerTrust};
+use kesh::identity::ApiKey;
+
+use crate::harness;
+
+/// The shim, built next to this test binary by `cargo build -p kesh-fault-shim`.
+fn shim_path() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe.parent().and_then(Path::parent).unwrap();
+    let shim = dir.join("libkesh_fault_shim.so");
+    assert!(
+        shim.exists(),
+        "{} is missing: run `cargo build -p kesh-fault-shim` (softhsm-tests/run does)",
+        shim.display()
+    );
+    shim
+}
+
+fn now_ms() -> u128 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_millis()
+}
+
+/// A `kesh server` on the faults token, loading SoftHSM through the shim.
+struct FaultyServer {
+    child: Child,
+    control: PathBuf,
+    client: Client,
+    _dir: tempfile::TempDir,
+}
+
+impl FaultyServer {
+    fn start(sessions: usize, session_wait: &str) -> Self {
+        let token = harness::tokens().faults.clone();
+        let dir = tempfile::tempdir().unwrap();
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        std::fs::write(dir.path().join("key.pem"), key.serialize_pem()).unwrap();
+        std::fs::write(dir.path().join("cert.pem"), cert.pem()).unwrap();
+        let control = dir.path().join("faults");
+        std::fs::write(&control, "").unwrap();
+        let admin = ApiKey::generate().unwrap();
+        let config = dir.path().join("kesh.yaml");
+        std::fs::write(
+            &config,
+            format!(
+                "address: 127.0.0.1:0\nadmin:\n  identity: {id}\ntls:\n  key: {d}/key.pem\n  cert: {d}/cert.pem\n\
+                 keystore:\n  pkcs11:\n    module: {shim}\n    token: {label}\n    pin: ${{KESH_PIN}}\n    \
+                 sessions: {sessions}\n    session_wait: {session_wait}\n",
+                id = admin.identity(),
+                d = dir.path().display(),
+                shim = shim_path().display(),
+                label = token.label,
+            ),
+        )
+        .unwrap();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_kesh"))
+            .args(["server", "--config", config.to_str().unwrap()])
+            .env("KESH_PIN", token.pin().expose())
+            .env("KESH_SHIM_CONTROL", &control)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let mut addr = None;
+        for line in lines.by_ref() {
+            let line = line.unwrap();
+            if let Some(rest) = line.strip_prefix("API         · https://") {
+                addr = Some(rest.trim().to_owned());
+            } else if line.contains("Server is up and running") {
+                break;
+            }
+        }
+        // Keep reading: audit lines go to stdout, and a full pipe would stall the server.
+        std::thread::spawn(move || for _ in lines {});
+        let addr = addr.expect("the server printed its address");
+        let client = Client::new(
+            &addr,
+            Credentials::ApiKey(admin),
+            ServerTrust::DangerInsecure,
+        )
+        .unwrap();
+        FaultyServer {
+            child,
+            control,
+            client,
+            _dir: dir,
+        }
+    }
+
+    fn inject(&self, rules: &str) {
+        std::fs::write(&self.control, rules).unwrap();
+    }
+
+    async fn status_unreachable(&self) -> bool {
+        let r = self
+            .client
+            .send(Method::GET, "/v1/status", None, None)
+            .await
+            .unwrap();
+        assert_eq!(r.status, StatusCode::OK);
+        let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+        v["keystore_unreachable"] == serde_json::Value::Bool(true)
+    }
+
+    /// Generates until it works again; returns how long that took.
+    async fn wait_for_recovery(&self, key: &str) -> Duration {
+        let start = Instant::now();
+        loop {
+            match self.client.generate_key(key, b"probe").await {
+                Ok(_) => return start.elapsed(),
+                Err(e) if start.elapsed() < Duration::from_secs(20) => {
+                    assert_server_error(&e);
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(e) => panic!("kesh did not recover within 20 s: {e}"),
+            }
+        }
+    }
+}
+
+impl Drop for FaultyServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// During an outage a request gets a clear 5xx, never a success or a client error.
+fn assert_server_error(e: &ClientError) {
+    let api = e.api().unwrap_or_else(|| panic!("not an HTTP error: {e}"));
+    assert_eq!(
+        (api.status, api.message.as_ref()),
+        (504, "key store is not reachable"),
+        "{e}"
+    );
+}
+
+/// The whole story for one kind of fault: a DEK made before, requests during the fault fail
+/// fast and clearly, `/v1/status` says unreachable, kesh recovers by itself, the old DEK
+/// still decrypts, and no key was duplicated or lost.
+async fn outage(rv: &str) {
+    let srv = FaultyServer::start(2, "2s");
+    let c = &srv.client;
+    let key = harness::name(&format!("fault-{}", rv.to_lowercase().replace('_', "-")));
+    let key = key.as_str();
+    c.create_key(key).await.unwrap();
+    let before = c.generate_key(key, b"ctx").await.unwrap();
+
+    let fault_ms = 1500;
+    srv.inject(&format!("fail {rv} * until={}\n", now_ms() + fault_ms));
+    let t = Instant::now();
+    let err = c.generate_key(key, b"ctx").await.unwrap_err();
+    assert_server_error(&err);
+    let first_failure = t.elapsed();
+    assert!(
+        srv.status_unreachable().await,
+        "status must report the keystore unreachable"
+    );
+    assert_server_error(
+        &c.decrypt(key, &before.ciphertext.0, b"ctx")
+            .await
+            .unwrap_err(),
+    );
+    assert_server_error(&c.create_key(&format!("{key}-during")).await.unwrap_err());
+
+    let recovered = srv.wait_for_recovery(key).await;
+    assert!(!srv.status_unreachable().await);
+    let plain = c.decrypt(key, &before.ciphertext.0, b"ctx").await.unwrap();
+    assert_eq!(
+        &plain.0[..],
+        &before.plaintext.0[..],
+        "a DEK from before the fault decrypts after it"
+    );
+    let after = c.generate_key(key, b"ctx").await.unwrap();
+    assert_eq!(
+        &c.decrypt(key, &after.ciphertext.0, b"ctx").await.unwrap().0[..],
+        &after.plaintext.0[..]
+    );
+    assert_eq!(
+        c.list_keys(key).await.unwrap(),
+        vec![key.to_owned()],
+        "no key created twice or lost"
+    );
+    assert!(
+        c.describe_key(&format!("{key}-during")).await.is_err(),
+        "the create during the outage did not happen"
+    );
+    println!("{rv}: first failure after {first_failure:?}; served again {recovered:?} into a {fault_ms} ms fault");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn device_error() {
+    outage("CKR_DEVICE_ERROR").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn device_removed() {
+    outage("CKR_DEVICE_REMOVED").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_handle_invalid() {
+    outage("CKR_SESSION_HANDLE_INVALID").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn user_not_logged_in() {
+    outage("CKR_USER_NOT_LOGGED_IN").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_not_present() {
+    outage("CKR_TOKEN_NOT_PRESENT").await;
+}
+
+/// One failing call (the next C_Encrypt only) is enough to start recovery, and `C_Initialize`
+/// failing keeps kesh out of service — answering, not hanging — until the HSM is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn initialize_fails_until_cleared() {
+    let srv = FaultyServer::start(2, "2s");
+    let c = &srv.client;
+    let key = harness::name("fault-init");
+    let key = key.as_str();
+    c.create_key(key).await.unwrap();
+    let before = c.generate_key(key, b"").await.unwrap();
+    srv.inject("fail CKR_DEVICE_ERROR C_Encrypt count=1\nfail CKR_GENERAL_ERROR C_Initialize\n");
+    assert_server_error(&c.generate_key(key, b"").await.unwrap_err());
+    for _ in 0..5 {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(
+            srv.status_unreachable().await,
+            "still down while C_Initialize fails"
+        );
+        assert_server_error(&c.generate_key(key, b"").await.unwrap_err());
+    }
+    srv.inject("");
+    let recovered = srv.wait_for_recovery(key).await;
+    let plain = c.decrypt(key, &before.ciphertext.0, b"").await.unwrap();
+    assert_eq!(&plain.0[..], &before.plaintext.0[..]);
+    println!("C_Initialize cleared: served again after {recovered:?}");
+}
+
+/// A slow HSM with a full session pool: requests past the wait get 503 with Retry-After (the
+/// KES client retries 503), the others succeed, and nothing is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_session_pool_answers_503_retry_after() {
+    let srv = FaultyServer::start(1, "100ms");
+    let key = harness::name("fault-busy");
+    let key = key.as_str().to_owned();
+    srv.client.create_key(&key).await.unwrap();
+    srv.inject("latency 400000 C_Encrypt\n");
+    let body = bytes::Bytes::from_static(b"{}");
+    let path = format!("/v1/key/generate/{key}");
+    let calls: Vec<_> = (0..4)
+        .map(|_| {
+            srv.client.send(
+                Method::POST,
+                &path,
+                Some(body.clone()),
+                Some("application/json"),
+            )
+        })
+        .collect();
+    let responses = futures_util::future::join_all(calls).await;
+    let mut busy = 0;
+    for r in responses {
+        let r = r.unwrap();
+        match r.status {
+            StatusCode::OK => {}
+            StatusCode::SERVICE_UNAVAILABLE => {
+                busy += 1;
+                assert_eq!(r.headers["retry-after"], "1");
+                assert_eq!(&r.body[..], b"{\"message\":\"key store is busy\"\n}");
+            }
+            other => panic!("unexpected {other}: {:?}", String::from_utf8_lossy(&r.body)),
+        }
+    }
+    assert!(
+        busy >= 1,
+        "four calls on one 400 ms session with a 100 ms wait: some must be refused"
+    );
+    srv.inject("");
+    srv.client.generate_key(&key, b"").await.unwrap();
+}
