@@ -6,15 +6,16 @@
 //!
 //! | module       | owns                                                         | never touches          |
 //! |--------------|--------------------------------------------------------------|------------------------|
-//! | `main.rs`    | argument parsing, exit codes                                 | PKCS#11                |
+//! | `main.rs`, `cli/` | argument parsing, exit codes, the `kes`-style client commands | PKCS#11           |
+//! | [`migrate`]  | `kesh migrate`: a KES `fs` key directory → any [`keystore`]  | HTTP                   |
 //! | [`server`]   | rustls mTLS, client identity, routes, the one error→HTTP mapping, limits | cryptoki, ciphertext bytes |
 //! | [`service`]  | one method per API operation: authorize → keystore → metrics | HTTP types, cryptoki   |
 //! | [`policy`], [`identity`], [`audit`], [`metrics`] | what their names say     | each other's internals |
 //! | [`api`]      | wire DTOs shared by server and [`client`]                    | logic                  |
 //! | [`client`]   | a small KES client (hyper + rustls) for the CLI and tests    | the server internals   |
 //! | [`config`]   | raw YAML → validated settings, `${VAR}` substitution         | I/O beyond reading files |
-//! | [`keystore`] | `trait KeyStore`, backends [`keystore::pkcs11`] and [`keystore::soft`] | HTTP, policy |
-//! | [`crypto`]   | ciphertext formats (native, KES, legacy) and host-side AEAD  | I/O of any kind        |
+//! | [`keystore`] | `trait KeyStore`, backends [`keystore::pkcs11`] (with `kesh hsm probe` in [`keystore::pkcs11::probe`]) and [`keystore::soft`] | HTTP, policy |
+//! | [`crypto`]   | ciphertext formats (native, KES, legacy), KES stored keys, host-side AEAD | I/O of any kind |
 //! | [`name`]     | validated key names and list patterns                        | everything else        |
 //! | [`secret`]   | secret-holding types that zeroize and never print            | everything else        |
 //!
@@ -39,6 +40,7 @@ pub mod crypto;
 pub mod identity;
 pub mod keystore;
 pub mod metrics;
+pub mod migrate;
 pub mod name;
 pub mod policy;
 pub mod secret;

@@ -6,6 +6,7 @@
 //! keystore computes the same values on the device and uses only the framing.
 
 pub mod kes;
+pub mod kes_key;
 pub mod native;
 
 /// A ciphertext failed authentication or was malformed. Deliberately carries no detail: the
