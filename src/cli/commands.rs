@@ -449,7 +449,8 @@ pub fn parse_metrics(text: &str) -> Result<Snapshot, Fatal> {
                     .find_map(|kv| kv.trim().strip_prefix("le="))
                     .map(|v| v.trim_matches('"'))
                     .unwrap_or("");
-                if let Ok(bound) = le.parse::<f64>() {
+                // kms-go skips +Inf (which Rust would parse as infinity).
+                if let Some(bound) = le.parse::<f64>().ok().filter(|b| b.is_finite()) {
                     s.kes_http_response_time
                         .insert((bound * 1000.0).round() as u64, n);
                 }
