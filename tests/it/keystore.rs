@@ -858,22 +858,77 @@ mod pkcs11_only {
     }
 }
 
-/// Every file in `hsm-config/` parses and its keystore section validates.
+/// Every `.yaml` file under `hsm-config/` (profiles included) parses and validates: a whole
+/// config (one with `admin:`, `tls:` or `address:`) through the server config parser, a
+/// keystore section through the keystore parser. A profile file must name its own profile.
 #[test]
 fn hsm_config_files_validate() {
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("hsm-config");
-    let mut seen = 0;
-    for entry in std::fs::read_dir(&dir).unwrap() {
-        let path = entry.unwrap().path();
-        if path.extension().and_then(|e| e.to_str()) != Some("yaml") {
-            continue;
+    use kesh::config::keystore::KeystoreConfig;
+    use kesh::config::server::ServerConfig;
+
+    fn yaml_files(dir: &std::path::Path, out: &mut Vec<std::path::PathBuf>) {
+        for entry in std::fs::read_dir(dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display())) {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                yaml_files(&path, out);
+            } else if path.extension().and_then(|e| e.to_str()) == Some("yaml") {
+                out.push(path);
+            }
         }
-        let text = std::fs::read_to_string(&path).unwrap();
-        let value = kesh::config::env::substitute_with(&text, |_| Some("placeholder".into()))
-            .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-        kesh::config::keystore::KeystoreConfig::from_value(&value["keystore"])
-            .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-        seen += 1;
     }
-    assert!(seen > 0, "no configs in {}", dir.display());
+    // Identities become distinct hex hashes (policies may not share one); anything else a
+    // placeholder string.
+    fn lookup(name: &str) -> Option<String> {
+        if name.contains("IDENTITY") || name.contains("ADMIN") {
+            let hex: String = name.bytes().map(|b| format!("{b:02x}")).collect();
+            Some(format!("{hex:0<64}")[..64].to_owned())
+        } else {
+            Some("placeholder".into())
+        }
+    }
+
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("hsm-config");
+    let mut files = Vec::new();
+    yaml_files(&dir, &mut files);
+    files.sort();
+    let (mut whole, mut sections) = (0, 0);
+    for path in &files {
+        let text = std::fs::read_to_string(path).unwrap();
+        let value = kesh::config::env::substitute_with(&text, lookup)
+            .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let is_whole = ["admin", "tls", "address"]
+            .iter()
+            .any(|k| value.get(k).is_some());
+        let keystore = if is_whole {
+            whole += 1;
+            ServerConfig::parse_with(&text, lookup)
+                .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+                .keystore
+        } else {
+            sections += 1;
+            let section = value
+                .get("keystore")
+                .unwrap_or_else(|| panic!("{}: no `keystore:` section", path.display()));
+            KeystoreConfig::from_value(section)
+                .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        };
+        if path.parent().and_then(|p| p.file_name()) == Some("profiles".as_ref()) {
+            let stem = path.file_stem().and_then(|s| s.to_str()).unwrap();
+            let KeystoreConfig::Pkcs11(cfg) = keystore else {
+                panic!("{}: a profile must configure `pkcs11:`", path.display())
+            };
+            assert_eq!(
+                cfg.profile,
+                Some(stem),
+                "{}: profile file names another profile",
+                path.display()
+            );
+        }
+        println!("validated {}", path.display());
+    }
+    assert!(
+        whole > 0 && sections >= 6,
+        "expected the reference config and a profile per HSM family in {}, found {whole} whole configs and {sections} keystore sections",
+        dir.display()
+    );
 }

@@ -5,3 +5,4 @@ mod api;
 mod faults;
 mod harness;
 mod keystore;
+mod packaging;
