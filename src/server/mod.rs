@@ -39,6 +39,12 @@ use crate::service::Service;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// `ReadHeaderTimeout` of the reference.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+/// Open connections at most; past it new ones are closed at once, so descriptors and memory
+/// stay bounded whatever clients do. Idle HTTP/1.1 connections are closed after
+/// `HEADER_TIMEOUT`, so idle clients cannot hold the slots.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 4096;
+/// HTTP/2 pings an idle peer this often and drops it when the ping goes unanswered.
+const H2_KEEPALIVE: Duration = Duration::from_secs(30);
 /// How long shutdown waits for requests in flight.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
@@ -104,6 +110,7 @@ pub async fn create_keys(
 pub struct Server {
     state: Arc<State>,
     listener: TcpListener,
+    connections: Arc<tokio::sync::Semaphore>,
     shutdown: watch::Receiver<bool>,
     handle: ServerHandle,
 }
@@ -170,9 +177,16 @@ impl Server {
         Ok(Server {
             state,
             listener,
+            connections: Arc::new(tokio::sync::Semaphore::new(DEFAULT_MAX_CONNECTIONS)),
             shutdown: rx,
             handle,
         })
+    }
+
+    /// Caps open connections (default [`DEFAULT_MAX_CONNECTIONS`]).
+    pub fn with_max_connections(mut self, max: usize) -> Self {
+        self.connections = Arc::new(tokio::sync::Semaphore::new(max.max(1)));
+        self
     }
 
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
@@ -199,11 +213,17 @@ impl Server {
                             continue;
                         }
                     };
+                    let Ok(slot) = self.connections.clone().try_acquire_owned() else {
+                        tracing::warn!(peer = %peer, "connection limit reached; closing the new connection");
+                        drop(tcp);
+                        continue;
+                    };
                     let _ = tcp.set_nodelay(true);
                     let acceptor = self.state.tls.read().unwrap_or_else(|e| e.into_inner()).clone();
                     let state = self.state.clone();
                     let watcher = graceful.watcher();
                     tokio::spawn(async move {
+                        let _slot = slot;
                         let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                             Ok(Ok(tls)) => tls,
                             Ok(Err(e)) => {
@@ -227,12 +247,26 @@ impl Server {
                                 // A HEAD response carries headers only (RFC 9110 §9.3.2); a
                                 // body would break the connection for HTTP/1.1 and h2 clients.
                                 let head = req.method() == Method::HEAD;
-                                let resp = dispatch(&state, &conn, req).await?;
+                                // A bug that panics in a handler costs that request a 500,
+                                // never the connection or the process.
+                                let served = std::panic::AssertUnwindSafe(dispatch(&state, &conn, req));
+                                let resp = match futures_util::FutureExt::catch_unwind(served).await {
+                                    Ok(resp) => resp?,
+                                    Err(_) => {
+                                        tracing::error!(peer = %conn.ip, "request handler panicked");
+                                        error::error_response(StatusCode::INTERNAL_SERVER_ERROR, "internal server error")
+                                    }
+                                };
                                 Ok::<_, DeadlineExceeded>(if head { strip_body(resp) } else { resp })
                             }
                         });
                         let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
                         builder.http1().timer(TokioTimer::new()).header_read_timeout(HEADER_TIMEOUT);
+                        builder
+                            .http2()
+                            .timer(TokioTimer::new())
+                            .keep_alive_interval(H2_KEEPALIVE)
+                            .keep_alive_timeout(HANDSHAKE_TIMEOUT);
                         let conn = builder.serve_connection(TokioIo::new(tls), svc);
                         if let Err(e) = watcher.watch(conn).await {
                             tracing::debug!(peer = %peer, error = %e, "connection ended with an error");

@@ -182,6 +182,25 @@ impl TestServer {
         api: &BTreeMap<String, RouteOverride>,
         client_auth: ClientAuth,
     ) -> Self {
+        Self::start_limited(
+            ks,
+            store,
+            policies,
+            api,
+            client_auth,
+            kesh::server::DEFAULT_MAX_CONNECTIONS,
+        )
+        .await
+    }
+
+    async fn start_limited(
+        ks: Arc<dyn KeyStore>,
+        store: Option<Store>,
+        policies: &[TestPolicy],
+        api: &BTreeMap<String, RouteOverride>,
+        client_auth: ClientAuth,
+        max_connections: usize,
+    ) -> Self {
         let admin = ApiKey::generate().unwrap();
         let certs = server_certs();
         let metrics = Arc::new(Metrics::new());
@@ -208,7 +227,8 @@ impl TestServer {
         };
         let server = Server::bind("127.0.0.1:0".parse().unwrap(), parts)
             .await
-            .unwrap();
+            .unwrap()
+            .with_max_connections(max_connections);
         let addr = server.local_addr().unwrap();
         let handle = server.handle();
         tokio::spawn(server.run());
@@ -1770,12 +1790,18 @@ async fn tls_auth_on_verifies_client_chains() {
 }
 
 /// A keystore that answers slowly, to check per-route deadlines.
-struct Slow(kesh::keystore::soft::SoftKeyStore);
+/// The soft keystore with a misbehaving `generate`.
+struct Misbehaving(kesh::keystore::soft::SoftKeyStore, OnGenerate);
+
+enum OnGenerate {
+    Sleep(Duration),
+    Panic,
+}
 
 #[async_trait::async_trait]
-impl KeyStore for Slow {
+impl KeyStore for Misbehaving {
     fn description(&self) -> String {
-        "slow test keystore".into()
+        "misbehaving test keystore".into()
     }
     async fn create(&self, name: &KeyName, p: Provenance) -> Result<(), KeystoreError> {
         self.0.create(name, p).await
@@ -1793,7 +1819,10 @@ impl KeyStore for Slow {
         self.0.delete(name).await
     }
     async fn generate(&self, name: &KeyName, context: &[u8]) -> Result<DataKey, KeystoreError> {
-        tokio::time::sleep(Duration::from_secs(3)).await;
+        match self.1 {
+            OnGenerate::Sleep(d) => tokio::time::sleep(d).await,
+            OnGenerate::Panic => panic!("a bug in a handler"),
+        }
         self.0.generate(name, context).await
     }
     async fn encrypt(&self, name: &KeyName, p: &[u8], c: &[u8]) -> Result<Vec<u8>, KeystoreError> {
@@ -1826,7 +1855,10 @@ async fn route_deadline_aborts_the_request() {
             timeout: Some(Duration::from_millis(300)),
         },
     );
-    let ks = Arc::new(Slow(kesh::keystore::soft::SoftKeyStore::in_memory()));
+    let ks = Arc::new(Misbehaving(
+        kesh::keystore::soft::SoftKeyStore::in_memory(),
+        OnGenerate::Sleep(Duration::from_secs(3)),
+    ));
     let srv = TestServer::start_with(ks, None, &[], &api).await;
     let c = srv.admin();
     c.create_key("slow").await.unwrap();
@@ -2048,4 +2080,89 @@ async fn identity_comes_from_the_single_end_entity_certificate() {
         400,
         "tls: received more than one client certificate",
     );
+}
+
+/// Idle and half-open clients cannot starve the others: hundreds of connections that never
+/// finish a TLS handshake leave requests from a real client served, and the server closes
+/// them after its handshake timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_do_not_starve_clients() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let srv = TestServer::start(harness::soft(), &[]).await;
+    let mut idle = Vec::new();
+    for i in 0..300 {
+        let mut s = tokio::net::TcpStream::connect(srv.addr).await.unwrap();
+        if i % 2 == 0 {
+            // Half a TLS record header: a slow-loris handshake.
+            s.write_all(&[0x16, 0x03]).await.unwrap();
+        }
+        idle.push(s);
+    }
+    let c = srv.admin();
+    let k = name("starve");
+    c.create_key(&k).await.unwrap();
+    for _ in 0..20 {
+        c.generate_key(&k, b"").await.unwrap();
+    }
+    // The handshake timeout (10 s) closes every one of them.
+    let mut buf = [0u8; 16];
+    for s in idle.iter_mut().take(10) {
+        let n = tokio::time::timeout(Duration::from_secs(20), s.read(&mut buf))
+            .await
+            .expect("the server must close a connection that never completes its handshake");
+        assert!(matches!(n, Ok(0) | Err(_)), "{n:?}");
+    }
+}
+
+/// Past the connection limit new connections are closed at once; the server serves again
+/// as soon as slots free up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_limit_closes_excess_connections() {
+    use tokio::io::AsyncReadExt;
+    let store = harness::soft();
+    let ks = store.ks.clone();
+    let srv = TestServer::start_limited(
+        ks,
+        Some(store),
+        &[],
+        &BTreeMap::new(),
+        ClientAuth::AnyCertificate,
+        8,
+    )
+    .await;
+    let mut held = Vec::new();
+    for _ in 0..8 {
+        held.push(tokio::net::TcpStream::connect(srv.addr).await.unwrap());
+    }
+    // Let the server accept all eight before the ninth arrives.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut ninth = tokio::net::TcpStream::connect(srv.addr).await.unwrap();
+    let mut buf = [0u8; 1];
+    let n = tokio::time::timeout(Duration::from_secs(5), ninth.read(&mut buf))
+        .await
+        .expect("the ninth connection is closed at once");
+    assert!(matches!(n, Ok(0) | Err(_)), "{n:?}");
+    assert!(
+        srv.admin().status().await.is_err(),
+        "no slot for a client either"
+    );
+    drop(held);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    srv.admin().status().await.unwrap();
+}
+
+/// A panic in a handler costs that request a 500; the connection and the server live on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_handler_answers_500_and_the_server_lives_on() {
+    let ks = Arc::new(Misbehaving(
+        kesh::keystore::soft::SoftKeyStore::in_memory(),
+        OnGenerate::Panic,
+    ));
+    let srv = TestServer::start_with(ks, None, &[], &BTreeMap::new()).await;
+    let c = srv.admin();
+    c.create_key("boom").await.unwrap();
+    let r = send(&c, Method::POST, "/v1/key/generate/boom", Some(b"{}")).await;
+    assert_error(&r, 500, "internal server error");
+    c.describe_key("boom").await.unwrap();
+    c.status().await.unwrap();
 }
