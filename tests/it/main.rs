@@ -4,5 +4,6 @@
 mod api;
 mod faults;
 mod harness;
+mod hostile;
 mod keystore;
 mod packaging;
