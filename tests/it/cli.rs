@@ -818,8 +818,8 @@ fn kes_seal(key: &[u8; 32], plaintext: &[u8], context: &[u8]) -> String {
 
 #[test]
 fn migrate_from_kes_to_softhsm() {
-    // The child processes write to the `processes` token, kept apart from in-process tests.
-    let token = harness::tokens().processes.clone();
+    // Only this test's child processes use the `migrate` token.
+    let token = harness::tokens().migrate.clone();
     let dir = tempfile::tempdir().unwrap();
     let suffix = unique("m");
     let (vector, proto, legacy, corrupt, bad_name) = (
@@ -1057,7 +1057,7 @@ fn migrate_from_kes_to_softhsm() {
 
 #[test]
 fn hsm_probe_on_softhsm() {
-    let token = harness::tokens().shared.clone();
+    let token = harness::tokens().probe.clone();
     let pin = token.pin().expose().to_owned();
     let module = token.module.display().to_string();
     let env = [("KESH_PROBE_PIN", pin.as_str())];

@@ -47,6 +47,11 @@ pub struct Tokens {
     pub processes: Arc<EphemeralToken>,
     /// Used by `kesh server` processes that load SoftHSM through the fault shim.
     pub faults: Arc<EphemeralToken>,
+    /// Written only by the `kesh migrate` and `kesh server` children of the CLI test.
+    pub migrate: Arc<EphemeralToken>,
+    /// Only logged into by `kesh hsm probe` children (session objects only): no other
+    /// process writes to it, so its token file is never read mid-rewrite.
+    pub probe: Arc<EphemeralToken>,
 }
 
 pub fn tokens() -> &'static Tokens {
@@ -66,6 +71,8 @@ pub fn tokens() -> &'static Tokens {
             bulk: Arc::new(token()),
             processes: Arc::new(token()),
             faults: Arc::new(token()),
+            migrate: Arc::new(token()),
+            probe: Arc::new(token()),
         }
     })
 }
