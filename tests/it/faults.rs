@@ -29,7 +29,7 @@ fn shim_path() -> PathBuf {
     shim
 }
 
-fn now_ms() -> u128 {
+pub(crate) fn now_ms() -> u128 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap()
@@ -37,15 +37,15 @@ fn now_ms() -> u128 {
 }
 
 /// A `kesh server` on the faults token, loading SoftHSM through the shim.
-struct FaultyServer {
-    child: Child,
+pub(crate) struct FaultyServer {
+    pub(crate) child: Child,
     control: PathBuf,
-    client: Client,
+    pub(crate) client: Client,
     _dir: tempfile::TempDir,
 }
 
 impl FaultyServer {
-    fn start(sessions: usize, session_wait: &str) -> Self {
+    pub(crate) fn start(sessions: usize, session_wait: &str) -> Self {
         let token = harness::tokens().faults.clone();
         let dir = tempfile::tempdir().unwrap();
         let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
@@ -107,11 +107,11 @@ impl FaultyServer {
         }
     }
 
-    fn inject(&self, rules: &str) {
+    pub(crate) fn inject(&self, rules: &str) {
         std::fs::write(&self.control, rules).unwrap();
     }
 
-    async fn status_unreachable(&self) -> bool {
+    pub(crate) async fn status_unreachable(&self) -> bool {
         let r = self
             .client
             .send(Method::GET, "/v1/status", None, None)
@@ -123,7 +123,7 @@ impl FaultyServer {
     }
 
     /// Generates until it works again; returns how long that took.
-    async fn wait_for_recovery(&self, key: &str) -> Duration {
+    pub(crate) async fn wait_for_recovery(&self, key: &str) -> Duration {
         let start = Instant::now();
         loop {
             match self.client.generate_key(key, b"probe").await {

@@ -2,9 +2,9 @@
 //! tests one capability through the public API.
 
 mod api;
-mod cli;
 mod faults;
 mod harness;
 mod hostile;
 mod keystore;
 mod packaging;
+mod soak;
