@@ -238,6 +238,29 @@ pub fn encode_response<T: Serialize + ?Sized>(value: &T) -> Vec<u8> {
     out
 }
 
+/// [`encode_response`] for bodies that carry key material (generate, decrypt): written into
+/// one exactly-sized zeroizing buffer, so no reallocation leaves a copy behind. Their fields
+/// are base64, which Go's HTML escaping never touches.
+pub fn encode_secret_response<T: Serialize + ?Sized>(value: &T) -> zeroize::Zeroizing<Vec<u8>> {
+    struct Count(usize);
+    impl std::io::Write for Count {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0 += b.len();
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut count = Count(0);
+    // As in `encode_response`: these DTOs always serialize.
+    let _ = serde_json::to_writer(&mut count, value);
+    let mut out = zeroize::Zeroizing::new(Vec::with_capacity(count.0 + 1));
+    let _ = serde_json::to_writer(&mut *out, value);
+    out.push(b'\n');
+    out
+}
+
 /// Go's HTML-safe escapes. The characters can only occur inside JSON strings, so a bytewise
 /// rewrite is exact.
 pub fn go_escape(raw: &[u8]) -> Vec<u8> {

@@ -18,6 +18,7 @@
 //! | [`crypto`]   | ciphertext formats (native, KES, legacy), KES stored keys, host-side AEAD | I/O of any kind |
 //! | [`name`]     | validated key names and list patterns                        | everything else        |
 //! | [`secret`]   | secret-holding types that zeroize and never print            | everything else        |
+//! | [`hardening`] | `mlockall`, no core dumps, not dumpable (server start)      | keys, requests         |
 //!
 //! # One request's walk (generate a data key)
 //!
@@ -37,6 +38,7 @@ pub mod audit;
 pub mod client;
 pub mod config;
 pub mod crypto;
+pub mod hardening;
 pub mod identity;
 pub mod keystore;
 pub mod metrics;

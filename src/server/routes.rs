@@ -325,6 +325,15 @@ pub fn json<T: serde::Serialize>(value: &T) -> Response {
     with_type(api::encode_response(value), "application/json")
 }
 
+/// [`json`] for responses carrying key material: the buffer is zeroized when hyper drops the
+/// last reference to it (`Bytes::from_owner` keeps the zeroizing owner).
+fn json_secret<T: serde::Serialize>(value: &T) -> Response {
+    let body = Bytes::from_owner(api::encode_secret_response(value));
+    let mut resp = Response::new(Body::from(body));
+    resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    resp
+}
+
 fn with_type(body: Vec<u8>, content_type: &'static str) -> Response {
     let mut resp = Response::new(Body::from(body));
     resp.headers_mut()
@@ -474,7 +483,7 @@ pub async fn handle(
                 decode(&req.body, BodyKind::Other)?
             };
             let dek = svc.generate_key(permit, &name, &body.context.0).await?;
-            json(&api::GenerateKeyResponse {
+            json_secret(&api::GenerateKeyResponse {
                 plaintext: api::SecretBytes(zeroize::Zeroizing::new(dek.plaintext.to_vec())),
                 ciphertext: api::Bytes(dek.ciphertext),
             })
@@ -495,7 +504,7 @@ pub async fn handle(
             let pt = svc
                 .decrypt(permit, &name, &body.ciphertext.0, &body.context.0)
                 .await?;
-            json(&api::DecryptKeyResponse {
+            json_secret(&api::DecryptKeyResponse {
                 plaintext: api::SecretBytes(pt),
             })
         }

@@ -2,6 +2,7 @@
 //! tests one capability through the public API.
 
 mod api;
+mod cli;
 mod faults;
 mod harness;
 mod hostile;
