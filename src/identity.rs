@@ -44,6 +44,14 @@ impl Identity {
         Ok(Self::from_spki(spki_of_certificate(cert_der)?))
     }
 
+    /// Equality in time independent of where the two differ: the admin check runs on every
+    /// request, and must not tell a prober how much of the admin identity it guessed.
+    pub fn ct_eq(&self, other: &Identity) -> bool {
+        use subtle::ConstantTimeEq;
+        let (a, b) = (self.as_str().as_bytes(), other.as_str().as_bytes());
+        a.len() == b.len() && bool::from(a.ct_eq(b))
+    }
+
     pub fn as_str(&self) -> &str {
         &self.0
     }
@@ -401,6 +409,14 @@ mod tests {
             ApiKey::parse("kes:v1:!!"),
             Err(ApiKeyError::Malformed(_))
         ));
+    }
+
+    #[test]
+    fn constant_time_equality() {
+        let a = Identity::new("ab").unwrap();
+        assert!(a.ct_eq(&Identity::new("ab").unwrap()));
+        assert!(!a.ct_eq(&Identity::new("ac").unwrap()));
+        assert!(!a.ct_eq(&Identity::new("abc").unwrap()));
     }
 
     #[test]

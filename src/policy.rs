@@ -165,7 +165,7 @@ impl Authorizer {
             tracing::info!(target: "kesh::policy", path, decision = "deny", reason = "no client certificate");
             return Err(Denial::NoCertificate);
         };
-        if *identity == self.admin {
+        if identity.ct_eq(&self.admin) {
             tracing::debug!(target: "kesh::policy", %identity, path, decision = "allow", reason = "admin");
             return Ok(Permit {
                 identity: Some(identity.clone()),
@@ -195,7 +195,7 @@ impl Authorizer {
     /// The `insecureIdentifyOnly` authenticator: self-describe and `skip_auth` routes. Never
     /// fails; the permit carries whatever identity the connection has.
     pub fn identify_only(&self, identity: Option<&Identity>) -> Permit {
-        let admin = identity == Some(&self.admin);
+        let admin = identity.is_some_and(|id| id.ct_eq(&self.admin));
         Permit {
             identity: identity.cloned(),
             admin,
