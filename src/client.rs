@@ -88,6 +88,9 @@ pub enum ClientError {
     Credentials(String),
     #[error("kes: connection failed: {0}")]
     Connect(String),
+    /// The server's certificate failed verification (unknown issuer, wrong name, expired).
+    #[error("kes: the server's certificate is not trusted: {0}")]
+    UntrustedServer(String),
     #[error("kes: invalid response: {0}")]
     Decode(String),
 }
@@ -167,6 +170,19 @@ fn escape_segment(s: &str) -> String {
         }
     }
     out
+}
+
+/// A failed TLS handshake: our verdict on the server's certificate, or any other failure.
+fn handshake_error(e: std::io::Error) -> ClientError {
+    match e
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+    {
+        Some(rustls::Error::InvalidCertificate(why)) => {
+            ClientError::UntrustedServer(format!("{why:?}"))
+        }
+        _ => ClientError::Connect(e.to_string()),
+    }
 }
 
 /// `path.Join(api, PathEscape(name))`: an empty name drops the trailing slash.
@@ -288,7 +304,7 @@ impl Client {
         let tls = TlsConnector::from(self.tls.clone())
             .connect(self.server_name.clone(), tcp)
             .await
-            .map_err(|e| connect(&e))?;
+            .map_err(handshake_error)?;
         let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
         let mut req = http::Request::builder().method(method).uri(path);
         if !h2 {
@@ -342,7 +358,7 @@ impl Client {
         let tls = TlsConnector::from(self.tls.clone())
             .connect(self.server_name.clone(), tcp)
             .await
-            .map_err(|e| connect(&e))?;
+            .map_err(handshake_error)?;
         let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
         let io = TokioIo::new(tls);
         let resp = if h2 {

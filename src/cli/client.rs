@@ -199,8 +199,8 @@ impl Conn {
 /// The error with what to do about it.
 pub fn explain(endpoint: &str, e: ClientError) -> Fatal {
     let hint = match &e {
-        ClientError::Connect(m) if m.contains("certificate") || m.contains("UnknownIssuer") => {
-            " (the server's certificate is not trusted: pass --ca FILE with its CA, or -k/--insecure for a self-signed server)"
+        ClientError::UntrustedServer(_) => {
+            " (pass --ca FILE with the CA that issued it, or -k/--insecure for a self-signed development server)"
         }
         ClientError::Connect(_) => " (is the server running? check KES_SERVER or --server)",
         ClientError::Api(a) if *a == errors::NOT_ALLOWED => {

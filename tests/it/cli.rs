@@ -790,9 +790,7 @@ fn kes_layout(dir: &Path, files: &[(&str, &[u8])]) -> PathBuf {
     let config = dir.join("kes.yaml");
     std::fs::write(
         &config,
-        format!(
-            "address: 0.0.0.0:7373\nadmin:\n  identity: disabled\ntls:\n  key: k.pem\n  cert: c.pem\nkeystore:\n  fs:\n    path: ${{KES_TEST_KEY_DIR}}\n"
-        ),
+        "address: 0.0.0.0:7373\nadmin:\n  identity: disabled\ntls:\n  key: k.pem\n  cert: c.pem\nkeystore:\n  fs:\n    path: ${KES_TEST_KEY_DIR}\n",
     )
     .unwrap();
     config
