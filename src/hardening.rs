@@ -26,7 +26,10 @@ pub fn harden() -> Hardening {
         // SAFETY: setrlimit/prctl/mlockall/getrlimit/geteuid take plain values or a pointer
         // to a local struct; they have no memory-safety preconditions.
         unsafe {
-            let zero = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+            let zero = libc::rlimit {
+                rlim_cur: 0,
+                rlim_max: 0,
+            };
             let core_off = libc::setrlimit(libc::RLIMIT_CORE, &zero) == 0;
             // Not dumpable: no core file, and other processes of the same user cannot ptrace
             // or read this one's memory.
@@ -38,7 +41,10 @@ pub fn harden() -> Hardening {
                     std::io::Error::last_os_error()
                 ));
             }
-            let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+            let mut limit = libc::rlimit {
+                rlim_cur: 0,
+                rlim_max: 0,
+            };
             let unlimited = libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut limit) == 0
                 && limit.rlim_cur == libc::RLIM_INFINITY;
             if unlimited || libc::geteuid() == 0 {
@@ -58,6 +64,7 @@ pub fn harden() -> Hardening {
         }
     }
     #[cfg(not(target_os = "linux"))]
-    h.warnings.push("memory locking and core-dump protection are implemented for Linux only".to_owned());
+    h.warnings
+        .push("memory locking and core-dump protection are implemented for Linux only".to_owned());
     h
 }

@@ -330,7 +330,10 @@ pub fn json<T: serde::Serialize>(value: &T) -> Response {
 fn json_secret<T: serde::Serialize>(value: &T) -> Response {
     let body = Bytes::from_owner(api::encode_secret_response(value));
     let mut resp = Response::new(Body::from(body));
-    resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
     resp
 }
 
