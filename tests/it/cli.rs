@@ -319,6 +319,22 @@ fn key_commands_human_and_json() {
     let key = b64e(&[7u8; 32]);
     let out = srv.run(&["key", "import", &imported, &key]).ok();
     assert_eq!(out.trim(), format!("imported key '{imported}'"));
+    let chacha = unique("cli-chacha");
+    let v = srv
+        .run(&[
+            "key", "import", "--json", "--cipher", "ChaCha20", &chacha, &key,
+        ])
+        .json();
+    assert_eq!(v, serde_json::json!({"name": chacha, "status": "imported"}));
+    let v = srv.run(&["key", "info", "--json", &chacha]).json();
+    assert_eq!(v["algorithm"], "ChaCha20");
+    srv.run(&["key", "import", "--cipher", "DES", &unique("cli-des"), &key])
+        .fails("algorithm 'DES' is not supported");
+    srv.run(&["key", "dek", "missing-key"])
+        .fails("key does not exist");
+    srv.run(&["key", "encrypt", &imported, "x", "--context", "%%"])
+        .fails("the context is not valid base64");
+    srv.run(&["key", "rm", &chacha]).ok();
     srv.run(&["key", "import", &imported, &b64e(&[1u8; 16])])
         .fails("must be 32 bytes");
     srv.run(&["key", "import", &unique("cli-bad"), "not base64!"])
@@ -409,6 +425,12 @@ fn policies_identities_status_metrics_logs() {
         ids.contains(&Value::from(srv.admin.identity().as_str())),
         "{v}"
     );
+    let out = srv.run(&["identity", "ls"]).ok();
+    assert_eq!(out.lines().next(), Some("Identity"), "{out}");
+    assert!(
+        out.lines().any(|l| l == srv.admin.identity().as_str()),
+        "{out}"
+    );
     let out = srv.run(&["ls", "-i"]).ok();
     assert!(out.lines().any(|l| l == app.identity().as_str()), "{out}");
     let v = srv.run(&["identity", "info", "--json"]).json();
@@ -483,24 +505,29 @@ fn policies_identities_status_metrics_logs() {
     // log: a subscriber sees the audit event of a key the CLI creates.
     let env = srv.env();
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    let mut child = kesh_cmd(&env, &["log", "--audit", "--json", "--count", "1"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    // The subscription races the first create: create keys until the subscriber has one.
+    let spawn = |args: &[&str]| {
+        kesh_cmd(&env, args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let mut json_child = spawn(&["log", "--audit", "--json", "--count", "1"]);
+    let mut human_child = spawn(&["log", "--count", "1"]);
+    // The subscriptions race the first create: create keys until both subscribers have one.
     let mut created = Vec::new();
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        assert!(created.len() < 500, "the log subscriber saw no event");
+    while json_child.try_wait().unwrap().is_none() || human_child.try_wait().unwrap().is_none() {
+        assert!(created.len() < 500, "a log subscriber saw no event");
         let n = unique("cli-log");
         srv.run(&["key", "create", &n]).ok();
         created.push(n);
-    };
-    let out = child.wait_with_output().unwrap();
-    assert!(status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+    let out = json_child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let line = String::from_utf8(out.stdout).unwrap();
     let event: Value = serde_json::from_str(line.trim()).unwrap();
     let path = event["request"]["path"].as_str().unwrap();
@@ -512,6 +539,21 @@ fn policies_identities_status_metrics_logs() {
     );
     assert_eq!(event["request"]["identity"], srv.admin.identity().as_str());
     assert_eq!(event["response"]["code"], 200);
+    // Human: time, status, client address, identity, path, duration on one line.
+    let out = human_child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let line = String::from_utf8(out.stdout).unwrap();
+    let fields: Vec<&str> = line.split_whitespace().collect();
+    assert_eq!(fields.len(), 6, "{line}");
+    assert_eq!(fields[1], "200", "{line}");
+    assert_eq!(fields[2], "127.0.0.1", "{line}");
+    assert_eq!(fields[3], srv.admin.identity().as_str(), "{line}");
+    assert!(fields[4].starts_with("/v1/key/create/cli-log-"), "{line}");
+    assert!(fields[5].ends_with("ms"), "{line}");
     kesh(&app_env, &["log", "--error"]).fails("not authorized");
 }
 
