@@ -48,7 +48,12 @@ pub fn harden() -> Hardening {
             let unlimited = libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut limit) == 0
                 && limit.rlim_cur == libc::RLIM_INFINITY;
             if unlimited || libc::geteuid() == 0 {
-                h.memory_locked = libc::mlockall(libc::MCL_CURRENT | libc::MCL_FUTURE) == 0;
+                // MCL_ONFAULT locks pages as they are touched instead of populating every mapping
+                // (thread stacks are reserved at 2 MiB and mostly never used); kernels before 4.4
+                // reject it, and then everything is locked up front.
+                h.memory_locked =
+                    libc::mlockall(libc::MCL_CURRENT | libc::MCL_FUTURE | libc::MCL_ONFAULT) == 0
+                        || libc::mlockall(libc::MCL_CURRENT | libc::MCL_FUTURE) == 0;
                 if !h.memory_locked {
                     h.warnings.push(format!(
                         "memory could not be locked ({}): data keys may reach swap; give kesh LimitMEMLOCK=infinity or CAP_IPC_LOCK",

@@ -44,6 +44,15 @@ fn address(flag: Option<&str>, config: Option<SocketAddr>) -> Result<SocketAddr,
 }
 
 pub async fn run(args: ServerArgs) -> Result<(), Fatal> {
+    let hardening = kesh::hardening::harden();
+    for warning in &hardening.warnings {
+        tracing::warn!("{warning}");
+    }
+    tracing::info!(
+        memory_locked = hardening.memory_locked,
+        core_dumps_disabled = hardening.core_dumps_disabled,
+        "process hardening"
+    );
     if args.dev {
         return run_dev(args.addr.as_deref()).await;
     }

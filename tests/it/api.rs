@@ -1726,6 +1726,23 @@ fn run_dev_server(env: &[(&str, &str)]) -> String {
         c.create_key("dev-key").await.unwrap();
         c.generate_key("dev-key", b"").await.unwrap();
     });
+    // Hardened at start: no core dumps, and (as root, as CI runs) memory locked.
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", child.id())).unwrap();
+    let core = limits
+        .lines()
+        .find(|l| l.starts_with("Max core file size"))
+        .unwrap();
+    assert_eq!(core.split_whitespace().nth(4), Some("0"), "{core}");
+    let status = std::fs::read_to_string(format!("/proc/{}/status", child.id())).unwrap();
+    let locked_kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmLck:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap();
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        assert!(locked_kb > 0, "memory not locked: {status}");
+    }
     let killed = std::process::Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status()
