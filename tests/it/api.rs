@@ -1906,21 +1906,6 @@ async fn route_deadline_aborts_the_request() {
 }
 
 /// Reads the banner of a `kesh server` child until it is up; returns the API address.
-fn wait_for_banner(child: &mut std::process::Child) -> String {
-    use std::io::{BufRead, BufReader};
-    let stdout = child.stdout.take().unwrap();
-    let mut addr = None;
-    for line in BufReader::new(stdout).lines() {
-        let line = line.unwrap();
-        if let Some(rest) = line.strip_prefix("API         · https://") {
-            addr = Some(rest.trim().to_owned());
-        } else if line.contains("Server is up and running") {
-            break;
-        }
-    }
-    addr.expect("banner names the API address")
-}
-
 fn signal(child: &std::process::Child, sig: &str) {
     let ok = std::process::Command::new("kill")
         .args([sig, &child.id().to_string()])
@@ -1953,7 +1938,7 @@ fn server_process_reloads_policies_on_sighup() {
         .env_remove("SOFTHSM2_CONF")
         .spawn()
         .unwrap();
-    let addr = wait_for_banner(&mut child);
+    let addr = harness::wait_for_banner(&mut child);
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
         let c = Client::new(&addr, creds, ServerTrust::Roots(vec![certs.ca.clone()])).unwrap();

@@ -5,7 +5,6 @@
 //! Each test runs its own server process: recovery finalizes and re-initializes the module,
 //! which must not disturb the other tests' keystores in this process.
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -80,19 +79,7 @@ impl FaultyServer {
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
-        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-        let mut addr = None;
-        for line in lines.by_ref() {
-            let line = line.unwrap();
-            if let Some(rest) = line.strip_prefix("API         · https://") {
-                addr = Some(rest.trim().to_owned());
-            } else if line.contains("Server is up and running") {
-                break;
-            }
-        }
-        // Keep reading: audit lines go to stdout, and a full pipe would stall the server.
-        std::thread::spawn(move || for _ in lines {});
-        let addr = addr.expect("the server printed its address");
+        let addr = harness::wait_for_banner(&mut child);
         let client = Client::new(
             &addr,
             Credentials::ApiKey(admin),

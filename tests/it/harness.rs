@@ -135,3 +135,22 @@ macro_rules! on_both_keystores {
         }
     };
 }
+
+/// Reads a `kesh server` child's banner up to "Server is up and running" and returns the API
+/// address it printed. Keeps draining stdout afterwards: audit records go there, and a full
+/// pipe would stall the server.
+pub fn wait_for_banner(child: &mut std::process::Child) -> String {
+    use std::io::{BufRead, BufReader};
+    let mut lines = BufReader::new(child.stdout.take().expect("stdout is piped")).lines();
+    let mut addr = None;
+    for line in lines.by_ref() {
+        let line = line.expect("banner line");
+        if let Some(rest) = line.strip_prefix("API         · https://") {
+            addr = Some(rest.trim().to_owned());
+        } else if line.contains("Server is up and running") {
+            break;
+        }
+    }
+    std::thread::spawn(move || for _ in lines {});
+    addr.expect("the server printed its address")
+}
