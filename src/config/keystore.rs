@@ -68,7 +68,7 @@ pub const PROFILES: &[Profile] = &[
     Profile {
         name: "luna",
         sessions: 16,
-        iv: IvSource::Device,
+        iv: IvSource::Caller,
         scheme: Scheme::Gcm,
     },
     Profile {
