@@ -62,17 +62,35 @@ pub struct Report {
 #[error("{0}")]
 pub struct MigrateError(pub String);
 
-/// The `keystore.fs.path` of a KES config file (after `${VAR}` substitution). Relative paths
-/// are taken from the current directory, as KES does.
-pub fn kes_fs_path(config: &Path) -> Result<PathBuf, MigrateError> {
+/// The `keystore:` section of a KES or kesh config file, with its `${VAR}`s substituted.
+/// Only that section is substituted, so variables the rest of the file names (a TLS key
+/// password, an admin identity) need not be set to migrate or probe.
+pub fn keystore_section(config: &Path) -> Result<serde_yaml::Value, MigrateError> {
     let text = std::fs::read_to_string(config)
         .map_err(|e| MigrateError(format!("cannot read '{}': {e}", config.display())))?;
-    let doc = crate::config::env::substitute(&text)
+    let doc: serde_yaml::Value = serde_yaml::from_str(&text)
+        .map_err(|e| MigrateError(format!("{}: not valid YAML: {e}", config.display())))?;
+    let keystore = doc
+        .get("keystore")
+        .ok_or_else(|| MigrateError(format!("{}: no `keystore:` section", config.display())))?;
+    let mut only = serde_yaml::Mapping::new();
+    only.insert("keystore".into(), keystore.clone());
+    let section_text = serde_yaml::to_string(&only)
         .map_err(|e| MigrateError(format!("{}: {e}", config.display())))?;
-    let keystore = doc.get("keystore").ok_or_else(|| {
+    let substituted = crate::config::env::substitute(&section_text)
+        .map_err(|e| MigrateError(format!("{}: {e}", config.display())))?;
+    substituted
+        .get("keystore")
+        .cloned()
+        .ok_or_else(|| MigrateError(format!("{}: no `keystore:` section", config.display())))
+}
+
+/// The `keystore.fs.path` of a KES config file. Relative paths are taken from the current
+/// directory, as KES does.
+pub fn kes_fs_path(config: &Path) -> Result<PathBuf, MigrateError> {
+    let keystore = keystore_section(config).map_err(|e| {
         MigrateError(format!(
-            "{}: no `keystore:` section; --from takes the KES server config whose `keystore: fs: path:` holds the keys",
-            config.display()
+            "{e}; --from takes the KES server config whose `keystore: fs: path:` holds the keys"
         ))
     })?;
     let Some(fs) = keystore.get("fs") else {

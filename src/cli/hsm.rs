@@ -46,14 +46,8 @@ fn yes(b: bool) -> String {
 pub fn probe(args: ProbeArgs) -> Result<(), Fatal> {
     let target = match &args.config {
         Some(path) => {
-            let text = std::fs::read_to_string(path)
-                .map_err(|e| Fatal(format!("cannot read '{}': {e}", path.display())))?;
-            let doc = kesh::config::env::substitute(&text)
-                .map_err(|e| Fatal(format!("{}: {e}", path.display())))?;
-            let section = doc
-                .get("keystore")
-                .ok_or_else(|| Fatal(format!("{}: no `keystore:` section", path.display())))?;
-            match KeystoreConfig::from_value(section)
+            let section = kesh::migrate::keystore_section(path)?;
+            match KeystoreConfig::from_value(&section)
                 .map_err(|e| Fatal(format!("{}: {e}", path.display())))?
             {
                 KeystoreConfig::Pkcs11(c) => ProbeTarget {

@@ -37,17 +37,12 @@ pub struct MigrateArgs {
 
 pub async fn run(args: MigrateArgs) -> Result<(), Fatal> {
     let dir = kesh::migrate::kes_fs_path(&args.from)?;
-    let text = std::fs::read_to_string(&args.to)
-        .map_err(|e| Fatal(format!("cannot read '{}': {e}", args.to.display())))?;
-    let doc = kesh::config::env::substitute(&text)
-        .map_err(|e| Fatal(format!("{}: {e}", args.to.display())))?;
-    let section = doc.get("keystore").ok_or_else(|| {
+    let section = kesh::migrate::keystore_section(&args.to).map_err(|e| {
         Fatal(format!(
-            "{}: no `keystore:` section; --to takes a kesh config with `keystore: pkcs11:` or `soft:`",
-            args.to.display()
+            "{e}; --to takes a kesh config with `keystore: pkcs11:` or `soft:`"
         ))
     })?;
-    let cfg = KeystoreConfig::from_value(section)
+    let cfg = KeystoreConfig::from_value(&section)
         .map_err(|e| Fatal(format!("{}: {e}", args.to.display())))?;
     let store = cfg
         .open()

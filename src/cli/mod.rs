@@ -187,6 +187,7 @@ pub struct IdentityArgs {
     #[command(subcommand)]
     pub command: Option<IdentityCommand>,
     /// An API key or a PEM file: prints its identity (no argument: a new API key).
+    #[arg(value_name = "API-KEY|FILE")]
     pub of: Option<String>,
     /// Print JSON.
     #[arg(long)]
@@ -199,7 +200,8 @@ pub enum IdentityCommand {
     New(identity::NewArgs),
     /// The identity of an API key, a certificate or an Ed25519 private key file.
     Of {
-        /// `kes:v1:...`, or a PEM file.
+        /// `kes:v1:...`, or a PEM certificate or Ed25519 private key file.
+        #[arg(value_name = "API-KEY|FILE")]
         input: String,
         #[arg(long)]
         json: bool,

@@ -400,6 +400,34 @@ mod tests {
     }
 
     #[test]
+    fn chacha20_and_unknown_fields() {
+        let created = time::macros::datetime!(1969-12-31 23:59:59.5 UTC);
+        let text = encode(&[9; 32], Algorithm::ChaCha20, &[8; 32], created, "");
+        let mut raw = b64(&text);
+        // Fields a newer KES might add (varint 5, fixed64 6, bytes 7, fixed32 8) are skipped.
+        raw.extend_from_slice(&[5 << 3, 0x96, 0x01]);
+        raw.extend_from_slice(&[6 << 3 | 1, 1, 2, 3, 4, 5, 6, 7, 8]);
+        raw.extend_from_slice(&[7 << 3 | 2, 2, 0xff, 0xfe]);
+        raw.extend_from_slice(&[8 << 3 | 5, 1, 2, 3, 4]);
+        let k = parse(b64e(&raw).as_bytes()).unwrap();
+        assert_eq!(k.algorithm, Algorithm::ChaCha20);
+        assert_eq!(*k.key, [9; 32]);
+        assert_eq!(*k.hmac.unwrap(), [8; 32]);
+        assert_eq!(k.created_at, created);
+        assert_eq!(k.created_by, "");
+        // Type 3 is no cipher KES knows.
+        let mut bad = b64(&text);
+        let pos = bad.windows(2).position(|w| w == [0x10, 0x02]).unwrap();
+        bad[pos + 1] = 3;
+        let e = parse(b64e(&bad).as_bytes()).unwrap_err();
+        assert!(e.to_string().contains("unknown secret key type 3"), "{e}");
+    }
+
+    fn b64e(b: &[u8]) -> String {
+        base64::engine::general_purpose::STANDARD.encode(b)
+    }
+
+    #[test]
     fn legacy_json() {
         let v = br#"{"bytes":"yIcbtes33gW7BuUkmivh/t/qtuoCXsPCwtqIijLPQPY=","algorithm":"AES256-GCM_SHA256","created_at":"2020-01-02T03:04:05.5Z","created_by":"abc"}"#;
         let k = parse(v).unwrap();

@@ -832,7 +832,7 @@ fn kes_layout(dir: &Path, files: &[(&str, &[u8])]) -> PathBuf {
     let config = dir.join("kes.yaml");
     std::fs::write(
         &config,
-        "address: 0.0.0.0:7373\nadmin:\n  identity: disabled\ntls:\n  key: k.pem\n  cert: c.pem\nkeystore:\n  fs:\n    path: ${KES_TEST_KEY_DIR}\n",
+        "address: 0.0.0.0:7373\nadmin:\n  identity: ${KES_TEST_UNSET_ADMIN}\ntls:\n  key: k.pem\n  cert: c.pem\nkeystore:\n  fs:\n    path: ${KES_TEST_KEY_DIR}\n",
     )
     .unwrap();
     config
@@ -904,7 +904,12 @@ fn migrate_from_kes_to_softhsm() {
         token.label
     );
     let kesh_config = dir.path().join("kesh.yaml");
-    std::fs::write(&kesh_config, format!("keystore:\n{keystore}")).unwrap();
+    // Variables outside `keystore:` need not be set to migrate.
+    std::fs::write(
+        &kesh_config,
+        format!("admin:\n  identity: ${{KESH_TEST_UNSET_ADMIN}}\nkeystore:\n{keystore}"),
+    )
+    .unwrap();
 
     // Ciphertexts KES produced before the migration.
     let ctx = b"{\"bucket\":\"photos\",\"object\":\"cat.jpg\"}";
