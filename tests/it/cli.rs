@@ -1055,6 +1055,78 @@ fn migrate_from_kes_to_softhsm() {
         srv.run(&["key", "rm", n]).ok();
     }
 
+    // ChaCha20 keys: an HSM cannot hold them (reported, the run exits non-zero); the embedded
+    // keystore can, and their KES ciphertexts decrypt there.
+    let chacha_dir = dir.path().join("chacha");
+    let chacha = format!("chacha-{suffix}");
+    let chacha_key = [0x55u8; 32];
+    let chacha_config = kes_layout(
+        &chacha_dir,
+        &[(
+            &chacha,
+            kes_key::encode(&chacha_key, Algorithm::ChaCha20, &proto_hmac, created, "c").as_bytes(),
+        )],
+    );
+    let chacha_keys = chacha_dir.join("kes-keys").display().to_string();
+    let args = |to: &Path| {
+        vec![
+            "migrate".to_owned(),
+            "--json".to_owned(),
+            "--from".to_owned(),
+            chacha_config.display().to_string(),
+            "--to".to_owned(),
+            to.display().to_string(),
+        ]
+    };
+    let run_chacha = |to: &Path| {
+        let a = args(to);
+        let a: Vec<&str> = a.iter().map(String::as_str).collect();
+        kesh(
+            &[
+                ("KESH_TEST_PIN", pin.as_str()),
+                ("KES_TEST_KEY_DIR", chacha_keys.as_str()),
+            ],
+            &a,
+        )
+    };
+    let run = run_chacha(&kesh_config);
+    assert!(!run.out.status.success());
+    let report: Value = serde_json::from_str(run.stdout().trim()).unwrap();
+    assert!(
+        outcome(&report, &chacha)["error"]
+            .as_str()
+            .unwrap()
+            .contains("ChaCha20"),
+        "{report}"
+    );
+    let soft_config = chacha_dir.join("soft.yaml");
+    std::fs::write(chacha_dir.join("kek"), b64e(&[0x66u8; 32])).unwrap();
+    std::fs::write(
+        &soft_config,
+        format!(
+            "keystore:\n  soft:\n    path: {0}/soft-keys\n    kek_file: {0}/kek\n",
+            chacha_dir.display()
+        ),
+    )
+    .unwrap();
+    let report = run_chacha(&soft_config).json();
+    assert_eq!(outcome(&report, &chacha)["outcome"], "imported", "{report}");
+    let store = kesh::keystore::soft::SoftKeyStore::open_dir(
+        &chacha_dir.join("soft-keys"),
+        &chacha_dir.join("kek"),
+    )
+    .unwrap();
+    let iv = [3u8; 16];
+    let nonce = [4u8; 12];
+    let derived = kes::derive_soft(Algorithm::ChaCha20, &chacha_key, &iv);
+    let ct = kes::seal(Algorithm::ChaCha20, &derived, &iv, &nonce, b"xchacha", ctx);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let name = kesh::name::KeyName::new(&chacha).unwrap();
+    let pt = rt
+        .block_on(kesh::keystore::KeyStore::decrypt(&store, &name, &ct, ctx))
+        .unwrap();
+    assert_eq!(pt.as_slice(), b"xchacha");
+
     // Errors that stop the run before any key: a non-fs KES keystore, a missing directory.
     let vault = dir.path().join("vault.yaml");
     std::fs::write(
