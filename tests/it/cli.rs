@@ -386,6 +386,7 @@ fn policies_identities_status_metrics_logs() {
         app.identity()
     );
     let srv = Server::soft(&policy);
+    let ca_str = srv.ca.display().to_string();
     let app_env = [
         ("KES_SERVER", srv.addr.clone()),
         ("KES_API_KEY", app.expose_text().to_string()),
@@ -555,6 +556,47 @@ fn policies_identities_status_metrics_logs() {
     assert!(fields[4].starts_with("/v1/key/create/cli-log-"), "{line}");
     assert!(fields[5].ends_with("ms"), "{line}");
     kesh(&app_env, &["log", "--error"]).fails("not authorized");
+    // Every read command refuses an identity without a policy, on stderr, in both modes.
+    let stranger = ApiKey::generate().unwrap().expose_text().to_string();
+    let stranger_env = [
+        ("KES_SERVER", srv.addr.as_str()),
+        ("KES_API_KEY", stranger.as_str()),
+        ("SSL_CERT_FILE", ca_str.as_str()),
+    ];
+    for args in [
+        &["key", "ls"][..],
+        &["key", "info", "k"],
+        &["key", "dek", "k"],
+        &["key", "encrypt", "k", "m"],
+        &["key", "decrypt", "k", "AAAA"],
+        &[
+            "key",
+            "import",
+            "k",
+            "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=",
+        ],
+        &["key", "rm", "k"],
+        &["policy", "ls"],
+        &["policy", "info", "app"],
+        &["policy", "show", "app"],
+        &["identity", "ls"],
+        &["identity", "info", app.identity().as_str()],
+        &["ls", "-i"],
+        &["ls", "-p"],
+        &["status", "--api"],
+        &["metric"],
+        &["log"],
+    ] {
+        for json in [false, true] {
+            let mut a = args.to_vec();
+            if json {
+                a.push("--json");
+            }
+            kesh(&stranger_env, &a).fails("not authorized: insufficient permissions (403)");
+        }
+    }
+    // Self-describe needs no policy, but a stranger is no identity the server knows.
+    kesh(&stranger_env, &["identity", "info"]).fails("identity does not exist");
 }
 
 #[test]
