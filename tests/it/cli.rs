@@ -172,8 +172,24 @@ impl Server {
 
     /// [`Server::start`] with variables in the server's environment (the config's `${VAR}`s).
     fn start_env(extra: &str, keystore: &str, vars: &[(&str, &str)]) -> Self {
+        Self::start_full(extra, keystore, vars, None)
+    }
+
+    /// With `tls` = (key, certificate) files, the server uses that self-signed certificate and
+    /// clients trust exactly it.
+    fn start_full(
+        extra: &str,
+        keystore: &str,
+        vars: &[(&str, &str)],
+        tls: Option<(&Path, &Path)>,
+    ) -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let ca = write_certs(dir.path());
+        let mut ca = write_certs(dir.path());
+        if let Some((key, cert)) = tls {
+            std::fs::copy(key, dir.path().join("server.key")).unwrap();
+            std::fs::copy(cert, dir.path().join("server.crt")).unwrap();
+            ca = dir.path().join("server.crt");
+        }
         let admin = ApiKey::generate().unwrap();
         let config = dir.path().join("kesh.yaml");
         std::fs::write(
@@ -830,6 +846,19 @@ fn identity_commands() {
             .as_str(),
         id
     );
+    // The pair serves as kesh's own TLS certificate; clients verify it with --ca.
+    let srv = Server::start_full("", "  soft: {}\n", &[], Some((&kp, &cp)));
+    let key_text = srv.admin.expose_text().to_string();
+    let out = kesh(
+        &[
+            ("KES_SERVER", srv.addr.as_str()),
+            ("KES_API_KEY", key_text.as_str()),
+        ],
+        &["status", "--short", "--ca", cs],
+    )
+    .ok();
+    assert!(out.contains("online"), "{out}");
+    drop(srv);
     // No overwriting without -f.
     kesh(&[], &["identity", "new", "--key", ks, "--cert", cs]).fails("already exists");
     let v = kesh(
