@@ -3,7 +3,7 @@
 # with `least_conn`, TLS passed through to kesh (kesh terminates mTLS). docs/scale-out.md
 # describes the topology; this script proves it on one machine, on loopback only.
 #
-#   scripts/scale-out.sh            # uses target/debug/kesh (built with `cargo build` if needed)
+#   scripts/scale-out.sh            # builds and uses the debug kesh (`cargo build`, honours CARGO_TARGET_DIR)
 #   KESH_BIN=/path/to/kesh scripts/scale-out.sh
 #   SCALE_OUT_RACE=1 scripts/scale-out.sh   # also race one create on both instances (known issue)
 #   KEEP=1 scripts/scale-out.sh             # keep the temporary directory (logs) for inspection
@@ -59,7 +59,7 @@ if [ -z "$nginx_bin" ] || { [ ! -e "$stream_module" ] && ! "$nginx_bin" -V 2>&1 
 fi
 [ -x "$nginx_bin" ] || die "nginx not found after install"
 
-kesh_bin=${KESH_BIN:-target/debug/kesh}
+kesh_bin=${KESH_BIN:-${CARGO_TARGET_DIR:-target}/debug/kesh}
 if [ -z "${KESH_BIN:-}" ]; then
   # Incremental: after `cargo test` this is a no-op.
   cargo build --quiet --bin kesh
