@@ -76,10 +76,13 @@ impl FaultyServer {
             .env("KESH_PIN", token.pin().expose())
             .env("KESH_SHIM_CONTROL", &control)
             .stdout(Stdio::piped())
-            .stderr(Stdio::null())
+            .stderr(std::fs::File::create(dir.path().join("stderr")).unwrap())
             .spawn()
             .unwrap();
-        let addr = harness::wait_for_banner(&mut child);
+        let addr = harness::try_wait_for_banner(&mut child).unwrap_or_else(|| {
+            let log = std::fs::read_to_string(dir.path().join("stderr")).unwrap_or_default();
+            panic!("kesh server did not start:\n{log}")
+        });
         let client = Client::new(
             &addr,
             Credentials::ApiKey(admin),

@@ -140,6 +140,11 @@ macro_rules! on_both_keystores {
 /// address it printed. Keeps draining stdout afterwards: audit records go there, and a full
 /// pipe would stall the server.
 pub fn wait_for_banner(child: &mut std::process::Child) -> String {
+    try_wait_for_banner(child).expect("the server printed its address")
+}
+
+/// [`wait_for_banner`], `None` when the server exits without serving.
+pub fn try_wait_for_banner(child: &mut std::process::Child) -> Option<String> {
     use std::io::{BufRead, BufReader};
     let mut lines = BufReader::new(child.stdout.take().expect("stdout is piped")).lines();
     let mut addr = None;
@@ -152,5 +157,5 @@ pub fn wait_for_banner(child: &mut std::process::Child) -> String {
         }
     }
     std::thread::spawn(move || for _ in lines {});
-    addr.expect("the server printed its address")
+    addr
 }

@@ -43,14 +43,34 @@ pub fn initialize(ctx: &Pkcs11) -> Result<(), ConnectError> {
 
 /// Finds the configured token among the slots that hold one.
 pub fn find_slot(ctx: &Pkcs11, token: &TokenSelector) -> Result<Slot, ConnectError> {
-    // A token another process is writing can fail C_GetTokenInfo for a moment (SoftHSM
-    // answers CKR_GENERAL_ERROR); look again before giving up.
+    find_slot_with(ctx, token, false)
+}
+
+/// [`find_slot`]; with `reinitialize`, an unreadable token list also re-initializes the
+/// module between attempts. SoftHSM reads each token's file once, at `C_Initialize`: a token
+/// another process was rewriting at that moment stays unreadable (CKR_GENERAL_ERROR, or a
+/// blank label), or is left out of the slot list altogether, until the module is initialized
+/// again. Only for a caller that owns the module in its process (connecting a keystore), since
+/// it ends every other session.
+fn find_slot_with(
+    ctx: &Pkcs11,
+    token: &TokenSelector,
+    reinitialize: bool,
+) -> Result<Slot, ConnectError> {
     let mut attempt = 0;
     loop {
         match find_slot_once(ctx, token) {
-            Err((e, true)) if attempt < 25 => {
+            // A missing token is looked for again after a re-initialization, a few times: it
+            // may have been skipped while unreadable; a wrong label still fails in ~1 s.
+            Err((e, unreadable))
+                if (unreadable && attempt < 25) || (reinitialize && attempt < 4) =>
+            {
                 attempt += 1;
-                tracing::debug!(error = %e.0, "token list incomplete; retrying");
+                tracing::debug!(error = %e.0, "token not found or list incomplete; retrying");
+                if reinitialize && (!unreadable || attempt % 3 == 0) {
+                    let _ = ctx.clone().finalize();
+                    initialize(ctx)?;
+                }
                 std::thread::sleep(std::time::Duration::from_millis(
                     (20u64 << attempt.min(4)).min(250),
                 ));
@@ -83,6 +103,11 @@ fn find_slot_once(ctx: &Pkcs11, token: &TokenSelector) -> Result<Slot, (ConnectE
             info.label().trim_end().to_owned(),
             info.serial_number().trim_end().to_owned(),
         );
+        if label.is_empty() && serial.is_empty() {
+            // SoftHSM read a token file another process was rewriting: look again.
+            unreadable = true;
+            continue;
+        }
         let hit = match token {
             TokenSelector::Label(l) => &label == l,
             TokenSelector::Serial(s) => &serial == s,
@@ -113,7 +138,7 @@ impl Device {
         generation: u64,
     ) -> Result<Self, ConnectError> {
         initialize(ctx)?;
-        let slot = find_slot(ctx, &cfg.token)?;
+        let slot = find_slot_with(ctx, &cfg.token, true)?;
         let login = ctx.open_rw_session(slot).map_err(ck("C_OpenSession"))?;
         let pin = AuthPin::new(cfg.pin.expose().into());
         match login.login(UserType::User, Some(&pin)) {
