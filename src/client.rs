@@ -288,6 +288,13 @@ impl Client {
         })
     }
 
+    /// The `host:port` this client connects to, the name it verifies, and its TLS settings
+    /// (client certificate and server trust): for callers that keep their own connections,
+    /// such as the load generator in [`crate::bench`].
+    pub fn transport(&self) -> (&str, ServerName<'static>, Arc<ClientConfig>) {
+        (&self.addr, self.server_name.clone(), self.tls.clone())
+    }
+
     /// Sends one request and returns whatever came back.
     pub async fn send(
         &self,

@@ -13,6 +13,7 @@
 //! | [`policy`], [`identity`], [`audit`], [`metrics`] | what their names say     | each other's internals |
 //! | [`api`]      | wire DTOs shared by server and [`client`]                    | logic                  |
 //! | [`client`]   | a small KES client (hyper + rustls) for the CLI and tests    | the server internals   |
+//! | [`bench`]    | `kesh bench`: load over one h2 connection (or N HTTP/1), checked answers, latency, server CPU/RSS | the server internals |
 //! | [`config`]   | raw YAML → validated settings, `${VAR}` substitution         | I/O beyond reading files |
 //! | [`keystore`] | `trait KeyStore`, backends [`keystore::pkcs11`] (with `kesh hsm probe` in [`keystore::pkcs11::probe`]) and [`keystore::soft`] | HTTP, policy |
 //! | [`crypto`]   | ciphertext formats (native, KES, legacy), KES stored keys, host-side AEAD | I/O of any kind |
@@ -35,6 +36,7 @@
 
 pub mod api;
 pub mod audit;
+pub mod bench;
 pub mod client;
 pub mod config;
 pub mod crypto;

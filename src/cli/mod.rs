@@ -5,6 +5,7 @@
 //! `migrate`, `hsm probe` and `completion`. Every command prints results on stdout (human
 //! tables, or JSON with `--json`) and errors on stderr with a non-zero exit.
 
+mod bench;
 mod client;
 mod commands;
 mod hsm;
@@ -57,6 +58,8 @@ enum Command {
     Log(LogArgs),
     /// Copy every key of a KES `fs` keystore into kesh's keystore.
     Migrate(migrate::MigrateArgs),
+    /// Load a server with generate/decrypt requests; print throughput, latency and server CPU.
+    Bench(bench::BenchArgs),
     /// Inspect a PKCS#11 module and token.
     #[command(subcommand)]
     Hsm(HsmCommand),
@@ -358,6 +361,7 @@ fn run_async(command: Command) -> Result<(), Fatal> {
             Command::Metric(args) => commands::metric(args).await,
             Command::Log(args) => commands::log(args).await,
             Command::Migrate(args) => migrate::run(args).await,
+            Command::Bench(args) => bench::run(args).await,
             Command::Identity(_) | Command::Hsm(_) | Command::Completion { .. } => {
                 Err(Fatal("internal: command dispatched twice".into()))
             }

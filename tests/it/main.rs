@@ -2,6 +2,7 @@
 //! tests one capability through the public API.
 
 mod api;
+mod bench;
 mod cli;
 mod faults;
 mod harness;
