@@ -209,7 +209,7 @@ impl Server {
             .envs(vars.iter().copied())
             .spawn()
             .unwrap();
-        let addr = wait_for_banner(&mut child);
+        let addr = harness::wait_for_banner(&mut child);
         Server {
             child,
             addr,
@@ -238,24 +238,6 @@ impl Server {
         let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
         kesh(&env, args)
     }
-}
-
-fn wait_for_banner(child: &mut Child) -> String {
-    use std::io::{BufRead, BufReader};
-    let stdout = child.stdout.take().unwrap();
-    let mut lines = BufReader::new(stdout).lines();
-    let mut addr = None;
-    for line in lines.by_ref() {
-        let line = line.unwrap();
-        if let Some(rest) = line.strip_prefix("API         · https://") {
-            addr = Some(rest.trim().to_owned());
-        } else if line.contains("Server is up and running") {
-            break;
-        }
-    }
-    // Keep draining stdout (audit records) so the server never blocks on a full pipe.
-    std::thread::spawn(move || for _ in lines {});
-    addr.expect("the server printed its address")
 }
 
 fn unique(hint: &str) -> String {
