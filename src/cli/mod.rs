@@ -88,6 +88,9 @@ pub struct ClientOpts {
     /// Ignored, for `kes` compatibility.
     #[arg(short = 'e', long = "enclave", hide = true)]
     pub enclave: Option<String>,
+    /// Ignored, for `kes` compatibility: output is never colored.
+    #[arg(long = "color", hide = true, value_parser = ["auto", "never", "always"])]
+    pub color: Option<String>,
 }
 
 #[derive(Subcommand, Debug)]

@@ -291,6 +291,9 @@ fn key_commands_human_and_json() {
     assert!(out.lines().any(|l| l == a), "{out}");
     let out = srv.run(&["ls"]).ok();
     assert!(out.lines().any(|l| l == b), "{out}");
+    // `kes` flags kesh accepts and ignores.
+    let same = srv.run(&["ls", "--color", "never", "-e", "default"]).ok();
+    assert_eq!(same, out);
 
     // dek → decrypt with the same context; a wrong context is refused.
     let ctx = b64e(b"{\"bucket\":\"b\"}");
