@@ -1,60 +1,112 @@
-//! Seal/unseal through the pkcs11 keystore (SoftHSM) against the soft keystore, in one run.
+//! The keystore seam, in one run: a seal (generate) and an unseal (decrypt) through the pkcs11
+//! keystore on SoftHSM against the soft keystore, and the name→handle lookup (describe, and
+//! generate) on a token holding 10 keys against one holding 10,000.
 //!
-//! `cargo bench --bench keystore` measures; under `cargo test` it runs a few iterations only,
-//! to prove it still works. Results are ratios against the soft keystore measured in the same
-//! run, since the machines are shared and noisy.
+//! `cargo bench --bench keystore` measures; compare the groups' lines with each other (same
+//! run, same machine), not with numbers from another day. Under `cargo test` every benchmark
+//! runs once and the big token holds 100 keys instead of 10,000, to stay fast.
 
-use std::time::{Duration, Instant};
+mod common;
 
+use std::sync::Arc;
+
+use criterion::{criterion_group, BenchmarkId, Criterion};
 use kesh::keystore::pkcs11::softhsm::EphemeralToken;
 use kesh::keystore::pkcs11::Pkcs11KeyStore;
 use kesh::keystore::soft::SoftKeyStore;
 use kesh::keystore::{KeyStore, Provenance};
 use kesh::name::KeyName;
+use tokio::runtime::Runtime;
 
-async fn measure(ks: &dyn KeyStore, iterations: u32) -> (Duration, Duration) {
+const CONTEXT: &[u8] = br#"{"bucket":"bucket/objects/0001.bin"}"#;
+
+fn measuring() -> bool {
+    std::env::args().any(|a| a == "--bench")
+}
+
+fn runtime() -> Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
+fn token() -> EphemeralToken {
+    EphemeralToken::create().expect("SoftHSM is required: apt-get install softhsm2")
+}
+
+fn seal_unseal(c: &mut Criterion) {
+    let rt = runtime();
+    let token = token();
+    let hsm: Arc<dyn KeyStore> = Arc::new(
+        rt.block_on(Pkcs11KeyStore::open(token.config()))
+            .expect("open token"),
+    );
+    let soft: Arc<dyn KeyStore> = Arc::new(SoftKeyStore::in_memory());
     let name = KeyName::new("bench").expect("valid name");
-    ks.create(&name, Provenance::now("bench"))
-        .await
-        .expect("create");
-    let ctx = br#"{"bucket":"bucket/object"}"#;
-    let mut cts = Vec::with_capacity(iterations as usize);
-    let started = Instant::now();
-    for _ in 0..iterations {
-        cts.push(ks.generate(&name, ctx).await.expect("generate"));
+    let mut g = c.benchmark_group("seal_unseal");
+    for (backend, ks) in [("soft", &soft), ("pkcs11", &hsm)] {
+        rt.block_on(ks.create(&name, Provenance::now("bench")))
+            .expect("create");
+        g.bench_function(BenchmarkId::new("generate", backend), |b| {
+            b.to_async(&rt)
+                .iter(|| async { ks.generate(&name, CONTEXT).await.expect("generate") })
+        });
+        let dk = rt.block_on(ks.generate(&name, CONTEXT)).expect("generate");
+        g.bench_function(BenchmarkId::new("decrypt", backend), |b| {
+            b.to_async(&rt).iter(|| async {
+                let pt = ks
+                    .decrypt(&name, &dk.ciphertext, CONTEXT)
+                    .await
+                    .expect("decrypt");
+                assert_eq!(pt.len(), 32);
+            })
+        });
     }
-    let seal = started.elapsed() / iterations;
-    let started = Instant::now();
-    for dk in &cts {
-        let pt = ks
-            .decrypt(&name, &dk.ciphertext, ctx)
-            .await
-            .expect("decrypt");
-        assert_eq!(&pt[..], &dk.plaintext[..]);
+    g.finish();
+    drop(hsm);
+    drop(token);
+}
+
+fn lookup(c: &mut Criterion) {
+    let rt = runtime();
+    let big = if measuring() { 10_000 } else { 100 };
+    let mut g = c.benchmark_group("lookup");
+    let mut tokens = Vec::new();
+    for keys in [10, big] {
+        let token = token();
+        common::populate(&token.module, &token.label, token.pin().expose(), 0, keys);
+        let ks = rt
+            .block_on(Pkcs11KeyStore::open(token.config()))
+            .expect("open token");
+        assert_eq!(ks.indexed_keys(), keys);
+        // The last key written: a linear search would find it last.
+        let name = KeyName::new(&format!("bulk-{}", keys - 1)).expect("valid name");
+        g.bench_function(BenchmarkId::new("describe", keys), |b| {
+            b.to_async(&rt)
+                .iter(|| async { ks.describe(&name).await.expect("describe") })
+        });
+        g.bench_function(BenchmarkId::new("generate", keys), |b| {
+            b.to_async(&rt)
+                .iter(|| async { ks.generate(&name, CONTEXT).await.expect("generate") })
+        });
+        tokens.push((ks, token));
     }
-    (seal, started.elapsed() / iterations)
+    g.finish();
+    drop(tokens);
+}
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default()
+        .sample_size(20)
+        .warm_up_time(std::time::Duration::from_millis(500))
+        .measurement_time(std::time::Duration::from_secs(2));
+    targets = seal_unseal, lookup
 }
 
 fn main() {
-    let measuring = std::env::args().any(|a| a == "--bench");
-    let iterations = if measuring { 20_000 } else { 20 };
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
-    rt.block_on(async {
-        let token = EphemeralToken::create().expect("SoftHSM is required: apt-get install softhsm2");
-        let hsm = Pkcs11KeyStore::open(token.config()).await.expect("open token");
-        let soft = SoftKeyStore::in_memory();
-        let (soft_seal, soft_open) = measure(&soft, iterations).await;
-        let (hsm_seal, hsm_open) = measure(&hsm, iterations).await;
-        println!("keystore bench ({iterations} iterations, one caller):");
-        println!("  soft   generate {soft_seal:>10.2?}  decrypt {soft_open:>10.2?}");
-        println!(
-            "  pkcs11 generate {hsm_seal:>10.2?}  decrypt {hsm_open:>10.2?}  ({:.1}x / {:.1}x the soft keystore)",
-            hsm_seal.as_secs_f64() / soft_seal.as_secs_f64(),
-            hsm_open.as_secs_f64() / soft_open.as_secs_f64()
-        );
-    });
+    benches();
+    Criterion::default().configure_from_args().final_summary();
     kesh::keystore::pkcs11::softhsm::cleanup();
 }

@@ -1,0 +1,46 @@
+//! Shared by the bench targets: filling a SoftHSM token with keys in kesh's layout, fast.
+
+#![allow(dead_code)]
+
+use cryptoki::context::Pkcs11;
+use cryptoki::mechanism::Mechanism;
+use cryptoki::session::UserType;
+use cryptoki::types::AuthPin;
+use kesh::crypto::kes::Algorithm;
+use kesh::keystore::pkcs11::{device, objects, TokenSelector};
+use kesh::keystore::{Provenance, Scheme};
+
+/// Writes `count` GCM master keys named `bulk-<i>` (label `kesh/bulk-<i>`), starting at
+/// `first`, straight onto the token labelled `label`.
+///
+/// kesh's create protocol searches the token for each new name, which makes loading 10,000
+/// keys quadratic on SoftHSM; the objects here are the ones a finished create leaves (state
+/// ready, kesh's template), so a keystore opened afterwards indexes and uses them as its own.
+pub fn populate(module: &std::path::Path, label: &str, pin: &str, first: usize, count: usize) {
+    let ctx = Pkcs11::new(module).expect("load the PKCS#11 module");
+    device::initialize(&ctx).expect("C_Initialize");
+    let slot = device::find_slot(&ctx, &TokenSelector::Label(label.to_owned())).expect("token");
+    let session = ctx.open_rw_session(slot).expect("open a session");
+    match session.login(UserType::User, Some(&AuthPin::new(pin.into()))) {
+        Ok(())
+        | Err(cryptoki::error::Error::Pkcs11(cryptoki::error::RvError::UserAlreadyLoggedIn, _)) => {
+        }
+        Err(e) => panic!("login: {e}"),
+    }
+    let provenance = Provenance::now("kesh-bench");
+    for i in first..first + count {
+        let meta = objects::Meta::new(
+            objects::Role::Key,
+            &format!("{i:016x}"),
+            Scheme::Gcm,
+            Algorithm::Aes256,
+            &provenance,
+        )
+        .ready();
+        let template =
+            objects::master_template(&format!("kesh/bulk-{i}"), &meta, Scheme::Gcm, None);
+        session
+            .generate_key(&Mechanism::AesKeyGen, &template)
+            .expect("generate a master key");
+    }
+}
