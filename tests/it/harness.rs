@@ -32,6 +32,19 @@ pub fn soft() -> Store {
     }
 }
 
+impl Store {
+    /// A store on the same backend (and token) whose creates use `scheme`.
+    pub async fn creating(&self, scheme: kesh::keystore::Scheme) -> Store {
+        match &self.pkcs11 {
+            Some((_, token)) => pkcs11_with(token.clone(), |c| c.scheme = scheme).await,
+            None => Store {
+                ks: Arc::new(SoftKeyStore::in_memory().with_scheme(scheme)),
+                pkcs11: None,
+            },
+        }
+    }
+}
+
 fn token() -> EphemeralToken {
     EphemeralToken::create().unwrap_or_else(|e| panic!("SoftHSM is required for this test: {e}"))
 }
@@ -52,6 +65,8 @@ pub struct Tokens {
     /// Only logged into by `kesh hsm probe` children (session objects only): no other
     /// process writes to it, so its token file is never read mid-rewrite.
     pub probe: Arc<EphemeralToken>,
+    /// The server and `kesh migrate` of the MinIO guide's walk-through (`guide.rs`).
+    pub guide: Arc<EphemeralToken>,
 }
 
 pub fn tokens() -> &'static Tokens {
@@ -73,6 +88,7 @@ pub fn tokens() -> &'static Tokens {
             faults: Arc::new(token()),
             migrate: Arc::new(token()),
             probe: Arc::new(token()),
+            guide: Arc::new(token()),
         }
     })
 }
@@ -82,7 +98,17 @@ pub async fn pkcs11() -> Store {
 }
 
 pub async fn pkcs11_on(token: Arc<EphemeralToken>) -> Store {
-    let ks = Pkcs11KeyStore::open(token.config())
+    pkcs11_with(token, |_| {}).await
+}
+
+/// A keystore on `token` with its configuration adjusted by `adjust`.
+pub async fn pkcs11_with(
+    token: Arc<EphemeralToken>,
+    adjust: impl FnOnce(&mut kesh::keystore::pkcs11::Pkcs11Config),
+) -> Store {
+    let mut cfg = token.config();
+    adjust(&mut cfg);
+    let ks = Pkcs11KeyStore::open(cfg)
         .await
         .expect("open pkcs11 keystore");
     Store {
@@ -96,6 +122,23 @@ pub fn child_token() -> EphemeralToken {
     let label = std::env::var("KESH_CHILD_TOKEN").expect("KESH_CHILD_TOKEN");
     let pin = std::env::var("KESH_CHILD_PIN").expect("KESH_CHILD_PIN");
     EphemeralToken::existing(label, kesh::secret::Pin::new(pin)).expect("SoftHSM is required")
+}
+
+/// Records a figure a test measured (start-up time, index rebuild, recovery): to stderr, and to
+/// `KESH_TEST_REPORT` when set, which `softhsm-tests/run` prints after the suite (the test
+/// harness shows a passing test's output to nobody).
+pub fn report(line: &str) {
+    eprintln!("{line}");
+    if let Some(path) = std::env::var_os("KESH_TEST_REPORT") {
+        use std::io::Write;
+        if let Ok(mut f) = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+        {
+            let _ = writeln!(f, "{line}");
+        }
+    }
 }
 
 /// A unique key name per call.

@@ -20,6 +20,7 @@ crate::on_both_keystores!(
     kes_vectors,
     format_vectors,
     kwp_scheme_round_trip,
+    created_keys_in_every_scheme,
     concurrent_create_yields_one_key,
     list_by_prefix,
 );
@@ -355,6 +356,33 @@ async fn kwp_scheme_round_trip(ks: Store) {
     );
 }
 
+/// `scheme:` for created keys: `kwp` for HSMs without GCM, `kes` for those with neither GCM
+/// nor KWP (YubiHSM 2). A created `kes` key seals in KES's own format.
+async fn created_keys_in_every_scheme(ks: Store) {
+    for scheme in [Scheme::Gcm, Scheme::Kwp, Scheme::Kes] {
+        let store = ks.creating(scheme).await;
+        let n = harness::name(&format!("made-{scheme}"));
+        store.create(&n, harness::who()).await.unwrap();
+        let info = store.describe(&n).await.unwrap();
+        assert_eq!((info.scheme, info.algorithm), (scheme, Algorithm::Aes256));
+        let dk = store.generate(&n, b"ctx").await.unwrap();
+        assert_eq!(
+            &store.decrypt(&n, &dk.ciphertext, b"ctx").await.unwrap()[..],
+            &dk.plaintext[..],
+            "{scheme}"
+        );
+        assert_eq!(
+            store.decrypt(&n, &dk.ciphertext, b"xtc").await.unwrap_err(),
+            KeystoreError::NotAuthentic,
+            "{scheme}"
+        );
+        if scheme == Scheme::Kes {
+            assert!(kesh::crypto::kes::parse(&dk.ciphertext).is_ok());
+        }
+        store.hmac(&n, b"msg").await.unwrap();
+    }
+}
+
 async fn concurrent_create_yields_one_key(ks: Store) {
     let n = harness::name("race");
     let ks = Arc::new(ks);
@@ -406,7 +434,7 @@ mod pkcs11_only {
     use cryptoki::session::{Session, UserType};
     use cryptoki::types::AuthPin;
     use kesh::keystore::pkcs11::softhsm::EphemeralToken;
-    use kesh::keystore::pkcs11::{device, objects, Pkcs11KeyStore, TokenSelector};
+    use kesh::keystore::pkcs11::{copies, device, objects, Pkcs11KeyStore, TokenSelector};
     use kesh::keystore::soft::SoftKeyStore;
     use kesh::keystore::KeyStore;
 
@@ -487,25 +515,44 @@ mod pkcs11_only {
     async fn templates_hold_on_the_token() {
         let store = harness::pkcs11().await;
         let (_, token) = store.pkcs11.as_ref().unwrap();
-        let (gcm, kes) = (harness::name("tpl-gcm"), harness::name("tpl-kes"));
+        let (gcm, kes, kwp) = (
+            harness::name("tpl-gcm"),
+            harness::name("tpl-kes"),
+            harness::name("tpl-kwp"),
+        );
         store.create(&gcm, harness::who()).await.unwrap();
         store
             .import(&kes, import([3; 32], Scheme::Kes, HmacKeySource::Generate))
             .await
             .unwrap();
+        store
+            .import(&kwp, import([4; 32], Scheme::Kwp, HmacKeySource::Generate))
+            .await
+            .unwrap();
+        let schemes = [
+            (&gcm, Scheme::Gcm),
+            (&kes, Scheme::Kes),
+            (&kwp, Scheme::Kwp),
+        ];
+        // Use each key and its HMAC key, so the session copies exist too.
+        for (name, _) in schemes {
+            store.generate(name, b"ctx").await.unwrap();
+            store.hmac(name, b"msg").await.unwrap();
+        }
         let (_ctx, s) = raw_session(token);
-        for (name, scheme) in [(&gcm, Scheme::Gcm), (&kes, Scheme::Kes)] {
+        for (name, scheme) in schemes {
             let handles = objects_labelled(&s, &format!("kesh/{name}"));
             assert_eq!(handles.len(), 2, "a master key and an HMAC key");
             for h in handles {
+                let wraps = scheme == Scheme::Kwp && role(&s, h) == objects::Role::Key;
                 for (t, want) in [
                     (AttributeType::Token, true),
                     (AttributeType::Private, true),
                     (AttributeType::Sensitive, true),
                     (AttributeType::Extractable, false),
                     (AttributeType::Derive, false),
-                    (AttributeType::Wrap, false),
-                    (AttributeType::Unwrap, false),
+                    (AttributeType::Wrap, wraps),
+                    (AttributeType::Unwrap, wraps),
                 ] {
                     assert_eq!(bool_attr(&s, h, t), want, "{name} {t:?}");
                 }
@@ -552,6 +599,108 @@ mod pkcs11_only {
                 }
             }
         }
+        // The session copies the keystore works with (softhsm profile): unlabelled session
+        // objects, as locked down as the token objects they copy.
+        let copies = s
+            .find_objects(&[
+                Attribute::Class(ObjectClass::SECRET_KEY),
+                Attribute::Token(false),
+                Attribute::Label(Vec::new()),
+            ])
+            .unwrap();
+        assert!(
+            copies.len() >= 6,
+            "3 master keys and 3 HMAC keys in use: {copies:?}"
+        );
+        for h in copies {
+            for (t, want) in [
+                (AttributeType::Private, true),
+                (AttributeType::Sensitive, true),
+                (AttributeType::Extractable, false),
+                (AttributeType::Derive, false),
+            ] {
+                assert_eq!(bool_attr(&s, h, t), want, "session copy {t:?}");
+            }
+            let mechanisms = allowed(&s, h);
+            assert_eq!(mechanisms.len(), 1, "{mechanisms:?}");
+            assert!(
+                s.get_attributes(h, &[AttributeType::Value])
+                    .map(|a| a.is_empty())
+                    .unwrap_or(true),
+                "a session copy's value is readable"
+            );
+        }
+    }
+
+    /// The config's other ways in: the token by serial, the PIN from a file, and a label
+    /// namespace of its own that keeps two prefixes' keys apart on one token.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn serial_pin_file_and_prefix_from_the_config() {
+        use kesh::config::keystore::KeystoreConfig;
+        let token = harness::tokens().shared.clone();
+        let serial = {
+            let (ctx, _s) = raw_session(&token);
+            let slot = device::find_slot(&ctx, &TokenSelector::Label(token.label.clone())).unwrap();
+            ctx.get_token_info(slot)
+                .unwrap()
+                .serial_number()
+                .trim()
+                .to_owned()
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let pin_file = dir.path().join("pin");
+        std::fs::write(&pin_file, format!("{}\n", token.pin().expose())).unwrap();
+        let yaml = format!(
+            "pkcs11:\n  module: {}\n  serial: \"{serial}\"\n  pin_file: {}\n  prefix: other-app/\n  profile: softhsm\n",
+            token.module.display(),
+            pin_file.display()
+        );
+        let KeystoreConfig::Pkcs11(cfg) =
+            KeystoreConfig::from_value(&serde_yaml::from_str(&yaml).unwrap()).unwrap()
+        else {
+            panic!("not pkcs11")
+        };
+        assert_eq!(cfg.token, TokenSelector::Serial(serial));
+        assert_eq!(
+            cfg.pin.expose(),
+            token.pin().expose(),
+            "one trailing newline dropped"
+        );
+        let other = Pkcs11KeyStore::open(cfg).await.unwrap();
+        let n = harness::name("prefixed");
+        other.create(&n, harness::who()).await.unwrap();
+        let (_ctx, s) = raw_session(&token);
+        assert_eq!(objects_labelled(&s, &format!("other-app/{n}")).len(), 2);
+        // The default namespace does not see it, and may hold a key of the same name.
+        let default = harness::pkcs11().await;
+        assert_eq!(
+            default.describe(&n).await.unwrap_err(),
+            KeystoreError::KeyNotFound
+        );
+        default.create(&n, harness::who()).await.unwrap();
+        other.describe(&n).await.unwrap();
+    }
+
+    /// SoftHSM uses the IV it is given, so with `iv: device` it would seal under the zeroed
+    /// buffer kesh hands over: every seal must be refused instead of reusing that nonce.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn device_ivs_that_never_come_back_are_refused() {
+        let store = harness::pkcs11_with(harness::tokens().shared.clone(), |c| {
+            c.iv = kesh::keystore::pkcs11::IvSource::Device
+        })
+        .await;
+        let n = harness::name("zero-iv");
+        store.create(&n, harness::who()).await.unwrap();
+        for _ in 0..2 {
+            match store.generate(&n, b"ctx").await {
+                Err(KeystoreError::Backend(why)) => assert!(why.contains("iv: caller"), "{why}"),
+                other => panic!("a seal under an all-zero IV was not refused: {other:?}"),
+            }
+        }
+        assert!(matches!(
+            store.encrypt(&n, b"plain", b"").await,
+            Err(KeystoreError::Backend(_))
+        ));
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -690,30 +839,75 @@ mod pkcs11_only {
             "ok"
         );
         store.describe(&theirs).await.unwrap();
-        assert!(store.list("").await.is_ok());
-        // It can use ours, and deletes it: gone here on the next request (the stale handle is noticed).
+        // Listings come from the index, rescanned when older than LIST_RESCAN; a rescan now
+        // shows the other process's key.
+        store
+            .pkcs11
+            .as_ref()
+            .unwrap()
+            .0
+            .rebuild_index()
+            .await
+            .unwrap();
+        assert!(store.list("").await.unwrap().contains(&theirs));
+        // It can use ours, and deletes it. Seals and unseals here go through a session copy of
+        // the key (softhsm profile) and notice within `copies::RECHECK`; describe reads the
+        // token object and notices at once.
         assert_eq!(
             child_outcome(spawn_child(&token, &format!("generate:{mine}"), None)),
             "ok"
         );
+        let deleted = std::time::Instant::now();
         assert_eq!(
             child_outcome(spawn_child(&token, &format!("delete:{mine}"), None)),
             "ok"
         );
+        let bound = copies::RECHECK + std::time::Duration::from_millis(500);
+        loop {
+            match store.decrypt(&mine, &dk.ciphertext, b"c").await {
+                Err(e) => {
+                    assert_eq!(e, KeystoreError::KeyNotFound);
+                    break;
+                }
+                Ok(_) => assert!(
+                    deleted.elapsed() < bound,
+                    "a key deleted by another process still decrypts after {bound:?}"
+                ),
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
         assert_eq!(
-            store
-                .decrypt(&mine, &dk.ciphertext, b"c")
+            store.describe(&mine).await.unwrap_err(),
+            KeystoreError::KeyNotFound
+        );
+        // With copies off, crypto operations notice the delete at once, like describe.
+        let other = harness::name("other");
+        let plain = harness::pkcs11_with(harness::tokens().processes.clone(), |c| {
+            c.session_keys = false
+        })
+        .await;
+        plain.create(&other, harness::who()).await.unwrap();
+        let dk = plain.generate(&other, b"c").await.unwrap();
+        assert_eq!(
+            child_outcome(spawn_child(&token, &format!("delete:{other}"), None)),
+            "ok"
+        );
+        assert_eq!(
+            plain
+                .decrypt(&other, &dk.ciphertext, b"c")
                 .await
                 .unwrap_err(),
             KeystoreError::KeyNotFound
         );
         assert_eq!(
-            store.describe(&mine).await.unwrap_err(),
-            KeystoreError::KeyNotFound
-        );
-        assert_eq!(
             child_outcome(spawn_child(&token, &format!("create:{theirs}"), None)),
             "KeyExists"
+        );
+        // And the other way round: our delete is the other process's 404.
+        store.delete(&theirs).await.unwrap();
+        assert_eq!(
+            child_outcome(spawn_child(&token, &format!("generate:{theirs}"), None)),
+            "KeyNotFound"
         );
     }
 
@@ -841,6 +1035,7 @@ mod pkcs11_only {
         let open = started.elapsed();
         assert_eq!(ks.indexed_keys(), 10_000);
         let rebuild = ks.rebuild_index().await.unwrap();
+        let searches = ks.token_searches();
         let started = Instant::now();
         for i in (0..10_000).step_by(50) {
             let n = KeyName::new(&format!("bulk-{i}")).unwrap();
@@ -851,10 +1046,19 @@ mod pkcs11_only {
             );
         }
         let per_pair = started.elapsed() / 200;
-        assert_eq!(ks.list("bulk-").await.unwrap().len(), 10_000);
-        println!(
-            "10k keys: populate {populate:?}, open+index {open:?}, index rebuild {rebuild:?}, generate+decrypt {per_pair:?} per pair"
+        // Lookups stay fast because no request searches the token (a SoftHSM search walks
+        // all 20,000 objects): they are answered from the index.
+        assert_eq!(ks.token_searches(), searches, "requests searched the token");
+        let unknown = KeyName::new("bulk-none").unwrap();
+        assert_eq!(
+            ks.generate(&unknown, b"c").await.unwrap_err(),
+            KeystoreError::KeyNotFound
         );
+        assert_eq!(ks.token_searches(), searches + 1, "a miss searches once");
+        assert_eq!(ks.list("bulk-").await.unwrap().len(), 10_000);
+        harness::report(&format!(
+            "10k keys: populate {populate:?}, open+index {open:?}, index rebuild {rebuild:?}, generate+decrypt {per_pair:?} per pair"
+        ));
     }
 }
 

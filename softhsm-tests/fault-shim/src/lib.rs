@@ -14,14 +14,19 @@
 //! the next `count` calls, or until the time, or (with neither) until the line is removed.
 //! `latency` sleeps before forwarding. `fail CKR_GENERAL_ERROR C_Initialize` makes
 //! `C_Initialize` fail until told otherwise.
+//!
+//! With `KESH_SHIM_STATS` set, the number of calls so far is written to that file, at most
+//! every 100 ms and at the first call after a pause of that long (benches count calls per
+//! operation with it).
 
 #![allow(non_snake_case)]
 
 mod functions;
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, OnceLock};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use cryptoki_sys::*;
 
@@ -182,9 +187,24 @@ fn parse(text: &str) -> Vec<Rule> {
 
 struct Control {
     /// What the rules were parsed from: changes of the file restart them.
-    seen: Option<(SystemTime, u64, String)>,
+    seen: Option<String>,
+    /// The file's metadata when last read, and when that was.
+    stat: Option<(SystemTime, SystemTime, u64, u64)>,
+    read_at: Option<Instant>,
     rules: Vec<Rule>,
 }
+
+/// The control file's modification and change times, inode and length.
+fn stat_of(path: &std::ffi::OsStr) -> Option<(SystemTime, SystemTime, u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(path).ok()?;
+    let changed = UNIX_EPOCH + Duration::new(m.ctime().max(0) as u64, m.ctime_nsec() as u32);
+    Some((m.modified().ok()?, changed, m.ino(), m.len()))
+}
+
+/// How long rules read from an unchanged-looking file are trusted: a rewrite within one
+/// timestamp tick that keeps the length is still picked up this soon.
+const REREAD: Duration = Duration::from_millis(50);
 
 fn now_ms() -> u128 {
     SystemTime::now()
@@ -193,24 +213,52 @@ fn now_ms() -> u128 {
         .unwrap_or(0)
 }
 
+/// Counts a call, and writes the count to `KESH_SHIM_STATS` when the last write is 100 ms old.
+fn count_call() {
+    static CALLS: AtomicU64 = AtomicU64::new(0);
+    static WRITTEN: Mutex<Option<Instant>> = Mutex::new(None);
+    let total = CALLS.fetch_add(1, Ordering::Relaxed) + 1;
+    let Some(path) = std::env::var_os("KESH_SHIM_STATS") else {
+        return;
+    };
+    let mut written = WRITTEN.lock().unwrap_or_else(|e| e.into_inner());
+    if written.is_none_or(|at| at.elapsed() >= Duration::from_millis(100)) {
+        *written = Some(Instant::now());
+        let _ = std::fs::write(path, format!("{total}\n"));
+    }
+}
+
 /// Decides what happens to one call: `Some(rv)` to answer with a fault, `None` to forward
 /// (after any latency).
 pub(crate) fn before(function: &str) -> Option<CK_RV> {
+    count_call();
     static CONTROL: Mutex<Control> = Mutex::new(Control {
         seen: None,
+        stat: None,
+        read_at: None,
         rules: Vec::new(),
     });
     let path = std::env::var_os("KESH_SHIM_CONTROL")?;
     let mut sleep = 0u64;
+    // A stat per call, a read only when the file looks changed (or every REREAD): with the
+    // latency rule 32 sessions make tens of thousands of calls a second, and a read of the
+    // file under the lock each time made the shim, not kesh, the bottleneck.
+    let stat = stat_of(&path);
+    let fresh = {
+        let control = CONTROL.lock().unwrap_or_else(|e| e.into_inner());
+        control.stat == stat && control.read_at.is_some_and(|t| t.elapsed() < REREAD)
+    };
+    let text = (!fresh).then(|| std::fs::read_to_string(&path).unwrap_or_default());
     let verdict = {
         let mut control = CONTROL.lock().unwrap_or_else(|e| e.into_inner());
-        let text = std::fs::read_to_string(&path).unwrap_or_default();
-        let stamp = std::fs::metadata(&path)
-            .ok()
-            .and_then(|m| Some((m.modified().ok()?, m.len(), text.clone())));
-        if control.seen != stamp {
-            control.rules = parse(&text);
-            control.seen = stamp;
+        if let Some(text) = text {
+            // A rewrite (new times) starts the rules afresh even with the same text.
+            if control.stat != stat || control.seen.as_deref() != Some(text.as_str()) {
+                control.rules = parse(&text);
+                control.seen = Some(text);
+            }
+            control.stat = stat;
+            control.read_at = Some(Instant::now());
         }
         let now = now_ms();
         let mut verdict = None;

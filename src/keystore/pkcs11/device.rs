@@ -13,15 +13,24 @@ use cryptoki::session::{Session, UserType};
 use cryptoki::slot::Slot;
 use cryptoki::types::AuthPin;
 
+use super::copies::SessionCopies;
+use super::error::TagFailures;
+use super::raw::RawCalls;
 use super::{Pkcs11Config, TokenSelector};
 
 pub struct Device {
     pub slot: Slot,
     pub generation: u64,
-    /// Sessions not in use. At most `sessions` exist at once: the pool permits bound them.
+    /// Sessions not in use. At most `sessions` exist at once: one per worker thread.
     idle: Mutex<Vec<Session>>,
+    /// Session-object copies of keys made through this device's sessions (`session_keys`).
+    pub copies: SessionCopies,
+    /// How this module reports a failed GCM tag or KWP check.
+    pub tag_failures: TagFailures,
+    /// The module's own C_Encrypt/C_Decrypt, for one-call seals (`raw`).
+    pub raw: Option<RawCalls>,
     /// Held open for the device's lifetime: PKCS#11 logs the application out when its last
-    /// session closes.
+    /// session closes. Declared last: the pooled sessions close before it.
     _login: Mutex<Session>,
 }
 
@@ -160,6 +169,11 @@ impl Device {
             slot,
             generation,
             idle: Mutex::new(Vec::new()),
+            copies: SessionCopies::new(cfg.session_keys),
+            tag_failures: ctx.get_library_info().map_or(TagFailures::Standard, |i| {
+                TagFailures::of(i.manufacturer_id())
+            }),
+            raw: RawCalls::of_loaded(&cfg.module),
             _login: Mutex::new(login),
         })
     }

@@ -3,6 +3,7 @@
 //! Device-level codes mean the sessions or the login are gone: the caller starts recovery
 //! (re-initialize, log in, rebuild the index). Everything else is about one request.
 
+use cryptoki::context::Function;
 use cryptoki::error::{Error as CkError, RvError};
 
 use crate::keystore::KeystoreError;
@@ -53,10 +54,62 @@ pub fn classify(err: &CkError) -> Failure {
     }
 }
 
+/// How a module reports a failed integrity check when unsealing (GCM tag, KWP check).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TagFailures {
+    /// `CKR_ENCRYPTED_DATA_INVALID` / `CKR_WRAPPED_KEY_INVALID`, as the standard says.
+    Standard,
+    /// SoftHSM: `CKR_GENERAL_ERROR` (or `CKR_FUNCTION_FAILED`) from `C_Decrypt`/`C_UnwrapKey`.
+    GeneralError,
+}
+
+impl TagFailures {
+    /// The quirk of the module whose library manufacturer is `manufacturer`.
+    pub fn of(manufacturer: &str) -> Self {
+        if manufacturer.trim().eq_ignore_ascii_case("SoftHSM") {
+            TagFailures::GeneralError
+        } else {
+            TagFailures::Standard
+        }
+    }
+}
+
+/// [`classify`] for the unsealing calls, reading a module's own way of saying "not authentic"
+/// as that; on other modules a general error stays a backend failure.
+pub fn classify_unseal(err: &CkError, how: TagFailures) -> Failure {
+    match (how, err) {
+        (
+            TagFailures::GeneralError,
+            CkError::Pkcs11(
+                RvError::GeneralError | RvError::FunctionFailed,
+                Function::Decrypt | Function::UnwrapKey,
+            ),
+        ) => Failure::Request(KeystoreError::NotAuthentic),
+        _ => classify(err),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use cryptoki::context::Function;
+
+    #[test]
+    fn a_general_error_means_not_authentic_only_where_the_module_says_so() {
+        let general = CkError::Pkcs11(RvError::GeneralError, Function::Decrypt);
+        assert_eq!(
+            classify_unseal(&general, TagFailures::of("SoftHSM")),
+            Failure::Request(KeystoreError::NotAuthentic)
+        );
+        assert!(matches!(
+            classify_unseal(&general, TagFailures::of("SafeNet, Inc.")),
+            Failure::Request(KeystoreError::Backend(_))
+        ));
+        let standard = CkError::Pkcs11(RvError::EncryptedDataInvalid, Function::Decrypt);
+        assert_eq!(
+            classify_unseal(&standard, TagFailures::Standard),
+            Failure::Request(KeystoreError::NotAuthentic)
+        );
+    }
 
     #[test]
     fn device_codes_trigger_recovery() {

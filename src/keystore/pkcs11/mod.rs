@@ -1,10 +1,10 @@
 //! The HSM keystore: master keys inside a PKCS#11 token.
 //!
 //! Owns the PKCS#11 context, the session pool, the name → handle index and recovery. Knows
-//! nothing of HTTP or policy. Every cryptoki call goes through [`Inner::run`], the one seam
-//! that takes a pool permit (bounded wait, then `Busy`) and leaves the async runtime with
-//! `spawn_blocking`: PKCS#11 calls block for as long as the device takes (a network HSM
-//! answers in milliseconds), which would stall every request sharing a runtime worker.
+//! nothing of HTTP or policy. Every cryptoki call of a request goes through [`Inner::run`], the
+//! one seam: it queues the call for the [`workers`] (one OS thread per pool session, so PKCS#11
+//! calls, which block for as long as the device takes, never stall the async runtime) and
+//! answers `Busy` when no worker takes it within `session_wait`.
 //!
 //! Index: built from one scan at start, kept current on create/delete, refreshed on a miss
 //! (one targeted search at a time, with a short negative cache so floods of unknown names
@@ -15,31 +15,37 @@
 //! finalizes, re-initializes, logs in and rebuilds the index, retrying with backoff capped at
 //! [`RECOVERY_BACKOFF_MAX`].
 
+pub mod copies;
 pub mod device;
 pub mod error;
 pub mod objects;
 pub mod probe;
+pub mod raw;
 pub mod softhsm;
+pub mod workers;
+pub mod writelock;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-use cryptoki::context::{Function, Pkcs11};
-use cryptoki::error::{Error as CkError, RvError};
+use cryptoki::context::Pkcs11;
+use cryptoki::error::Error as CkError;
 use cryptoki::mechanism::aead::GcmParams;
 use cryptoki::mechanism::Mechanism;
 use cryptoki::object::{Attribute, AttributeType, ObjectClass, ObjectHandle};
 use cryptoki::session::Session;
-use tokio::sync::Semaphore;
 use zeroize::Zeroizing;
 
+use self::copies::{nonce_value, CopyError};
 use self::device::Device;
-use self::error::{classify, Failure};
+use self::error::{classify, classify_unseal, Failure};
 use self::objects::{Meta, Role, State};
+use self::workers::{Outcome, Workers};
+use self::writelock::{Held, WriteLock};
 use super::{
     DataKey, HmacKeySource, ImportKey, KeyInfo, KeyStore, KeystoreError, PoolStats, Provenance,
     Result, Scheme,
@@ -51,8 +57,12 @@ use crate::secret::{Pin, SecretBytes};
 /// Listing rescans the token when the index is older than this, so keys made or removed by
 /// other kesh instances on the same token show up.
 pub const LIST_RESCAN: Duration = Duration::from_secs(5);
-/// A name just searched for and not found is answered from memory for this long.
-const NEGATIVE_TTL: Duration = Duration::from_secs(1);
+/// A name searched for and not found is answered from memory for a while: ten times as long
+/// as the search took, within these bounds. Floods of one unknown name then cost at most a
+/// tenth of a worker, while on a small token a key another instance just created is found
+/// after ~0.1 s rather than a fixed second.
+const NEGATIVE_TTL_MIN: Duration = Duration::from_millis(100);
+const NEGATIVE_TTL_MAX: Duration = Duration::from_secs(2);
 pub const RECOVERY_BACKOFF_MAX: Duration = Duration::from_secs(2);
 /// How long a create waits for a concurrent create of the same name on another instance.
 const CREATE_CONTENTION_LIMIT: Duration = Duration::from_secs(5);
@@ -81,6 +91,15 @@ pub enum IvSource {
     Device,
 }
 
+impl fmt::Display for IvSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            IvSource::Caller => "caller",
+            IvSource::Device => "device",
+        })
+    }
+}
+
 /// Validated settings of the pkcs11 keystore (`keystore.pkcs11` in the config).
 #[derive(Debug, Clone)]
 pub struct Pkcs11Config {
@@ -96,6 +115,10 @@ pub struct Pkcs11Config {
     pub iv: IvSource,
     /// How long a request waits for a free session before `Busy` (503 + Retry-After).
     pub session_wait: Duration,
+    /// Use keys through session-object copies made on the device ([`copies`]).
+    pub session_keys: bool,
+    /// A file every kesh process on this host takes around token writes ([`writelock`]).
+    pub write_lock: Option<PathBuf>,
     pub profile: Option<&'static str>,
 }
 
@@ -105,6 +128,8 @@ struct Entry {
     master: ObjectHandle,
     hmac: Option<ObjectHandle>,
     info: KeyInfo,
+    /// The creation nonce linking the key's objects ([`objects::Meta`]).
+    nonce: u64,
     generation: u64,
 }
 
@@ -149,15 +174,18 @@ struct Inner {
     device: RwLock<Option<Arc<Device>>>,
     generation: AtomicU64,
     index: RwLock<Index>,
-    permits: Arc<Semaphore>,
-    /// Session-pool figures for metrics: sessions taken, nanoseconds waited.
-    acquired: AtomicU64,
-    waited_nanos: AtomicU64,
+    workers: Workers,
+    /// Held shared by every call on a worker, exclusively by recovery while it swaps the
+    /// device, so no call is in flight while the module is finalized.
+    calls: RwLock<()>,
     recovering: AtomicBool,
     last_failure: Mutex<String>,
-    /// Serialises index misses and remembers recent ones.
+    /// Serialises index misses and remembers recent ones, each until its expiry.
     misses: tokio::sync::Mutex<HashMap<KeyName, Instant>>,
     token_description: String,
+    write_lock: Option<WriteLock>,
+    /// Token searches made (index misses and full scans): requests for indexed keys make none.
+    searches: AtomicU64,
 }
 
 impl fmt::Debug for Pkcs11KeyStore {
@@ -205,19 +233,35 @@ impl Pkcs11KeyStore {
         .await
         .map_err(join_error)??;
         let (ctx, cfg, device, keys, token_description) = opened;
+        let write_lock = match &cfg.write_lock {
+            Some(path) => Some(WriteLock::open(path).map_err(|e| {
+                KeystoreError::Unreachable(format!(
+                    "cannot open the token write lock {} (`write_lock:`): {e}",
+                    path.display()
+                ))
+            })?),
+            None => None,
+        };
+        let workers = Workers::start(cfg.sessions).map_err(|e| {
+            KeystoreError::Unreachable(format!("cannot start the PKCS#11 worker threads: {e}"))
+        })?;
         tracing::info!(
             keys = keys.len(),
             elapsed_ms = started.elapsed().as_millis() as u64,
             sessions = cfg.sessions,
             profile = cfg.profile.unwrap_or("none"),
             scheme = %cfg.scheme,
+            iv = %cfg.iv,
+            session_keys = cfg.session_keys,
+            write_lock = %write_lock
+                .as_ref()
+                .map_or("none".into(), |l| l.path().display().to_string()),
             "pkcs11 keystore ready"
         );
         Ok(Pkcs11KeyStore {
             inner: Arc::new(Inner {
-                permits: Arc::new(Semaphore::new(cfg.sessions)),
-                acquired: AtomicU64::new(0),
-                waited_nanos: AtomicU64::new(0),
+                workers,
+                calls: RwLock::new(()),
                 cfg,
                 ctx,
                 device: RwLock::new(Some(Arc::new(device))),
@@ -230,6 +274,8 @@ impl Pkcs11KeyStore {
                 last_failure: Mutex::new(String::new()),
                 misses: tokio::sync::Mutex::new(HashMap::new()),
                 token_description,
+                write_lock,
+                searches: AtomicU64::new(0),
             }),
         })
     }
@@ -242,6 +288,11 @@ impl Pkcs11KeyStore {
             .unwrap_or_else(|e| e.into_inner())
             .keys
             .len()
+    }
+
+    /// Searches of the token so far, targeted or full (for tests and benchmarks).
+    pub fn token_searches(&self) -> u64 {
+        self.inner.searches.load(Ordering::Relaxed)
     }
 
     /// Rebuilds the index from a full scan and returns how long it took.
@@ -268,41 +319,39 @@ impl Inner {
             })
     }
 
-    /// The seam: one blocking closure on one pooled session, off the async runtime.
-    /// The closure gets the device's generation, so handles from another generation are
-    /// refused before they are used (a re-initialized module may reuse handle numbers).
+    /// The seam: one blocking closure on one pooled session, on a worker thread.
+    /// The closure gets the device, whose generation lets it refuse handles from another
+    /// generation before they are used (a re-initialized module may reuse handle numbers).
     async fn run<T, F>(self: &Arc<Self>, f: F) -> std::result::Result<T, Failure>
     where
         T: Send + 'static,
-        F: FnOnce(&Session, u64) -> OpResult<T> + Send + 'static,
+        F: FnOnce(&Session, &Device) -> OpResult<T> + Send + 'static,
     {
-        // Fail fast while down, before queueing for a permit.
+        // Fail fast while down, before queueing.
         self.current_device().map_err(Failure::Request)?;
-        let wait = self.cfg.session_wait;
-        let waiting = Instant::now();
-        let permit = match tokio::time::timeout(wait, self.permits.clone().acquire_owned()).await {
-            Ok(Ok(p)) => p,
-            // The semaphore is never closed; treat it as busy should that change.
-            Ok(Err(_)) | Err(_) => return Err(Failure::Request(KeystoreError::Busy(wait))),
-        };
-        self.acquired.fetch_add(1, Ordering::Relaxed);
-        let waited = u64::try_from(waiting.elapsed().as_nanos()).unwrap_or(u64::MAX);
-        self.waited_nanos.fetch_add(waited, Ordering::Relaxed);
-        // Taken after the permit: recovery holds every permit while it swaps the device.
-        let device = self.current_device().map_err(Failure::Request)?;
         let inner = self.clone();
-        let outcome = tokio::task::spawn_blocking(move || {
-            let _permit = permit;
+        let call = move || {
+            let _calls = inner.calls.read().unwrap_or_else(|e| e.into_inner());
+            // Taken on the worker: recovery may have swapped the device since the queueing.
+            let device = inner.current_device().map_err(OpError::Fail)?;
             let session = device.checkout(&inner.ctx).map_err(OpError::Ck)?;
-            let result = f(&session, device.generation);
+            let result = f(&session, &device);
             match &result {
                 Err(OpError::Ck(e)) if matches!(classify(e), Failure::Device(_)) => drop(session),
                 _ => device.checkin(session),
             }
             result
-        })
-        .await
-        .map_err(|e| Failure::Request(join_error(e)))?;
+        };
+        let wait = self.cfg.session_wait;
+        let outcome = match self.workers.call(wait, call).await {
+            Outcome::Done(outcome) => outcome,
+            Outcome::Busy => return Err(Failure::Request(KeystoreError::Busy(wait))),
+            Outcome::Lost => {
+                return Err(Failure::Request(KeystoreError::Backend(
+                    "a PKCS#11 worker failed during the call".into(),
+                )))
+            }
+        };
         match outcome {
             Ok(v) => Ok(v),
             Err(OpError::Fail(e)) => Err(Failure::Request(e)),
@@ -335,17 +384,13 @@ impl Inner {
     async fn recover(self: Arc<Self>, mut old: Option<Arc<Device>>) {
         let mut backoff = Duration::from_millis(50);
         let started = Instant::now();
-        let sessions = u32::try_from(self.cfg.sessions).unwrap_or(u32::MAX);
         loop {
-            // Every permit: no call is in flight while the module is finalized.
-            let all = match self.permits.clone().acquire_many_owned(sessions).await {
-                Ok(p) => p,
-                Err(_) => return,
-            };
             let generation = self.generation.fetch_add(1, Ordering::AcqRel) + 1;
             let inner = self.clone();
             let stale = old.take();
             let attempt = tokio::task::spawn_blocking(move || {
+                // No call is in flight while the module is finalized.
+                let _all = inner.calls.write().unwrap_or_else(|e| e.into_inner());
                 drop(stale); // closes the old sessions (errors are expected and ignored)
                 let _ = inner.ctx.clone().finalize();
                 let device =
@@ -368,7 +413,6 @@ impl Inner {
                     *self.device.write().unwrap_or_else(|e| e.into_inner()) =
                         Some(Arc::new(device));
                     self.recovering.store(false, Ordering::Release);
-                    drop(all);
                     tracing::info!(
                         keys = count,
                         after_ms = started.elapsed().as_millis() as u64,
@@ -377,7 +421,6 @@ impl Inner {
                     return;
                 }
                 Err(why) => {
-                    drop(all);
                     tracing::warn!(reason = %why, retry_in_ms = backoff.as_millis() as u64, "PKCS#11 recovery attempt failed");
                     *self.last_failure.lock().unwrap_or_else(|e| e.into_inner()) = why;
                     tokio::time::sleep(backoff).await;
@@ -400,12 +443,19 @@ impl Inner {
             .cloned()
     }
 
+    /// Drops a key from the index, and its session copies with it.
     fn forget(&self, name: &KeyName) {
-        self.index
+        let gone = self
+            .index
             .write()
             .unwrap_or_else(|e| e.into_inner())
             .keys
             .remove(name);
+        if let (Some(e), Ok(device)) = (gone, self.current_device()) {
+            for h in [Some(e.master), e.hmac].into_iter().flatten() {
+                device.copies.forget(h);
+            }
+        }
     }
 
     fn remember(&self, entry: Entry) -> Arc<Entry> {
@@ -430,51 +480,66 @@ impl Inner {
             return Ok(e);
         }
         let now = Instant::now();
-        misses.retain(|_, at| now.duration_since(*at) < NEGATIVE_TTL);
+        misses.retain(|_, until| now < *until);
         if !force && misses.contains_key(name) {
             return Err(KeystoreError::KeyNotFound);
         }
         let label = self.label(name);
         let wanted = name.clone();
+        self.searches.fetch_add(1, Ordering::Relaxed);
         let (found, generation) = self
-            .run(move |s, generation| Ok((find_ready(s, &label, &wanted)?, generation)))
+            .run(move |s, d| Ok((find_ready(s, &label, &wanted)?, d.generation)))
             .await
             .map_err(failure_to_error)?;
         match found {
-            Some((master, hmac, info)) => {
+            Some(located) => {
                 misses.remove(name);
-                Ok(self.remember(Entry {
-                    master,
-                    hmac,
-                    info,
-                    generation,
-                }))
+                Ok(self.remember(located.entry(generation)))
             }
             None => {
-                misses.insert(name.clone(), now);
+                let ttl = (now.elapsed() * 10).clamp(NEGATIVE_TTL_MIN, NEGATIVE_TTL_MAX);
+                misses.insert(name.clone(), Instant::now() + ttl);
                 Err(KeystoreError::KeyNotFound)
             }
         }
     }
 
-    /// Runs `op` against a key's handles, retrying once through a fresh search when the
-    /// handles turn out stale (deleted by another instance, or from before a recovery).
+    /// Runs `op` with the handles to use a key by (its session copies when `session_keys` is
+    /// on), retrying once through a fresh search when they turn out stale.
     async fn with_key<T, F>(self: &Arc<Self>, name: &KeyName, op: F) -> Result<T>
     where
         T: Send + 'static,
-        F: Fn(&Session, &Entry) -> OpResult<T> + Clone + Send + Sync + 'static,
+        F: Fn(&Session, &Key) -> OpResult<T> + Clone + Send + Sync + 'static,
+    {
+        self.with_entry(name, move |s, d, e| {
+            let key = Key {
+                master: working_handle(d, s, e.master, e.nonce)?,
+                device: d,
+                entry: e,
+            };
+            op(s, &key)
+        })
+        .await
+    }
+
+    /// Runs `op` against a key's index entry (its token objects), retrying once through a
+    /// fresh search when the handles turn out stale (deleted by another instance, or from
+    /// before a recovery).
+    async fn with_entry<T, F>(self: &Arc<Self>, name: &KeyName, op: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: Fn(&Session, &Device, &Entry) -> OpResult<T> + Clone + Send + Sync + 'static,
     {
         let mut force = false;
         for _ in 0..2 {
             let entry = self.entry(name, force).await?;
             let op = op.clone();
-            let e = entry.clone();
             let outcome = self
-                .run(move |s, generation| {
-                    if generation != e.generation {
+                .run(move |s, d| {
+                    if d.generation != entry.generation {
                         return Err(OpError::Stale);
                     }
-                    op(s, &e)
+                    op(s, d, &entry)
                 })
                 .await;
             match outcome {
@@ -493,8 +558,22 @@ impl Inner {
     async fn rescan(self: &Arc<Self>) -> Result<()> {
         let _writes = TOKEN_WRITES.lock().await;
         let prefix = self.cfg.prefix.clone();
+        self.searches.fetch_add(1, Ordering::Relaxed);
         let keys = self
-            .run(move |s, generation| Ok(scan(s, &prefix, generation)?))
+            .run(move |s, d| {
+                let keys = scan(s, &prefix, d.generation)?;
+                let live: HashSet<_> = keys
+                    .values()
+                    .flat_map(|e| {
+                        [Some(e.master), e.hmac]
+                            .into_iter()
+                            .flatten()
+                            .map(|h| copies::original(h, e.nonce))
+                    })
+                    .collect();
+                d.copies.retain(s, &live);
+                Ok(keys)
+            })
             .await
             .map_err(failure_to_error)?;
         *self.index.write().unwrap_or_else(|e| e.into_inner()) = Index {
@@ -504,13 +583,26 @@ impl Inner {
         Ok(())
     }
 
+    /// The host-wide token write lock, when configured; taken on a worker thread.
+    fn hold_writes(&self) -> OpResult<Option<Held<'_>>> {
+        self.write_lock
+            .as_ref()
+            .map(|l| l.hold(CREATE_CONTENTION_LIMIT))
+            .transpose()
+            .map_err(|why| OpError::Fail(KeystoreError::Backend(why)))
+    }
+
     /// Creates a key's objects through the on-token protocol.
     async fn create_key(self: &Arc<Self>, name: &KeyName, spec: NewKey) -> Result<()> {
         let _writes = TOKEN_WRITES.lock().await;
         let label = self.label(name);
         let key_name = name.clone();
+        let inner = self.clone();
         let entry = self
-            .run(move |s, generation| create_on_token(s, &label, &key_name, spec, generation))
+            .run(move |s, d| {
+                let _held = inner.hold_writes()?;
+                create_on_token(s, &label, &key_name, spec, d.generation)
+            })
             .await
             .map_err(failure_to_error)?;
         self.misses.lock().await.remove(name);
@@ -557,8 +649,10 @@ struct Found {
 }
 
 fn survey(s: &Session, label: &str) -> std::result::Result<Vec<Found>, CkError> {
+    // Token objects only: never a session copy ([`copies`]) or a `kwp` transient.
     let handles = s.find_objects(&[
         Attribute::Class(ObjectClass::SECRET_KEY),
+        Attribute::Token(true),
         Attribute::Label(label.as_bytes().to_vec()),
     ])?;
     let mut out = Vec::with_capacity(handles.len());
@@ -577,7 +671,64 @@ fn survey(s: &Session, label: &str) -> std::result::Result<Vec<Found>, CkError> 
     Ok(out)
 }
 
-type Located = (ObjectHandle, Option<ObjectHandle>, KeyInfo);
+/// A ready key found on the token.
+struct Located {
+    master: ObjectHandle,
+    hmac: Option<ObjectHandle>,
+    info: KeyInfo,
+    nonce: u64,
+}
+
+impl Located {
+    fn entry(self, generation: u64) -> Entry {
+        Entry {
+            master: self.master,
+            hmac: self.hmac,
+            info: self.info,
+            nonce: self.nonce,
+            generation,
+        }
+    }
+}
+
+/// A key for one operation: the master handle to use, and what the index and the device know.
+struct Key<'a> {
+    master: ObjectHandle,
+    device: &'a Device,
+    entry: &'a Entry,
+}
+
+impl Key<'_> {
+    fn info(&self) -> &KeyInfo {
+        &self.entry.info
+    }
+
+    /// The HMAC key's handle to use; resolved only by the operation that needs it.
+    fn hmac(&self, s: &Session) -> OpResult<ObjectHandle> {
+        let h = self
+            .entry
+            .hmac
+            .ok_or(OpError::Fail(KeystoreError::HmacUnsupported))?;
+        working_handle(self.device, s, h, self.entry.nonce)
+    }
+}
+
+/// The handle to operate with for the token object `h`: its session copy, or `h` itself.
+fn working_handle(d: &Device, s: &Session, h: ObjectHandle, nonce: u64) -> OpResult<ObjectHandle> {
+    match d.copies.working(s, h, nonce) {
+        Ok(h) => Ok(h),
+        Err(CopyError::Stale) => Err(OpError::Stale),
+        Err(CopyError::Ck(c)) => Err(OpError::Ck(c)),
+    }
+}
+
+/// An unsealing call's error: "not authentic" in the module's own words, or the error.
+fn unseal_error(e: CkError, key: &Key) -> OpError {
+    match classify_unseal(&e, key.device.tag_failures) {
+        Failure::Request(KeystoreError::NotAuthentic) => OpError::Fail(KeystoreError::NotAuthentic),
+        _ => OpError::Ck(e),
+    }
+}
 
 /// The ready key under `label`, if any.
 fn find_ready(
@@ -608,6 +759,7 @@ fn pick_ready(found: &[Found], name: &KeyName) -> Option<Located> {
         .filter(|(_, m)| m.role == Role::Key && m.state == State::Ready)
         .min_by(|a, b| a.1.nonce.cmp(&b.1.nonce))?;
     let info = master.1.key_info(name)?;
+    let nonce = nonce_value(&master.1.nonce);
     let hmac = found
         .iter()
         .find(|f| {
@@ -616,7 +768,12 @@ fn pick_ready(found: &[Found], name: &KeyName) -> Option<Located> {
             })
         })
         .map(|f| f.handle);
-    Some((master.0.handle, hmac, info))
+    Some(Located {
+        master: master.0.handle,
+        hmac,
+        info,
+        nonce,
+    })
 }
 
 /// Scans every secret key on the token once and builds the index.
@@ -625,7 +782,10 @@ fn scan(
     prefix: &str,
     generation: u64,
 ) -> std::result::Result<HashMap<KeyName, Arc<Entry>>, CkError> {
-    let handles = s.find_objects(&[Attribute::Class(ObjectClass::SECRET_KEY)])?;
+    let handles = s.find_objects(&[
+        Attribute::Class(ObjectClass::SECRET_KEY),
+        Attribute::Token(true),
+    ])?;
     let mut by_name: HashMap<KeyName, Vec<Found>> = HashMap::new();
     for handle in handles {
         let attrs = match s.get_attributes(handle, &[AttributeType::Label, AttributeType::Id]) {
@@ -658,16 +818,8 @@ fn scan(
     Ok(by_name
         .into_iter()
         .filter_map(|(name, found)| {
-            let (master, hmac, info) = pick_ready(&found, &name)?;
-            Some((
-                name,
-                Arc::new(Entry {
-                    master,
-                    hmac,
-                    info,
-                    generation,
-                }),
-            ))
+            let located = pick_ready(&found, &name)?;
+            Some((name, Arc::new(located.entry(generation))))
         })
         .collect())
 }
@@ -691,7 +843,10 @@ fn unix_now() -> i64 {
 ///
 /// Two creators cannot both pass step 2: whoever looks second sees the first's objects,
 /// pending or ready. Objects of a creator that crashed go stale after
-/// [`objects::STALE_PENDING_SECS`] and are removed by the next create.
+/// [`objects::STALE_PENDING_SECS`] and are removed by the next create, and so is a ready HMAC
+/// key whose master is gone (a delete removes the master first: one that crashed half-way).
+/// Processes sharing a host lock ([`writelock`]) never contend here; the protocol is what
+/// keeps instances on different hosts apart.
 fn create_on_token(
     s: &Session,
     label: &str,
@@ -710,7 +865,7 @@ fn create_on_token(
         let mut contended = false;
         for f in &found {
             match &f.meta {
-                Some(m) if now - m.ts > objects::STALE_PENDING_SECS => {
+                Some(m) if now - m.ts > objects::STALE_PENDING_SECS || orphan(&found, m) => {
                     let _ = s.destroy_object(f.handle);
                 }
                 Some(_) => contended = true,
@@ -748,6 +903,17 @@ fn create_on_token(
         std::thread::sleep(Duration::from_millis(backoff_ms + u64::from(jitter[0] % 8)));
         backoff_ms = (backoff_ms * 2).min(64);
     }
+}
+
+/// A ready HMAC key without its master: what a delete that stopped half-way leaves.
+fn orphan(found: &[Found], m: &Meta) -> bool {
+    m.role == Role::Hmac
+        && m.state == State::Ready
+        && !found.iter().any(|f| {
+            f.meta
+                .as_ref()
+                .is_some_and(|k| k.role == Role::Key && k.nonce == m.nonce)
+        })
 }
 
 struct Written {
@@ -797,7 +963,12 @@ fn write_pending(s: &Session, label: &str, nonce: &str, spec: &NewKey) -> OpResu
     let master = match &spec.material {
         None => {
             let t = objects::master_template(label, &master_meta, spec.scheme, None);
-            s.generate_key(&Mechanism::AesKeyGen, &t)
+            let keygen = match spec.scheme {
+                Scheme::Gcm | Scheme::Kwp => Mechanism::AesKeyGen,
+                // The `kes` scheme's master is an HMAC key (generic secret).
+                Scheme::Kes => Mechanism::GenericSecretKeyGen,
+            };
+            s.generate_key(&keygen, &t)
         }
         Some(v) => {
             let mut t =
@@ -850,6 +1021,7 @@ fn commit(
                 master: w.master,
                 hmac: w.hmac.map(|(h, _)| h),
                 info,
+                nonce: nonce_value(&meta.nonce),
                 generation,
             })
         }
@@ -864,13 +1036,13 @@ fn commit(
 /// for the IV (and nonce): 12 for `gcm`, 28 for `kes`, none for `kwp`.
 fn seal_on_device(
     s: &Session,
-    e: &Entry,
+    e: &Key,
     iv_source: IvSource,
     rnd: &[u8],
     plaintext: &[u8],
     context: &[u8],
 ) -> OpResult<Vec<u8>> {
-    match e.info.scheme {
+    match e.info().scheme {
         Scheme::Gcm => {
             let mut iv = [0u8; native::GCM_IV_LEN];
             if iv_source == IvSource::Caller {
@@ -879,8 +1051,28 @@ fn seal_on_device(
             let sealed = {
                 let params =
                     GcmParams::new(&mut iv, context, (native::GCM_TAG_LEN as u64 * 8).into())?;
-                s.encrypt(&Mechanism::AesGcm(params), e.master, plaintext)?
+                let gcm = Mechanism::AesGcm(params);
+                match e.device.raw.as_ref() {
+                    Some(raw) => raw.encrypt(
+                        s,
+                        &gcm,
+                        e.master,
+                        plaintext,
+                        plaintext.len() + native::GCM_TAG_LEN,
+                    )?,
+                    None => s.encrypt(&gcm, e.master, plaintext)?,
+                }
             };
+            // The buffer now holds the IV the device used: ours, or one it drew itself. A
+            // device that neither took ours nor wrote one back sealed under the all-zero IV
+            // we handed it, and every such seal would reuse that nonce: refuse.
+            if iv_source == IvSource::Device && iv == [0u8; native::GCM_IV_LEN] {
+                return Err(OpError::Fail(KeystoreError::Backend(
+                    "the HSM wrote no GCM IV back (iv: device); this device uses the IV it is \
+                     given: set `iv: caller` (see `kesh hsm probe`)"
+                        .into(),
+                )));
+            }
             Ok(native::encode_gcm(&iv, &sealed))
         }
         Scheme::Kwp => {
@@ -902,7 +1094,7 @@ fn seal_on_device(
                 .map_err(|_| OpError::Fail(KeystoreError::Backend("short random".into())))?;
             let derived = derive_on_device(s, e, &iv)?;
             Ok(kes::seal(
-                e.info.algorithm,
+                e.info().algorithm,
                 &derived,
                 &iv,
                 &nonce,
@@ -914,11 +1106,7 @@ fn seal_on_device(
 }
 
 /// The `kes` scheme's per-message key, HMAC-SHA256(master, iv), computed on the device.
-fn derive_on_device(
-    s: &Session,
-    e: &Entry,
-    iv: &[u8; kes::IV_LEN],
-) -> OpResult<Zeroizing<[u8; 32]>> {
+fn derive_on_device(s: &Session, e: &Key, iv: &[u8; kes::IV_LEN]) -> OpResult<Zeroizing<[u8; 32]>> {
     let mac = Zeroizing::new(s.sign(&Mechanism::Sha256Hmac, e.master, iv)?);
     let mut out = Zeroizing::new([0u8; 32]);
     if mac.len() != 32 {
@@ -933,24 +1121,20 @@ fn derive_on_device(
 
 fn open_on_device(
     s: &Session,
-    e: &Entry,
+    e: &Key,
     ciphertext: &[u8],
     context: &[u8],
 ) -> OpResult<SecretBytes> {
-    match e.info.scheme {
+    match e.info().scheme {
         Scheme::Gcm => {
             let (mut iv, sealed) = native::parse_gcm(ciphertext)?;
             let params = GcmParams::new(&mut iv, context, (native::GCM_TAG_LEN as u64 * 8).into())?;
-            match s.decrypt(&Mechanism::AesGcm(params), e.master, sealed) {
-                Ok(pt) => Ok(Zeroizing::new(pt)),
-                // SoftHSM reports a failed tag check as a general error rather than
-                // CKR_ENCRYPTED_DATA_INVALID; on C_Decrypt with GCM it can mean nothing else.
-                Err(CkError::Pkcs11(
-                    RvError::GeneralError | RvError::FunctionFailed,
-                    Function::Decrypt,
-                )) => Err(OpError::Fail(KeystoreError::NotAuthentic)),
-                Err(e) => Err(e.into()),
+            let gcm = Mechanism::AesGcm(params);
+            match e.device.raw.as_ref() {
+                Some(raw) => raw.decrypt(s, &gcm, e.master, sealed),
+                None => s.decrypt(&gcm, e.master, sealed).map(Zeroizing::new),
             }
+            .map_err(|err| unseal_error(err, e))
         }
         Scheme::Kwp => {
             let (pad, wrapped) = native::parse_kwp(ciphertext)?;
@@ -961,12 +1145,7 @@ fn open_on_device(
                 &objects::transient_unwrap_template(),
             ) {
                 Ok(obj) => obj,
-                // SoftHSM reports a failed KWP integrity check as a general error.
-                Err(CkError::Pkcs11(
-                    RvError::GeneralError | RvError::FunctionFailed,
-                    Function::UnwrapKey,
-                )) => return Err(OpError::Fail(KeystoreError::NotAuthentic)),
-                Err(e) => return Err(e.into()),
+                Err(err) => return Err(unseal_error(err, e)),
             };
             let value = s.get_attributes(obj, &[AttributeType::Value]);
             let _ = s.destroy_object(obj);
@@ -982,7 +1161,7 @@ fn open_on_device(
         Scheme::Kes => {
             let parts = kes::parse(ciphertext)?;
             let derived = derive_on_device(s, e, &parts.iv)?;
-            Ok(kes::open(e.info.algorithm, &derived, &parts, context)?)
+            Ok(kes::open(e.info().algorithm, &derived, &parts, context)?)
         }
     }
 }
@@ -1036,7 +1215,7 @@ impl KeyStore for Pkcs11KeyStore {
         // One cheap read proves the handle still names a live object, so a key deleted by
         // another instance is reported gone at once.
         self.inner
-            .with_key(name, |s, e| {
+            .with_entry(name, |s, _, e| {
                 s.get_attributes(e.master, &[AttributeType::Class])?;
                 Ok(e.info.clone())
             })
@@ -1067,13 +1246,17 @@ impl KeyStore for Pkcs11KeyStore {
 
     async fn delete(&self, name: &KeyName) -> Result<()> {
         let _writes = TOKEN_WRITES.lock().await;
+        let inner = self.inner.clone();
         let result = self
             .inner
-            .with_key(name, |s, e| {
+            .with_entry(name, move |s, d, e| {
+                let _held = inner.hold_writes()?;
                 // The master goes first: that is the commit point of a delete.
                 s.destroy_object(e.master)?;
+                d.copies.discard(s, e.master);
                 if let Some(h) = e.hmac {
                     let _ = s.destroy_object(h);
+                    d.copies.discard(s, h);
                 }
                 Ok(())
             })
@@ -1088,7 +1271,7 @@ impl KeyStore for Pkcs11KeyStore {
         let (plaintext, ciphertext) = self
             .inner
             .with_key(name, move |s, e| {
-                let extra = seal_random_len(e.info.scheme, iv_source);
+                let extra = seal_random_len(e.info().scheme, iv_source);
                 // One C_GenerateRandom for the DEK and the IV.
                 let mut rnd = Zeroizing::new([0u8; 32 + kes::TRAILER_LEN]);
                 s.generate_random_slice(&mut rnd[..32 + extra])?;
@@ -1119,7 +1302,7 @@ impl KeyStore for Pkcs11KeyStore {
             .inner
             .with_key(name, move |s, e| {
                 let mut rnd = [0u8; kes::TRAILER_LEN];
-                let extra = seal_random_len(e.info.scheme, iv_source);
+                let extra = seal_random_len(e.info().scheme, iv_source);
                 s.generate_random_slice(&mut rnd[..extra])?;
                 seal_on_device(s, e, iv_source, &rnd[..extra], &plaintext, &context)
             })
@@ -1146,10 +1329,7 @@ impl KeyStore for Pkcs11KeyStore {
         let message = Arc::new(message.to_vec());
         self.inner
             .with_key(name, move |s, e| {
-                let h = e
-                    .hmac
-                    .ok_or(OpError::Fail(KeystoreError::HmacUnsupported))?;
-                let mac = s.sign(&Mechanism::Sha256Hmac, h, &message)?;
+                let mac = s.sign(&Mechanism::Sha256Hmac, e.hmac(s)?, &message)?;
                 mac.try_into().map_err(|_| {
                     OpError::Fail(KeystoreError::Backend(
                         "CKM_SHA256_HMAC returned a short MAC".into(),
@@ -1160,12 +1340,12 @@ impl KeyStore for Pkcs11KeyStore {
     }
 
     fn pool_stats(&self) -> Option<PoolStats> {
-        let i = &self.inner;
+        let w = self.inner.workers.stats();
         Some(PoolStats {
-            size: i.cfg.sessions,
-            in_use: i.cfg.sessions.saturating_sub(i.permits.available_permits()),
-            acquired: i.acquired.load(Ordering::Relaxed),
-            wait_seconds: i.waited_nanos.load(Ordering::Relaxed) as f64 / 1e9,
+            size: w.size,
+            in_use: w.running,
+            acquired: w.started,
+            wait_seconds: w.waited.as_secs_f64(),
         })
     }
 

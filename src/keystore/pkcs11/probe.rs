@@ -136,7 +136,7 @@ pub struct TokenReport {
     pub rw_sessions: Option<u64>,
     pub schemes: Vec<SchemeCheck>,
     pub gcm_iv: IvFinding,
-    /// `gcm` when it works, else `kwp`; `None` when neither does.
+    /// `gcm` when it works, else `kwp`, else `kes`; `None` when none does.
     pub recommended_scheme: Option<&'static str>,
     pub recommended_sessions: usize,
     /// A `keystore:` section for the kesh config.
@@ -299,6 +299,9 @@ fn probe_token(
         Some("gcm")
     } else if report.supports("kwp") {
         Some("kwp")
+    } else if report.supports("kes") {
+        // HMAC on the device, AES-GCM in kesh: what a YubiHSM 2 can do.
+        Some("kes")
     } else {
         None
     };
@@ -531,7 +534,7 @@ fn recommended_config(
     match r.recommended_scheme {
         Some(s) => y.push_str(&format!("    scheme: {s}\n")),
         None => y.push_str(
-            "    # neither gcm nor kwp works on this token: kesh cannot create keys here\n",
+            "    # neither gcm, kwp nor kes works on this token: kesh cannot create keys here\n",
         ),
     }
     if r.gcm_iv != IvFinding::Unknown {

@@ -157,9 +157,25 @@ impl EphemeralToken {
             scheme: Scheme::Gcm,
             iv: IvSource::Caller,
             session_wait: Duration::from_secs(2),
+            session_keys: true,
+            write_lock: write_lock_path(),
             profile: Some("softhsm"),
         }
     }
+}
+
+/// Where kesh processes sharing SoftHSM tokens take their write lock (`writelock`): beside
+/// the tokens, in the `directories.tokendir` of the SoftHSM config this process reads
+/// (`SOFTHSM2_CONF`, else /etc/softhsm/softhsm2.conf). `None` when that config is unreadable.
+pub fn write_lock_path() -> Option<PathBuf> {
+    let conf = std::env::var_os("SOFTHSM2_CONF")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/etc/softhsm/softhsm2.conf"));
+    let text = std::fs::read_to_string(conf).ok()?;
+    text.lines()
+        .filter_map(|l| l.split_once('='))
+        .find(|(k, _)| k.trim() == "directories.tokendir")
+        .map(|(_, v)| PathBuf::from(v.trim()).join(".kesh-writes.lock"))
 }
 
 /// Removes the token directory this process created, if it created one. Call at exit.

@@ -1,0 +1,252 @@
+//! Session-object copies of master and HMAC keys (`session_keys: true`).
+//!
+//! SoftHSM re-reads a token object's file (open, lock, read, close) on every use, which doubles
+//! the cost of a seal; its session objects live in memory. With `session_keys`, kesh uses each
+//! key through a copy made on the device with `C_CopyObject` (`CKA_TOKEN` false): the copy is
+//! made and kept inside the HSM, stays sensitive and non-extractable (PKCS#11 lets a copy
+//! tighten those, never loosen them) and keeps `CKA_ALLOWED_MECHANISMS`. It dies with the
+//! session that made it, so with the [`super::device::Device`] that owns this map.
+//!
+//! A copy outlives a delete made by another kesh instance, so every [`RECHECK`] the token
+//! object is read again (its `CKA_ID`, which names the creation nonce, so a reused handle is
+//! caught too) before the copy is used; a key deleted elsewhere stops working here within that
+//! time. Copies are keyed by token handle and creation nonce.
+//!
+//! Owns the copy map and the cryptoki calls on copies; knows nothing of schemes or requests.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use cryptoki::error::Error as CkError;
+use cryptoki::object::{Attribute, AttributeType, ObjectHandle};
+use cryptoki::session::Session;
+
+use super::error::{classify, Failure};
+use super::objects::Meta;
+
+/// How long a copy is used before its token object is checked again.
+pub const RECHECK: Duration = Duration::from_secs(1);
+
+/// A token object as the copy map knows it: its raw handle and the nonce of the create that
+/// made it.
+pub type Original = (std::ffi::c_ulong, u64);
+
+pub fn original(token: ObjectHandle, nonce: u64) -> Original {
+    (token.handle(), nonce)
+}
+
+struct Copy {
+    handle: ObjectHandle,
+    checked: Instant,
+}
+
+/// Why no handle could be given.
+pub enum CopyError {
+    /// The token object is gone, or the handle now names another object.
+    Stale,
+    Ck(CkError),
+}
+
+impl From<CkError> for CopyError {
+    fn from(e: CkError) -> Self {
+        match classify(&e) {
+            Failure::StaleHandle => CopyError::Stale,
+            _ => CopyError::Ck(e),
+        }
+    }
+}
+
+/// The copies of one device generation.
+pub struct SessionCopies {
+    enabled: bool,
+    copies: Mutex<HashMap<Original, Copy>>,
+    /// Copies of keys found gone without a session at hand: destroyed by the next call.
+    doomed: Mutex<Vec<ObjectHandle>>,
+    /// Keys the device refused to copy (`CKA_COPYABLE` false, say): used as they are.
+    uncopyable: Mutex<HashSet<Original>>,
+}
+
+impl SessionCopies {
+    pub fn new(enabled: bool) -> Self {
+        SessionCopies {
+            enabled,
+            copies: Mutex::new(HashMap::new()),
+            doomed: Mutex::new(Vec::new()),
+            uncopyable: Mutex::new(HashSet::new()),
+        }
+    }
+
+    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<Original, Copy>> {
+        // Inserts and removes only: a panic elsewhere leaves the map whole.
+        self.copies.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The handle to operate with for the token object `token` of the create with `nonce`:
+    /// its copy (made on first use, rechecked every [`RECHECK`]), or `token` itself when
+    /// copies are off.
+    pub fn working(
+        &self,
+        s: &Session,
+        token: ObjectHandle,
+        nonce: u64,
+    ) -> Result<ObjectHandle, CopyError> {
+        if !self.enabled {
+            return Ok(token);
+        }
+        self.reap(s);
+        let original = original(token, nonce);
+        if self
+            .uncopyable
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(&original)
+        {
+            return Ok(token);
+        }
+        let now = Instant::now();
+        let due = {
+            let mut map = self.map();
+            match map.get_mut(&original) {
+                Some(c) if now.duration_since(c.checked) < RECHECK => return Ok(c.handle),
+                Some(c) => {
+                    // This caller rechecks; others keep using the copy meanwhile.
+                    c.checked = now;
+                    Some(c.handle)
+                }
+                None => None,
+            }
+        };
+        if let Some(copy) = due {
+            if still_there(s, token, nonce)? {
+                return Ok(copy);
+            }
+            self.discard(s, token);
+            return Err(CopyError::Stale);
+        }
+        let copied = s.copy_object(
+            token,
+            &[
+                Attribute::Token(false),
+                // Unlabelled, so no search for a key's label ever finds a copy.
+                Attribute::Label(Vec::new()),
+                Attribute::Id(Vec::new()),
+            ],
+        );
+        let copy = match copied.map_err(CopyError::from) {
+            Ok(copy) => copy,
+            // A device that will not copy this key (not copyable, or no C_CopyObject): the
+            // key works as the token object, only without the speed-up.
+            Err(CopyError::Ck(e)) if matches!(classify(&e), Failure::Request(_)) => {
+                tracing::warn!(error = %e, "the HSM refused to copy a key into a session object; using the token object");
+                self.uncopyable
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(original);
+                return Ok(token);
+            }
+            Err(e) => return Err(e),
+        };
+        // The handle might have been reused for another object since the index was built.
+        if !still_there(s, token, nonce)? {
+            let _ = s.destroy_object(copy);
+            return Err(CopyError::Stale);
+        }
+        let raced = {
+            let mut map = self.map();
+            match map.get(&original) {
+                Some(c) => Some(c.handle),
+                None => {
+                    map.insert(
+                        original,
+                        Copy {
+                            handle: copy,
+                            checked: now,
+                        },
+                    );
+                    None
+                }
+            }
+        };
+        match raced {
+            // Another worker made one first: keep theirs.
+            Some(theirs) => {
+                let _ = s.destroy_object(copy);
+                Ok(theirs)
+            }
+            None => Ok(copy),
+        }
+    }
+
+    /// Destroys the copies of a token object (deleted, or found gone).
+    pub fn discard(&self, s: &Session, token: ObjectHandle) {
+        for h in self.take(token) {
+            let _ = s.destroy_object(h);
+        }
+    }
+
+    /// Stops using the copies of a token object found gone; they are destroyed by the next
+    /// call that has a session.
+    pub fn forget(&self, token: ObjectHandle) {
+        let gone = self.take(token);
+        if !gone.is_empty() {
+            self.doomed
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .extend(gone);
+        }
+    }
+
+    fn take(&self, token: ObjectHandle) -> Vec<ObjectHandle> {
+        let mut map = self.map();
+        let keys: Vec<Original> = map
+            .keys()
+            .filter(|k| k.0 == token.handle())
+            .copied()
+            .collect();
+        keys.iter()
+            .filter_map(|k| map.remove(k).map(|c| c.handle))
+            .collect()
+    }
+
+    fn reap(&self, s: &Session) {
+        let doomed = {
+            let mut d = self.doomed.lock().unwrap_or_else(|e| e.into_inner());
+            if d.is_empty() {
+                return;
+            }
+            std::mem::take(&mut *d)
+        };
+        for h in doomed {
+            let _ = s.destroy_object(h);
+        }
+    }
+
+    /// Destroys the copies of token objects no longer indexed (after a full scan).
+    pub fn retain(&self, s: &Session, live: &HashSet<Original>) {
+        let gone: Vec<ObjectHandle> = {
+            let mut map = self.map();
+            let dead: Vec<Original> = map.keys().filter(|k| !live.contains(k)).copied().collect();
+            dead.iter()
+                .filter_map(|k| map.remove(k).map(|c| c.handle))
+                .collect()
+        };
+        for h in gone {
+            let _ = s.destroy_object(h);
+        }
+    }
+}
+
+/// Whether `token` still names the object the create with `nonce` made.
+fn still_there(s: &Session, token: ObjectHandle, nonce: u64) -> Result<bool, CopyError> {
+    let attrs = s.get_attributes(token, &[AttributeType::Id])?;
+    Ok(attrs.into_iter().any(|a| match a {
+        Attribute::Id(id) => Meta::decode(&id).is_some_and(|m| nonce_value(&m.nonce) == nonce),
+        _ => false,
+    }))
+}
+
+/// A creation nonce (16 hex digits) as a number; 0 for one a foreign tool wrote.
+pub fn nonce_value(nonce: &str) -> u64 {
+    u64::from_str_radix(nonce, 16).unwrap_or(0)
+}

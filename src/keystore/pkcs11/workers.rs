@@ -1,0 +1,355 @@
+//! The HSM worker threads: where every PKCS#11 call of a request runs, off the async runtime.
+//!
+//! Owns a fixed set of OS threads (one per pool session) and the queue that feeds them. Knows
+//! nothing of keys, sessions or cryptoki: a job is a closure.
+//!
+//! Why not `spawn_blocking` behind a semaphore (the first design): there each call waited for a
+//! permit, woke a parked blocking thread, and the thread parked again when done, so under load
+//! every request paid two thread wake-ups and the device sat idle between calls while the
+//! runtime handed the permit on. Here requests queue ahead of the workers, and a busy worker
+//! takes the next job without sleeping (benches/RESULTS.md has the numbers).
+//!
+//! Backpressure: a job that no worker has started within the caller's wait is withdrawn and the
+//! caller answers `Busy`; so is a job whose caller went away. A job that started always runs to
+//! the end and reports, so no operation happens without its caller hearing of it.
+
+use std::collections::VecDeque;
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+const QUEUED: u8 = 0;
+const RUNNING: u8 = 1;
+const WITHDRAWN: u8 = 2;
+
+struct Job {
+    state: Arc<AtomicU8>,
+    queued_at: Instant,
+    /// Runs the call and returns the delivery of its answer.
+    work: Box<dyn FnOnce() -> Delivery + Send>,
+}
+
+/// Hands a finished call's answer to its caller (wakes the caller's task).
+type Delivery = Box<dyn FnOnce() + Send>;
+
+#[derive(Default)]
+struct Pending {
+    jobs: VecDeque<Job>,
+    /// Workers waiting for a job: a push wakes one only when there is one to wake.
+    idle: usize,
+    closed: bool,
+}
+
+#[derive(Default)]
+struct Queue {
+    pending: Mutex<Pending>,
+    ready: Condvar,
+    running: AtomicUsize,
+    started: AtomicU64,
+    waited_nanos: AtomicU64,
+}
+
+impl Queue {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Pending> {
+        // Only pushes and pops happen under the lock; a panic there leaves a valid queue.
+        self.pending.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn push(&self, job: Job) -> bool {
+        let mut p = self.lock();
+        if p.closed {
+            return false;
+        }
+        p.jobs.push_back(job);
+        let wake = p.idle > 0;
+        drop(p);
+        if wake {
+            self.ready.notify_one();
+        }
+        true
+    }
+
+    /// The next job if one is queued.
+    fn try_pop(&self) -> Option<Job> {
+        self.lock().jobs.pop_front()
+    }
+
+    /// The next job, waiting for one; `None` once closed.
+    fn pop(&self) -> Option<Job> {
+        let mut p = self.lock();
+        loop {
+            if p.closed {
+                return None;
+            }
+            if let Some(job) = p.jobs.pop_front() {
+                return Some(job);
+            }
+            p.idle += 1;
+            p = self.ready.wait(p).unwrap_or_else(|e| e.into_inner());
+            p.idle -= 1;
+        }
+    }
+}
+
+/// What became of a call.
+#[derive(Debug)]
+pub enum Outcome<T> {
+    Done(T),
+    /// No worker was free within the wait; the job was withdrawn unrun.
+    Busy,
+    /// The job panicked, or the workers were shut down.
+    Lost,
+}
+
+/// Withdraws a job that has not started when its caller stops waiting (or goes away).
+struct Withdraw(Arc<AtomicU8>);
+
+impl Withdraw {
+    /// True when the job was withdrawn, false when a worker had already started it.
+    fn now(&self) -> bool {
+        self.0
+            .compare_exchange(QUEUED, WITHDRAWN, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+    }
+}
+
+impl Drop for Withdraw {
+    fn drop(&mut self) {
+        self.now();
+    }
+}
+
+/// The worker threads. Dropping this stops them once their current jobs end.
+pub struct Workers {
+    queue: Arc<Queue>,
+    size: usize,
+}
+
+/// Figures for metrics.
+#[derive(Debug, Clone, Copy)]
+pub struct WorkerStats {
+    pub size: usize,
+    pub running: usize,
+    pub started: u64,
+    pub waited: Duration,
+}
+
+impl Workers {
+    /// Starts `size` threads named `kesh-hsm-<n>`.
+    pub fn start(size: usize) -> std::io::Result<Workers> {
+        let queue = Arc::new(Queue::default());
+        let size = size.max(1);
+        for n in 0..size {
+            let q = queue.clone();
+            let spawned = std::thread::Builder::new()
+                .name(format!("kesh-hsm-{n}"))
+                .spawn(move || work(&q));
+            if let Err(e) = spawned {
+                close(&queue);
+                return Err(e);
+            }
+        }
+        Ok(Workers { queue, size })
+    }
+
+    /// Runs `f` on a worker, waiting at most `wait` for one to take it.
+    pub async fn call<T, F>(&self, wait: Duration, f: F) -> Outcome<T>
+    where
+        T: Send + 'static,
+        F: FnOnce() -> T + Send + 'static,
+    {
+        let (tx, mut rx) = tokio::sync::oneshot::channel();
+        let state = Arc::new(AtomicU8::new(QUEUED));
+        let withdraw = Withdraw(state.clone());
+        let job = Job {
+            state,
+            queued_at: Instant::now(),
+            work: Box::new(move || {
+                let answer = f();
+                Box::new(move || {
+                    let _ = tx.send(answer);
+                })
+            }),
+        };
+        if !self.queue.push(job) {
+            return Outcome::Lost;
+        }
+        match tokio::time::timeout(wait, &mut rx).await {
+            Ok(Ok(v)) => Outcome::Done(v),
+            Ok(Err(_)) => Outcome::Lost,
+            Err(_) if withdraw.now() => Outcome::Busy,
+            // Started: it runs to the end, and its caller hears how it went.
+            Err(_) => match rx.await {
+                Ok(v) => Outcome::Done(v),
+                Err(_) => Outcome::Lost,
+            },
+        }
+    }
+
+    pub fn stats(&self) -> WorkerStats {
+        let q = &self.queue;
+        WorkerStats {
+            size: self.size,
+            running: q.running.load(Ordering::Relaxed),
+            started: q.started.load(Ordering::Relaxed),
+            waited: Duration::from_nanos(q.waited_nanos.load(Ordering::Relaxed)),
+        }
+    }
+}
+
+impl Drop for Workers {
+    fn drop(&mut self) {
+        close(&self.queue);
+    }
+}
+
+/// Stops the workers; queued jobs are dropped, so their callers see `Lost`.
+fn close(queue: &Queue) {
+    let dropped = {
+        let mut p = queue.lock();
+        p.closed = true;
+        std::mem::take(&mut p.jobs)
+    };
+    queue.ready.notify_all();
+    drop(dropped);
+}
+
+fn work(queue: &Queue) {
+    let mut answers: Vec<Delivery> = Vec::with_capacity(DELIVERY_BATCH);
+    let mut oldest: Option<Instant> = None;
+    loop {
+        let job = match queue.try_pop() {
+            Some(job) => job,
+            None => {
+                deliver(&mut answers);
+                oldest = None;
+                match queue.pop() {
+                    Some(job) => job,
+                    None => return,
+                }
+            }
+        };
+        if job
+            .state
+            .compare_exchange(QUEUED, RUNNING, Ordering::AcqRel, Ordering::Acquire)
+            .is_err()
+        {
+            continue; // withdrawn by its caller
+        }
+        let waited = u64::try_from(job.queued_at.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        queue.started.fetch_add(1, Ordering::Relaxed);
+        queue.waited_nanos.fetch_add(waited, Ordering::Relaxed);
+        queue.running.fetch_add(1, Ordering::Relaxed);
+        // A panicking job loses its answer (the caller sees `Lost`), never the worker.
+        if let Ok(answer) = std::panic::catch_unwind(AssertUnwindSafe(job.work)) {
+            answers.push(answer);
+            oldest.get_or_insert_with(Instant::now);
+        }
+        queue.running.fetch_sub(1, Ordering::Relaxed);
+        if answers.len() >= DELIVERY_BATCH || oldest.is_some_and(|t| t.elapsed() >= DELIVERY_DELAY)
+        {
+            deliver(&mut answers);
+            oldest = None;
+        }
+    }
+}
+
+/// Answers are handed back when the queue runs dry, when this many have gathered, or when the
+/// oldest has waited [`DELIVERY_DELAY`]: one wake-up of the async runtime then serves a burst
+/// of fast calls (SoftHSM's take ~12 µs), while a slow device's answers go out at once.
+const DELIVERY_BATCH: usize = 8;
+const DELIVERY_DELAY: Duration = Duration::from_micros(100);
+
+fn deliver(answers: &mut Vec<Delivery>) {
+    for answer in answers.drain(..) {
+        answer();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicBool;
+
+    fn rt() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap()
+    }
+
+    #[test]
+    fn runs_jobs_off_the_runtime_and_returns_results() {
+        rt().block_on(async {
+            let w = Workers::start(2).unwrap();
+            let name = w
+                .call(Duration::from_secs(1), || {
+                    std::thread::current().name().unwrap_or("").to_owned()
+                })
+                .await;
+            assert!(matches!(name, Outcome::Done(n) if n.starts_with("kesh-hsm-")));
+            assert_eq!(w.stats().started, 1);
+        });
+    }
+
+    #[test]
+    fn a_job_not_started_in_time_is_withdrawn_unrun() {
+        rt().block_on(async {
+            let w = Arc::new(Workers::start(1).unwrap());
+            let (release, blocked) = std::sync::mpsc::channel::<()>();
+            let busy = {
+                let w = w.clone();
+                tokio::spawn(async move {
+                    w.call(Duration::from_secs(5), move || blocked.recv().is_ok())
+                        .await
+                })
+            };
+            while w.stats().running == 0 {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            let ran = Arc::new(AtomicBool::new(false));
+            let r = ran.clone();
+            let second = w
+                .call(Duration::from_millis(50), move || {
+                    r.store(true, Ordering::SeqCst)
+                })
+                .await;
+            assert!(matches!(second, Outcome::Busy));
+            release.send(()).unwrap();
+            assert!(matches!(busy.await.unwrap(), Outcome::Done(true)));
+            // The withdrawn job is skipped, not run late.
+            let after = w.call(Duration::from_secs(1), || 7).await;
+            assert!(matches!(after, Outcome::Done(7)));
+            assert!(!ran.load(Ordering::SeqCst));
+        });
+    }
+
+    #[test]
+    fn a_started_job_is_waited_for_past_the_wait() {
+        rt().block_on(async {
+            let w = Workers::start(1).unwrap();
+            let slow = w
+                .call(Duration::from_millis(10), || {
+                    std::thread::sleep(Duration::from_millis(100));
+                    "done"
+                })
+                .await;
+            assert!(matches!(slow, Outcome::Done("done")));
+        });
+    }
+
+    #[test]
+    fn a_panicking_job_costs_its_answer_not_the_worker() {
+        rt().block_on(async {
+            let w = Workers::start(1).unwrap();
+            let lost: Outcome<()> = w.call(Duration::from_secs(1), || panic!("job bug")).await;
+            assert!(matches!(lost, Outcome::Lost));
+            assert!(matches!(
+                w.call(Duration::from_secs(1), || 1).await,
+                Outcome::Done(1)
+            ));
+        });
+    }
+}
