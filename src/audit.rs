@@ -1,9 +1,11 @@
 //! The audit trail and the error-event stream (`kes-api.md` §2.21, §2.22).
 //!
 //! [`AuditLog`] takes one [`AuditEvent`] per key operation — time, client IP, identity, path,
-//! status, duration; never key material, plaintexts or request bodies — writes it to the
-//! `kesh::audit` tracing target and fans it out as an ndjson line to every `/v1/log/audit`
-//! subscriber. [`ErrorLog`] does the same for server errors and `/v1/log/error`.
+//! status, duration; never key material, plaintexts or request bodies — writes it to stdout as
+//! a slog-style text line, as KES does (through [`crate::logsink`], so a request never waits for
+//! a write), and fans it out as an ndjson line to every `/v1/log/audit` subscriber.
+//! [`ErrorLog`] does the same for server errors (to stderr, through `tracing`) and
+//! `/v1/log/error`.
 //! Slow subscribers lose the oldest lines rather than slowing requests down.
 
 use std::sync::Arc;
@@ -13,6 +15,7 @@ use time::OffsetDateTime;
 use tokio::sync::broadcast;
 
 use crate::api::{self, AuditEvent, ErrorEvent};
+use crate::logsink::LineSink;
 use crate::metrics::Metrics;
 
 /// Lines buffered per subscriber before the oldest are dropped.
@@ -31,9 +34,13 @@ impl Stream {
         }
     }
 
-    /// Sends to every subscriber; returns how many received it.
-    fn publish(&self, line: Bytes) -> usize {
-        self.tx.send(line).unwrap_or(0)
+    /// Sends the line `encode` makes to every subscriber; returns how many received it.
+    /// Nothing is encoded while nobody listens.
+    fn publish(&self, encode: impl FnOnce() -> Vec<u8>) -> usize {
+        if self.tx.receiver_count() == 0 {
+            return 0;
+        }
+        self.tx.send(Bytes::from(encode())).unwrap_or(0)
     }
 }
 
@@ -63,16 +70,29 @@ impl Subscription {
 pub struct AuditLog {
     stream: Stream,
     metrics: Arc<Metrics>,
-    /// Whether audit records also go to the `kesh::audit` tracing target (`log.audit`).
-    to_tracing: bool,
+    /// Where audit lines are written (stdout unless `log.audit` is off).
+    lines: Option<LineSink>,
 }
 
 impl AuditLog {
-    pub fn new(metrics: Arc<Metrics>, to_tracing: bool) -> Self {
+    /// An audit log writing to stdout when `to_stdout` (`log.audit`), else only streaming.
+    pub fn new(metrics: Arc<Metrics>, to_stdout: bool) -> Self {
+        Self::with_sink(metrics, to_stdout.then(LineSink::stdout))
+    }
+
+    /// An audit log writing its lines to `lines`.
+    pub fn with_sink(metrics: Arc<Metrics>, lines: Option<LineSink>) -> Self {
         AuditLog {
             stream: Stream::new(),
             metrics,
-            to_tracing,
+            lines,
+        }
+    }
+
+    /// Writes out the lines not yet written (at shutdown).
+    pub fn flush(&self) {
+        if let Some(lines) = &self.lines {
+            lines.flush();
         }
     }
 
@@ -97,20 +117,10 @@ impl AuditLog {
                 time: u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX),
             },
         };
-        if self.to_tracing {
-            tracing::info!(
-                target: "kesh::audit",
-                path,
-                ip,
-                identity,
-                code,
-                time_ms = event.response.time,
-                "audit"
-            );
+        if let Some(lines) = &self.lines {
+            lines.line(|out| text_line(out, &event));
         }
-        let sent = self
-            .stream
-            .publish(Bytes::from(api::encode_response(&event)));
+        let sent = self.stream.publish(|| api::encode_response(&event));
         for _ in 0..sent {
             self.metrics.audit_event_sent();
         }
@@ -154,9 +164,7 @@ impl ErrorLog {
         );
         let sent = self
             .stream
-            .publish(Bytes::from(api::encode_response(&ErrorEvent {
-                message: line,
-            })));
+            .publish(|| api::encode_response(&ErrorEvent { message: line }));
         for _ in 0..sent {
             self.metrics.error_event_sent();
         }
@@ -167,6 +175,36 @@ impl ErrorLog {
             rx: self.stream.tx.subscribe(),
         }
     }
+}
+
+/// The slog text line KES writes for an audit record, with KES's messages for the events it
+/// audits itself (a successful create, import or delete).
+fn text_line(out: &mut Vec<u8>, event: &AuditEvent) {
+    use std::io::Write;
+    let req = &event.request;
+    let done = |prefix: &str| {
+        (event.response.code == 200)
+            .then(|| req.path.strip_prefix(prefix))
+            .flatten()
+    };
+    let msg = if let Some(name) = done("/v1/key/create/").or(done("/v1/key/import/")) {
+        quote(&format!("secret key '{name}' created"))
+    } else if let Some(name) = done("/v1/key/delete/") {
+        quote(&format!("secret key '{name}' deleted"))
+    } else {
+        "audit".to_owned()
+    };
+    // Writing into a Vec cannot fail.
+    let _ = write!(
+        out,
+        "time={} level=INFO msg={msg} req.path={} req.ip={} req.identity={} res.code={} res.time={}ms",
+        api::rfc3339::format(&event.time),
+        quote(&req.path),
+        quote(&req.ip),
+        quote(&req.identity),
+        event.response.code,
+        event.response.time,
+    );
 }
 
 /// slog's text quoting: bare when safe, else a quoted string.
@@ -185,10 +223,50 @@ fn quote(s: &str) -> String {
 mod tests {
     use super::*;
 
+    #[test]
+    fn text_lines_read_like_kes() {
+        let event = |path: &str, code| AuditEvent {
+            time: time::macros::datetime!(2026-12-01 09:00:00.5 UTC),
+            request: api::AuditRequest {
+                ip: "10.0.0.1".into(),
+                path: path.into(),
+                identity: "ab12".into(),
+            },
+            response: api::AuditResponse { code, time: 3 },
+        };
+        let line = |e: &AuditEvent| {
+            let mut out = Vec::new();
+            text_line(&mut out, e);
+            String::from_utf8(out).unwrap()
+        };
+        let created = line(&event("/v1/key/create/minio", 200));
+        assert!(
+            created.starts_with("time=2026-12-01T09:00:00.5"),
+            "{created}"
+        );
+        assert!(
+            created.ends_with(
+                "level=INFO msg=\"secret key 'minio' created\" req.path=/v1/key/create/minio \
+                 req.ip=10.0.0.1 req.identity=ab12 res.code=200 res.time=3ms"
+            ),
+            "{created}"
+        );
+        assert!(line(&event("/v1/key/delete/minio", 200))
+            .contains("msg=\"secret key 'minio' deleted\""));
+        let denied = line(&event("/v1/key/create/a b", 403));
+        assert!(
+            denied.contains("msg=audit req.path=\"/v1/key/create/a b\"")
+                && denied.contains("res.code=403"),
+            "{denied}"
+        );
+    }
+
     #[tokio::test]
     async fn subscribers_receive_events() {
         let metrics = Arc::new(Metrics::new());
         let audit = AuditLog::new(metrics.clone(), false);
+        // Nobody listens yet: nothing is sent or counted.
+        audit.record("::1", "", "/v1/key/create/k", 200, Default::default());
         let mut sub = audit.subscribe();
         audit.record(
             "127.0.0.1",

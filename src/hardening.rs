@@ -56,7 +56,7 @@ pub fn harden() -> Hardening {
                         || libc::mlockall(libc::MCL_CURRENT | libc::MCL_FUTURE) == 0;
                 if !h.memory_locked {
                     h.warnings.push(format!(
-                        "memory could not be locked ({}): data keys may reach swap; give kesh LimitMEMLOCK=infinity or CAP_IPC_LOCK",
+                        "memory could not be locked ({}): data keys may reach swap; give kesh LimitMEMLOCK=infinity",
                         std::io::Error::last_os_error()
                     ));
                 }

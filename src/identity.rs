@@ -34,6 +34,12 @@ impl Identity {
         }
     }
 
+    /// The configured admin, taken as written: KES accepts any string there, and one that is
+    /// not a key hash matches no client, which turns admin access off ([`Self::is_hash`]).
+    pub fn admin(s: &str) -> Self {
+        Identity(s.trim().to_owned())
+    }
+
     /// The identity of a certificate's public key: hex(SHA-256(SPKI DER)).
     pub fn from_spki(spki_der: &[u8]) -> Self {
         Identity(hex::encode(Sha256::digest(spki_der)))

@@ -11,6 +11,7 @@
 //! | [`server`]   | rustls mTLS, client identity, routes, the one error→HTTP mapping, limits | cryptoki, ciphertext bytes |
 //! | [`service`]  | one method per API operation: authorize → keystore → metrics | HTTP types, cryptoki   |
 //! | [`policy`], [`identity`], [`audit`], [`metrics`] | what their names say     | each other's internals |
+//! | [`logsink`]  | buffered stdout lines for the audit trail (one flusher thread) | what the lines say   |
 //! | [`api`]      | wire DTOs shared by server and [`client`]                    | logic                  |
 //! | [`client`]   | a small KES client (hyper + rustls) for the CLI and tests    | the server internals   |
 //! | [`bench`]    | `kesh bench`: load over one h2 connection (or N HTTP/1), checked answers, latency, server CPU/RSS | the server internals |
@@ -43,6 +44,7 @@ pub mod crypto;
 pub mod hardening;
 pub mod identity;
 pub mod keystore;
+pub mod logsink;
 pub mod metrics;
 pub mod migrate;
 pub mod name;

@@ -65,24 +65,31 @@ pub struct MigrateError(pub String);
 /// The `keystore:` section of a KES or kesh config file, with its `${VAR}`s substituted.
 /// Only that section is substituted, so variables the rest of the file names (a TLS key
 /// password, an admin identity) need not be set to migrate or probe.
+/// The caller should [`crate::config::env::wipe`] the section once done: it may hold a PIN.
 pub fn keystore_section(config: &Path) -> Result<serde_yaml::Value, MigrateError> {
-    let text = std::fs::read_to_string(config)
-        .map_err(|e| MigrateError(format!("cannot read '{}': {e}", config.display())))?;
-    let doc: serde_yaml::Value = serde_yaml::from_str(&text)
+    use crate::config::env::wipe;
+    use zeroize::Zeroizing;
+    let text = Zeroizing::new(
+        std::fs::read_to_string(config)
+            .map_err(|e| MigrateError(format!("cannot read '{}': {e}", config.display())))?,
+    );
+    let mut doc: serde_yaml::Value = serde_yaml::from_str(&text)
         .map_err(|e| MigrateError(format!("{}: not valid YAML: {e}", config.display())))?;
-    let keystore = doc
-        .get("keystore")
-        .ok_or_else(|| MigrateError(format!("{}: no `keystore:` section", config.display())))?;
     let mut only = serde_yaml::Mapping::new();
-    only.insert("keystore".into(), keystore.clone());
-    let section_text = serde_yaml::to_string(&only)
+    if let Some(keystore) = doc.get("keystore") {
+        only.insert("keystore".into(), keystore.clone());
+    }
+    wipe(&mut doc);
+    let mut only = serde_yaml::Value::Mapping(only);
+    let section_text = serde_yaml::to_string(&only).map(Zeroizing::new);
+    wipe(&mut only);
+    let section_text =
+        section_text.map_err(|e| MigrateError(format!("{}: {e}", config.display())))?;
+    let mut substituted = crate::config::env::substitute(&section_text)
         .map_err(|e| MigrateError(format!("{}: {e}", config.display())))?;
-    let substituted = crate::config::env::substitute(&section_text)
-        .map_err(|e| MigrateError(format!("{}: {e}", config.display())))?;
-    substituted
-        .get("keystore")
-        .cloned()
-        .ok_or_else(|| MigrateError(format!("{}: no `keystore:` section", config.display())))
+    let keystore = substituted.get("keystore").cloned();
+    wipe(&mut substituted);
+    keystore.ok_or_else(|| MigrateError(format!("{}: no `keystore:` section", config.display())))
 }
 
 /// The `keystore.fs.path` of a KES config file. Relative paths are taken from the current
@@ -199,6 +206,11 @@ async fn migrate_one(
                 }
             }
             Existing::Replace => {
+                // Prove the import works before the existing key goes: a rehearsal under a
+                // name of its own, removed again.
+                if let Err(why) = rehearse(target, &stored).await {
+                    return fail(format!("not replacing the existing key: {why}"));
+                }
                 if let Err(e) = target.delete(&key_name).await {
                     return fail(format!("cannot delete the existing key: {e}"));
                 }
@@ -208,7 +220,41 @@ async fn migrate_one(
         Err(KeystoreError::KeyNotFound) => {}
         Err(e) => return fail(format!("cannot look the key up: {e}")),
     }
-    let import = ImportKey {
+    let mut imported = target.import(&key_name, import_of(&stored)).await;
+    if replaced && imported.is_err() {
+        // The rehearsal went through moments ago: one more try before giving up.
+        imported = target.import(&key_name, import_of(&stored)).await;
+    }
+    if let Err(e) = imported {
+        return fail(if replaced {
+            format!(
+                "the existing key was deleted and the import failed: {e}; the KES key file is \
+                 untouched, rerun `kesh migrate` to import it"
+            )
+        } else {
+            format!("import failed: {e}")
+        });
+    }
+    match same_key(target, &key_name, &stored).await {
+        Ok(true) => Outcome::Imported { replaced },
+        Ok(false) => {
+            // Never leave a key that is not the KES key under the KES key's name.
+            let removed = target.delete(&key_name).await.is_ok();
+            fail(format!(
+                "imported, but a KES ciphertext does not decrypt under it ({}): check the keystore",
+                if removed {
+                    "the import was removed"
+                } else {
+                    "removing the import failed too"
+                }
+            ))
+        }
+        Err(e) => fail(format!("imported, but the check failed: {e}")),
+    }
+}
+
+fn import_of(stored: &StoredKey) -> ImportKey {
+    ImportKey {
         key: stored.key.clone(),
         algorithm: stored.algorithm,
         scheme: Scheme::Kes,
@@ -220,16 +266,27 @@ async fn migrate_one(
             created_at: stored.created_at,
             created_by: stored.created_by.clone(),
         },
-    };
-    if let Err(e) = target.import(&key_name, import).await {
-        return fail(format!("import failed: {e}"));
     }
-    match same_key(target, &key_name, &stored).await {
-        Ok(true) => Outcome::Imported { replaced },
-        Ok(false) => fail(
-            "imported, but a KES ciphertext does not decrypt under it: check the keystore".into(),
-        ),
-        Err(e) => fail(format!("imported, but the check failed: {e}")),
+}
+
+/// Imports `stored` under a throwaway name, checks it, and removes it again.
+async fn rehearse(target: &dyn KeyStore, stored: &StoredKey) -> Result<(), String> {
+    let suffix = crate::secret::random::<6>().map_err(|e| e.to_string())?;
+    let name = KeyName::new(&format!("kesh-migrate-check-{}", hex::encode(*suffix)))
+        .map_err(|e| e.to_string())?;
+    target
+        .import(&name, import_of(stored))
+        .await
+        .map_err(|e| format!("a trial import failed: {e}"))?;
+    let checked = same_key(target, &name, stored).await;
+    let removed = target.delete(&name).await;
+    match (checked, removed) {
+        (Ok(true), Ok(())) => Ok(()),
+        (Ok(false), _) => Err("a trial import does not decrypt KES ciphertexts".into()),
+        (Err(e), _) => Err(format!("a trial import could not be checked: {e}")),
+        (Ok(true), Err(e)) => Err(format!(
+            "the trial key '{name}' could not be removed: {e}; delete it by hand"
+        )),
     }
 }
 

@@ -46,10 +46,10 @@ fn yes(b: bool) -> String {
 pub fn probe(args: ProbeArgs) -> Result<(), Fatal> {
     let target = match &args.config {
         Some(path) => {
-            let section = kesh::migrate::keystore_section(path)?;
-            match KeystoreConfig::from_value(&section)
-                .map_err(|e| Fatal(format!("{}: {e}", path.display())))?
-            {
+            let mut section = kesh::migrate::keystore_section(path)?;
+            let parsed = KeystoreConfig::from_value(&section);
+            kesh::config::env::wipe(&mut section);
+            match parsed.map_err(|e| Fatal(format!("{}: {e}", path.display())))? {
                 KeystoreConfig::Pkcs11(c) => ProbeTarget {
                     module: c.module,
                     token: Some(c.token),

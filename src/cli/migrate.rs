@@ -37,13 +37,14 @@ pub struct MigrateArgs {
 
 pub async fn run(args: MigrateArgs) -> Result<(), Fatal> {
     let dir = kesh::migrate::kes_fs_path(&args.from)?;
-    let section = kesh::migrate::keystore_section(&args.to).map_err(|e| {
+    let mut section = kesh::migrate::keystore_section(&args.to).map_err(|e| {
         Fatal(format!(
             "{e}; --to takes a kesh config with `keystore: pkcs11:` or `soft:`"
         ))
     })?;
-    let cfg = KeystoreConfig::from_value(&section)
-        .map_err(|e| Fatal(format!("{}: {e}", args.to.display())))?;
+    let cfg = KeystoreConfig::from_value(&section);
+    kesh::config::env::wipe(&mut section);
+    let cfg = cfg.map_err(|e| Fatal(format!("{}: {e}", args.to.display())))?;
     let store = cfg
         .open()
         .await

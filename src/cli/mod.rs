@@ -305,6 +305,8 @@ pub fn main() -> ExitCode {
     // Client commands keep stdout for results and stderr quiet unless asked (RUST_LOG).
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
+        // Colour codes only for a person at a terminal, never into log files or journald.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
                 tracing_subscriber::EnvFilter::new(if server { "info" } else { "warn" })

@@ -98,6 +98,7 @@ pub async fn run(args: ServerArgs) -> Result<(), Fatal> {
             "<disabled>"
         },
         None,
+        cfg.log.audit,
     );
     let handle = server.handle();
     spawn_signals(handle, Some(path));
@@ -146,7 +147,7 @@ async fn run_dev(addr: Option<&str>) -> Result<(), Fatal> {
         .await
         .map_err(|e| Fatal(format!("cannot listen on {addr}: {e}")))?;
     let local = server.local_addr()?;
-    banner(&service, local, admin.as_str(), Some(&api_key));
+    banner(&service, local, admin.as_str(), Some(&api_key), true);
     spawn_signals(server.handle(), None);
     server.run().await?;
     kesh::keystore::pkcs11::softhsm::cleanup();
@@ -154,7 +155,13 @@ async fn run_dev(addr: Option<&str>) -> Result<(), Fatal> {
 }
 
 /// The start-up banner, in KES's layout.
-fn banner(service: &Service, addr: SocketAddr, admin: &str, api_key: Option<&ApiKey>) {
+fn banner(
+    service: &Service,
+    addr: SocketAddr,
+    admin: &str,
+    api_key: Option<&ApiKey>,
+    audit_to_stdout: bool,
+) {
     let mut out = String::new();
     out.push_str(&format!("Version     {}\n", env!("CARGO_PKG_VERSION")));
     out.push_str(&format!(
@@ -168,7 +175,10 @@ fn banner(service: &Service, addr: SocketAddr, admin: &str, api_key: Option<&Api
         out.push_str(&format!("API Key     {}\n", key.expose_text().as_str()));
     }
     out.push_str(&format!("Admin       {admin}\n"));
-    out.push_str("Logs        error=stderr audit=stderr\n\n=> Server is up and running...\n");
+    out.push_str(&format!(
+        "Logs        error=stderr audit={}\n\n=> Server is up and running...\n",
+        if audit_to_stdout { "stdout" } else { "off" }
+    ));
     print!("{out}");
 }
 

@@ -24,6 +24,19 @@ pub fn substitute_with(
     Ok(value)
 }
 
+/// Overwrites every string of a parsed document: it may hold the PIN (`pin:` or its
+/// `${VAR}`), and the validated config keeps its own zeroizing copy.
+pub fn wipe(value: &mut Value) {
+    use zeroize::Zeroize;
+    match value {
+        Value::String(s) => s.zeroize(),
+        Value::Sequence(items) => items.iter_mut().for_each(wipe),
+        Value::Mapping(map) => map.iter_mut().for_each(|(_, v)| wipe(v)),
+        Value::Tagged(t) => wipe(&mut t.value),
+        _ => {}
+    }
+}
+
 fn reference(s: &str) -> Option<&str> {
     let name = s.trim().strip_prefix("${")?.strip_suffix('}')?.trim();
     (!name.is_empty()).then_some(name)
@@ -95,6 +108,23 @@ mod tests {
         assert_eq!(v["keystore"]["pkcs11"]["token"].as_str(), Some("x${PIN}"));
         assert_eq!(v["policy"]["p"]["allow"][0].as_str(), Some("${PIN}"));
         assert_eq!(v["policy"]["p"]["identities"][0].as_str(), Some("abc"));
+    }
+
+    #[test]
+    fn wiping_leaves_no_string_behind() {
+        let mut v = substitute_with(
+            "keystore:\n  pkcs11:\n    pin: ${PIN}\n    list: [a-secret]\n    n: 3\n",
+            env,
+        )
+        .unwrap();
+        wipe(&mut v);
+        let text = serde_yaml::to_string(&v).unwrap();
+        assert!(
+            !text.contains("1234") && !text.contains("a-secret"),
+            "{text}"
+        );
+        assert_eq!(v["keystore"]["pkcs11"]["pin"].as_str(), Some(""));
+        assert_eq!(v["keystore"]["pkcs11"]["n"].as_u64(), Some(3));
     }
 
     #[test]

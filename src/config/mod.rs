@@ -26,6 +26,18 @@ impl ConfigError {
     }
 }
 
+/// Go's `strconv.ParseBool`, as KES reads booleans.
+pub fn parse_bool(s: &str, field: &str) -> Result<bool, ConfigError> {
+    match s.trim() {
+        "1" | "t" | "T" | "true" | "TRUE" | "True" => Ok(true),
+        "0" | "f" | "F" | "false" | "FALSE" | "False" => Ok(false),
+        other => Err(ConfigError::new(
+            field,
+            format!("'{other}' is not a bool; use true or false"),
+        )),
+    }
+}
+
 /// Parses a Go duration string (`15s`, `5m0s`, `1.5h`, `300ms`), as KES configs write them.
 pub fn parse_duration(s: &str) -> Option<std::time::Duration> {
     let s = s.trim();

@@ -14,7 +14,7 @@ use serde_yaml::{Mapping, Value};
 use time::OffsetDateTime;
 
 use super::keystore::KeystoreConfig;
-use super::ConfigError;
+use super::{parse_bool, ConfigError};
 use crate::identity::Identity;
 use crate::name::KeyName;
 use crate::policy::{Authorizer, Policy, PolicyEntry, PolicyName};
@@ -126,18 +126,6 @@ fn string_list(v: Option<&Value>, field: &str) -> Result<Vec<String>, ConfigErro
     }
 }
 
-/// Go's `strconv.ParseBool`.
-fn parse_bool(s: &str, field: &str) -> Result<bool, ConfigError> {
-    match s.trim() {
-        "1" | "t" | "T" | "true" | "TRUE" | "True" => Ok(true),
-        "0" | "f" | "F" | "false" | "FALSE" | "False" => Ok(false),
-        other => Err(err(
-            field,
-            format!("'{other}' is not a bool; use true or false"),
-        )),
-    }
-}
-
 fn duration(m: Option<&Mapping>, key: &str, field: &str) -> Result<Option<Duration>, ConfigError> {
     match get(m, key) {
         None => Ok(None),
@@ -191,15 +179,17 @@ fn log_level(s: &str, field: &str) -> Result<i64, ConfigError> {
 impl ServerConfig {
     /// Reads, substitutes and validates a config file.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| err("(file)", format!("cannot read '{}': {e}", path.display())))?;
+        // The text may hold the PIN inline.
+        let text = zeroize::Zeroizing::new(
+            std::fs::read_to_string(path)
+                .map_err(|e| err("(file)", format!("cannot read '{}': {e}", path.display())))?,
+        );
         Self::parse(&text)
     }
 
     /// Substitutes (from the process environment) and validates config text.
     pub fn parse(text: &str) -> Result<Self, ConfigError> {
-        let value = super::env::substitute(text)?;
-        Self::from_value(&value)
+        Self::parse_with(text, |name| std::env::var(name).ok())
     }
 
     /// [`ServerConfig::parse`] with an explicit variable lookup.
@@ -207,8 +197,10 @@ impl ServerConfig {
         text: &str,
         lookup: impl Fn(&str) -> Option<String>,
     ) -> Result<Self, ConfigError> {
-        let value = super::env::substitute_with(text, lookup)?;
-        Self::from_value(&value)
+        let mut value = super::env::substitute_with(text, lookup)?;
+        let cfg = Self::from_value(&value);
+        super::env::wipe(&mut value);
+        cfg
     }
 
     /// Validates a substituted document.
@@ -244,8 +236,12 @@ impl ServerConfig {
                 "required; set an identity (or `disabled` to turn admin access off)",
             )
         })?;
-        let admin =
-            Identity::new(admin_text.trim()).map_err(|e| err("admin.identity", format!("{e}")))?;
+        let admin = Identity::admin(&admin_text);
+        if !admin.is_hash() {
+            tracing::warn!(
+                "admin.identity is not an identity (64 hex digits): admin access is disabled"
+            );
+        }
 
         let tls_map = get(root, "tls")
             .map(|v| mapping(v, "tls"))
@@ -527,6 +523,17 @@ mod tests {
         assert_eq!(cfg.keys[0].as_str(), "from-env");
         let missing = ServerConfig::parse_with(text, |_| None).unwrap_err();
         assert!(missing.message.contains("ADDR"), "{missing}");
+    }
+
+    #[test]
+    fn any_admin_string_is_accepted_and_only_a_hash_enables_admin() {
+        for text in ["disabled", "<disabled>", "not an identity.", "ADMIN"] {
+            let yaml = base().replace(ADMIN, &format!("\"{text}\""));
+            let cfg = ServerConfig::parse(&yaml).unwrap_or_else(|e| panic!("{text}: {e}"));
+            assert_eq!(cfg.admin.as_str(), text);
+            assert!(!cfg.admin.is_hash(), "{text}");
+        }
+        assert!(ServerConfig::parse(&base()).unwrap().admin.is_hash());
     }
 
     #[test]

@@ -53,8 +53,18 @@ pub struct State {
     pub(crate) service: Arc<Service>,
     pub(crate) audit: AuditLog,
     pub(crate) errors: ErrorLog,
-    pub(crate) routes: RouteSettings,
+    /// Per-route `api:` settings; replaced on reload.
+    routes: RwLock<Arc<RouteSettings>>,
     tls: RwLock<TlsAcceptor>,
+}
+
+impl State {
+    pub(crate) fn routes(&self) -> Arc<RouteSettings> {
+        self.routes
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
 }
 
 /// What a connection knows about its peer.
@@ -75,6 +85,15 @@ pub struct ServerParts {
 
 /// The TLS config a config file describes (server cert and key, client authentication).
 pub fn tls_from_config(cfg: &ServerConfig) -> Result<Arc<rustls::ServerConfig>, tls::TlsError> {
+    tls_for_routes(cfg, &RouteSettings::new(&cfg.api))
+}
+
+/// The TLS config for `cfg` with the `api:` settings `routes`: a client certificate is
+/// mandatory in the handshake unless some route skips authentication.
+fn tls_for_routes(
+    cfg: &ServerConfig,
+    routes: &RouteSettings,
+) -> Result<Arc<rustls::ServerConfig>, tls::TlsError> {
     let certs = tls::load_certs(&cfg.tls.cert)?;
     // As KES: clients check the server's name, so a leaf without one can never be reached.
     // `load_certs` never returns an empty list, so `certs[0]` is the leaf.
@@ -86,8 +105,7 @@ pub fn tls_from_config(cfg: &ServerConfig) -> Result<Arc<rustls::ServerConfig>, 
         (Some(ca), true) => tls::ClientAuth::VerifyChain(Arc::new(tls::load_roots(ca)?)),
         _ => tls::ClientAuth::AnyCertificate,
     };
-    let mandatory = !RouteSettings::new(&cfg.api).any_skip_auth();
-    tls::server_config(certs, key, &auth, mandatory)
+    tls::server_config(certs, key, &auth, !routes.any_skip_auth())
 }
 
 /// Creates the config's `keys:` (KES does so at start and on reload); existing keys are fine.
@@ -137,19 +155,22 @@ impl ServerHandle {
         &self.state.service
     }
 
-    /// Applies a re-read config file (SIGHUP): TLS for new connections, admin and policies
-    /// for new requests, and the listed keys. Connections stay open; on any error nothing
-    /// is changed.
+    /// Applies a re-read config file (SIGHUP), as KES does: TLS for new connections; admin,
+    /// policies and `api:` route settings for new requests; the listed keys created.
+    /// Connections stay open. Everything is checked, and the keys created, before anything
+    /// is swapped: on an error the running configuration stays whole.
     pub async fn reload(&self, cfg: &ServerConfig) -> Result<(), String> {
         let authorizer = cfg
             .authorizer(OffsetDateTime::now_utc())
             .map_err(|e| e.to_string())?;
-        let tls = tls_from_config(cfg).map_err(|e| e.to_string())?;
-        self.set_tls(tls);
-        self.set_authorizer(authorizer);
+        let routes = RouteSettings::new(&cfg.api);
+        let tls = tls_for_routes(cfg, &routes).map_err(|e| e.to_string())?;
         create_keys(&self.state.service, &cfg.keys)
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| format!("creating the listed keys: {e}"))?;
+        self.set_tls(tls);
+        self.set_authorizer(authorizer);
+        *self.state.routes.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(routes);
         Ok(())
     }
 
@@ -166,7 +187,7 @@ impl Server {
             service: parts.service,
             audit: parts.audit,
             errors: parts.errors,
-            routes: parts.routes,
+            routes: RwLock::new(Arc::new(parts.routes)),
             tls: RwLock::new(TlsAcceptor::from(parts.tls)),
         });
         let (tx, rx) = watch::channel(false);
@@ -283,6 +304,7 @@ impl Server {
         {
             tracing::warn!("shutdown grace period over; closing remaining connections");
         }
+        self.state.audit.flush();
         Ok(())
     }
 }
@@ -437,7 +459,7 @@ async fn dispatch(
         path
     };
     let work = serve_route(state, conn, route, &path, resource, req, start);
-    match state.routes.timeout(route) {
+    match state.routes().timeout(route) {
         Some(deadline) => match tokio::time::timeout(deadline, work).await {
             Ok(resp) => Ok(resp),
             Err(_) => {
@@ -477,7 +499,7 @@ async fn serve_route(
     }
     let method = req.method().clone();
     let svc = &state.service;
-    let permit: Permit = match state.routes.auth(route) {
+    let permit: Permit = match state.routes().auth(route) {
         Auth::Public | Auth::IdentifyOnly => svc.identify_only(conn.identity.as_ref().ok()),
         Auth::Verify => match authenticate(svc, conn, path) {
             Ok(p) => p,

@@ -436,13 +436,14 @@ pub async fn handle(
             crate::metrics::CONTENT_TYPE,
         ),
         RouteId::Api => {
+            let settings = st.routes();
             let list: Vec<api::ApiRoute> = ROUTES
                 .iter()
                 .map(|r| api::ApiRoute {
                     method: r.method.to_string(),
                     path: r.path.to_owned(),
                     max_body: r.max_body as u64,
-                    timeout: st.routes.timeout(r).map_or(0, |d| d.as_secs()),
+                    timeout: settings.timeout(r).map_or(0, |d| d.as_secs()),
                 })
                 .collect();
             json(&list)

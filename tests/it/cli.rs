@@ -17,7 +17,7 @@ use crate::harness;
 const BIN: &str = env!("CARGO_BIN_EXE_kesh");
 
 /// Variables the client reads; cleared so the caller's environment cannot leak in.
-const CLIENT_VARS: &[&str] = &[
+pub(crate) const CLIENT_VARS: &[&str] = &[
     "MINIO_KES_SERVER",
     "KES_SERVER",
     "MINIO_KMS_KES_ENDPOINT",
@@ -232,6 +232,17 @@ impl Server {
         ]
     }
 
+    /// `kesh <args>` as the admin, running in the background (`kesh log`).
+    fn spawn(&self, args: &[&str]) -> Child {
+        let env = self.env();
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        kesh_cmd(&env, args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    }
+
     /// `kesh <args>` as the admin.
     fn run(&self, args: &[&str]) -> Run {
         let env = self.env();
@@ -379,6 +390,48 @@ fn key_commands_human_and_json() {
         .fails("unrecognized subcommand");
 }
 
+/// `kesh log --error` follows the error stream, in both modes: a keystore whose key directory
+/// vanished under it fails every create with a 502, and each failure is an error event.
+#[test]
+fn error_log_follows_server_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let keys = dir.path().join("keys");
+    let kek = dir.path().join("kek");
+    std::fs::write(&kek, hex::encode([7u8; 32])).unwrap();
+    let srv = Server::start(
+        "",
+        &format!(
+            "  soft:\n    path: {}\n    kek_file: {}\n",
+            keys.display(),
+            kek.display()
+        ),
+    );
+    srv.run(&["key", "create", &unique("before")]).ok();
+    std::fs::remove_dir_all(&keys).unwrap();
+    let mut json_child = srv.spawn(&["log", "--error", "--json", "--count", "1"]);
+    let mut human_child = srv.spawn(&["log", "--error", "--count", "1"]);
+    let mut tries = 0;
+    while json_child.try_wait().unwrap().is_none() || human_child.try_wait().unwrap().is_none() {
+        assert!(tries < 500, "an error-log subscriber saw no event");
+        tries += 1;
+        srv.run(&["key", "create", &unique("lost")])
+            .fails("failed to create key");
+    }
+    for child in [json_child, human_child] {
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let text = String::from_utf8(out.stdout).unwrap();
+        assert!(
+            text.contains("level=ERROR") && text.contains("failed to create key"),
+            "{text}"
+        );
+    }
+}
+
 #[test]
 fn policies_identities_status_metrics_logs() {
     let app = ApiKey::generate().unwrap();
@@ -505,17 +558,8 @@ fn policies_identities_status_metrics_logs() {
         .fails("not a duration");
 
     // log: a subscriber sees the audit event of a key the CLI creates.
-    let env = srv.env();
-    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    let spawn = |args: &[&str]| {
-        kesh_cmd(&env, args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap()
-    };
-    let mut json_child = spawn(&["log", "--audit", "--json", "--count", "1"]);
-    let mut human_child = spawn(&["log", "--count", "1"]);
+    let mut json_child = srv.spawn(&["log", "--audit", "--json", "--count", "1"]);
+    let mut human_child = srv.spawn(&["log", "--count", "1"]);
     // The subscriptions race the first create: create keys until both subscribers have one.
     let mut created = Vec::new();
     while json_child.try_wait().unwrap().is_none() || human_child.try_wait().unwrap().is_none() {
@@ -895,7 +939,7 @@ fn kes_layout(dir: &Path, files: &[(&str, &[u8])]) -> PathBuf {
 }
 
 /// The §7.4 test vector: a KES key file as KES writes it.
-const KES_VECTOR: &str = "CiQKIMiHG7XrN94FuwblJJor4f7f6rbqAl7DwsLaiIoyz0D2EAESJAognLXl4yqa4cjZTcSbsU6sNnN8kP9ARWkXwa20YQZa9HgQARoMCNithK0GEID67qYDIkAzZWNmY2RmMzhmY2JlMTQxYWUyNmExMDMwZjgxZTk2Yjc1MzM2NWE0Njc2MGFlNmI1Nzg2OThhOTdjNTlmZDIy";
+pub(crate) const KES_VECTOR: &str = "CiQKIMiHG7XrN94FuwblJJor4f7f6rbqAl7DwsLaiIoyz0D2EAESJAognLXl4yqa4cjZTcSbsU6sNnN8kP9ARWkXwa20YQZa9HgQARoMCNithK0GEID67qYDIkAzZWNmY2RmMzhmY2JlMTQxYWUyNmExMDMwZjgxZTk2Yjc1MzM2NWE0Njc2MGFlNmI1Nzg2OThhOTdjNTlmZDIy";
 
 /// Seals `plaintext` in KES's format with a raw key, as KES did before the migration.
 fn kes_seal(key: &[u8; 32], plaintext: &[u8], context: &[u8]) -> String {

@@ -174,6 +174,17 @@ async fn outage(rv: &str) {
     assert_server_error(&c.create_key(&format!("{key}-during")).await.unwrap_err());
 
     let recovered = srv.wait_for_recovery(key).await;
+    let since_fault = t.elapsed();
+    // Requests fail fast during the fault, and service is back within the recovery backoff
+    // cap (plus a reconnect) of the fault's end.
+    assert!(first_failure < Duration::from_secs(1), "{first_failure:?}");
+    let bound = Duration::from_millis(fault_ms as u64)
+        + kesh::keystore::pkcs11::RECOVERY_BACKOFF_MAX
+        + Duration::from_millis(1500);
+    assert!(
+        since_fault < bound,
+        "served again {since_fault:?} after the fault began"
+    );
     assert!(!srv.status_unreachable().await);
     let plain = c.decrypt(key, &before.ciphertext.0, b"ctx").await.unwrap();
     assert_eq!(
@@ -195,7 +206,10 @@ async fn outage(rv: &str) {
         c.describe_key(&format!("{key}-during")).await.is_err(),
         "the create during the outage did not happen"
     );
-    println!("{rv}: first failure after {first_failure:?}; served again {recovered:?} into a {fault_ms} ms fault");
+    harness::report(&format!(
+        "faults: {rv}: first failure after {first_failure:?}; served again {since_fault:?} after a \
+         {fault_ms} ms fault began ({recovered:?} of waiting)"
+    ));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -247,7 +261,13 @@ async fn initialize_fails_until_cleared() {
     let recovered = srv.wait_for_recovery(key).await;
     let plain = c.decrypt(key, &before.ciphertext.0, b"").await.unwrap();
     assert_eq!(&plain.0[..], &before.plaintext.0[..]);
-    println!("C_Initialize cleared: served again after {recovered:?}");
+    assert!(
+        recovered < kesh::keystore::pkcs11::RECOVERY_BACKOFF_MAX + Duration::from_millis(1500),
+        "{recovered:?}"
+    );
+    harness::report(&format!(
+        "faults: C_Initialize failing: served again {recovered:?} after the HSM came back"
+    ));
 }
 
 /// A slow HSM with a full session pool: requests past the wait get 503 with Retry-After (the
@@ -258,6 +278,7 @@ async fn full_session_pool_answers_503_retry_after() {
     let key = harness::name("fault-busy");
     let key = key.as_str().to_owned();
     srv.client.create_key(&key).await.unwrap();
+    let before = srv.client.generate_key(&key, b"").await.unwrap();
     srv.inject("latency 400000 C_Encrypt\n");
     let body = bytes::Bytes::from_static(b"{}");
     let path = format!("/v1/key/generate/{key}");
@@ -291,4 +312,10 @@ async fn full_session_pool_answers_503_retry_after() {
     );
     srv.inject("");
     srv.client.generate_key(&key, b"").await.unwrap();
+    let plain = srv
+        .client
+        .decrypt(&key, &before.ciphertext.0, b"")
+        .await
+        .unwrap();
+    assert_eq!(&plain.0[..], &before.plaintext.0[..]);
 }

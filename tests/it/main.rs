@@ -5,6 +5,7 @@ mod api;
 mod bench;
 mod cli;
 mod faults;
+mod guide;
 mod harness;
 mod hostile;
 mod keystore;

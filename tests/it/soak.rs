@@ -187,10 +187,10 @@ async fn soak() {
     let (rss1, fds1) = (proc_status(pid, "VmRSS:"), open_fds(pid));
     let tally = tally.lock().unwrap().clone();
     let requests: u64 = tally.values().sum();
-    println!(
+    crate::harness::report(&format!(
         "soak: {secs} s, {requests} requests, {} DEKs checked, outcomes {tally:?}, RSS {rss0} → {rss1} kB, fds {fds0} → {fds1}",
         sealed.len()
-    );
+    ));
     assert!(
         tally
             .keys()
