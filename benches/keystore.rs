@@ -1,6 +1,9 @@
 //! The keystore seam, in one run: a seal (generate) and an unseal (decrypt) through the pkcs11
-//! keystore on SoftHSM against the soft keystore, and the name→handle lookup (describe, and
-//! generate) on a token holding 10 keys against one holding 10,000.
+//! keystore on SoftHSM against the soft keystore and against SoftHSM called directly (the same
+//! C_GenerateRandom + C_EncryptInit + C_Encrypt, in the bench thread, on a token key and on a
+//! session key: what SoftHSM itself costs, so what kesh adds is the difference), and the
+//! name→handle lookup (describe, and generate) on a token holding 10 keys against one holding
+//! 10,000.
 //!
 //! `cargo bench --bench keystore` measures; compare the groups' lines with each other (same
 //! run, same machine), not with numbers from another day. Under `cargo test` every benchmark
@@ -63,9 +66,87 @@ fn seal_unseal(c: &mut Criterion) {
             })
         });
     }
+    for (what, on_token) in [
+        ("softhsm-direct-token-key", true),
+        ("softhsm-direct-session-key", false),
+    ] {
+        let direct = Direct::open(&token, on_token);
+        g.bench_function(BenchmarkId::new("generate", what), |b| {
+            b.iter(|| direct.seal())
+        });
+    }
     g.finish();
     drop(hsm);
     drop(token);
+}
+
+/// SoftHSM without kesh: one logged-in session and one AES key with kesh's master template.
+struct Direct {
+    key: cryptoki::object::ObjectHandle,
+    // Dropped before the context it belongs to.
+    session: cryptoki::session::Session,
+    _ctx: cryptoki::context::Pkcs11,
+}
+
+impl Direct {
+    fn open(token: &EphemeralToken, on_token: bool) -> Self {
+        use cryptoki::mechanism::Mechanism;
+        use cryptoki::object::Attribute;
+        use kesh::keystore::pkcs11::{device, objects, TokenSelector};
+        let ctx = cryptoki::context::Pkcs11::new(&token.module).expect("module");
+        device::initialize(&ctx).expect("C_Initialize");
+        let slot =
+            device::find_slot(&ctx, &TokenSelector::Label(token.label.clone())).expect("token");
+        let session = ctx.open_rw_session(slot).expect("session");
+        let pin = cryptoki::types::AuthPin::new(token.pin().expose().into());
+        match session.login(cryptoki::session::UserType::User, Some(&pin)) {
+            Ok(())
+            | Err(cryptoki::error::Error::Pkcs11(
+                cryptoki::error::RvError::UserAlreadyLoggedIn,
+                _,
+            )) => {}
+            Err(e) => panic!("login: {e}"),
+        }
+        let meta = objects::Meta::new(
+            objects::Role::Key,
+            "00000000000000ff",
+            kesh::keystore::Scheme::Gcm,
+            kesh::crypto::kes::Algorithm::Aes256,
+            &Provenance::now("bench"),
+        );
+        let mut template =
+            objects::master_template("bench/direct", &meta, kesh::keystore::Scheme::Gcm, None);
+        template.retain(|a| !matches!(a, Attribute::Token(_)));
+        template.push(Attribute::Token(on_token));
+        let key = session
+            .generate_key(&Mechanism::AesKeyGen, &template)
+            .expect("generate a key");
+        Direct {
+            key,
+            session,
+            _ctx: ctx,
+        }
+    }
+
+    fn seal(&self) -> Vec<u8> {
+        use cryptoki::mechanism::{aead::GcmParams, Mechanism};
+        let mut rnd = [0u8; 44];
+        self.session
+            .generate_random_slice(&mut rnd)
+            .expect("random");
+        let mut iv = [0u8; 12];
+        iv.copy_from_slice(&rnd[32..]);
+        let params = GcmParams::new(&mut iv, CONTEXT, 128.into()).expect("params");
+        self.session
+            .encrypt(&Mechanism::AesGcm(params), self.key, &rnd[..32])
+            .expect("seal")
+    }
+}
+
+impl Drop for Direct {
+    fn drop(&mut self) {
+        let _ = self.session.destroy_object(self.key);
+    }
 }
 
 fn lookup(c: &mut Criterion) {
