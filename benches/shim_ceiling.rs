@@ -1,0 +1,57 @@
+//! Not a measurement of kesh: the ceiling `benches/e2e.sh` compares its latency-injected
+//! server with. N threads, each with its own session, call C_GenerateRandom through the fault
+//! shim (with its `latency` rule) as fast as they can; the calls per second they reach are what
+//! the shim and this machine allow at that many sessions, below the ideal N × 1000/s when the
+//! sleeps overshoot.
+//!
+//! `KESH_CEILING_MODULE=<shim.so> KESH_CEILING_LABEL=<token> KESH_CEILING_PIN=<pin>
+//! KESH_CEILING_THREADS=32 cargo bench --bench shim_ceiling` prints `calls_per_sec=<n>`.
+//! Without the variables (plain `cargo bench`, `cargo test`) it does nothing.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use cryptoki::context::Pkcs11;
+use cryptoki::session::UserType;
+use cryptoki::types::AuthPin;
+use kesh::keystore::pkcs11::{device, TokenSelector};
+
+fn main() {
+    let (Ok(module), Ok(label), Ok(pin)) = (
+        std::env::var("KESH_CEILING_MODULE"),
+        std::env::var("KESH_CEILING_LABEL"),
+        std::env::var("KESH_CEILING_PIN"),
+    ) else {
+        return;
+    };
+    let threads: usize = std::env::var("KESH_CEILING_THREADS")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(32);
+    let ctx = Pkcs11::new(&module).expect("load the module");
+    device::initialize(&ctx).expect("C_Initialize");
+    let slot = device::find_slot(&ctx, &TokenSelector::Label(label)).expect("token");
+    let login = ctx.open_rw_session(slot).expect("session");
+    login
+        .login(UserType::User, Some(&AuthPin::new(pin.into())))
+        .expect("login");
+    let calls = AtomicU64::new(0);
+    let window = Duration::from_secs(3);
+    let end = Instant::now() + window;
+    std::thread::scope(|scope| {
+        for _ in 0..threads {
+            scope.spawn(|| {
+                let s = ctx.open_rw_session(slot).expect("session");
+                let mut buf = [0u8; 32];
+                while Instant::now() < end {
+                    s.generate_random_slice(&mut buf).expect("C_GenerateRandom");
+                    calls.fetch_add(1, Ordering::Relaxed);
+                }
+            });
+        }
+    });
+    println!(
+        "calls_per_sec={:.0}",
+        calls.load(Ordering::Relaxed) as f64 / window.as_secs_f64()
+    );
+}
