@@ -92,21 +92,9 @@ impl Direct {
     fn open(token: &EphemeralToken, on_token: bool) -> Self {
         use cryptoki::mechanism::Mechanism;
         use cryptoki::object::Attribute;
-        use kesh::keystore::pkcs11::{device, objects, TokenSelector};
-        let ctx = cryptoki::context::Pkcs11::new(&token.module).expect("module");
-        device::initialize(&ctx).expect("C_Initialize");
-        let slot =
-            device::find_slot(&ctx, &TokenSelector::Label(token.label.clone())).expect("token");
-        let session = ctx.open_rw_session(slot).expect("session");
-        let pin = cryptoki::types::AuthPin::new(token.pin().expose().into());
-        match session.login(cryptoki::session::UserType::User, Some(&pin)) {
-            Ok(())
-            | Err(cryptoki::error::Error::Pkcs11(
-                cryptoki::error::RvError::UserAlreadyLoggedIn,
-                _,
-            )) => {}
-            Err(e) => panic!("login: {e}"),
-        }
+        use kesh::keystore::pkcs11::objects;
+        let (ctx, _slot, session) =
+            common::login(&token.module, &token.label, token.pin().expose());
         let meta = objects::Meta::new(
             objects::Role::Key,
             "00000000000000ff",

@@ -11,10 +11,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use cryptoki::context::Pkcs11;
-use cryptoki::session::UserType;
-use cryptoki::types::AuthPin;
-use kesh::keystore::pkcs11::{device, TokenSelector};
+mod common;
 
 fn main() {
     let (Ok(module), Ok(label), Ok(pin)) = (
@@ -28,13 +25,7 @@ fn main() {
         .ok()
         .and_then(|n| n.parse().ok())
         .unwrap_or(32);
-    let ctx = Pkcs11::new(&module).expect("load the module");
-    device::initialize(&ctx).expect("C_Initialize");
-    let slot = device::find_slot(&ctx, &TokenSelector::Label(label)).expect("token");
-    let login = ctx.open_rw_session(slot).expect("session");
-    login
-        .login(UserType::User, Some(&AuthPin::new(pin.into())))
-        .expect("login");
+    let (ctx, slot, _login) = common::login(std::path::Path::new(&module), &label, &pin);
     let calls = AtomicU64::new(0);
     let window = Duration::from_secs(3);
     let end = Instant::now() + window;

@@ -4,19 +4,15 @@
 
 use cryptoki::context::Pkcs11;
 use cryptoki::mechanism::Mechanism;
-use cryptoki::session::UserType;
+use cryptoki::session::{Session, UserType};
+use cryptoki::slot::Slot;
 use cryptoki::types::AuthPin;
 use kesh::crypto::kes::Algorithm;
 use kesh::keystore::pkcs11::{device, objects, TokenSelector};
 use kesh::keystore::{Provenance, Scheme};
 
-/// Writes `count` GCM master keys named `bulk-<i>` (label `kesh/bulk-<i>`), starting at
-/// `first`, straight onto the token labelled `label`.
-///
-/// kesh's create protocol searches the token for each new name, which makes loading 10,000
-/// keys quadratic on SoftHSM; the objects here are the ones a finished create leaves (state
-/// ready, kesh's template), so a keystore opened afterwards indexes and uses them as its own.
-pub fn populate(module: &std::path::Path, label: &str, pin: &str, first: usize, count: usize) {
+/// The module loaded and initialized, the token's slot, and a session logged in as the user.
+pub fn login(module: &std::path::Path, label: &str, pin: &str) -> (Pkcs11, Slot, Session) {
     let ctx = Pkcs11::new(module).expect("load the PKCS#11 module");
     device::initialize(&ctx).expect("C_Initialize");
     let slot = device::find_slot(&ctx, &TokenSelector::Label(label.to_owned())).expect("token");
@@ -27,6 +23,17 @@ pub fn populate(module: &std::path::Path, label: &str, pin: &str, first: usize, 
         }
         Err(e) => panic!("login: {e}"),
     }
+    (ctx, slot, session)
+}
+
+/// Writes `count` GCM master keys named `bulk-<i>` (label `kesh/bulk-<i>`), starting at
+/// `first`, straight onto the token labelled `label`.
+///
+/// kesh's create protocol searches the token for each new name, which makes loading 10,000
+/// keys quadratic on SoftHSM; the objects here are the ones a finished create leaves (state
+/// ready, kesh's template), so a keystore opened afterwards indexes and uses them as its own.
+pub fn populate(module: &std::path::Path, label: &str, pin: &str, first: usize, count: usize) {
+    let (_ctx, _slot, session) = login(module, label, pin);
     let provenance = Provenance::now("kesh-bench");
     for i in first..first + count {
         let meta = objects::Meta::new(

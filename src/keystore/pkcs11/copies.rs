@@ -36,9 +36,34 @@ pub fn original(token: ObjectHandle, nonce: u64) -> Original {
     (token.handle(), nonce)
 }
 
-struct Copy {
-    handle: ObjectHandle,
-    checked: Instant,
+/// What the map holds for a token object.
+enum Slot {
+    Copy {
+        handle: ObjectHandle,
+        checked: Instant,
+    },
+    /// The device refused to copy it (`CKA_COPYABLE` false, say): used as it is.
+    Uncopyable,
+}
+
+#[derive(Default)]
+struct State {
+    slots: HashMap<Original, Slot>,
+    /// Copies of keys found gone without a session at hand: destroyed by the next call.
+    doomed: Vec<ObjectHandle>,
+}
+
+impl State {
+    /// Removes the slots `gone` picks; returns the copies among them, to be destroyed.
+    fn take(&mut self, gone: impl Fn(&Original) -> bool) -> Vec<ObjectHandle> {
+        let keys: Vec<Original> = self.slots.keys().filter(|k| gone(k)).copied().collect();
+        keys.iter()
+            .filter_map(|k| match self.slots.remove(k) {
+                Some(Slot::Copy { handle, .. }) => Some(handle),
+                _ => None,
+            })
+            .collect()
+    }
 }
 
 /// Why no handle could be given.
@@ -60,31 +85,25 @@ impl From<CkError> for CopyError {
 /// The copies of one device generation.
 pub struct SessionCopies {
     enabled: bool,
-    copies: Mutex<HashMap<Original, Copy>>,
-    /// Copies of keys found gone without a session at hand: destroyed by the next call.
-    doomed: Mutex<Vec<ObjectHandle>>,
-    /// Keys the device refused to copy (`CKA_COPYABLE` false, say): used as they are.
-    uncopyable: Mutex<HashSet<Original>>,
+    state: Mutex<State>,
 }
 
 impl SessionCopies {
     pub fn new(enabled: bool) -> Self {
         SessionCopies {
             enabled,
-            copies: Mutex::new(HashMap::new()),
-            doomed: Mutex::new(Vec::new()),
-            uncopyable: Mutex::new(HashSet::new()),
+            state: Mutex::new(State::default()),
         }
     }
 
-    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<Original, Copy>> {
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
         // Inserts and removes only: a panic elsewhere leaves the map whole.
-        self.copies.lock().unwrap_or_else(|e| e.into_inner())
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// The handle to operate with for the token object `token` of the create with `nonce`:
     /// its copy (made on first use, rechecked every [`RECHECK`]), or `token` itself when
-    /// copies are off.
+    /// copies are off or the device will not copy it.
     pub fn working(
         &self,
         s: &Session,
@@ -94,35 +113,40 @@ impl SessionCopies {
         if !self.enabled {
             return Ok(token);
         }
-        self.reap(s);
         let original = original(token, nonce);
-        if self
-            .uncopyable
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .contains(&original)
-        {
-            return Ok(token);
-        }
         let now = Instant::now();
-        let due = {
-            let mut map = self.map();
-            match map.get_mut(&original) {
-                Some(c) if now.duration_since(c.checked) < RECHECK => return Ok(c.handle),
-                Some(c) => {
+        // One lock per call: the lookup, and any copies left to destroy.
+        let (due, doomed) = {
+            let mut state = self.state();
+            let doomed = std::mem::take(&mut state.doomed);
+            let due = match state.slots.get_mut(&original) {
+                Some(Slot::Uncopyable) => Some(None),
+                Some(Slot::Copy { handle, checked }) if now.duration_since(*checked) < RECHECK => {
+                    Some(Some((*handle, false)))
+                }
+                Some(Slot::Copy { handle, checked }) => {
                     // This caller rechecks; others keep using the copy meanwhile.
-                    c.checked = now;
-                    Some(c.handle)
+                    *checked = now;
+                    Some(Some((*handle, true)))
                 }
                 None => None,
-            }
+            };
+            (due, doomed)
         };
-        if let Some(copy) = due {
-            if still_there(s, token, nonce)? {
-                return Ok(copy);
+        for h in doomed {
+            let _ = s.destroy_object(h);
+        }
+        match due {
+            Some(None) => return Ok(token),
+            Some(Some((copy, false))) => return Ok(copy),
+            Some(Some((copy, true))) => {
+                if still_there(s, token, nonce)? {
+                    return Ok(copy);
+                }
+                self.discard(s, token);
+                return Err(CopyError::Stale);
             }
-            self.discard(s, token);
-            return Err(CopyError::Stale);
+            None => {}
         }
         let copied = s.copy_object(
             token,
@@ -139,10 +163,7 @@ impl SessionCopies {
             // key works as the token object, only without the speed-up.
             Err(CopyError::Ck(e)) if matches!(classify(&e), Failure::Request(_)) => {
                 tracing::warn!(error = %e, "the HSM refused to copy a key into a session object; using the token object");
-                self.uncopyable
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .insert(original);
+                self.state().slots.insert(original, Slot::Uncopyable);
                 return Ok(token);
             }
             Err(e) => return Err(e),
@@ -152,35 +173,28 @@ impl SessionCopies {
             let _ = s.destroy_object(copy);
             return Err(CopyError::Stale);
         }
-        let raced = {
-            let mut map = self.map();
-            match map.get(&original) {
-                Some(c) => Some(c.handle),
-                None => {
-                    map.insert(
-                        original,
-                        Copy {
-                            handle: copy,
-                            checked: now,
-                        },
-                    );
-                    None
-                }
+        let theirs = match self.state().slots.entry(original) {
+            std::collections::hash_map::Entry::Occupied(slot) => match slot.get() {
+                Slot::Copy { handle, .. } => *handle,
+                Slot::Uncopyable => token,
+            },
+            std::collections::hash_map::Entry::Vacant(slot) => {
+                slot.insert(Slot::Copy {
+                    handle: copy,
+                    checked: now,
+                });
+                return Ok(copy);
             }
         };
-        match raced {
-            // Another worker made one first: keep theirs.
-            Some(theirs) => {
-                let _ = s.destroy_object(copy);
-                Ok(theirs)
-            }
-            None => Ok(copy),
-        }
+        // Another worker got there first: keep theirs.
+        let _ = s.destroy_object(copy);
+        Ok(theirs)
     }
 
     /// Destroys the copies of a token object (deleted, or found gone).
     pub fn discard(&self, s: &Session, token: ObjectHandle) {
-        for h in self.take(token) {
+        let gone = self.state().take(|k| k.0 == token.handle());
+        for h in gone {
             let _ = s.destroy_object(h);
         }
     }
@@ -188,49 +202,14 @@ impl SessionCopies {
     /// Stops using the copies of a token object found gone; they are destroyed by the next
     /// call that has a session.
     pub fn forget(&self, token: ObjectHandle) {
-        let gone = self.take(token);
-        if !gone.is_empty() {
-            self.doomed
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .extend(gone);
-        }
-    }
-
-    fn take(&self, token: ObjectHandle) -> Vec<ObjectHandle> {
-        let mut map = self.map();
-        let keys: Vec<Original> = map
-            .keys()
-            .filter(|k| k.0 == token.handle())
-            .copied()
-            .collect();
-        keys.iter()
-            .filter_map(|k| map.remove(k).map(|c| c.handle))
-            .collect()
-    }
-
-    fn reap(&self, s: &Session) {
-        let doomed = {
-            let mut d = self.doomed.lock().unwrap_or_else(|e| e.into_inner());
-            if d.is_empty() {
-                return;
-            }
-            std::mem::take(&mut *d)
-        };
-        for h in doomed {
-            let _ = s.destroy_object(h);
-        }
+        let mut state = self.state();
+        let gone = state.take(|k| k.0 == token.handle());
+        state.doomed.extend(gone);
     }
 
     /// Destroys the copies of token objects no longer indexed (after a full scan).
     pub fn retain(&self, s: &Session, live: &HashSet<Original>) {
-        let gone: Vec<ObjectHandle> = {
-            let mut map = self.map();
-            let dead: Vec<Original> = map.keys().filter(|k| !live.contains(k)).copied().collect();
-            dead.iter()
-                .filter_map(|k| map.remove(k).map(|c| c.handle))
-                .collect()
-        };
+        let gone = self.state().take(|k| !live.contains(k));
         for h in gone {
             let _ = s.destroy_object(h);
         }

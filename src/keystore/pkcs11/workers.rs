@@ -26,12 +26,37 @@ const WITHDRAWN: u8 = 2;
 struct Job {
     state: Arc<AtomicU8>,
     queued_at: Instant,
-    /// Runs the call and returns the delivery of its answer.
-    work: Box<dyn FnOnce() -> Delivery + Send>,
+    task: Box<dyn Task>,
 }
 
-/// Hands a finished call's answer to its caller (wakes the caller's task).
-type Delivery = Box<dyn FnOnce() + Send>;
+/// A call and, once run, its answer: one allocation per call, run and delivered apart.
+trait Task: Send {
+    /// Runs the call and keeps its answer.
+    fn run(&mut self);
+    /// Hands the answer to the caller (wakes the caller's task).
+    fn deliver(self: Box<Self>);
+}
+
+struct Call<F, T> {
+    f: Option<F>,
+    answer: Option<T>,
+    tx: tokio::sync::oneshot::Sender<T>,
+}
+
+impl<F: FnOnce() -> T + Send, T: Send> Task for Call<F, T> {
+    fn run(&mut self) {
+        if let Some(f) = self.f.take() {
+            self.answer = Some(f());
+        }
+    }
+
+    fn deliver(self: Box<Self>) {
+        let Call { answer, tx, .. } = *self;
+        if let Some(answer) = answer {
+            let _ = tx.send(answer);
+        }
+    }
+}
 
 #[derive(Default)]
 struct Pending {
@@ -165,11 +190,10 @@ impl Workers {
         let job = Job {
             state,
             queued_at: Instant::now(),
-            work: Box::new(move || {
-                let answer = f();
-                Box::new(move || {
-                    let _ = tx.send(answer);
-                })
+            task: Box::new(Call {
+                f: Some(f),
+                answer: None,
+                tx,
             }),
         };
         if !self.queue.push(job) {
@@ -216,7 +240,7 @@ fn close(queue: &Queue) {
 }
 
 fn work(queue: &Queue) {
-    let mut answers: Vec<Delivery> = Vec::with_capacity(DELIVERY_BATCH);
+    let mut answers: Vec<Box<dyn Task>> = Vec::with_capacity(DELIVERY_BATCH);
     let mut oldest: Option<Instant> = None;
     loop {
         let job = match queue.try_pop() {
@@ -242,8 +266,9 @@ fn work(queue: &Queue) {
         queue.waited_nanos.fetch_add(waited, Ordering::Relaxed);
         queue.running.fetch_add(1, Ordering::Relaxed);
         // A panicking job loses its answer (the caller sees `Lost`), never the worker.
-        if let Ok(answer) = std::panic::catch_unwind(AssertUnwindSafe(job.work)) {
-            answers.push(answer);
+        let mut task = job.task;
+        if std::panic::catch_unwind(AssertUnwindSafe(|| task.run())).is_ok() {
+            answers.push(task);
             oldest.get_or_insert_with(Instant::now);
         }
         queue.running.fetch_sub(1, Ordering::Relaxed);
@@ -261,9 +286,9 @@ fn work(queue: &Queue) {
 const DELIVERY_BATCH: usize = 8;
 const DELIVERY_DELAY: Duration = Duration::from_micros(100);
 
-fn deliver(answers: &mut Vec<Delivery>) {
-    for answer in answers.drain(..) {
-        answer();
+fn deliver(answers: &mut Vec<Box<dyn Task>>) {
+    for task in answers.drain(..) {
+        task.deliver();
     }
 }
 
