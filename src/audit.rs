@@ -290,7 +290,7 @@ mod tests {
         assert_eq!(event.response.code, 200);
         assert_eq!(event.response.time, 3);
         assert!(line.ends_with(b"\n"));
-        assert!(metrics.render(None).contains("kes_log_audit_events 1\n"));
+        assert!(metrics.render_kes().contains("kes_log_audit_events 1\n"));
 
         let errors = ErrorLog::new(metrics, true);
         let mut sub = errors.subscribe();

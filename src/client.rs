@@ -464,8 +464,17 @@ impl Client {
         self.call_json(Method::GET, "/v1/api", None).await
     }
 
+    /// KES's metric families (`/v1/metrics`).
     pub async fn metrics(&self) -> Result<String, ClientError> {
         let b = self.call(Method::GET, "/v1/metrics", None, false).await?;
+        Ok(String::from_utf8_lossy(&b).into_owned())
+    }
+
+    /// Every metric family, kesh's labelled ones included (`/v1/metrics/kesh`).
+    pub async fn kesh_metrics(&self) -> Result<String, ClientError> {
+        let b = self
+            .call(Method::GET, "/v1/metrics/kesh", None, false)
+            .await?;
         Ok(String::from_utf8_lossy(&b).into_owned())
     }
 

@@ -1,9 +1,10 @@
 //! Client identities and `kes:v1:` API keys (`kes-api.md` §3).
 //!
 //! An [`Identity`] is what policies and the admin setting name: for a TLS client it is the
-//! lowercase hex SHA-256 of its leaf certificate's SubjectPublicKeyInfo DER. An [`ApiKey`] is
-//! an Ed25519 seed in KES's text form; clients turn it into a self-signed certificate whose
-//! identity is the hash of the Ed25519 SPKI.
+//! lowercase hex SHA-256 of the SubjectPublicKeyInfo DER of the certificate whose key signed
+//! the handshake ([`identify_peer`]). An [`ApiKey`] is an Ed25519 seed in KES's text form;
+//! clients turn it into a self-signed certificate whose identity is the hash of the Ed25519
+//! SPKI.
 
 use std::fmt;
 
@@ -233,18 +234,22 @@ pub enum PeerError {
     MoreThanOne,
 }
 
-/// The identity of a TLS peer as KES picks it: certificates marked as CAs are skipped and
-/// exactly one end-entity certificate must remain.
+/// The identity of a TLS peer: the key of the first certificate of its chain, the one whose
+/// private key signed the handshake (rustls verifies the signature against `chain[0]`, in
+/// both `tls.auth` modes). Certificates after it may only be CA certificates (a client's
+/// issuing chain, ignored); a second end-entity certificate is refused, because nothing
+/// proves the peer holds its key. KES instead hashes the first certificate that is not a CA,
+/// wherever it sits, which lets a client that signs with its own CA-flagged certificate
+/// present anyone's public key (docs/SECURITY.md, "Identities").
 pub fn identify_peer<C: AsRef<[u8]>>(chain: &[C]) -> Result<Identity, PeerError> {
-    let mut leaves = chain
+    let (signer, rest) = chain.split_first().ok_or(PeerError::NoCertificate)?;
+    if rest
         .iter()
-        .map(AsRef::as_ref)
-        .filter(|c| !is_ca_certificate(c).unwrap_or(false));
-    let leaf = leaves.next().ok_or(PeerError::NoCertificate)?;
-    if leaves.next().is_some() {
+        .any(|c| !is_ca_certificate(c.as_ref()).unwrap_or(false))
+    {
         return Err(PeerError::MoreThanOne);
     }
-    Identity::from_certificate(leaf).map_err(|_| PeerError::NoCertificate)
+    Identity::from_certificate(signer.as_ref()).map_err(|_| PeerError::NoCertificate)
 }
 
 /// The DER prefix of an Ed25519 SubjectPublicKeyInfo; the 32-byte public key follows.
@@ -454,28 +459,34 @@ mod tests {
     }
 
     #[test]
-    fn peer_leaf_selection_skips_cas() {
+    fn the_peer_is_the_certificate_that_signed_the_handshake() {
         let ca_key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
         let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
         ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
         let ca = ca.self_signed(&ca_key).unwrap();
+        let ca_identity = Identity::from_spki(ca_key.public_key_der().as_slice());
         let k = ApiKey::generate().unwrap();
         let (leaf, _) = k.certificate().unwrap();
         let (other, _) = ApiKey::generate().unwrap().certificate().unwrap();
         assert!(is_ca_certificate(ca.der()).unwrap());
         assert!(!is_ca_certificate(&leaf).unwrap());
         let ca = ca.der().to_vec();
+        // A client's own chain: its certificate first, its issuers after.
         assert_eq!(
             identify_peer(&[leaf.clone(), ca.clone()]).unwrap(),
             k.identity()
         );
+        // The forgery: signed with the CA-flagged certificate's key, carrying another key
+        // behind it. It must never be served as that other key.
         assert_eq!(
-            identify_peer(&[ca.clone(), leaf.clone()]).unwrap(),
-            k.identity()
+            identify_peer(&[ca.clone(), leaf.clone()]).unwrap_err(),
+            PeerError::MoreThanOne
         );
+        // A lone self-signed certificate with `CA:TRUE` (`openssl req -x509`) signed the
+        // handshake itself: it is the peer.
         assert_eq!(
-            identify_peer(std::slice::from_ref(&ca)).unwrap_err(),
-            PeerError::NoCertificate
+            identify_peer(std::slice::from_ref(&ca)).unwrap(),
+            ca_identity
         );
         assert_eq!(
             identify_peer::<Vec<u8>>(&[]).unwrap_err(),

@@ -1,4 +1,11 @@
-//! Prometheus metrics: KES's families (`kes-api.md` §2.4) plus kesh's keystore families.
+//! Prometheus metrics: KES's families and kesh's keystore families, on two pages.
+//!
+//! `/v1/metrics` carries KES's families only, shaped as MinIO's client (kms-go
+//! `kes.Client.Metrics`) decodes them: it refuses a page where any family other than the three
+//! `kes_http_request_*` counters has more than one series, so kesh's labelled families
+//! (latency per operation, sessions by state, seals per key) cannot appear there.
+//! `/v1/metrics/kesh` carries every family, for Prometheus ([`Metrics::render_kes`],
+//! [`Metrics::render_all`]).
 //!
 //! A private registry of atomics and small locked maps, rendered in the text exposition format
 //! (`version=0.0.4`). Families appear in name order; counter-vec families appear only after
@@ -183,12 +190,26 @@ impl Metrics {
         self.denials.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// The text exposition of every family; `pool` is the keystore's session pool, if any.
-    pub fn render(&self, pool: Option<crate::keystore::PoolStats>) -> String {
+    /// KES's families alone: the `/v1/metrics` page MinIO reads.
+    pub fn render_kes(&self) -> String {
         let mut out = String::with_capacity(4096);
+        self.render_kes_into(&mut out);
+        out
+    }
+
+    /// KES's families, then kesh's (all of them sort after `kes_`): the `/v1/metrics/kesh`
+    /// page for Prometheus.
+    pub fn render_all(&self, keystore: &crate::keystore::KeystoreStats) -> String {
+        let mut out = String::with_capacity(8192);
+        self.render_kes_into(&mut out);
+        self.render_kesh_into(&mut out, keystore);
+        out
+    }
+
+    fn render_kes_into(&self, out: &mut String) {
         let stats = ProcessStats::read();
         family(
-            &mut out,
+            out,
             "kes_http_request_active",
             "gauge",
             "Number of active requests that are not finished, yet.",
@@ -207,21 +228,20 @@ impl Metrics {
             if map.is_empty() {
                 continue;
             }
-            family(&mut out, name, "counter", help);
+            family(out, name, "counter", help);
             for (code, n) in map.iter() {
                 let _ = writeln!(out, "{name}{{code=\"{code}\"}} {n}");
             }
         }
         family(
-            &mut out,
+            out,
             "kes_http_response_time",
             "histogram",
             "Histogram of request response times spawning from 10ms to 10s.",
         );
-        self.response_time
-            .render(&mut out, "kes_http_response_time", "");
+        self.response_time.render(out, "kes_http_response_time", "");
         family(
-            &mut out,
+            out,
             "kes_log_audit_events",
             "counter",
             "Number of audit log events written to audit log targets.",
@@ -232,7 +252,7 @@ impl Metrics {
             self.audit_events.load(Ordering::Relaxed)
         );
         family(
-            &mut out,
+            out,
             "kes_log_error_events",
             "counter",
             "Number of error log events written to error log targets.",
@@ -283,11 +303,22 @@ impl Metrics {
                 uptime,
             ),
         ] {
-            family(&mut out, name, "gauge", help);
+            family(out, name, "gauge", help);
             let _ = writeln!(out, "{name} {value}");
         }
+    }
 
-        if let Some(pool) = pool {
+    fn render_kesh_into(&self, out: &mut String, keystore: &crate::keystore::KeystoreStats) {
+        if let Some(refused) = keystore.login_refused {
+            family(
+                out,
+                "kesh_hsm_login_refused",
+                "gauge",
+                "1 while the HSM refuses the PIN: kesh makes no login attempt until the operator reloads (SIGHUP).",
+            );
+            let _ = writeln!(out, "kesh_hsm_login_refused {}", u8::from(refused));
+        }
+        if let Some(pool) = keystore.pool {
             for (name, help, value) in [
                 (
                     "kesh_hsm_session_acquired_total",
@@ -300,11 +331,11 @@ impl Metrics {
                     pool.wait_seconds,
                 ),
             ] {
-                family(&mut out, name, "counter", help);
+                family(out, name, "counter", help);
                 let _ = writeln!(out, "{name} {value}");
             }
             family(
-                &mut out,
+                out,
                 "kesh_hsm_sessions",
                 "gauge",
                 "HSM sessions in the pool, by state.",
@@ -313,7 +344,7 @@ impl Metrics {
             let _ = writeln!(out, "kesh_hsm_sessions{{state=\"size\"}} {}", pool.size);
         }
         family(
-            &mut out,
+            out,
             "kesh_keystore_busy_total",
             "counter",
             "Keystore calls refused because no HSM session became free in time.",
@@ -327,7 +358,7 @@ impl Metrics {
             let errors = lock(&self.keystore_errors);
             if !errors.is_empty() {
                 family(
-                    &mut out,
+                    out,
                     "kesh_keystore_errors_total",
                     "counter",
                     "Failed keystore calls by operation and error kind.",
@@ -344,22 +375,31 @@ impl Metrics {
             let lat = lock(&self.keystore_latency);
             if !lat.is_empty() {
                 family(
-                    &mut out,
+                    out,
                     "kesh_keystore_operation_seconds",
                     "histogram",
                     "Keystore call latency in seconds by operation, including the wait for an HSM session.",
                 );
                 for (op, h) in lat.iter() {
                     h.render(
-                        &mut out,
+                        out,
                         "kesh_keystore_operation_seconds",
                         &format!("op=\"{op}\""),
                     );
                 }
             }
         }
+        if let Some(n) = keystore.unreadable_key_files {
+            family(
+                out,
+                "kesh_keystore_unreadable_key_files",
+                "gauge",
+                "Key files of the soft keystore's directory skipped because they could not be read, opened or named.",
+            );
+            let _ = writeln!(out, "kesh_keystore_unreadable_key_files {n}");
+        }
         family(
-            &mut out,
+            out,
             "kesh_policy_denials_total",
             "counter",
             "Requests refused by authorization.",
@@ -373,7 +413,7 @@ impl Metrics {
             let seals = lock(&self.seals);
             if !seals.is_empty() {
                 family(
-                    &mut out,
+                    out,
                     "kesh_seals_total",
                     "counter",
                     "Seals (generate and encrypt) per key by this process; random-IV GCM is bounded to about 2^32 per key.",
@@ -383,7 +423,6 @@ impl Metrics {
                 }
             }
         }
-        out
     }
 }
 
@@ -435,12 +474,16 @@ mod tests {
         m.keystore_call("generate", Duration::from_micros(300), None);
         m.keystore_call("generate", Duration::from_micros(300), Some("busy"));
         m.sealed("k1");
-        let text = m.render(Some(crate::keystore::PoolStats {
-            size: 4,
-            in_use: 1,
-            acquired: 10,
-            wait_seconds: 0.5,
-        }));
+        let text = m.render_all(&crate::keystore::KeystoreStats {
+            pool: Some(crate::keystore::PoolStats {
+                size: 4,
+                in_use: 1,
+                acquired: 10,
+                wait_seconds: 0.5,
+            }),
+            login_refused: Some(false),
+            unreadable_key_files: Some(2),
+        });
         assert!(
             text.contains("kesh_hsm_sessions{state=\"in_use\"} 1\n"),
             "{text}"
@@ -462,6 +505,11 @@ mod tests {
         assert!(text.contains("kesh_keystore_operation_seconds_count{op=\"generate\"} 2\n"));
         assert!(text.contains("kesh_keystore_busy_total 1\n"));
         assert!(text.contains("kesh_seals_total{key=\"k1\"} 1\n"));
+        assert!(text.contains("kesh_hsm_login_refused 0\n"));
+        assert!(text.contains("kesh_keystore_unreadable_key_files 2\n"));
+        let kes = m.render_kes();
+        assert!(text.starts_with(&kes), "the full page begins with KES's");
+        assert!(!kes.contains("kesh_"), "{kes}");
         let names: Vec<&str> = text
             .lines()
             .filter_map(|l| l.strip_prefix("# TYPE "))

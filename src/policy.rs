@@ -2,15 +2,89 @@
 //!
 //! An [`Authorizer`] is an immutable snapshot (replaced whole on SIGHUP). Its
 //! [`Authorizer::authorize`] returns a [`Permit`] — the only proof that a request may run,
-//! constructible only here — or a [`Denial`]. Each decision is logged as a structured event.
+//! constructible only here — or a [`Denial`]. Each decision is logged as a structured event;
+//! denials at most [`DENIAL_LOG_BURST`] a second, the rest counted into one summary line, so a
+//! client without a certificate cannot fill the logs (the audit trail still has each denied
+//! request of an audited route, and `kesh_policy_denials_total` counts them all).
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use time::OffsetDateTime;
 
 use crate::identity::Identity;
 use crate::name::KeyName;
+
+/// Denial lines logged per second at most; the rest are summarised.
+pub const DENIAL_LOG_BURST: u32 = 20;
+const DENIAL_LOG_WINDOW: Duration = Duration::from_secs(1);
+
+static DENIAL_LOG: DenialLog = DenialLog::new();
+
+/// A fixed-window limit on denial log lines. Denials past the limit are counted, and the
+/// count is logged (one line) with the first denial of a later window.
+#[derive(Debug)]
+struct DenialLog {
+    window: Mutex<Option<DenialWindow>>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct DenialWindow {
+    started: Instant,
+    logged: u32,
+    /// Denials not logged since `unreported_since`.
+    unreported: u64,
+    unreported_since: Instant,
+}
+
+impl DenialLog {
+    const fn new() -> Self {
+        DenialLog {
+            window: Mutex::new(None),
+        }
+    }
+
+    /// Whether this denial gets its own line; reports the ones that did not first.
+    fn admit(&self, now: Instant) -> bool {
+        // A poisoned lock holds counters only: keep using them.
+        let mut window = self.window.lock().unwrap_or_else(|e| e.into_inner());
+        let w = window.get_or_insert(DenialWindow {
+            started: now,
+            logged: 0,
+            unreported: 0,
+            unreported_since: now,
+        });
+        if now.duration_since(w.started) >= DENIAL_LOG_WINDOW {
+            if w.unreported > 0 {
+                tracing::info!(
+                    target: "kesh::policy",
+                    denials = w.unreported,
+                    over_ms = now.duration_since(w.unreported_since).as_millis() as u64,
+                    limit_per_second = DENIAL_LOG_BURST,
+                    "denials not logged one by one (rate limit); the audit trail and kesh_policy_denials_total have each"
+                );
+            }
+            *w = DenialWindow {
+                started: now,
+                logged: 0,
+                unreported: 0,
+                unreported_since: now,
+            };
+        }
+        if w.logged < DENIAL_LOG_BURST {
+            w.logged += 1;
+            true
+        } else {
+            if w.unreported == 0 {
+                w.unreported_since = now;
+            }
+            w.unreported += 1;
+            false
+        }
+    }
+}
 
 /// A policy name (§2.24 rules), distinct from key names and identities.
 #[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -162,7 +236,9 @@ impl Authorizer {
     /// policy must allow `path` (the decoded URL path).
     pub fn authorize(&self, identity: Option<&Identity>, path: &str) -> Result<Permit, Denial> {
         let Some(identity) = identity else {
-            tracing::info!(target: "kesh::policy", path, decision = "deny", reason = "no client certificate");
+            if DENIAL_LOG.admit(Instant::now()) {
+                tracing::info!(target: "kesh::policy", path, decision = "deny", reason = "no client certificate");
+            }
             return Err(Denial::NoCertificate);
         };
         if identity.ct_eq(&self.admin) {
@@ -186,7 +262,9 @@ impl Authorizer {
                 })
             }
             None => {
-                tracing::info!(target: "kesh::policy", %identity, path, decision = "deny", reason = "insufficient permissions");
+                if DENIAL_LOG.admit(Instant::now()) {
+                    tracing::info!(target: "kesh::policy", %identity, path, decision = "deny", reason = "insufficient permissions");
+                }
                 Err(Denial::NotAllowed)
             }
         }
@@ -308,5 +386,19 @@ mod tests {
                 id('b')
             )
         );
+    }
+
+    #[test]
+    fn denial_lines_are_limited_per_window_and_the_rest_counted() {
+        let log = DenialLog::new();
+        let t0 = Instant::now();
+        let admitted = (0..100).filter(|_| log.admit(t0)).count();
+        assert_eq!(admitted, DENIAL_LOG_BURST as usize);
+        let w = log.window.lock().unwrap().unwrap();
+        assert_eq!(w.unreported, 100 - u64::from(DENIAL_LOG_BURST));
+        // A new window logs again and starts counting afresh.
+        assert!(log.admit(t0 + DENIAL_LOG_WINDOW));
+        let w = log.window.lock().unwrap().unwrap();
+        assert_eq!((w.logged, w.unreported), (1, 0));
     }
 }

@@ -206,8 +206,13 @@ impl Service {
         &self.metrics
     }
 
-    pub fn keystore_pool(&self) -> Option<crate::keystore::PoolStats> {
-        self.keystore.pool_stats()
+    pub fn keystore_stats(&self) -> crate::keystore::KeystoreStats {
+        self.keystore.stats()
+    }
+
+    /// Hands a reloaded PIN to the keystore (see [`KeyStore::reload_pin`]).
+    pub async fn reload_pin(&self, pin: crate::secret::Pin) -> Result<(), KeystoreError> {
+        self.keystore.reload_pin(pin).await
     }
 
     pub fn keystore_description(&self) -> String {

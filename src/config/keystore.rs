@@ -155,6 +155,15 @@ impl KeystoreConfig {
         }
     }
 
+    /// The PIN the section names (read from `pin_file:` or substituted from the environment
+    /// when the file was loaded), for keystores that log in.
+    pub fn pin(&self) -> Option<&Pin> {
+        match self {
+            KeystoreConfig::Pkcs11(c) => Some(&c.pin),
+            KeystoreConfig::Soft(_) => None,
+        }
+    }
+
     /// Opens the configured keystore.
     pub async fn open(&self) -> Result<Arc<dyn KeyStore>, KeystoreError> {
         Ok(match self {

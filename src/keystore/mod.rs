@@ -180,6 +180,18 @@ pub struct PoolStats {
     pub wait_seconds: f64,
 }
 
+/// What a backend reports beside its answers, for `/v1/metrics/kesh` and `/v1/status`.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct KeystoreStats {
+    /// The HSM session pool, for backends that have one.
+    pub pool: Option<PoolStats>,
+    /// For backends that log in: whether the device refused the PIN and the backend waits
+    /// for the operator instead of trying again.
+    pub login_refused: Option<bool>,
+    /// For the soft keystore's directory: key files skipped as unreadable.
+    pub unreadable_key_files: Option<u64>,
+}
+
 /// The key operations of the KES API. Implementations are cheap to share (`Arc<dyn KeyStore>`)
 /// and safe to call concurrently; blocking work stays off the async runtime.
 #[async_trait::async_trait]
@@ -218,8 +230,15 @@ pub trait KeyStore: Send + Sync + 'static {
     /// Probes the backend; returns how long the probe took.
     async fn status(&self) -> Result<Duration>;
 
-    /// The session pool's state, for backends that have one.
-    fn pool_stats(&self) -> Option<PoolStats> {
-        None
+    /// The operator reloaded the configuration (SIGHUP) and it names this PIN. A backend that
+    /// stopped logging in because the device refused its PIN makes exactly one attempt with
+    /// it (an error says it failed); any other keeps it for its next login. Default: unused.
+    async fn reload_pin(&self, _pin: crate::secret::Pin) -> Result<()> {
+        Ok(())
+    }
+
+    /// Pool, login and storage figures; empty by default.
+    fn stats(&self) -> KeystoreStats {
+        KeystoreStats::default()
     }
 }

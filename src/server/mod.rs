@@ -2,9 +2,9 @@
 //!
 //! Each TCP connection is handshaken with the TLS config in force at that moment (hot-swapped
 //! on SIGHUP; open connections keep theirs). The client's identity is computed once per
-//! connection from its leaf certificate. Every request then goes through `dispatch`: path
-//! decoding, route match, method check, deadline, authentication, body limit, handler; the
-//! outcome is counted, audited and, for 5xx, sent to the error log.
+//! connection from the certificate that signed the handshake. Every request then goes through
+//! `dispatch`: path decoding, route match, method check, deadline, authentication, body limit,
+//! handler; the outcome is counted, audited and, for 5xx, sent to the error log.
 
 pub mod error;
 pub mod routes;
@@ -165,6 +165,12 @@ impl ServerHandle {
             .map_err(|e| e.to_string())?;
         let routes = RouteSettings::new(&cfg.api);
         let tls = tls_for_routes(cfg, &routes).map_err(|e| e.to_string())?;
+        // Before the keys: a keystore waiting after a refused PIN logs in once here.
+        if let Some(pin) = cfg.keystore.pin() {
+            if let Err(e) = self.state.service.reload_pin(pin.clone()).await {
+                tracing::error!(error = %e, "reload: the keystore is still not in service");
+            }
+        }
         create_keys(&self.state.service, &cfg.keys)
             .await
             .map_err(|e| format!("creating the listed keys: {e}"))?;

@@ -1,9 +1,11 @@
-//! The 22 routes of the KES API (`kes-api.md` §2) and their handlers.
+//! The 22 routes of the KES API (`kes-api.md` §2), kesh's `/v1/metrics/kesh`, and their
+//! handlers.
 //!
 //! [`ROUTES`] is the table the dispatcher matches against and `/v1/api` reports: method, path
 //! (subtree routes end in `/`), body limit, default timeout, authenticator, and whether the
 //! route counts in the HTTP metrics. Handlers parse the resource into a validated name, decode
-//! the body, call the one [`Service`](crate::service::Service) method and shape the JSON; failures are [`ApiError`]s.
+//! the body, call the one [`Service`](crate::service::Service) method and shape the JSON;
+//! failures are [`ApiError`]s.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::Duration;
@@ -29,6 +31,8 @@ pub enum RouteId {
     Ready,
     Status,
     Metrics,
+    /// kesh's extension: every metric family, labelled ones included (Prometheus).
+    KeshMetrics,
     Api,
     KeyCreate,
     KeyImport,
@@ -99,7 +103,7 @@ const fn route(
 }
 
 /// The route table (`kes:api_test.go` `testListAPIDefaults`).
-pub static ROUTES: [Route; 22] = {
+pub static ROUTES: [Route; 23] = {
     use Auth::*;
     use RouteId::*;
     [
@@ -107,6 +111,15 @@ pub static ROUTES: [Route; 22] = {
         route(Ready, Method::GET, "/v1/ready", 0, S15, Verify, false),
         route(Status, Method::GET, "/v1/status", 0, S15, Verify, false),
         route(Metrics, Method::GET, "/v1/metrics", 0, S15, Verify, false),
+        route(
+            KeshMetrics,
+            Method::GET,
+            "/v1/metrics/kesh",
+            0,
+            S15,
+            Verify,
+            false,
+        ),
         route(Api, Method::GET, "/v1/api", 0, S10, Verify, false),
         route(
             KeyCreate,
@@ -432,7 +445,11 @@ pub async fn handle(
             })
         }
         RouteId::Metrics => with_type(
-            svc.metrics().render(svc.keystore_pool()).into_bytes(),
+            svc.metrics().render_kes().into_bytes(),
+            crate::metrics::CONTENT_TYPE,
+        ),
+        RouteId::KeshMetrics => with_type(
+            svc.metrics().render_all(&svc.keystore_stats()).into_bytes(),
             crate::metrics::CONTENT_TYPE,
         ),
         RouteId::Api => {
@@ -619,7 +636,11 @@ mod tests {
         assert!(lookup("/v1/unknown").is_none());
         let mut paths: Vec<_> = ROUTES.iter().map(|r| r.path).collect();
         paths.dedup();
-        assert_eq!(paths.len(), 22);
+        assert_eq!(paths.len(), 23, "KES's 22 and /v1/metrics/kesh");
+        assert_eq!(
+            lookup("/v1/metrics/kesh").unwrap().0.id,
+            RouteId::KeshMetrics
+        );
     }
 
     #[test]

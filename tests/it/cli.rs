@@ -146,14 +146,14 @@ fn write_certs(dir: &Path) -> PathBuf {
     ca_path
 }
 
-/// A `kesh server --config` child; killed on drop.
-struct Server {
+/// A `kesh server --config` child; killed on drop. Its stderr goes to a file ([`Server::stderr`]).
+pub(crate) struct Server {
     child: Child,
     addr: String,
     ca: PathBuf,
     admin: ApiKey,
-    /// Holds the config and certificates for the server's lifetime.
-    _dir: tempfile::TempDir,
+    /// Holds the config, certificates and stderr for the server's lifetime.
+    dir: tempfile::TempDir,
 }
 
 impl Drop for Server {
@@ -166,7 +166,7 @@ impl Drop for Server {
 impl Server {
     /// Starts a server with `admin` (an API key) and the given extra YAML (policies) and
     /// keystore section.
-    fn start(extra: &str, keystore: &str) -> Self {
+    pub(crate) fn start(extra: &str, keystore: &str) -> Self {
         Self::start_env(extra, keystore, &[])
     }
 
@@ -204,7 +204,7 @@ impl Server {
         let mut child = Command::new(BIN)
             .args(["server", "--config", config.to_str().unwrap()])
             .stdout(Stdio::piped())
-            .stderr(Stdio::null())
+            .stderr(std::fs::File::create(dir.path().join("stderr")).unwrap())
             .stdin(Stdio::null())
             .envs(vars.iter().copied())
             .spawn()
@@ -215,12 +215,37 @@ impl Server {
             addr,
             ca,
             admin,
-            _dir: dir,
+            dir,
         }
     }
 
     fn soft(extra: &str) -> Self {
         Self::start(extra, "  soft: {}\n")
+    }
+
+    /// What the server wrote to stderr so far (its error and policy log).
+    pub(crate) fn stderr(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("stderr")).unwrap_or_default()
+    }
+
+    /// A library client as the admin.
+    pub(crate) fn client(&self) -> kesh::client::Client {
+        self.client_as(kesh::client::Credentials::ApiKey(
+            ApiKey::parse(&self.admin.expose_text()).unwrap(),
+        ))
+    }
+
+    /// A library client with other credentials, trusting the test CA.
+    pub(crate) fn client_as(&self, creds: kesh::client::Credentials) -> kesh::client::Client {
+        use rustls::pki_types::pem::PemObject as _;
+        let pem = std::fs::read(&self.ca).unwrap();
+        let ca = rustls::pki_types::CertificateDer::from_pem_slice(&pem).unwrap();
+        kesh::client::Client::new(
+            &self.addr,
+            creds,
+            kesh::client::ServerTrust::Roots(vec![ca]),
+        )
+        .unwrap()
     }
 
     /// The admin's client environment, verifying the server against the test CA.
@@ -397,7 +422,7 @@ fn error_log_follows_server_errors() {
     let dir = tempfile::tempdir().unwrap();
     let keys = dir.path().join("keys");
     let kek = dir.path().join("kek");
-    std::fs::write(&kek, hex::encode([7u8; 32])).unwrap();
+    harness::write_private(&kek, hex::encode([7u8; 32]));
     let srv = Server::start(
         "",
         &format!(
@@ -522,7 +547,7 @@ fn policies_identities_status_metrics_logs() {
     assert!(v["keystore_latency"].as_u64().unwrap() >= 1, "{v}");
     assert!(v.get("api").is_none());
     let v = srv.run(&["status", "--api", "--json"]).json();
-    assert_eq!(v["api"].as_array().unwrap().len(), 22, "{v}");
+    assert_eq!(v["api"].as_array().unwrap().len(), 23, "{v}");
     let out = srv.run(&["status"]).ok();
     for field in ["Endpoint", "Version", "Uptime", "Keystore  reachable"] {
         assert!(out.contains(field), "{field}: {out}");
@@ -1200,7 +1225,7 @@ fn migrate_from_kes_to_softhsm() {
         "{report}"
     );
     let soft_config = chacha_dir.join("soft.yaml");
-    std::fs::write(chacha_dir.join("kek"), b64e(&[0x66u8; 32])).unwrap();
+    harness::write_private(&chacha_dir.join("kek"), b64e(&[0x66u8; 32]));
     std::fs::write(
         &soft_config,
         format!(

@@ -35,66 +35,108 @@ pub(crate) fn now_ms() -> u128 {
         .as_millis()
 }
 
-/// A `kesh server` on the faults token, loading SoftHSM through the shim.
+/// A `kesh server` on the faults token, loading SoftHSM through the shim, which counts its
+/// calls ([`FaultyServer::calls`]).
 pub(crate) struct FaultyServer {
     pub(crate) child: Child,
     control: PathBuf,
+    stats: PathBuf,
     pub(crate) client: Client,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
+}
+
+/// Writes the certificate, config and fault rules of a faulty server into `dir`; returns its
+/// admin key and the command that starts it.
+fn faulty_server_command(
+    dir: &Path,
+    sessions: usize,
+    session_wait: &str,
+    rules: &str,
+) -> (ApiKey, Command) {
+    let token = harness::tokens().faults.clone();
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned()])
+        .unwrap()
+        .self_signed(&key)
+        .unwrap();
+    std::fs::write(dir.join("key.pem"), key.serialize_pem()).unwrap();
+    std::fs::write(dir.join("cert.pem"), cert.pem()).unwrap();
+    std::fs::write(dir.join("faults"), rules).unwrap();
+    let admin = ApiKey::generate().unwrap();
+    let config = dir.join("kesh.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "address: 127.0.0.1:0\nadmin:\n  identity: {id}\ntls:\n  key: {d}/key.pem\n  cert: {d}/cert.pem\n\
+             keystore:\n  pkcs11:\n    module: {shim}\n    token: {label}\n    pin_file: {d}/pin\n    \
+             sessions: {sessions}\n    session_wait: {session_wait}\n",
+            id = admin.identity(),
+            d = dir.display(),
+            shim = shim_path().display(),
+            label = token.label,
+        ),
+    )
+    .unwrap();
+    std::fs::write(dir.join("pin"), token.pin().expose()).unwrap();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_kesh"));
+    cmd.args(["server", "--config", config.to_str().unwrap()])
+        .env("KESH_SHIM_CONTROL", dir.join("faults"))
+        .env("KESH_SHIM_STATS", dir.join("calls"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(dir.join("stderr")).unwrap());
+    (admin, cmd)
 }
 
 impl FaultyServer {
     pub(crate) fn start(sessions: usize, session_wait: &str) -> Self {
-        let token = harness::tokens().faults.clone();
+        Self::start_with(sessions, session_wait, "")
+            .unwrap_or_else(|log| panic!("kesh server did not start:\n{log}"))
+    }
+
+    /// A server whose shim applies `rules` from its first call; `Err` holds the server's
+    /// stderr when it exits without serving.
+    pub(crate) fn start_with(
+        sessions: usize,
+        session_wait: &str,
+        rules: &str,
+    ) -> Result<Self, String> {
         let dir = tempfile::tempdir().unwrap();
-        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
-        let cert = rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned()])
-            .unwrap()
-            .self_signed(&key)
-            .unwrap();
-        std::fs::write(dir.path().join("key.pem"), key.serialize_pem()).unwrap();
-        std::fs::write(dir.path().join("cert.pem"), cert.pem()).unwrap();
-        let control = dir.path().join("faults");
-        std::fs::write(&control, "").unwrap();
-        let admin = ApiKey::generate().unwrap();
-        let config = dir.path().join("kesh.yaml");
-        std::fs::write(
-            &config,
-            format!(
-                "address: 127.0.0.1:0\nadmin:\n  identity: {id}\ntls:\n  key: {d}/key.pem\n  cert: {d}/cert.pem\n\
-                 keystore:\n  pkcs11:\n    module: {shim}\n    token: {label}\n    pin: ${{KESH_PIN}}\n    \
-                 sessions: {sessions}\n    session_wait: {session_wait}\n",
-                id = admin.identity(),
-                d = dir.path().display(),
-                shim = shim_path().display(),
-                label = token.label,
-            ),
-        )
-        .unwrap();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_kesh"))
-            .args(["server", "--config", config.to_str().unwrap()])
-            .env("KESH_PIN", token.pin().expose())
-            .env("KESH_SHIM_CONTROL", &control)
-            .stdout(Stdio::piped())
-            .stderr(std::fs::File::create(dir.path().join("stderr")).unwrap())
-            .spawn()
-            .unwrap();
-        let addr = harness::try_wait_for_banner(&mut child).unwrap_or_else(|| {
-            let log = std::fs::read_to_string(dir.path().join("stderr")).unwrap_or_default();
-            panic!("kesh server did not start:\n{log}")
-        });
+        let (admin, mut cmd) = faulty_server_command(dir.path(), sessions, session_wait, rules);
+        let mut child = cmd.spawn().unwrap();
+        let Some(addr) = harness::try_wait_for_banner(&mut child) else {
+            let _ = child.wait();
+            return Err(std::fs::read_to_string(dir.path().join("stderr")).unwrap_or_default());
+        };
         let client = Client::new(
             &addr,
             Credentials::ApiKey(admin),
             ServerTrust::DangerInsecure,
         )
         .unwrap();
-        FaultyServer {
+        Ok(FaultyServer {
             child,
-            control,
+            control: dir.path().join("faults"),
+            stats: dir.path().join("calls"),
             client,
-            _dir: dir,
-        }
+            dir,
+        })
+    }
+
+    /// What the server wrote to stderr so far.
+    pub(crate) fn stderr(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("stderr")).unwrap_or_default()
+    }
+
+    /// Calls of `function` that reached the shim so far (it writes its counts within 20 ms).
+    pub(crate) async fn calls(&self, function: &str) -> u64 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        shim_calls(&self.stats, function)
+    }
+
+    /// Replaces the PIN the config's `pin_file:` names.
+    pub(crate) fn write_pin(&self, pin: &str) {
+        std::fs::write(self.dir.path().join("pin"), pin).unwrap();
     }
 
     pub(crate) fn inject(&self, rules: &str) {
@@ -133,6 +175,16 @@ impl Drop for FaultyServer {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// The count of one function's calls in a shim stats file (0 before its first call).
+fn shim_calls(stats: &Path, function: &str) -> u64 {
+    std::fs::read_to_string(stats)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.split_once(' '))
+        .find(|(f, _)| *f == function)
+        .map_or(0, |(_, n)| n.parse().unwrap())
 }
 
 /// During an outage a request gets a clear 5xx, never a success or a client error.
@@ -318,4 +370,140 @@ async fn full_session_pool_answers_503_retry_after() {
         .await
         .unwrap();
     assert_eq!(&plain.0[..], &before.plaintext.0[..]);
+}
+
+/// A module that claims a one-shot `C_Encrypt`/`C_Decrypt` needs a terabyte gets no terabyte:
+/// the request fails, the session whose operation the module left active is closed, and the
+/// next requests on the only session work (SoftHSM would answer `CKR_OPERATION_ACTIVE` on a
+/// reused one). A modest extra length within the cap is still granted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_module_asking_for_a_huge_output_buffer_is_refused_and_its_session_closed() {
+    let mut srv = FaultyServer::start(1, "2s");
+    let key = harness::name("fault-toosmall");
+    let key = key.as_str();
+    let c = &srv.client;
+    c.create_key(key).await.unwrap();
+    let dek = c.generate_key(key, b"").await.unwrap();
+
+    srv.inject("toosmall 60 C_Encrypt count=1\n");
+    let grown = c.generate_key(key, b"").await.unwrap();
+    assert_eq!(
+        &c.decrypt(key, &grown.ciphertext.0, b"").await.unwrap().0[..],
+        &grown.plaintext.0[..]
+    );
+
+    for (function, op) in [("C_Encrypt", "generate"), ("C_Decrypt", "decrypt")] {
+        let closed_before = srv.calls("C_CloseSession").await;
+        srv.inject(&format!("toosmall 1099511627776 {function} count=1\n"));
+        let failed = match op {
+            "generate" => c.generate_key(key, b"").await.map(drop),
+            _ => c.decrypt(key, &dek.ciphertext.0, b"").await.map(drop),
+        };
+        let status = failed.unwrap_err().api().map(|e| e.status);
+        assert!(status.is_some_and(|s| s >= 500), "{op}: {status:?}");
+        assert_eq!(
+            srv.calls("C_CloseSession").await,
+            closed_before + 1,
+            "{op}: the session with an active operation was closed"
+        );
+        for _ in 0..3 {
+            let fresh = c.generate_key(key, b"").await.unwrap();
+            let opened = c.decrypt(key, &dek.ciphertext.0, b"").await.unwrap();
+            assert_eq!(&opened.0[..], &dek.plaintext.0[..]);
+            assert_eq!(fresh.plaintext.0.len(), 32);
+        }
+    }
+    assert!(srv.child.try_wait().unwrap().is_none(), "the server lives");
+}
+
+/// The shim's `C_Login` count once it has been steady for a moment (recovery runs in the
+/// background).
+async fn logins_settled(srv: &FaultyServer, at_least: u64) -> u64 {
+    let start = Instant::now();
+    loop {
+        let n = srv.calls("C_Login").await;
+        if n >= at_least || start.elapsed() > Duration::from_secs(10) {
+            return n;
+        }
+    }
+}
+
+/// Recovery never guesses a PIN: after a device error, a token that refuses the PIN gets no
+/// second login from kesh for as long as it runs; requests fail fast and clearly meanwhile.
+/// The operator's reload makes exactly one attempt, and once the PIN is accepted the server
+/// serves again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_pin_is_never_retried_until_the_operator_reloads() {
+    let srv = FaultyServer::start(2, "2s");
+    let c = &srv.client;
+    let key = harness::name("fault-pin");
+    let key = key.as_str();
+    c.create_key(key).await.unwrap();
+    let dek = c.generate_key(key, b"").await.unwrap();
+    let at_start = srv.calls("C_Login").await;
+    assert_eq!(at_start, 1, "one login at start");
+
+    srv.inject("fail CKR_DEVICE_ERROR C_Encrypt count=1\nfail CKR_PIN_INCORRECT C_Login\n");
+    assert_server_error(&c.generate_key(key, b"").await.unwrap_err());
+    assert_eq!(logins_settled(&srv, 2).await, 2, "recovery logged in once");
+
+    // Ten seconds of waiting and of requests: no login reaches the token.
+    let refused_at = Instant::now();
+    while refused_at.elapsed() < Duration::from_secs(10) {
+        let t = Instant::now();
+        assert_server_error(&c.generate_key(key, b"").await.unwrap_err());
+        assert!(t.elapsed() < Duration::from_millis(500), "fails fast");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert_eq!(srv.calls("C_Login").await, 2, "no login for 10 s");
+    assert!(srv.status_unreachable().await);
+    assert_server_error(&c.ready().await.unwrap_err());
+    let metrics = c.kesh_metrics().await.unwrap();
+    assert!(metrics.contains("kesh_hsm_login_refused 1\n"), "{metrics}");
+    let log = srv.stderr();
+    assert_eq!(
+        log.matches("PKCS#11 login refused").count(),
+        1,
+        "logged once, with the fix:\n{log}"
+    );
+    assert!(log.contains("reload (SIGHUP"), "{log}");
+
+    // A reload with the token still refusing: exactly one attempt, still out of service.
+    crate::api::signal(&srv.child, "-HUP");
+    assert_eq!(logins_settled(&srv, 3).await, 3);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(srv.calls("C_Login").await, 3, "one login per reload");
+    assert!(srv.status_unreachable().await);
+
+    // The operator fixes the PIN (here: the token accepts it again) and reloads.
+    srv.inject("");
+    srv.write_pin(harness::tokens().faults.pin().expose());
+    let t = Instant::now();
+    crate::api::signal(&srv.child, "-HUP");
+    let back = srv.wait_for_recovery(key).await;
+    assert!(
+        t.elapsed() < Duration::from_secs(5),
+        "served {back:?} after the reload"
+    );
+    assert_eq!(srv.calls("C_Login").await, 4);
+    let opened = c.decrypt(key, &dek.ciphertext.0, b"").await.unwrap();
+    assert_eq!(&opened.0[..], &dek.plaintext.0[..]);
+    let metrics = c.kesh_metrics().await.unwrap();
+    assert!(metrics.contains("kesh_hsm_login_refused 0\n"), "{metrics}");
+    harness::report(&format!(
+        "faults: refused PIN: 1 login in 10 s of waiting; served again {back:?} after the reload"
+    ));
+}
+
+/// A start with a PIN the token refuses is one login attempt, then a clear error and exit.
+#[test]
+fn a_start_with_a_refused_pin_makes_one_login_attempt() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, mut cmd) =
+        faulty_server_command(dir.path(), 2, "2s", "fail CKR_PIN_INCORRECT C_Login\n");
+    let out = cmd.stdout(Stdio::null()).status().unwrap();
+    assert!(!out.success());
+    let log = std::fs::read_to_string(dir.path().join("stderr")).unwrap();
+    assert!(log.contains("refused the PIN"), "{log}");
+    assert_eq!(shim_calls(&dir.path().join("calls"), "C_Login"), 1, "{log}");
 }

@@ -141,6 +141,13 @@ pub fn report(line: &str) {
     }
 }
 
+/// Writes a file only its owner can read, as a KEK or PIN file must be.
+pub fn write_private(path: &std::path::Path, contents: impl AsRef<[u8]>) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::write(path, contents).unwrap();
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();
+}
+
 /// A unique key name per call.
 pub fn name(hint: &str) -> KeyName {
     use std::sync::atomic::{AtomicU32, Ordering};

@@ -999,7 +999,7 @@ mod pkcs11_only {
             "child failed:\n{stdout}\n{stderr}"
         );
         // The output is real: the wrong PIN was reported and the keystore logged its start.
-        assert!(stdout.contains("check the PIN"), "{stdout}");
+        assert!(stdout.contains("refused the PIN"), "{stdout}");
         assert!(stderr.contains("pkcs11 keystore ready"), "{stderr}");
         assert!(
             !stdout.contains(&pin) && !stderr.contains(&pin),

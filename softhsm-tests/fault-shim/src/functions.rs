@@ -6,7 +6,7 @@
 
 use cryptoki_sys::*;
 
-use crate::{before, real};
+use crate::{before, before_output, real};
 
 pub unsafe extern "C" fn C_Initialize(arg1: *mut ::std::os::raw::c_void) -> CK_RV {
     if let Some(rv) = before("C_Initialize") {
@@ -452,7 +452,7 @@ pub unsafe extern "C" fn C_Encrypt(
     arg4: *mut CK_BYTE,
     arg5: *mut CK_ULONG,
 ) -> CK_RV {
-    if let Some(rv) = before("C_Encrypt") {
+    if let Some(rv) = before_output("C_Encrypt", arg5) {
         return rv;
     }
     match real().C_Encrypt {
@@ -520,7 +520,7 @@ pub unsafe extern "C" fn C_Decrypt(
     arg4: *mut CK_BYTE,
     arg5: *mut CK_ULONG,
 ) -> CK_RV {
-    if let Some(rv) = before("C_Decrypt") {
+    if let Some(rv) = before_output("C_Decrypt", arg5) {
         return rv;
     }
     match real().C_Decrypt {

@@ -8,23 +8,27 @@
 //! ```text
 //! fail <CKR_NAME|0xHEX> <C_Function,...|*> [count=N] [until=<unix ms>]
 //! latency <microseconds> <C_Function,...|*>
+//! toosmall <length> <C_Encrypt|C_Decrypt,...> [count=N]
 //! ```
 //!
 //! `fail` answers the named functions with the code instead of calling the real module: for
 //! the next `count` calls, or until the time, or (with neither) until the line is removed.
 //! `latency` sleeps before forwarding. `fail CKR_GENERAL_ERROR C_Initialize` makes
-//! `C_Initialize` fail until told otherwise.
+//! `C_Initialize` fail until told otherwise. `toosmall` answers a one-shot `C_Encrypt` or
+//! `C_Decrypt` with `CKR_BUFFER_TOO_SMALL` and claims to need `length` bytes, without calling
+//! the real module, whose operation therefore stays active (a module that misreports
+//! lengths).
 //!
-//! With `KESH_SHIM_STATS` set, the number of calls so far is written to that file, at most
-//! every 100 ms and at the first call after a pause of that long (benches count calls per
-//! operation with it).
+//! With `KESH_SHIM_STATS` set, the number of calls so far is written to that file: the total
+//! on the first line, then one `C_Function count` line per function called. A thread of the
+//! shim rewrites it within 20 ms of a change (benches count calls per operation with it; the
+//! fault tests count logins).
 
 #![allow(non_snake_case)]
 
 mod functions;
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -121,6 +125,11 @@ enum Rule {
         micros: u64,
         functions: Vec<String>,
     },
+    TooSmall {
+        length: CK_ULONG,
+        functions: Vec<String>,
+        count: Option<u64>,
+    },
 }
 
 fn matches(functions: &[String], name: &str) -> bool {
@@ -140,6 +149,8 @@ fn rv_named(s: &str) -> Option<CK_RV> {
         "CKR_CRYPTOKI_NOT_INITIALIZED" => CKR_CRYPTOKI_NOT_INITIALIZED,
         "CKR_SESSION_COUNT" => CKR_SESSION_COUNT,
         "CKR_FUNCTION_FAILED" => CKR_FUNCTION_FAILED,
+        "CKR_PIN_INCORRECT" => CKR_PIN_INCORRECT,
+        "CKR_PIN_LOCKED" => CKR_PIN_LOCKED,
         _ => CK_RV::from_str_radix(s.strip_prefix("0x")?, 16).ok()?,
     })
 }
@@ -175,6 +186,15 @@ fn parse(text: &str) -> Vec<Rule> {
                 micros,
                 functions: functions.split(',').map(str::to_owned).collect(),
             }),
+            ["toosmall", length, functions, options @ ..] => {
+                length.parse().ok().map(|length| Rule::TooSmall {
+                    length,
+                    functions: functions.split(',').map(str::to_owned).collect(),
+                    count: options
+                        .iter()
+                        .find_map(|o| o.strip_prefix("count=")?.parse().ok()),
+                })
+            }
             _ => None,
         };
         match rule {
@@ -213,25 +233,101 @@ fn now_ms() -> u128 {
         .unwrap_or(0)
 }
 
-/// Counts a call, and writes the count to `KESH_SHIM_STATS` when the last write is 100 ms old.
-fn count_call() {
-    static CALLS: AtomicU64 = AtomicU64::new(0);
-    static WRITTEN: Mutex<Option<Instant>> = Mutex::new(None);
-    let total = CALLS.fetch_add(1, Ordering::Relaxed) + 1;
-    let Some(path) = std::env::var_os("KESH_SHIM_STATS") else {
+/// Calls so far, by function. Locked once per call; the control rules take a lock per call
+/// too, and the latency benchmarks measured no difference.
+static CALLS: Mutex<Option<std::collections::BTreeMap<&'static str, u64>>> = Mutex::new(None);
+
+/// Calls that start or end a module's, a session's or a login's life: rare, and often the
+/// last a process makes before it exits, so their counts are written at once.
+const LIFECYCLE: [&str; 5] = [
+    "C_Initialize",
+    "C_Finalize",
+    "C_OpenSession",
+    "C_CloseSession",
+    "C_Login",
+];
+
+/// Counts a call; the first one starts the thread that writes `KESH_SHIM_STATS`.
+fn count_call(function: &'static str) {
+    static WRITER: OnceLock<()> = OnceLock::new();
+    let mut calls = CALLS.lock().unwrap_or_else(|e| e.into_inner());
+    *calls
+        .get_or_insert_with(Default::default)
+        .entry(function)
+        .or_default() += 1;
+    drop(calls);
+    let Some(path) = std::env::var_os("KESH_SHIM_STATS").map(PathBuf::from) else {
         return;
     };
-    let mut written = WRITTEN.lock().unwrap_or_else(|e| e.into_inner());
-    if written.is_none_or(|at| at.elapsed() >= Duration::from_millis(100)) {
-        *written = Some(Instant::now());
-        let _ = std::fs::write(path, format!("{total}\n"));
+    if LIFECYCLE.contains(&function) {
+        write_stats(&path);
     }
+    WRITER.get_or_init(|| {
+        let _ = std::thread::Builder::new()
+            .name("kesh-shim-stats".into())
+            .spawn(move || loop {
+                write_stats(&path);
+                std::thread::sleep(Duration::from_millis(20));
+            });
+    });
+}
+
+/// Rewrites the stats file when the counts changed since it was last written.
+fn write_stats(path: &std::path::Path) {
+    static WRITTEN: Mutex<Option<String>> = Mutex::new(None);
+    let text = {
+        let calls = CALLS.lock().unwrap_or_else(|e| e.into_inner());
+        let calls = calls.iter().flatten();
+        let total: u64 = calls.clone().map(|(_, n)| *n).sum();
+        let mut text = format!("{total}\n");
+        for (function, n) in calls {
+            text.push_str(&format!("{function} {n}\n"));
+        }
+        text
+    };
+    let mut written = WRITTEN.lock().unwrap_or_else(|e| e.into_inner());
+    if written.as_ref() == Some(&text) {
+        return;
+    }
+    // Written aside and renamed, so a reader never sees half a file.
+    let tmp = path.with_extension("tmp");
+    if std::fs::write(&tmp, &text).is_ok() && std::fs::rename(&tmp, path).is_ok() {
+        *written = Some(text);
+    }
+}
+
+/// What a rule makes of one call.
+enum Verdict {
+    Fail(CK_RV),
+    TooSmall(CK_ULONG),
 }
 
 /// Decides what happens to one call: `Some(rv)` to answer with a fault, `None` to forward
 /// (after any latency).
-pub(crate) fn before(function: &str) -> Option<CK_RV> {
-    count_call();
+pub(crate) fn before(function: &'static str) -> Option<CK_RV> {
+    match decide(function, false)? {
+        Verdict::Fail(rv) => Some(rv),
+        Verdict::TooSmall(_) => None,
+    }
+}
+
+/// [`before`] for a data call whose output length is `len`: `toosmall` rules apply too.
+///
+/// # Safety
+/// `len` is the caller's output-length pointer: null or valid for one write.
+pub(crate) unsafe fn before_output(function: &'static str, len: *mut CK_ULONG) -> Option<CK_RV> {
+    match decide(function, !len.is_null())? {
+        Verdict::Fail(rv) => Some(rv),
+        Verdict::TooSmall(length) => {
+            // SAFETY: checked non-null; the caller's contract makes it writable.
+            unsafe { *len = length };
+            Some(CKR_BUFFER_TOO_SMALL)
+        }
+    }
+}
+
+fn decide(function: &'static str, has_output: bool) -> Option<Verdict> {
+    count_call(function);
     static CONTROL: Mutex<Control> = Mutex::new(Control {
         seen: None,
         stat: None,
@@ -278,8 +374,22 @@ pub(crate) fn before(function: &str) -> Option<CK_RV> {
                         if let Some(c) = count {
                             *c -= 1;
                         }
-                        verdict = Some(*rv);
+                        verdict = Some(Verdict::Fail(*rv));
                     }
+                }
+                Rule::TooSmall {
+                    length,
+                    functions,
+                    count,
+                } if has_output
+                    && verdict.is_none()
+                    && matches(functions, function)
+                    && count.is_none_or(|c| c > 0) =>
+                {
+                    if let Some(c) = count {
+                        *c -= 1;
+                    }
+                    verdict = Some(Verdict::TooSmall(*length));
                 }
                 _ => {}
             }
@@ -298,8 +408,16 @@ mod tests {
 
     #[test]
     fn parses_rules() {
-        let rules = parse("# comment\nfail CKR_DEVICE_ERROR C_Encrypt,C_Decrypt count=2\nfail 0x32 * until=5\nlatency 1000 *\nbogus\n");
-        assert_eq!(rules.len(), 3);
+        let rules = parse("# comment\nfail CKR_DEVICE_ERROR C_Encrypt,C_Decrypt count=2\nfail 0x32 * until=5\nlatency 1000 *\nbogus\ntoosmall 4096 C_Encrypt count=1\n");
+        assert_eq!(rules.len(), 4);
+        assert_eq!(
+            rules[3],
+            Rule::TooSmall {
+                length: 4096,
+                functions: vec!["C_Encrypt".into()],
+                count: Some(1)
+            }
+        );
         assert_eq!(
             rules[0],
             Rule::Fail {

@@ -17,6 +17,7 @@ use super::copies::SessionCopies;
 use super::error::TagFailures;
 use super::raw::RawCalls;
 use super::{Pkcs11Config, TokenSelector};
+use crate::secret::Pin;
 
 pub struct Device {
     pub slot: Slot,
@@ -34,12 +35,45 @@ pub struct Device {
     _login: Mutex<Session>,
 }
 
-/// Why connecting failed, with the CKR code when there is one.
-#[derive(Debug)]
-pub struct ConnectError(pub String);
+/// Why connecting failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConnectError {
+    /// The token refused the PIN. Never retried by kesh on its own: HSMs count failed logins
+    /// per partition and lock it (for every application on it) past a limit.
+    PinRefused(RvError),
+    /// Anything else (module, slot, session), with the function and code; worth retrying.
+    Failed(String),
+}
+
+impl std::fmt::Display for ConnectError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ConnectError::PinRefused(rv) => write!(f, "C_Login: the token refused the PIN ({rv})"),
+            ConnectError::Failed(why) => f.write_str(why),
+        }
+    }
+}
 
 fn ck(what: &str) -> impl Fn(CkError) -> ConnectError + '_ {
-    move |e| ConnectError(format!("{what}: {e}"))
+    move |e| ConnectError::Failed(format!("{what}: {e}"))
+}
+
+/// One `C_Login` as the user. The codes that mean "this PIN is wrong" (or can no longer be
+/// used) come back as [`ConnectError::PinRefused`]; a session already logged in is fine.
+pub fn login(session: &Session, pin: &Pin) -> Result<(), ConnectError> {
+    let pin = AuthPin::new(pin.expose().into());
+    match session.login(UserType::User, Some(&pin)) {
+        Ok(()) | Err(CkError::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => Ok(()),
+        Err(CkError::Pkcs11(
+            rv @ (RvError::PinIncorrect
+            | RvError::PinInvalid
+            | RvError::PinLenRange
+            | RvError::PinExpired
+            | RvError::PinLocked),
+            _,
+        )) => Err(ConnectError::PinRefused(rv)),
+        Err(e) => Err(ck("C_Login")(e)),
+    }
 }
 
 /// Initializes the module for multi-threaded use; "already initialized" is fine.
@@ -75,7 +109,7 @@ fn find_slot_with(
                 if (unreadable && attempt < 25) || (reinitialize && attempt < 4) =>
             {
                 attempt += 1;
-                tracing::debug!(error = %e.0, "token not found or list incomplete; retrying");
+                tracing::debug!(error = %e, "token not found or list incomplete; retrying");
                 if reinitialize && (!unreadable || attempt % 3 == 0) {
                     let _ = ctx.clone().finalize();
                     initialize(ctx)?;
@@ -127,7 +161,7 @@ fn find_slot_once(ctx: &Pkcs11, token: &TokenSelector) -> Result<Slot, (ConnectE
         seen.push(format!("'{label}' (serial {serial})"));
     }
     Err((
-        ConnectError(format!(
+        ConnectError::Failed(format!(
             "no initialized token with {token}; tokens present: {}",
             if seen.is_empty() {
                 "none".to_owned()
@@ -140,31 +174,17 @@ fn find_slot_once(ctx: &Pkcs11, token: &TokenSelector) -> Result<Slot, (ConnectE
 }
 
 impl Device {
-    /// Opens the login session and logs in as the user.
+    /// Opens the login session and logs in as the user with `pin`: exactly one `C_Login`.
     pub fn connect(
         ctx: &Pkcs11,
         cfg: &Pkcs11Config,
+        pin: &Pin,
         generation: u64,
     ) -> Result<Self, ConnectError> {
         initialize(ctx)?;
         let slot = find_slot_with(ctx, &cfg.token, true)?;
-        let login = ctx.open_rw_session(slot).map_err(ck("C_OpenSession"))?;
-        let pin = AuthPin::new(cfg.pin.expose().into());
-        match login.login(UserType::User, Some(&pin)) {
-            Ok(()) | Err(CkError::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => {}
-            Err(CkError::Pkcs11(
-                rv @ (RvError::PinIncorrect
-                | RvError::PinInvalid
-                | RvError::PinLenRange
-                | RvError::PinLocked),
-                _,
-            )) => {
-                return Err(ConnectError(format!(
-                    "C_Login: {rv}: check the PIN given by `pin:` or `pin_file:`"
-                )));
-            }
-            Err(e) => return Err(ck("C_Login")(e)),
-        }
+        let session = ctx.open_rw_session(slot).map_err(ck("C_OpenSession"))?;
+        login(&session, pin)?;
         Ok(Device {
             slot,
             generation,
@@ -174,7 +194,7 @@ impl Device {
                 TagFailures::of(i.manufacturer_id())
             }),
             raw: RawCalls::of_loaded(&cfg.module),
-            _login: Mutex::new(login),
+            _login: Mutex::new(session),
         })
     }
 

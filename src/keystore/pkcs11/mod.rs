@@ -13,7 +13,10 @@
 //! Recovery: a device-level return code (see [`error::classify`]) takes the device out of
 //! service at once (requests fail fast with `Unreachable`), waits for in-flight calls, then
 //! finalizes, re-initializes, logs in and rebuilds the index, retrying with backoff capped at
-//! [`RECOVERY_BACKOFF_MAX`].
+//! [`RECOVERY_BACKOFF_MAX`]. A login the token refuses ([`ConnectError::PinRefused`]) is never
+//! retried: HSMs lock a partition after a few bad PINs, for every application on it. kesh
+//! then waits for the operator, whose reload ([`Pkcs11KeyStore::new_pin`]) makes exactly one
+//! attempt.
 
 pub mod copies;
 pub mod device;
@@ -41,14 +44,14 @@ use cryptoki::session::Session;
 use zeroize::Zeroizing;
 
 use self::copies::{nonce_value, CopyError};
-use self::device::Device;
+use self::device::{ConnectError, Device};
 use self::error::{classify, classify_unseal, Failure};
 use self::objects::{Meta, Role, State};
 use self::workers::{Outcome, Workers};
 use self::writelock::{Held, WriteLock};
 use super::{
-    DataKey, HmacKeySource, ImportKey, KeyInfo, KeyStore, KeystoreError, PoolStats, Provenance,
-    Result, Scheme,
+    DataKey, HmacKeySource, ImportKey, KeyInfo, KeyStore, KeystoreError, KeystoreStats, PoolStats,
+    Provenance, Result, Scheme,
 };
 use crate::crypto::{kes, kes::Algorithm, native};
 use crate::name::KeyName;
@@ -179,6 +182,10 @@ struct Inner {
     /// device, so no call is in flight while the module is finalized.
     calls: RwLock<()>,
     recovering: AtomicBool,
+    /// The PIN for the next login: the configured one until a reload brings another.
+    pin: Mutex<Pin>,
+    /// Set when the token refused the PIN: no login is attempted until [`Pkcs11KeyStore::new_pin`].
+    login_refused: AtomicBool,
     last_failure: Mutex<String>,
     /// Serialises index misses and remembers recent ones, each until its expiry.
     misses: tokio::sync::Mutex<HashMap<KeyName, Instant>>,
@@ -212,8 +219,13 @@ impl Pkcs11KeyStore {
                     cfg.module.display()
                 ))
             })?;
-            let device =
-                Device::connect(&ctx, &cfg, 0).map_err(|e| KeystoreError::Unreachable(e.0))?;
+            let device = Device::connect(&ctx, &cfg, &cfg.pin, 0).map_err(|e| match e {
+                ConnectError::PinRefused(_) => KeystoreError::Unreachable(format!(
+                    "{e}: check `pin:` or `pin_file:`; kesh tried once and will not try again \
+                     (HSMs lock a partition after repeated bad PINs)"
+                )),
+                ConnectError::Failed(why) => KeystoreError::Unreachable(why),
+            })?;
             let info = ctx.get_library_info().ok();
             let token_description = format!(
                 "PKCS#11 token {} via {}{}",
@@ -258,6 +270,7 @@ impl Pkcs11KeyStore {
                 .map_or("none".into(), |l| l.path().display().to_string()),
             "pkcs11 keystore ready"
         );
+        let pin = Mutex::new(cfg.pin.clone());
         Ok(Pkcs11KeyStore {
             inner: Arc::new(Inner {
                 workers,
@@ -271,6 +284,8 @@ impl Pkcs11KeyStore {
                     scanned_at: Some(Instant::now()),
                 }),
                 recovering: AtomicBool::new(false),
+                pin,
+                login_refused: AtomicBool::new(false),
                 last_failure: Mutex::new(String::new()),
                 misses: tokio::sync::Mutex::new(HashMap::new()),
                 token_description,
@@ -315,7 +330,11 @@ impl Inner {
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
                     .clone();
-                KeystoreError::Unreachable(format!("recovering from: {why}"))
+                if self.login_refused.load(Ordering::Acquire) {
+                    KeystoreError::Unreachable(why)
+                } else {
+                    KeystoreError::Unreachable(format!("recovering from: {why}"))
+                }
             })
     }
 
@@ -338,6 +357,12 @@ impl Inner {
             let result = f(&session, &device);
             match &result {
                 Err(OpError::Ck(e)) if matches!(classify(e), Failure::Device(_)) => drop(session),
+                // Closing it ends the operation; any session copies it made go with it, and
+                // their next use is a stale handle, retried through a fresh search.
+                Err(OpError::Ck(e)) if raw::leaves_operation_active(e) => {
+                    tracing::warn!(error = %e, "closing an HSM session whose operation may still be active");
+                    drop(session)
+                }
                 _ => device.checkin(session),
             }
             result
@@ -385,34 +410,8 @@ impl Inner {
         let mut backoff = Duration::from_millis(50);
         let started = Instant::now();
         loop {
-            let generation = self.generation.fetch_add(1, Ordering::AcqRel) + 1;
-            let inner = self.clone();
-            let stale = old.take();
-            let attempt = tokio::task::spawn_blocking(move || {
-                // No call is in flight while the module is finalized.
-                let _all = inner.calls.write().unwrap_or_else(|e| e.into_inner());
-                drop(stale); // closes the old sessions (errors are expected and ignored)
-                let _ = inner.ctx.clone().finalize();
-                let device =
-                    Device::connect(&inner.ctx, &inner.cfg, generation).map_err(|e| e.0)?;
-                let session = device.checkout(&inner.ctx).map_err(|e| e.to_string())?;
-                let keys =
-                    scan(&session, &inner.cfg.prefix, generation).map_err(|e| e.to_string())?;
-                device.checkin(session);
-                Ok::<_, String>((device, keys))
-            })
-            .await
-            .unwrap_or_else(|e| Err(e.to_string()));
-            match attempt {
-                Ok((device, keys)) => {
-                    let count = keys.len();
-                    *self.index.write().unwrap_or_else(|e| e.into_inner()) = Index {
-                        keys,
-                        scanned_at: Some(Instant::now()),
-                    };
-                    *self.device.write().unwrap_or_else(|e| e.into_inner()) =
-                        Some(Arc::new(device));
-                    self.recovering.store(false, Ordering::Release);
+            match self.clone().reconnect(old.take()).await {
+                Ok(count) => {
                     tracing::info!(
                         keys = count,
                         after_ms = started.elapsed().as_millis() as u64,
@@ -420,7 +419,11 @@ impl Inner {
                     );
                     return;
                 }
-                Err(why) => {
+                Err(e @ ConnectError::PinRefused(_)) => {
+                    self.refuse_logins(&e);
+                    return;
+                }
+                Err(ConnectError::Failed(why)) => {
                     tracing::warn!(reason = %why, retry_in_ms = backoff.as_millis() as u64, "PKCS#11 recovery attempt failed");
                     *self.last_failure.lock().unwrap_or_else(|e| e.into_inner()) = why;
                     tokio::time::sleep(backoff).await;
@@ -428,6 +431,53 @@ impl Inner {
                 }
             }
         }
+    }
+
+    /// One connection attempt (a single `C_Login`): re-initializes the module, logs in, scans
+    /// the token and puts the new device in service. Returns the number of keys found.
+    async fn reconnect(
+        self: Arc<Self>,
+        stale: Option<Arc<Device>>,
+    ) -> std::result::Result<usize, ConnectError> {
+        let generation = self.generation.fetch_add(1, Ordering::AcqRel) + 1;
+        let inner = self.clone();
+        let attempt = tokio::task::spawn_blocking(move || {
+            // No call is in flight while the module is finalized.
+            let _all = inner.calls.write().unwrap_or_else(|e| e.into_inner());
+            drop(stale); // closes the old sessions (errors are expected and ignored)
+            let _ = inner.ctx.clone().finalize();
+            let pin = inner.pin.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            let device = Device::connect(&inner.ctx, &inner.cfg, &pin, generation)?;
+            let fail = |e: CkError| ConnectError::Failed(e.to_string());
+            let session = device.checkout(&inner.ctx).map_err(fail)?;
+            let keys = scan(&session, &inner.cfg.prefix, generation).map_err(fail)?;
+            device.checkin(session);
+            Ok((device, keys))
+        })
+        .await
+        .unwrap_or_else(|e| Err(ConnectError::Failed(e.to_string())));
+        let (device, keys) = attempt?;
+        let count = keys.len();
+        *self.index.write().unwrap_or_else(|e| e.into_inner()) = Index {
+            keys,
+            scanned_at: Some(Instant::now()),
+        };
+        *self.device.write().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(device));
+        self.login_refused.store(false, Ordering::Release);
+        self.recovering.store(false, Ordering::Release);
+        Ok(count)
+    }
+
+    /// Stops trying: the keystore stays out of service (requests fail fast) until the
+    /// operator reloads. Logged once, with what to do.
+    fn refuse_logins(&self, e: &ConnectError) {
+        let why = format!(
+            "{e}: kesh will not log in again on its own; fix `pin:`/`pin_file:`, then reload \
+             (SIGHUP, `systemctl reload kesh`) for one new attempt"
+        );
+        tracing::error!(reason = %why, "PKCS#11 login refused: waiting for the operator");
+        *self.last_failure.lock().unwrap_or_else(|e| e.into_inner()) = why;
+        self.login_refused.store(true, Ordering::Release);
     }
 
     fn label(&self, name: &KeyName) -> String {
@@ -1339,14 +1389,51 @@ impl KeyStore for Pkcs11KeyStore {
             .await
     }
 
-    fn pool_stats(&self) -> Option<PoolStats> {
+    fn stats(&self) -> KeystoreStats {
         let w = self.inner.workers.stats();
-        Some(PoolStats {
-            size: w.size,
-            in_use: w.running,
-            acquired: w.started,
-            wait_seconds: w.waited.as_secs_f64(),
-        })
+        KeystoreStats {
+            pool: Some(PoolStats {
+                size: w.size,
+                in_use: w.running,
+                acquired: w.started,
+                wait_seconds: w.waited.as_secs_f64(),
+            }),
+            login_refused: Some(self.inner.login_refused.load(Ordering::Acquire)),
+            unreadable_key_files: None,
+        }
+    }
+
+    async fn reload_pin(&self, pin: Pin) -> Result<()> {
+        *self.inner.pin.lock().unwrap_or_else(|e| e.into_inner()) = pin;
+        if !self.inner.login_refused.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        tracing::info!("reload: one login attempt with the PIN the configuration gives now");
+        match self.inner.clone().reconnect(None).await {
+            Ok(keys) => {
+                tracing::info!(
+                    keys,
+                    "PKCS#11 login accepted: the keystore is back in service"
+                );
+                Ok(())
+            }
+            Err(e @ ConnectError::PinRefused(_)) => {
+                self.inner.refuse_logins(&e);
+                Err(KeystoreError::Unreachable(e.to_string()))
+            }
+            Err(ConnectError::Failed(why)) => {
+                // Not the PIN: the device itself is away. Back to recovery's backoff, which
+                // logs in once when the device answers again.
+                self.inner.login_refused.store(false, Ordering::Release);
+                *self
+                    .inner
+                    .last_failure
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner()) = why.clone();
+                tokio::spawn(self.inner.clone().recover(None));
+                Err(KeystoreError::Unreachable(why))
+            }
+        }
     }
 
     async fn status(&self) -> Result<Duration> {

@@ -14,16 +14,15 @@
 use std::path::{Path, PathBuf};
 
 use cryptoki::context::Pkcs11;
-use cryptoki::error::{Error as CkError, RvError};
+use cryptoki::error::Error as CkError;
 use cryptoki::mechanism::aead::GcmParams;
 use cryptoki::mechanism::{Mechanism, MechanismType};
 use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass, ObjectHandle};
-use cryptoki::session::{Session, UserType};
+use cryptoki::session::Session;
 use cryptoki::slot::Limit;
-use cryptoki::types::AuthPin;
 use serde::Serialize;
 
-use super::device::{find_slot, initialize};
+use super::device::{self, find_slot, initialize};
 use super::TokenSelector;
 use crate::secret::Pin;
 
@@ -169,7 +168,7 @@ pub fn probe(target: &ProbeTarget) -> Result<ProbeReport, ProbeError> {
             target.module.display()
         ))
     })?;
-    initialize(&ctx).map_err(|e| ProbeError(e.0))?;
+    initialize(&ctx).map_err(|e| ProbeError(e.to_string()))?;
     let info = ctx.get_library_info().map_err(ck("C_GetInfo"))?;
     let library = LibraryReport {
         manufacturer: info.manufacturer_id().trim_end().to_owned(),
@@ -213,7 +212,7 @@ fn probe_token(
     target: &ProbeTarget,
     sel: &TokenSelector,
 ) -> Result<TokenReport, ProbeError> {
-    let slot = find_slot(ctx, sel).map_err(|e| ProbeError(e.0))?;
+    let slot = find_slot(ctx, sel).map_err(|e| ProbeError(e.to_string()))?;
     let pin = target.pin.as_ref().ok_or_else(|| {
         ProbeError(
             "a PIN is needed to test the token: give --pin-env VAR (the variable holding the PIN) or --config FILE"
@@ -221,14 +220,12 @@ fn probe_token(
         )
     })?;
     let session = ctx.open_rw_session(slot).map_err(ck("C_OpenSession"))?;
-    match session.login(UserType::User, Some(&AuthPin::new(pin.expose().into()))) {
-        Ok(()) | Err(CkError::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => {}
-        Err(e) => {
-            return Err(ProbeError(format!(
-                "C_Login: {e}: check the PIN (--pin-env, or `pin:`/`pin_file:` in the config)"
-            )))
-        }
-    }
+    // One attempt, never repeated: a refused PIN counts towards the token's lockout.
+    device::login(&session, pin).map_err(|e| {
+        ProbeError(format!(
+            "{e}: check the PIN (--pin-env, or `pin:`/`pin_file:` in the config)"
+        ))
+    })?;
     // Read the counters while our session is open: it counts as one.
     let info = ctx.get_token_info(slot).map_err(ck("C_GetTokenInfo"))?;
     let summary = TokenSummary {

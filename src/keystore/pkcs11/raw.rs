@@ -5,7 +5,10 @@
 //! trip, so a seal cost three (init, length, data) where two suffice. kesh knows the output
 //! size of its mechanisms (GCM: the input plus a 16-byte tag, or less), so it calls the
 //! module's own function once, with that buffer; a module that still wants more says so
-//! (`CKR_BUFFER_TOO_SMALL`, the operation stays active) and gets it.
+//! (`CKR_BUFFER_TOO_SMALL`, the operation stays active) and gets it, up to
+//! [`MAX_EXPANSION`] bytes past the input. A module asking for more is refused with
+//! `CKR_BUFFER_TOO_SMALL`, its operation still active: the caller must not reuse the session
+//! ([`leaves_operation_active`]).
 //!
 //! The function pointers come from the module's `C_GetFunctionList`, looked up in the library
 //! cryptoki already loaded (`dlopen` with `RTLD_NOLOAD`: the same library, never a second
@@ -22,6 +25,20 @@ use cryptoki::object::ObjectHandle;
 use cryptoki::session::Session;
 use cryptoki_sys::{CK_FUNCTION_LIST, CK_RV, CK_SESSION_HANDLE, CK_ULONG};
 use zeroize::Zeroizing;
+
+/// How much longer than its input an output may be: a GCM tag (16) and a block of padding.
+/// A module that claims to need more is wrong, and kesh will not allocate what it says.
+pub const MAX_EXPANSION: usize = 32;
+
+/// Whether a failed call may have left an encrypt or decrypt operation active on its session
+/// (PKCS#11 ends it on every other error). Such a session is closed, not reused: 2.40 has no
+/// call that cancels an operation.
+pub fn leaves_operation_active(e: &CkError) -> bool {
+    matches!(
+        e,
+        CkError::Pkcs11(RvError::BufferTooSmall | RvError::OperationActive, _)
+    )
+}
 
 type DataFn =
     unsafe extern "C" fn(CK_SESSION_HANDLE, *mut u8, CK_ULONG, *mut u8, *mut CK_ULONG) -> CK_RV;
@@ -100,9 +117,10 @@ impl RawCalls {
         data: &[u8],
         max_out: usize,
     ) -> Result<Vec<u8>, CkError> {
+        let data_len = CK_ULONG::try_from(data.len())?;
         s.encrypt_init(mechanism, key)?;
         let mut out = vec![0u8; max_out];
-        let len = self.call(self.encrypt, Function::Encrypt, s, data, &mut out)?;
+        let len = self.call(self.encrypt, Function::Encrypt, s, data, data_len, &mut out)?;
         out.truncate(len);
         Ok(out)
     }
@@ -115,23 +133,26 @@ impl RawCalls {
         key: ObjectHandle,
         data: &[u8],
     ) -> Result<Zeroizing<Vec<u8>>, CkError> {
+        let data_len = CK_ULONG::try_from(data.len())?;
         s.decrypt_init(mechanism, key)?;
         let mut out = Zeroizing::new(vec![0u8; data.len()]);
-        let len = self.call(self.decrypt, Function::Decrypt, s, data, &mut out)?;
+        let len = self.call(self.decrypt, Function::Decrypt, s, data, data_len, &mut out)?;
         out.truncate(len);
         Ok(out)
     }
 
-    /// One data call into `out`, a second only if the module asks for a bigger buffer.
+    /// One data call into `out`, a second only if the module asks for a bigger buffer within
+    /// [`MAX_EXPANSION`]. `data_len` is `data.len()`, converted before the operation began.
     fn call(
         &self,
         f: DataFn,
         function: Function,
         s: &Session,
         data: &[u8],
+        data_len: CK_ULONG,
         out: &mut Vec<u8>,
     ) -> Result<usize, CkError> {
-        let data_len = CK_ULONG::try_from(data.len())?;
+        let cap = data.len().saturating_add(MAX_EXPANSION);
         for _ in 0..2 {
             let mut len = CK_ULONG::try_from(out.len())?;
             // SAFETY: an operation was initialised on this session; `data` is read-only input
@@ -149,7 +170,10 @@ impl RawCalls {
             match Rv::from(rv) {
                 Rv::Ok => return Ok(usize::try_from(len)?),
                 // The operation stays active, and `len` now says how much is needed.
-                Rv::Error(RvError::BufferTooSmall) => out.resize(usize::try_from(len)?, 0),
+                Rv::Error(RvError::BufferTooSmall) => match usize::try_from(len) {
+                    Ok(needed) if needed > out.len() && needed <= cap => out.resize(needed, 0),
+                    _ => break,
+                },
                 other => {
                     other.into_result(function)?;
                 }

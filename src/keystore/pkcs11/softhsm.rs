@@ -103,7 +103,7 @@ impl EphemeralToken {
             move |e: cryptoki::error::Error| SoftHsmError(format!("{what}: {e}"))
         };
         let ctx = Pkcs11::new(&module).map_err(ck("loading the module"))?;
-        device::initialize(&ctx).map_err(|e| SoftHsmError(e.0))?;
+        device::initialize(&ctx).map_err(|e| SoftHsmError(e.to_string()))?;
         let slot = ctx
             .get_all_slots()
             .map_err(ck("C_GetSlotList"))?
@@ -119,7 +119,7 @@ impl EphemeralToken {
             .map_err(ck("C_InitToken"))?;
         // C_InitToken moves the token to a new slot id in SoftHSM: find it again by label.
         let slot = device::find_slot(&ctx, &TokenSelector::Label(label.clone()))
-            .map_err(|e| SoftHsmError(e.0))?;
+            .map_err(|e| SoftHsmError(e.to_string()))?;
         let session = ctx.open_rw_session(slot).map_err(ck("C_OpenSession"))?;
         session
             .login(UserType::So, Some(&so_pin))

@@ -4,19 +4,29 @@
 //! its record wrapped with AES-KWP under a key-encryption key read from a file. Produces the
 //! same bytes as the pkcs11 keystore for the same key and IV (`docs/FORMAT.md`).
 //!
-//! The directory store is for one kesh process: creates are exclusive across processes
-//! (hard-link commit), but a delete made by another process is not noticed until restart.
+//! Several kesh processes may share one directory. The files are the truth and memory only a
+//! cache: every use of a key checks its file (one `stat`) and reloads it when the file was
+//! replaced, so a key deleted by another process stops working at once, and a name deleted and
+//! created again is never served with the old key. Creates are exclusive across processes
+//! (hard-link commit); listings read the directory.
+//!
+//! File hygiene: the directory is created 0700, a KEK file others can read is refused, temp
+//! files left by a crash are removed at start, and a key file that cannot be read, opened
+//! under the KEK or named is skipped, logged and counted (`kesh_keystore_unreadable_key_files`)
+//! instead of stopping the keystore.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, RwLock};
-use std::time::{Duration, Instant};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant, SystemTime};
 
 use time::OffsetDateTime;
 use zeroize::Zeroizing;
 
 use super::{
-    DataKey, HmacKeySource, ImportKey, KeyInfo, KeyStore, KeystoreError, Provenance, Result, Scheme,
+    DataKey, HmacKeySource, ImportKey, KeyInfo, KeyStore, KeystoreError, KeystoreStats, Provenance,
+    Result, Scheme,
 };
 use crate::crypto::{self, kes, kes::Algorithm, native};
 use crate::name::KeyName;
@@ -27,6 +37,29 @@ struct SoftKey {
     info: KeyInfo,
     master: Key32,
     hmac: Option<Key32>,
+    /// The file this key was read from or written to (directory stores).
+    file: Option<FileId>,
+}
+
+/// Which file a key came from: a file deleted and written again under the same name differs
+/// in inode or change time (inode numbers alone may be reused).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct FileId {
+    dev: u64,
+    ino: u64,
+    ctime: i64,
+    ctime_nsec: i64,
+}
+
+impl FileId {
+    fn of(m: &std::fs::Metadata) -> Self {
+        FileId {
+            dev: m.dev(),
+            ino: m.ino(),
+            ctime: m.ctime(),
+            ctime_nsec: m.ctime_nsec(),
+        }
+    }
 }
 
 pub struct SoftKeyStore {
@@ -58,9 +91,11 @@ impl SoftKeyStore {
     }
 
     /// A store backed by `path`, one wrapped file per key, under the KEK in `kek_file`
-    /// (32 bytes as base64 or hex text). Refuses to start if any key file cannot be read.
+    /// (32 bytes as base64 or hex text). Key files that cannot be read are skipped and counted;
+    /// when there are key files and none opens, the KEK is wrong and the store refuses to open.
     pub fn open_dir(path: &Path, kek_file: &Path) -> Result<Self> {
         let dir = KeyDir::open(path, kek_file)?;
+        dir.remove_stale_temp_files();
         let keys = dir.load_all()?;
         Ok(SoftKeyStore {
             keys: RwLock::new(keys),
@@ -75,36 +110,63 @@ impl SoftKeyStore {
         self
     }
 
-    fn key(&self, name: &KeyName) -> Result<Arc<SoftKey>> {
+    fn cached(&self, name: &KeyName) -> Option<Arc<SoftKey>> {
         // A poisoned lock means a panic mid-update of a map of Arcs: the map itself is intact.
-        let found = self
-            .keys
+        self.keys
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .get(name)
-            .cloned();
-        match found {
-            Some(k) => Ok(k),
-            None => {
-                // Another process may have created it in the shared directory.
-                let dir = self.dir.as_ref().ok_or(KeystoreError::KeyNotFound)?;
-                let key = Arc::new(dir.load(name)?.ok_or(KeystoreError::KeyNotFound)?);
+            .cloned()
+    }
+
+    /// The key to use now. In a directory store the file decides: gone means gone (even if
+    /// cached), and a file other than the cached one is read afresh.
+    fn key(&self, name: &KeyName) -> Result<Arc<SoftKey>> {
+        let cached = self.cached(name);
+        let Some(dir) = &self.dir else {
+            return cached.ok_or(KeystoreError::KeyNotFound);
+        };
+        let Some(id) = dir.file_id(name)? else {
+            self.forget(name);
+            return Err(KeystoreError::KeyNotFound);
+        };
+        if let Some(key) = cached.filter(|k| k.file == Some(id)) {
+            return Ok(key);
+        }
+        match dir.load(name) {
+            Ok(Some(key)) => {
+                let key = Arc::new(key);
                 self.keys
                     .write()
                     .unwrap_or_else(|e| e.into_inner())
                     .insert(name.clone(), key.clone());
                 Ok(key)
             }
+            Ok(None) => {
+                self.forget(name);
+                Err(KeystoreError::KeyNotFound)
+            }
+            Err(e) => {
+                self.forget(name);
+                Err(e)
+            }
         }
     }
 
-    fn insert(&self, name: &KeyName, key: SoftKey) -> Result<()> {
+    fn forget(&self, name: &KeyName) {
+        self.keys
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(name);
+    }
+
+    fn insert(&self, name: &KeyName, mut key: SoftKey) -> Result<()> {
         let mut keys = self.keys.write().unwrap_or_else(|e| e.into_inner());
-        if keys.contains_key(name) {
-            return Err(KeystoreError::KeyExists);
-        }
-        if let Some(dir) = &self.dir {
-            dir.store(name, &key)?;
+        match &self.dir {
+            // The link decides, across processes; the cache may hold a key deleted elsewhere.
+            Some(dir) => key.file = Some(dir.store(name, &key)?),
+            None if keys.contains_key(name) => return Err(KeystoreError::KeyExists),
+            None => {}
         }
         keys.insert(name.clone(), Arc::new(key));
         Ok(())
@@ -169,6 +231,7 @@ impl KeyStore for SoftKeyStore {
             },
             master: secret::random::<32>().map_err(rng_error)?,
             hmac: Some(secret::random::<32>().map_err(rng_error)?),
+            file: None,
         };
         self.insert(name, key)
     }
@@ -195,6 +258,7 @@ impl KeyStore for SoftKeyStore {
             },
             master: import.key,
             hmac,
+            file: None,
         };
         self.insert(name, key)
     }
@@ -204,6 +268,11 @@ impl KeyStore for SoftKeyStore {
     }
 
     async fn list(&self, prefix: &str) -> Result<Vec<KeyName>> {
+        if let Some(dir) = &self.dir {
+            let mut names = dir.names()?;
+            names.retain(|k| k.as_str().starts_with(prefix));
+            return Ok(names);
+        }
         let keys = self.keys.read().unwrap_or_else(|e| e.into_inner());
         Ok(keys
             .keys()
@@ -214,16 +283,16 @@ impl KeyStore for SoftKeyStore {
 
     async fn delete(&self, name: &KeyName) -> Result<()> {
         let mut keys = self.keys.write().unwrap_or_else(|e| e.into_inner());
-        let in_memory = keys.contains_key(name);
-        if let Some(dir) = &self.dir {
-            if !dir.remove(name)? && !in_memory {
-                return Err(KeystoreError::KeyNotFound);
-            }
-        } else if !in_memory {
-            return Err(KeystoreError::KeyNotFound);
-        }
+        let existed = match &self.dir {
+            Some(dir) => dir.remove(name)?,
+            None => keys.contains_key(name),
+        };
         keys.remove(name);
-        Ok(())
+        if existed {
+            Ok(())
+        } else {
+            Err(KeystoreError::KeyNotFound)
+        }
     }
 
     async fn generate(&self, name: &KeyName, context: &[u8]) -> Result<DataKey> {
@@ -255,6 +324,13 @@ impl KeyStore for SoftKeyStore {
         Ok(crypto::hmac_sha256(hmac_key.as_ref(), message))
     }
 
+    fn stats(&self) -> KeystoreStats {
+        KeystoreStats {
+            unreadable_key_files: self.dir.as_ref().map(KeyDir::unreadable),
+            ..KeystoreStats::default()
+        }
+    }
+
     async fn status(&self) -> Result<Duration> {
         let start = Instant::now();
         if let Some(dir) = &self.dir {
@@ -270,7 +346,14 @@ impl KeyStore for SoftKeyStore {
 struct KeyDir {
     path: PathBuf,
     kek: Key32,
+    /// Names of `*.key` files found unusable (unreadable, not opening, misnamed) and not since
+    /// read successfully or removed: the gauge operators alert on.
+    bad_files: Mutex<BTreeSet<String>>,
 }
+
+/// Temp files younger than this may be another process's create in progress.
+const STALE_TEMP_AGE: Duration = Duration::from_secs(60);
+const TEMP_PREFIX: &str = ".tmp-";
 
 const RECORD_VERSION: u8 = 1;
 const FILE_SUFFIX: &str = ".key";
@@ -289,6 +372,7 @@ fn scheme_id(s: Scheme) -> u8 {
 
 impl KeyDir {
     fn open(path: &Path, kek_file: &Path) -> Result<Self> {
+        check_kek_file_mode(kek_file)?;
         let text = Zeroizing::new(
             std::fs::read_to_string(kek_file)
                 .map_err(|e| io_error("cannot read KEK file", kek_file, e))?,
@@ -299,11 +383,24 @@ impl KeyDir {
                 kek_file.display()
             ))
         })?;
-        std::fs::create_dir_all(path)
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(path)
             .map_err(|e| io_error("cannot create key directory", path, e))?;
+        if let Ok(m) = std::fs::metadata(path) {
+            if m.permissions().mode() & 0o007 != 0 {
+                tracing::warn!(
+                    dir = %path.display(),
+                    mode = format!("{:o}", m.permissions().mode() & 0o777),
+                    "the key directory is open to other users: `chmod 700` it (the files are wrapped under the KEK, but their names and number show)"
+                );
+            }
+        }
         Ok(KeyDir {
             path: path.to_owned(),
             kek,
+            bad_files: Mutex::new(BTreeSet::new()),
         })
     }
 
@@ -311,36 +408,143 @@ impl KeyDir {
         self.path.join(format!("{name}{FILE_SUFFIX}"))
     }
 
-    fn load_all(&self) -> Result<BTreeMap<KeyName, Arc<SoftKey>>> {
-        let mut keys = BTreeMap::new();
+    fn unreadable(&self) -> u64 {
+        self.bad_files
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .len() as u64
+    }
+
+    /// Records a file as unusable (logged the first time) or as fine again.
+    fn mark(&self, file_name: &str, problem: Option<&KeystoreError>) {
+        let mut bad = self.bad_files.lock().unwrap_or_else(|e| e.into_inner());
+        match problem {
+            Some(e) => {
+                if bad.insert(file_name.to_owned()) {
+                    tracing::error!(dir = %self.path.display(), file = file_name, error = %e, "skipping a key file that cannot be used");
+                }
+            }
+            None => {
+                bad.remove(file_name);
+            }
+        }
+    }
+
+    /// Removes `.tmp-*` files a crashed create left behind; young ones may be another
+    /// process's create in progress and stay.
+    fn remove_stale_temp_files(&self) {
+        let Ok(entries) = std::fs::read_dir(&self.path) else {
+            return;
+        };
+        let now = SystemTime::now();
+        for entry in entries.flatten() {
+            let stale = entry
+                .file_name()
+                .to_str()
+                .is_some_and(|n| n.starts_with(TEMP_PREFIX))
+                && entry
+                    .metadata()
+                    .and_then(|m| m.modified())
+                    .is_ok_and(|t| now.duration_since(t).is_ok_and(|age| age >= STALE_TEMP_AGE));
+            if stale && std::fs::remove_file(entry.path()).is_ok() {
+                tracing::info!(file = %entry.path().display(), "removed a temp file left by an interrupted create");
+            }
+        }
+    }
+
+    /// The key names of the directory's `*.key` files, sorted; misnamed files are marked.
+    fn names(&self) -> Result<Vec<KeyName>> {
         let entries = std::fs::read_dir(&self.path)
             .map_err(|e| io_error("cannot read key directory", &self.path, e))?;
+        let mut names = Vec::new();
+        let mut seen = BTreeSet::new();
         for entry in entries {
             let entry = entry.map_err(|e| io_error("cannot read key directory", &self.path, e))?;
             let file_name = entry.file_name();
-            let Some(stem) = file_name.to_str().and_then(|n| n.strip_suffix(FILE_SUFFIX)) else {
+            let Some(file_name) = file_name.to_str() else {
                 continue;
             };
-            let name = KeyName::new(stem).map_err(|_| {
-                KeystoreError::Backend(format!(
-                    "key file {} has an invalid key name",
-                    entry.path().display()
-                ))
-            })?;
-            if let Some(key) = self.load(&name)? {
-                keys.insert(name, Arc::new(key));
+            let Some(stem) = file_name.strip_suffix(FILE_SUFFIX) else {
+                continue;
+            };
+            seen.insert(file_name.to_owned());
+            match KeyName::new(stem) {
+                Ok(name) => names.push(name),
+                Err(_) => self.mark(
+                    file_name,
+                    Some(&KeystoreError::Backend("not a valid key name".into())),
+                ),
             }
+        }
+        // Files marked bad that are gone no longer count.
+        self.bad_files
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|f| seen.contains(f));
+        names.sort();
+        Ok(names)
+    }
+
+    fn load_all(&self) -> Result<BTreeMap<KeyName, Arc<SoftKey>>> {
+        let names = self.names()?;
+        let mut keys = BTreeMap::new();
+        let mut failures = 0usize;
+        for name in names {
+            match self.load(&name) {
+                Ok(Some(key)) => {
+                    keys.insert(name, Arc::new(key));
+                }
+                Ok(None) => {}
+                Err(_) => failures += 1,
+            }
+        }
+        if failures > 0 && keys.is_empty() {
+            return Err(KeystoreError::InvalidInput(format!(
+                "none of the {failures} key files in {} opens under the KEK: is `kek_file:` the right one?",
+                self.path.display()
+            )));
         }
         Ok(keys)
     }
 
-    fn load(&self, name: &KeyName) -> Result<Option<SoftKey>> {
+    /// The file's identity, `None` when there is no file for `name`.
+    fn file_id(&self, name: &KeyName) -> Result<Option<FileId>> {
         let path = self.file(name);
-        let wrapped = match std::fs::read(&path) {
-            Ok(b) => b,
+        match std::fs::metadata(&path) {
+            Ok(m) => Ok(Some(FileId::of(&m))),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(io_error("cannot read key file", &path, e)),
+        }
+    }
+
+    /// Reads and opens one key file; problems are marked against the file and returned.
+    fn load(&self, name: &KeyName) -> Result<Option<SoftKey>> {
+        let file_name = format!("{name}{FILE_SUFFIX}");
+        let loaded = self.read_key(name);
+        match &loaded {
+            Ok(Some(_)) => self.mark(&file_name, None),
+            Ok(None) => {}
+            Err(e) => self.mark(&file_name, Some(e)),
+        }
+        loaded
+    }
+
+    fn read_key(&self, name: &KeyName) -> Result<Option<SoftKey>> {
+        use std::io::Read;
+        let path = self.file(name);
+        let mut file = match std::fs::File::open(&path) {
+            Ok(f) => f,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(io_error("cannot read key file", &path, e)),
         };
+        // The identity of the file actually read, not of whatever the name points at later.
+        let id = file
+            .metadata()
+            .map(|m| FileId::of(&m))
+            .map_err(|e| io_error("cannot read key file", &path, e))?;
+        let mut wrapped = Vec::new();
+        file.read_to_end(&mut wrapped)
+            .map_err(|e| io_error("cannot read key file", &path, e))?;
         let kek = aes_kw::KekAes256::from(*self.kek);
         let record = Zeroizing::new(kek.unwrap_with_padding_vec(&wrapped).map_err(|_| {
             KeystoreError::Backend(format!(
@@ -348,14 +552,16 @@ impl KeyDir {
                 path.display()
             ))
         })?);
-        decode_record(&record, name).map(Some).ok_or_else(|| {
+        let mut key = decode_record(&record, name).ok_or_else(|| {
             KeystoreError::Backend(format!("key file {} is malformed", path.display()))
-        })
+        })?;
+        key.file = Some(id);
+        Ok(Some(key))
     }
 
     /// Writes the key exclusively: a temporary file, fsynced, then hard-linked to its name, so
     /// a reader never sees a partial file and two writers cannot both win.
-    fn store(&self, name: &KeyName, key: &SoftKey) -> Result<()> {
+    fn store(&self, name: &KeyName, key: &SoftKey) -> Result<FileId> {
         use std::io::Write;
         let record = encode_record(key);
         let kek = aes_kw::KekAes256::from(*self.kek);
@@ -363,7 +569,7 @@ impl KeyDir {
             .wrap_with_padding_vec(&record)
             .map_err(|e| KeystoreError::Backend(format!("cannot wrap key record: {e}")))?;
         let suffix = hex::encode(*secret::random::<8>().map_err(rng_error)?);
-        let tmp = self.path.join(format!(".tmp-{name}-{suffix}"));
+        let tmp = self.path.join(format!("{TEMP_PREFIX}{name}-{suffix}"));
         let result = (|| {
             let mut f = std::fs::OpenOptions::new()
                 .write(true)
@@ -383,10 +589,14 @@ impl KeyDir {
                 Err(e) => return Err(io_error("cannot commit key file", &target, e)),
             }
             sync_dir(&self.path);
-            Ok(())
+            Ok(target)
         })();
         let _ = std::fs::remove_file(&tmp);
-        result
+        // Linking and unlinking changed the inode's change time: read the identity last.
+        let target = result?;
+        std::fs::metadata(&target)
+            .map(|m| FileId::of(&m))
+            .map_err(|e| io_error("cannot read key file", &target, e))
     }
 
     /// Removes the key's file; `false` if there was none.
@@ -419,6 +629,24 @@ fn sync_dir(path: &Path) {
     if let Ok(d) = std::fs::File::open(path) {
         let _ = d.sync_all();
     }
+}
+
+/// Refuses a KEK file other users can read or write: whoever reads it opens every key file.
+/// Group read stays allowed (`root:kesh 0640` is the layout docs/install.md gives).
+fn check_kek_file_mode(kek_file: &Path) -> Result<()> {
+    let m =
+        std::fs::metadata(kek_file).map_err(|e| io_error("cannot read KEK file", kek_file, e))?;
+    let mode = m.permissions().mode() & 0o777;
+    if mode & 0o007 != 0 {
+        return Err(KeystoreError::InvalidInput(format!(
+            "KEK file {} is open to other users (mode {mode:o}): `chmod 600` it, or 640 with the kesh group",
+            kek_file.display()
+        )));
+    }
+    if mode & 0o020 != 0 {
+        tracing::warn!(file = %kek_file.display(), mode = format!("{mode:o}"), "the KEK file is writable by its group");
+    }
+    Ok(())
 }
 
 fn parse_kek(text: &str) -> Option<Key32> {
@@ -493,5 +721,6 @@ fn decode_record(rec: &[u8], expected: &KeyName) -> Option<SoftKey> {
         },
         master: Zeroizing::new(*master),
         hmac: (has_hmac == 1).then(|| Zeroizing::new(*hmac)),
+        file: None,
     })
 }
