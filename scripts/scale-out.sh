@@ -414,12 +414,12 @@ profile_logged() {
 }
 check profile_logged
 
-# Both instances list every key made through the balancer. A listing serves the instance's index
-# and rescans the token when the index is older than 5 s, so keys created through the other
-# instance may take up to that long to appear: poll, bounded at 20 s.
+# Both instances list every key made through the balancer. A listing serves the instance's index,
+# which follows the other instance's creates within a second (the change marker, docs/scale-out.md):
+# poll every 0.1 s, bounded at 1 s.
 lists_all() {
   local addr=$1 body w r i missing
-  for ((i = 0; i < 40; i++)); do
+  for ((i = 0; i <= 10; i++)); do
     body=$(call 200 GET "$addr" '/v1/key/list/scale-*') || return 1
     missing=
     for ((w = 0; w < workers; w++)); do
@@ -428,10 +428,10 @@ lists_all() {
       done
     done
     if [ -z "$missing" ]; then
-      [ "$i" -gt 0 ] && say "listing on $addr complete after $i polls of 0.5 s"
+      [ "$i" -gt 0 ] && say "listing on $addr complete after $i polls of 0.1 s"
       return 0
     fi
-    sleep 0.5
+    sleep 0.1
   done
   echo "list on $addr still misses:$missing" >>"$work/failures"
   return 1

@@ -171,7 +171,7 @@ impl Server {
     }
 
     /// [`Server::start`] with variables in the server's environment (the config's `${VAR}`s).
-    fn start_env(extra: &str, keystore: &str, vars: &[(&str, &str)]) -> Self {
+    pub(crate) fn start_env(extra: &str, keystore: &str, vars: &[(&str, &str)]) -> Self {
         Self::start_full(extra, keystore, vars, None)
     }
 

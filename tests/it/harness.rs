@@ -67,6 +67,10 @@ pub struct Tokens {
     pub probe: Arc<EphemeralToken>,
     /// The server and `kesh migrate` of the MinIO guide's walk-through (`guide.rs`).
     pub guide: Arc<EphemeralToken>,
+    /// Two `kesh server` processes racing creates and deletes (`listing.rs`).
+    pub listing: Arc<EphemeralToken>,
+    /// Two `kesh server` processes listing past 1,024 keys while one churns (`listing.rs`).
+    pub listing_bulk: Arc<EphemeralToken>,
 }
 
 pub fn tokens() -> &'static Tokens {
@@ -89,6 +93,8 @@ pub fn tokens() -> &'static Tokens {
             migrate: Arc::new(token()),
             probe: Arc::new(token()),
             guide: Arc::new(token()),
+            listing: Arc::new(token()),
+            listing_bulk: Arc::new(token()),
         }
     })
 }
@@ -114,6 +120,41 @@ pub async fn pkcs11_with(
     Store {
         ks: Arc::new(ks.clone()),
         pkcs11: Some((ks, token)),
+    }
+}
+
+/// A raw session on the token, logged in, as an auditor's tool would open one.
+pub fn raw_session(
+    token: &EphemeralToken,
+) -> (cryptoki::context::Pkcs11, cryptoki::session::Session) {
+    use kesh::keystore::pkcs11::{device, TokenSelector};
+    let ctx = cryptoki::context::Pkcs11::new(&token.module).unwrap();
+    device::initialize(&ctx).unwrap();
+    let slot = device::find_slot(&ctx, &TokenSelector::Label(token.label.clone())).unwrap();
+    let s = ctx.open_rw_session(slot).unwrap();
+    device::login(&s, token.pin()).unwrap();
+    (ctx, s)
+}
+
+/// Writes ready gcm keys named `names` (under the `kesh/` prefix) straight to the token in
+/// kesh's layout: bulk loads through the create protocol would be quadratic (each create
+/// searches the whole token).
+pub fn write_ready_keys(token: &EphemeralToken, names: impl IntoIterator<Item = String>) {
+    use kesh::keystore::pkcs11::objects;
+    let (_ctx, s) = raw_session(token);
+    for (i, name) in names.into_iter().enumerate() {
+        let meta = objects::Meta::new(
+            objects::Role::Key,
+            &format!("{i:016x}"),
+            kesh::keystore::Scheme::Gcm,
+            kesh::crypto::kes::Algorithm::Aes256,
+            &who(),
+        )
+        .ready();
+        let label = format!("kesh/{name}");
+        let t = objects::master_template(&label, &meta, kesh::keystore::Scheme::Gcm, None);
+        s.generate_key(&cryptoki::mechanism::Mechanism::AesKeyGen, &t)
+            .unwrap();
     }
 }
 

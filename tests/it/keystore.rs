@@ -428,37 +428,15 @@ mod pkcs11_only {
     use std::process::Command;
     use std::time::Instant;
 
-    use cryptoki::context::Pkcs11;
     use cryptoki::mechanism::{Mechanism, MechanismType};
     use cryptoki::object::{Attribute, AttributeType, ObjectClass, ObjectHandle};
-    use cryptoki::session::{Session, UserType};
-    use cryptoki::types::AuthPin;
+    use cryptoki::session::Session;
     use kesh::keystore::pkcs11::softhsm::EphemeralToken;
     use kesh::keystore::pkcs11::{copies, device, objects, Pkcs11KeyStore, TokenSelector};
     use kesh::keystore::soft::SoftKeyStore;
     use kesh::keystore::KeyStore;
 
     use super::*;
-
-    /// A raw session on the token, as an auditor's tool would open one.
-    fn raw_session(token: &EphemeralToken) -> (Pkcs11, Session) {
-        let ctx = Pkcs11::new(&token.module).unwrap();
-        device::initialize(&ctx).unwrap();
-        let slot = device::find_slot(&ctx, &TokenSelector::Label(token.label.clone())).unwrap();
-        let s = ctx.open_rw_session(slot).unwrap();
-        match s.login(
-            UserType::User,
-            Some(&AuthPin::new(token.pin().expose().into())),
-        ) {
-            Ok(())
-            | Err(cryptoki::error::Error::Pkcs11(
-                cryptoki::error::RvError::UserAlreadyLoggedIn,
-                _,
-            )) => {}
-            Err(e) => panic!("login: {e}"),
-        }
-        (ctx, s)
-    }
 
     fn objects_labelled(s: &Session, label: &str) -> Vec<ObjectHandle> {
         s.find_objects(&[
@@ -539,7 +517,7 @@ mod pkcs11_only {
             store.generate(name, b"ctx").await.unwrap();
             store.hmac(name, b"msg").await.unwrap();
         }
-        let (_ctx, s) = raw_session(token);
+        let (_ctx, s) = harness::raw_session(token);
         for (name, scheme) in schemes {
             let handles = objects_labelled(&s, &format!("kesh/{name}"));
             assert_eq!(handles.len(), 2, "a master key and an HMAC key");
@@ -639,7 +617,7 @@ mod pkcs11_only {
         use kesh::config::keystore::KeystoreConfig;
         let token = harness::tokens().shared.clone();
         let serial = {
-            let (ctx, _s) = raw_session(&token);
+            let (ctx, _s) = harness::raw_session(&token);
             let slot = device::find_slot(&ctx, &TokenSelector::Label(token.label.clone())).unwrap();
             ctx.get_token_info(slot)
                 .unwrap()
@@ -669,7 +647,7 @@ mod pkcs11_only {
         let other = Pkcs11KeyStore::open(cfg).await.unwrap();
         let n = harness::name("prefixed");
         other.create(&n, harness::who()).await.unwrap();
-        let (_ctx, s) = raw_session(&token);
+        let (_ctx, s) = harness::raw_session(&token);
         assert_eq!(objects_labelled(&s, &format!("other-app/{n}")).len(), 2);
         // The default namespace does not see it, and may hold a key of the same name.
         let default = harness::pkcs11().await;
@@ -839,7 +817,7 @@ mod pkcs11_only {
             "ok"
         );
         store.describe(&theirs).await.unwrap();
-        // Listings come from the index, rescanned when older than LIST_RESCAN; a rescan now
+        // Listings come from the index, which the change-marker poll rescans; a rescan now
         // shows the other process's key.
         store
             .pkcs11
@@ -934,7 +912,7 @@ mod pkcs11_only {
                 "{outcomes:?}"
             );
             // Exactly one master and one HMAC object remain under the label.
-            let (_ctx, s) = raw_session(&token);
+            let (_ctx, s) = harness::raw_session(&token);
             assert_eq!(
                 objects_labelled(&s, &format!("kesh/{n}")).len(),
                 2,
@@ -1011,25 +989,9 @@ mod pkcs11_only {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn ten_thousand_keys() {
         let token = harness::tokens().bulk.clone();
-        let (_ctx, s) = raw_session(&token);
         let started = Instant::now();
-        let provenance = harness::who();
-        // Written straight to the token in kesh's layout (the create protocol's searches would
-        // make bulk loading quadratic); kesh must then find them all.
-        for i in 0..10_000 {
-            let meta = objects::Meta::new(
-                objects::Role::Key,
-                &format!("{i:016x}"),
-                Scheme::Gcm,
-                Algorithm::Aes256,
-                &provenance,
-            )
-            .ready();
-            let t = objects::master_template(&format!("kesh/bulk-{i}"), &meta, Scheme::Gcm, None);
-            s.generate_key(&Mechanism::AesKeyGen, &t).unwrap();
-        }
+        harness::write_ready_keys(&token, (0..10_000).map(|i| format!("bulk-{i}")));
         let populate = started.elapsed();
-        drop(s);
         let started = Instant::now();
         let ks = Pkcs11KeyStore::open(token.config()).await.unwrap();
         let open = started.elapsed();

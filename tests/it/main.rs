@@ -9,6 +9,7 @@ mod guide;
 mod harness;
 mod hostile;
 mod keystore;
+mod listing;
 mod packaging;
 mod soak;
 mod soft_dir;

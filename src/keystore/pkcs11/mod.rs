@@ -8,7 +8,11 @@
 //!
 //! Index: built from one scan at start, kept current on create/delete, refreshed on a miss
 //! (one targeted search at a time, with a short negative cache so floods of unknown names
-//! cost nothing), on a stale handle, and before listing when older than [`LIST_RESCAN`].
+//! cost nothing) and on a stale handle; every name the instance learns exists or is gone
+//! (a create conflict included) is in or out of it at once. Creates and deletes of other
+//! instances reach it through the token's change marker ([`changes`]), read every
+//! [`changes::POLL`]: a changed marker rescans the token, so listings, which read the index
+//! alone, follow other instances within the poll plus one scan.
 //!
 //! Recovery: a device-level return code (see [`error::classify`]) takes the device out of
 //! service at once (requests fail fast with `Unreachable`), waits for in-flight calls, then
@@ -18,6 +22,7 @@
 //! then waits for the operator, whose reload ([`Pkcs11KeyStore::new_pin`]) makes exactly one
 //! attempt.
 
+pub mod changes;
 pub mod copies;
 pub mod device;
 pub mod error;
@@ -57,9 +62,6 @@ use crate::crypto::{kes, kes::Algorithm, native};
 use crate::name::KeyName;
 use crate::secret::{Pin, SecretBytes};
 
-/// Listing rescans the token when the index is older than this, so keys made or removed by
-/// other kesh instances on the same token show up.
-pub const LIST_RESCAN: Duration = Duration::from_secs(5);
 /// A name searched for and not found is answered from memory for a while: ten times as long
 /// as the search took, within these bounds. Floods of one unknown name then cost at most a
 /// tenth of a worker, while on a small token a key another instance just created is found
@@ -140,6 +142,29 @@ struct Entry {
 struct Index {
     keys: HashMap<KeyName, Arc<Entry>>,
     scanned_at: Option<Instant>,
+    /// While a scan runs: what the instance learned meanwhile (an entry, or `None` for gone),
+    /// applied over the scan's result so the older scan cannot undo it.
+    learned_during_scan: Option<Vec<(KeyName, Option<Arc<Entry>>)>>,
+}
+
+impl Index {
+    fn scanned(keys: HashMap<KeyName, Arc<Entry>>) -> Self {
+        Index {
+            keys,
+            scanned_at: Some(Instant::now()),
+            learned_during_scan: None,
+        }
+    }
+
+    fn learn(&mut self, name: &KeyName, entry: Option<Arc<Entry>>) -> Option<Arc<Entry>> {
+        if let Some(learned) = &mut self.learned_during_scan {
+            learned.push((name.clone(), entry.clone()));
+        }
+        match entry {
+            Some(e) => self.keys.insert(name.clone(), e),
+            None => self.keys.remove(name),
+        }
+    }
 }
 
 /// Errors inside a blocking closure: a cryptoki code, or a verdict already made.
@@ -193,6 +218,11 @@ struct Inner {
     write_lock: Option<WriteLock>,
     /// Token searches made (index misses and full scans): requests for indexed keys make none.
     searches: AtomicU64,
+    /// The change marker as this instance last knew it to match its index ([`changes`]);
+    /// `None` forces a rescan at the next poll.
+    marker_seen: Mutex<Option<changes::Stamp>>,
+    /// This instance created or deleted a key since it last replaced the marker.
+    marker_due: AtomicBool,
 }
 
 impl fmt::Debug for Pkcs11KeyStore {
@@ -237,14 +267,16 @@ impl Pkcs11KeyStore {
             let session = device
                 .checkout(&ctx)
                 .map_err(|e| KeystoreError::Unreachable(e.to_string()))?;
-            let keys = scan(&session, &cfg.prefix, 0)
-                .map_err(|e| KeystoreError::Unreachable(e.to_string()))?;
+            let unreachable = |e: CkError| KeystoreError::Unreachable(e.to_string());
+            // Read before the scan: a change after it shows as a new marker.
+            let stamp = changes::read(&session, &cfg.prefix).map_err(unreachable)?;
+            let keys = scan(&session, &cfg.prefix, 0).map_err(unreachable)?;
             device.checkin(session);
-            Ok((ctx, cfg, device, keys, token_description))
+            Ok((ctx, cfg, device, keys, stamp, token_description))
         })
         .await
         .map_err(join_error)??;
-        let (ctx, cfg, device, keys, token_description) = opened;
+        let (ctx, cfg, device, keys, stamp, token_description) = opened;
         let write_lock = match &cfg.write_lock {
             Some(path) => Some(WriteLock::open(path).map_err(|e| {
                 KeystoreError::Unreachable(format!(
@@ -271,28 +303,27 @@ impl Pkcs11KeyStore {
             "pkcs11 keystore ready"
         );
         let pin = Mutex::new(cfg.pin.clone());
-        Ok(Pkcs11KeyStore {
-            inner: Arc::new(Inner {
-                workers,
-                calls: RwLock::new(()),
-                cfg,
-                ctx,
-                device: RwLock::new(Some(Arc::new(device))),
-                generation: AtomicU64::new(0),
-                index: RwLock::new(Index {
-                    keys,
-                    scanned_at: Some(Instant::now()),
-                }),
-                recovering: AtomicBool::new(false),
-                pin,
-                login_refused: AtomicBool::new(false),
-                last_failure: Mutex::new(String::new()),
-                misses: tokio::sync::Mutex::new(HashMap::new()),
-                token_description,
-                write_lock,
-                searches: AtomicU64::new(0),
-            }),
-        })
+        let inner = Arc::new(Inner {
+            workers,
+            calls: RwLock::new(()),
+            cfg,
+            ctx,
+            device: RwLock::new(Some(Arc::new(device))),
+            generation: AtomicU64::new(0),
+            index: RwLock::new(Index::scanned(keys)),
+            recovering: AtomicBool::new(false),
+            pin,
+            login_refused: AtomicBool::new(false),
+            last_failure: Mutex::new(String::new()),
+            misses: tokio::sync::Mutex::new(HashMap::new()),
+            token_description,
+            write_lock,
+            searches: AtomicU64::new(0),
+            marker_seen: Mutex::new(Some(stamp)),
+            marker_due: AtomicBool::new(false),
+        });
+        tokio::spawn(Inner::watch(Arc::downgrade(&inner)));
+        Ok(Pkcs11KeyStore { inner })
     }
 
     /// Keys currently in the index (for start-up reports and benchmarks).
@@ -458,10 +489,9 @@ impl Inner {
         .unwrap_or_else(|e| Err(ConnectError::Failed(e.to_string())));
         let (device, keys) = attempt?;
         let count = keys.len();
-        *self.index.write().unwrap_or_else(|e| e.into_inner()) = Index {
-            keys,
-            scanned_at: Some(Instant::now()),
-        };
+        *self.index.write().unwrap_or_else(|e| e.into_inner()) = Index::scanned(keys);
+        // Markers were not read with this scan: the next poll rescans.
+        *self.marker_seen.lock().unwrap_or_else(|e| e.into_inner()) = None;
         *self.device.write().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(device));
         self.login_refused.store(false, Ordering::Release);
         self.recovering.store(false, Ordering::Release);
@@ -499,8 +529,7 @@ impl Inner {
             .index
             .write()
             .unwrap_or_else(|e| e.into_inner())
-            .keys
-            .remove(name);
+            .learn(name, None);
         if let (Some(e), Ok(device)) = (gone, self.current_device()) {
             for h in [Some(e.master), e.hmac].into_iter().flatten() {
                 device.copies.forget(h);
@@ -513,8 +542,7 @@ impl Inner {
         self.index
             .write()
             .unwrap_or_else(|e| e.into_inner())
-            .keys
-            .insert(entry.info.name.clone(), entry.clone());
+            .learn(&entry.info.name, Some(entry.clone()));
         entry
     }
 
@@ -609,7 +637,11 @@ impl Inner {
         let _writes = TOKEN_WRITES.lock().await;
         let prefix = self.cfg.prefix.clone();
         self.searches.fetch_add(1, Ordering::Relaxed);
-        let keys = self
+        self.index
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .learned_during_scan = Some(Vec::new());
+        let scanned = self
             .run(move |s, d| {
                 let keys = scan(s, &prefix, d.generation)?;
                 let live: HashSet<_> = keys
@@ -625,12 +657,92 @@ impl Inner {
                 Ok(keys)
             })
             .await
-            .map_err(failure_to_error)?;
-        *self.index.write().unwrap_or_else(|e| e.into_inner()) = Index {
-            keys,
-            scanned_at: Some(Instant::now()),
-        };
+            .map_err(failure_to_error);
+        let mut index = self.index.write().unwrap_or_else(|e| e.into_inner());
+        let learned = index.learned_during_scan.take().unwrap_or_default();
+        let mut keys = scanned?;
+        for (name, entry) in learned {
+            match entry {
+                Some(e) => keys.insert(name, e),
+                None => keys.remove(&name),
+            };
+        }
+        *index = Index::scanned(keys);
         Ok(())
+    }
+
+    /// The change-marker poll, for as long as the keystore lives. Each [`changes::POLL`] it
+    /// replaces the marker if this instance changed the token since the last poll (one
+    /// marker write however many keys changed), then reads it, and rescans the token when
+    /// someone else changed it, or [`changes::FULL_RESCAN`] after the last scan. Rescans take
+    /// at most half of the time (a scan that took t waits t before the next), so a bulk load
+    /// on another instance cannot keep a worker scanning.
+    async fn watch(inner: std::sync::Weak<Self>) {
+        let mut next_scan_after = Instant::now();
+        loop {
+            tokio::time::sleep(changes::POLL).await;
+            let Some(inner) = inner.upgrade() else {
+                return;
+            };
+            if inner.current_device().is_err() {
+                continue;
+            }
+            let Ok(stamp) = inner.clone().poll_marker().await else {
+                continue;
+            };
+            let seen = inner
+                .marker_seen
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone();
+            let old = inner
+                .index
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .scanned_at
+                .is_none_or(|at| at.elapsed() > changes::FULL_RESCAN);
+            if (seen.as_ref() == Some(&stamp) && !old) || Instant::now() < next_scan_after {
+                continue;
+            }
+            let started = Instant::now();
+            match inner.rescan().await {
+                Ok(()) => {
+                    *inner.marker_seen.lock().unwrap_or_else(|e| e.into_inner()) = Some(stamp)
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "rescan after a change marker failed; next poll retries")
+                }
+            }
+            next_scan_after = Instant::now() + started.elapsed();
+        }
+    }
+
+    /// Replaces the marker when this instance's own changes are due, then returns the marker
+    /// as it is now.
+    async fn poll_marker(self: Arc<Self>) -> std::result::Result<changes::Stamp, Failure> {
+        // Not beside this process's own writes and scans (see TOKEN_WRITES).
+        let _writes = TOKEN_WRITES.lock().await;
+        let due = self.marker_due.swap(false, Ordering::AcqRel);
+        let inner = self.clone();
+        let polled = self
+            .run(move |s, _| {
+                if !due {
+                    return Ok(changes::read(s, &inner.cfg.prefix)?);
+                }
+                let _held = inner.hold_writes()?;
+                let (before, after) = changes::touch(s, &inner.cfg.prefix)?;
+                let mut seen = inner.marker_seen.lock().unwrap_or_else(|e| e.into_inner());
+                // Our own changes are in our index already; anyone else's are not.
+                if seen.as_ref() == Some(&before) {
+                    *seen = Some(after.clone());
+                }
+                Ok(after)
+            })
+            .await;
+        if due && polled.is_err() {
+            self.marker_due.store(true, Ordering::Release);
+        }
+        polled
     }
 
     /// The host-wide token write lock, when configured; taken on a worker thread.
@@ -648,16 +760,28 @@ impl Inner {
         let label = self.label(name);
         let key_name = name.clone();
         let inner = self.clone();
-        let entry = self
+        let created = self
             .run(move |s, d| {
                 let _held = inner.hold_writes()?;
                 create_on_token(s, &label, &key_name, spec, d.generation)
             })
             .await
-            .map_err(failure_to_error)?;
+            .map_err(failure_to_error);
         self.misses.lock().await.remove(name);
-        self.remember(entry);
-        Ok(())
+        match created {
+            Ok(entry) => {
+                self.remember(entry);
+                self.marker_due.store(true, Ordering::Release);
+                Ok(())
+            }
+            Err(KeystoreError::KeyExists) => {
+                // Another instance made it: this one now knows, and lists it.
+                drop(_writes);
+                let _ = self.entry(name, true).await;
+                Err(KeystoreError::KeyExists)
+            }
+            Err(e) => Err(e),
+        }
     }
 }
 
@@ -1273,16 +1397,8 @@ impl KeyStore for Pkcs11KeyStore {
     }
 
     async fn list(&self, prefix: &str) -> Result<Vec<KeyName>> {
-        let stale = self
-            .inner
-            .index
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .scanned_at
-            .is_none_or(|at| at.elapsed() > LIST_RESCAN);
-        if stale {
-            self.inner.rescan().await?;
-        }
+        // From the index alone: the change-marker poll keeps it current ([`changes`]).
+        self.inner.current_device()?;
         let index = self.inner.index.read().unwrap_or_else(|e| e.into_inner());
         let mut names: Vec<KeyName> = index
             .keys
@@ -1312,6 +1428,9 @@ impl KeyStore for Pkcs11KeyStore {
             })
             .await;
         self.inner.forget(name);
+        if result.is_ok() {
+            self.inner.marker_due.store(true, Ordering::Release);
+        }
         result
     }
 

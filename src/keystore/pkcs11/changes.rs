@@ -1,0 +1,85 @@
+//! The token's change marker: how kesh instances sharing a token learn that another one
+//! created or deleted a key without scanning the token.
+//!
+//! Every create and delete ends by replacing the marker: a `CKO_DATA` token object labelled
+//! with the label prefix alone (no key name is empty, so no key's label equals it) whose value
+//! is 16 fresh random bytes. Each instance reads the markers every [`POLL`] (one search, one
+//! read per marker) and rescans the token when they changed ([`super::Inner::watch`]). Two
+//! writers at once may leave two markers; the next write removes both, and a reader only
+//! compares sets of values, so no change goes unseen.
+//!
+//! Owns the marker objects and their cryptoki calls; knows nothing of keys or the index.
+
+use std::time::Duration;
+
+use cryptoki::error::Error as CkError;
+use cryptoki::object::{Attribute, AttributeType, ObjectClass, ObjectHandle};
+use cryptoki::session::Session;
+
+use super::error::{classify, Failure};
+
+/// How often each instance reads the marker.
+pub const POLL: Duration = Duration::from_millis(250);
+/// How often an instance rescans the token even when the marker says nothing changed: a
+/// create or delete that stopped before replacing the marker (a crash) shows up this late.
+pub const FULL_RESCAN: Duration = Duration::from_secs(60);
+
+/// The marker values found on the token, sorted: equal stamps mean no create or delete
+/// finished in between.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Stamp(Vec<Vec<u8>>);
+
+fn find(s: &Session, prefix: &str) -> Result<Vec<ObjectHandle>, CkError> {
+    s.find_objects(&[
+        Attribute::Class(ObjectClass::DATA),
+        Attribute::Token(true),
+        Attribute::Label(prefix.as_bytes().to_vec()),
+    ])
+}
+
+fn values(s: &Session, handles: &[ObjectHandle]) -> Result<Stamp, CkError> {
+    let mut values = Vec::with_capacity(handles.len());
+    for &h in handles {
+        match s.get_attributes(h, &[AttributeType::Value]) {
+            Ok(attrs) => values.extend(attrs.into_iter().filter_map(|a| match a {
+                Attribute::Value(v) => Some(v),
+                _ => None,
+            })),
+            // Replaced by another writer between the search and the read.
+            Err(e) if matches!(classify(&e), Failure::StaleHandle) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    values.sort();
+    Ok(Stamp(values))
+}
+
+/// The markers as they are now.
+pub fn read(s: &Session, prefix: &str) -> Result<Stamp, CkError> {
+    values(s, &find(s, prefix)?)
+}
+
+/// Replaces the markers with a fresh one. Returns the stamp before and after: when `before`
+/// is what this instance last saw, nobody else changed the token in between, and `after` is
+/// what the instance has now seen.
+pub fn touch(s: &Session, prefix: &str) -> Result<(Stamp, Stamp), CkError> {
+    let old = find(s, prefix)?;
+    let before = values(s, &old)?;
+    let mut value = [0u8; 16];
+    s.generate_random_slice(&mut value)?;
+    // The new marker first: the token always has one, and readers never see an empty set
+    // that could equal an earlier empty one.
+    s.create_object(&[
+        Attribute::Class(ObjectClass::DATA),
+        Attribute::Token(true),
+        Attribute::Private(true),
+        Attribute::Label(prefix.as_bytes().to_vec()),
+        Attribute::Application(b"kesh change marker".to_vec()),
+        Attribute::Value(value.to_vec()),
+    ])?;
+    for h in old {
+        // Another writer may have removed it already.
+        let _ = s.destroy_object(h);
+    }
+    Ok((before, read(s, prefix)?))
+}
