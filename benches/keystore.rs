@@ -14,7 +14,7 @@ mod common;
 use std::sync::Arc;
 
 use criterion::{criterion_group, BenchmarkId, Criterion};
-use kesh::keystore::pkcs11::softhsm::EphemeralToken;
+use kesh::keystore::pkcs11::ephemeral::EphemeralToken;
 use kesh::keystore::pkcs11::Pkcs11KeyStore;
 use kesh::keystore::soft::SoftKeyStore;
 use kesh::keystore::{KeyStore, Provenance};
@@ -177,5 +177,5 @@ criterion_group! {
 fn main() {
     benches();
     Criterion::default().configure_from_args().final_summary();
-    kesh::keystore::pkcs11::softhsm::cleanup();
+    kesh::keystore::pkcs11::ephemeral::cleanup();
 }

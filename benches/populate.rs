@@ -19,7 +19,7 @@ fn main() {
         .ok()
         .and_then(|n| n.parse().ok())
         .unwrap_or(10);
-    let module = kesh::keystore::pkcs11::softhsm::module_path()
+    let module = kesh::keystore::pkcs11::ephemeral::module_path()
         .expect("SoftHSM is required: apt-get install softhsm2");
     let started = std::time::Instant::now();
     common::populate(&module, &label, &pin, 0, keys);

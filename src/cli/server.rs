@@ -118,10 +118,10 @@ async fn run_dev(addr: Option<&str>) -> Result<(), Fatal> {
     // The token lives as long as the server: dropping it would delete the keys under it.
     let (keystore, _token): (
         Arc<dyn KeyStore>,
-        Option<kesh::keystore::pkcs11::softhsm::EphemeralToken>,
-    ) = if kesh::keystore::pkcs11::softhsm::module_path().is_some() {
-        kesh::keystore::pkcs11::softhsm::use_private_token_dir();
-        let token = kesh::keystore::pkcs11::softhsm::EphemeralToken::create()?;
+        Option<kesh::keystore::pkcs11::ephemeral::EphemeralToken>,
+    ) = if kesh::keystore::pkcs11::ephemeral::module_path().is_some() {
+        kesh::keystore::pkcs11::ephemeral::use_private_token_dir();
+        let token = kesh::keystore::pkcs11::ephemeral::EphemeralToken::create()?;
         let ks = kesh::keystore::pkcs11::Pkcs11KeyStore::open(token.config()).await?;
         (Arc::new(ks), Some(token))
     } else {
@@ -150,7 +150,7 @@ async fn run_dev(addr: Option<&str>) -> Result<(), Fatal> {
     banner(&service, local, admin.as_str(), Some(&api_key), true);
     spawn_signals(server.handle(), None);
     server.run().await?;
-    kesh::keystore::pkcs11::softhsm::cleanup();
+    kesh::keystore::pkcs11::ephemeral::cleanup();
     Ok(())
 }
 

@@ -18,7 +18,7 @@ use std::time::Duration;
 use serde_yaml::Value;
 
 use super::ConfigError;
-use crate::keystore::pkcs11::{IvSource, Pkcs11Config, Pkcs11KeyStore, TokenSelector};
+use crate::keystore::pkcs11::{profile, IvSource, Pkcs11Config, Pkcs11KeyStore, TokenSelector};
 use crate::keystore::soft::SoftKeyStore;
 use crate::keystore::{KeyStore, KeystoreError, Scheme};
 use crate::secret::Pin;
@@ -46,71 +46,6 @@ pub struct SoftConfig {
 pub struct SoftDir {
     pub path: PathBuf,
     pub kek_file: PathBuf,
-}
-
-/// Defaults per HSM family (`hsm-config/profiles/*.yaml` documents the reasons).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Profile {
-    pub name: &'static str,
-    pub sessions: usize,
-    pub iv: IvSource,
-    pub scheme: Scheme,
-    /// Whether keys are used through session copies (`session_keys`, see
-    /// `keystore::pkcs11::copies`): only where token objects are slow to use.
-    pub session_keys: bool,
-}
-
-pub const PROFILES: &[Profile] = &[
-    // SoftHSM serialises threads within one process: two sessions measured fastest.
-    Profile {
-        name: "softhsm",
-        sessions: 2,
-        iv: IvSource::Caller,
-        scheme: Scheme::Gcm,
-        session_keys: true,
-    },
-    Profile {
-        name: "luna",
-        sessions: 16,
-        iv: IvSource::Caller,
-        scheme: Scheme::Gcm,
-        session_keys: false,
-    },
-    // nShield's IV handling is not verified here: kesh draws the IVs, which fails closed on a
-    // module that insists on its own (hsm-config/profiles/nshield.yaml).
-    Profile {
-        name: "nshield",
-        sessions: 16,
-        iv: IvSource::Caller,
-        scheme: Scheme::Gcm,
-        session_keys: false,
-    },
-    Profile {
-        name: "cloudhsm",
-        sessions: 32,
-        iv: IvSource::Device,
-        scheme: Scheme::Gcm,
-        session_keys: false,
-    },
-    // No CKM_AES_GCM or CKM_AES_KEY_WRAP_PAD on a YubiHSM 2: only HMAC-based `kes` works.
-    Profile {
-        name: "yubihsm",
-        sessions: 4,
-        iv: IvSource::Caller,
-        scheme: Scheme::Kes,
-        session_keys: false,
-    },
-    Profile {
-        name: "utimaco",
-        sessions: 16,
-        iv: IvSource::Caller,
-        scheme: Scheme::Gcm,
-        session_keys: false,
-    },
-];
-
-pub fn profile(name: &str) -> Option<&'static Profile> {
-    PROFILES.iter().find(|p| p.name.eq_ignore_ascii_case(name))
 }
 
 impl KeystoreConfig {
@@ -329,8 +264,8 @@ fn parse_pkcs11(value: &Value) -> Result<Pkcs11Config, ConfigError> {
         }
     };
     let profile = match s.string("profile")? {
-        Some(name) => Some(*profile(&name).ok_or_else(|| {
-            let names: Vec<_> = PROFILES.iter().map(|p| p.name).collect();
+        Some(name) => Some(profile::by_name(&name).ok_or_else(|| {
+            let names: Vec<_> = profile::PROFILES.iter().map(|p| p.name).collect();
             ConfigError::new(
                 s.field("profile"),
                 format!("unknown profile '{name}'; known: {}", names.join(", ")),
@@ -338,20 +273,17 @@ fn parse_pkcs11(value: &Value) -> Result<Pkcs11Config, ConfigError> {
         })?),
         None => None,
     };
-    let sessions = s
-        .number("sessions")?
-        .or(profile.map(|p| p.sessions))
-        .unwrap_or(4);
-    if sessions == 0 || sessions > 1024 {
+    let sessions = s.number("sessions")?;
+    if sessions.is_some_and(|n| n == 0 || n > 1024) {
         return Err(ConfigError::new(
             s.field("sessions"),
             "must be between 1 and 1024",
         ));
     }
     let iv = match s.string("iv")?.as_deref() {
-        None => profile.map_or(IvSource::Caller, |p| p.iv),
-        Some("caller") => IvSource::Caller,
-        Some("device") => IvSource::Device,
+        None => None,
+        Some("caller") => Some(IvSource::Caller),
+        Some("device") => Some(IvSource::Device),
         Some(other) => {
             return Err(ConfigError::new(
                 s.field("iv"),
@@ -368,28 +300,19 @@ fn parse_pkcs11(value: &Value) -> Result<Pkcs11Config, ConfigError> {
         token,
         pin,
         prefix,
-        sessions,
-        scheme: s
-            .scheme("scheme")?
-            .or(profile.map(|p| p.scheme))
-            .unwrap_or(Scheme::Gcm),
-        iv,
         session_wait: s
             .duration("session_wait")?
             .unwrap_or(Duration::from_secs(2)),
-        session_keys: s
-            .boolean("session_keys")?
-            .or(profile.map(|p| p.session_keys))
-            .unwrap_or(false),
+        profile,
+        sessions,
+        scheme: s.scheme("scheme")?,
+        iv,
+        session_keys: s.boolean("session_keys")?,
         write_lock: match s.string("write_lock")?.as_deref() {
-            Some("none") => None,
-            Some(path) => Some(PathBuf::from(path)),
-            None if profile.is_some_and(|p| p.name == "softhsm") => {
-                crate::keystore::pkcs11::softhsm::write_lock_path()
-            }
+            Some("none") => Some(None),
+            Some(path) => Some(Some(PathBuf::from(path))),
             None => None,
         },
-        profile: profile.map(|p| p.name),
     })
 }
 
@@ -436,7 +359,9 @@ mod tests {
         let KeystoreConfig::Pkcs11(c) = cfg else {
             panic!("not pkcs11")
         };
-        assert_eq!(c.sessions, 2);
+        assert_eq!(c.profile.map(|p| p.name), Some("softhsm"));
+        // Left to the profile, resolved when the module is known.
+        assert_eq!(c.sessions, None);
         assert_eq!(c.prefix, "kesh/");
         assert_eq!(c.token, TokenSelector::Label("kesh".into()));
         assert!(!format!("{c:?}").contains("1234"), "PIN leaked into Debug");

@@ -6,7 +6,7 @@
 
 use std::sync::Arc;
 
-use kesh::keystore::pkcs11::softhsm::EphemeralToken;
+use kesh::keystore::pkcs11::ephemeral::EphemeralToken;
 use kesh::keystore::pkcs11::Pkcs11KeyStore;
 use kesh::keystore::soft::SoftKeyStore;
 use kesh::keystore::{KeyStore, Provenance};
@@ -36,7 +36,7 @@ impl Store {
     /// A store on the same backend (and token) whose creates use `scheme`.
     pub async fn creating(&self, scheme: kesh::keystore::Scheme) -> Store {
         match &self.pkcs11 {
-            Some((_, token)) => pkcs11_with(token.clone(), |c| c.scheme = scheme).await,
+            Some((_, token)) => pkcs11_with(token.clone(), |c| c.scheme = Some(scheme)).await,
             None => Store {
                 ks: Arc::new(SoftKeyStore::in_memory().with_scheme(scheme)),
                 pkcs11: None,

@@ -431,7 +431,7 @@ mod pkcs11_only {
     use cryptoki::mechanism::{Mechanism, MechanismType};
     use cryptoki::object::{Attribute, AttributeType, ObjectClass, ObjectHandle};
     use cryptoki::session::Session;
-    use kesh::keystore::pkcs11::softhsm::EphemeralToken;
+    use kesh::keystore::pkcs11::ephemeral::EphemeralToken;
     use kesh::keystore::pkcs11::{copies, device, objects, Pkcs11KeyStore, TokenSelector};
     use kesh::keystore::soft::SoftKeyStore;
     use kesh::keystore::KeyStore;
@@ -664,7 +664,7 @@ mod pkcs11_only {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn device_ivs_that_never_come_back_are_refused() {
         let store = harness::pkcs11_with(harness::tokens().shared.clone(), |c| {
-            c.iv = kesh::keystore::pkcs11::IvSource::Device
+            c.iv = Some(kesh::keystore::pkcs11::IvSource::Device)
         })
         .await;
         let n = harness::name("zero-iv");
@@ -861,7 +861,7 @@ mod pkcs11_only {
         // With copies off, crypto operations notice the delete at once, like describe.
         let other = harness::name("other");
         let plain = harness::pkcs11_with(harness::tokens().processes.clone(), |c| {
-            c.session_keys = false
+            c.session_keys = Some(false)
         })
         .await;
         plain.create(&other, harness::who()).await.unwrap();
@@ -1084,7 +1084,7 @@ fn hsm_config_files_validate() {
                 panic!("{}: a profile must configure `pkcs11:`", path.display())
             };
             assert_eq!(
-                cfg.profile,
+                cfg.profile.map(|p| p.name),
                 Some(stem),
                 "{}: profile file names another profile",
                 path.display()

@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use kesh::keystore::pkcs11::softhsm::EphemeralToken;
+use kesh::keystore::pkcs11::ephemeral::EphemeralToken;
 
 use crate::cli::Server;
 use crate::harness;

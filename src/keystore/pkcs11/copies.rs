@@ -1,7 +1,8 @@
 //! Session-object copies of master and HMAC keys (`session_keys: true`).
 //!
-//! SoftHSM re-reads a token object's file (open, lock, read, close) on every use, which doubles
-//! the cost of a seal; its session objects live in memory. With `session_keys`, kesh uses each
+//! Some software tokens re-read a token object's file (open, lock, read, close) on every use,
+//! which doubles the cost of a seal, while their session objects live in memory; their
+//! profiles turn copies on ([`super::profile`]). With `session_keys`, kesh uses each
 //! key through a copy made on the device with `C_CopyObject` (`CKA_TOKEN` false): the copy is
 //! made and kept inside the HSM, stays sensitive and non-extractable (PKCS#11 lets a copy
 //! tighten those, never loosen them) and keeps `CKA_ALLOWED_MECHANISMS`. It dies with the

@@ -15,8 +15,9 @@ use cryptoki::types::AuthPin;
 
 use super::copies::SessionCopies;
 use super::error::TagFailures;
+use super::profile::{self, Profile};
 use super::raw::RawCalls;
-use super::{Pkcs11Config, TokenSelector};
+use super::{Pkcs11Config, Settings, TokenSelector};
 use crate::secret::Pin;
 
 pub struct Device {
@@ -90,7 +91,8 @@ pub fn find_slot(ctx: &Pkcs11, token: &TokenSelector) -> Result<Slot, ConnectErr
 }
 
 /// [`find_slot`]; with `reinitialize`, an unreadable token list also re-initializes the
-/// module between attempts. SoftHSM reads each token's file once, at `C_Initialize`: a token
+/// module between attempts (profiles with `reinit_on_unreadable_slots`). Some software tokens
+/// read each token's file once, at `C_Initialize`: a token
 /// another process was rewriting at that moment stays unreadable (CKR_GENERAL_ERROR, or a
 /// blank label), or is left out of the slot list altogether, until the module is initialized
 /// again. Only for a caller that owns the module in its process (connecting a keystore), since
@@ -147,7 +149,7 @@ fn find_slot_once(ctx: &Pkcs11, token: &TokenSelector) -> Result<Slot, (ConnectE
             info.serial_number().trim_end().to_owned(),
         );
         if label.is_empty() && serial.is_empty() {
-            // SoftHSM read a token file another process was rewriting: look again.
+            // A token file read while another process rewrote it: look again.
             unreadable = true;
             continue;
         }
@@ -173,26 +175,40 @@ fn find_slot_once(ctx: &Pkcs11, token: &TokenSelector) -> Result<Slot, (ConnectE
     ))
 }
 
+/// The profile of the module `ctx` has loaded (initialized) for the token `token`, from the
+/// library's manufacturer ID and, where the token can be found, its own.
+pub fn detect_profile(ctx: &Pkcs11, token: &TokenSelector) -> &'static Profile {
+    let library = ctx
+        .get_library_info()
+        .map(|i| i.manufacturer_id().to_owned())
+        .unwrap_or_default();
+    let token = find_slot_once(ctx, token)
+        .ok()
+        .and_then(|slot| ctx.get_token_info(slot).ok())
+        .map(|i| i.manufacturer_id().to_owned());
+    profile::detect(&library, token.as_deref())
+}
+
 impl Device {
     /// Opens the login session and logs in as the user with `pin`: exactly one `C_Login`.
     pub fn connect(
         ctx: &Pkcs11,
         cfg: &Pkcs11Config,
+        settings: &Settings,
         pin: &Pin,
         generation: u64,
     ) -> Result<Self, ConnectError> {
         initialize(ctx)?;
-        let slot = find_slot_with(ctx, &cfg.token, true)?;
+        let reinitialize = settings.profile.reinit_on_unreadable_slots;
+        let slot = find_slot_with(ctx, &cfg.token, reinitialize)?;
         let session = ctx.open_rw_session(slot).map_err(ck("C_OpenSession"))?;
         login(&session, pin)?;
         Ok(Device {
             slot,
             generation,
             idle: Mutex::new(Vec::new()),
-            copies: SessionCopies::new(cfg.session_keys),
-            tag_failures: ctx.get_library_info().map_or(TagFailures::Standard, |i| {
-                TagFailures::of(i.manufacturer_id())
-            }),
+            copies: SessionCopies::new(settings.session_keys),
+            tag_failures: settings.profile.tag_failures,
             raw: RawCalls::of_loaded(&cfg.module),
             _login: Mutex::new(session),
         })

@@ -54,24 +54,14 @@ pub fn classify(err: &CkError) -> Failure {
     }
 }
 
-/// How a module reports a failed integrity check when unsealing (GCM tag, KWP check).
+/// How a module reports a failed integrity check when unsealing (GCM tag, KWP check); each
+/// [`super::Profile`] says which.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TagFailures {
     /// `CKR_ENCRYPTED_DATA_INVALID` / `CKR_WRAPPED_KEY_INVALID`, as the standard says.
     Standard,
-    /// SoftHSM: `CKR_GENERAL_ERROR` (or `CKR_FUNCTION_FAILED`) from `C_Decrypt`/`C_UnwrapKey`.
+    /// `CKR_GENERAL_ERROR` (or `CKR_FUNCTION_FAILED`) from `C_Decrypt`/`C_UnwrapKey`.
     GeneralError,
-}
-
-impl TagFailures {
-    /// The quirk of the module whose library manufacturer is `manufacturer`.
-    pub fn of(manufacturer: &str) -> Self {
-        if manufacturer.trim().eq_ignore_ascii_case("SoftHSM") {
-            TagFailures::GeneralError
-        } else {
-            TagFailures::Standard
-        }
-    }
 }
 
 /// [`classify`] for the unsealing calls, reading a module's own way of saying "not authentic"
@@ -97,11 +87,11 @@ mod tests {
     fn a_general_error_means_not_authentic_only_where_the_module_says_so() {
         let general = CkError::Pkcs11(RvError::GeneralError, Function::Decrypt);
         assert_eq!(
-            classify_unseal(&general, TagFailures::of("SoftHSM")),
+            classify_unseal(&general, TagFailures::GeneralError),
             Failure::Request(KeystoreError::NotAuthentic)
         );
         assert!(matches!(
-            classify_unseal(&general, TagFailures::of("SafeNet, Inc.")),
+            classify_unseal(&general, TagFailures::Standard),
             Failure::Request(KeystoreError::Backend(_))
         ));
         let standard = CkError::Pkcs11(RvError::EncryptedDataInvalid, Function::Decrypt);

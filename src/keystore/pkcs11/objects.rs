@@ -10,7 +10,7 @@
 //! extractable; no derive, sign, verify, wrap or unwrap unless the scheme needs it; and
 //! `CKA_ALLOWED_MECHANISMS` is exactly the scheme's mechanism.
 
-use cryptoki::mechanism::MechanismType;
+use cryptoki::mechanism::{Mechanism, MechanismType};
 use cryptoki::object::{Attribute, KeyType, ObjectClass};
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
@@ -118,32 +118,32 @@ pub fn scheme_mechanism(scheme: Scheme) -> MechanismType {
     }
 }
 
-fn common(label: &str, meta: &Meta) -> Vec<Attribute> {
+/// What every master key is, token object or not: private, sensitive, never extractable, no
+/// derive.
+fn protected(token: bool) -> Vec<Attribute> {
     vec![
         Attribute::Class(ObjectClass::SECRET_KEY),
-        Attribute::Token(true),
+        Attribute::Token(token),
         Attribute::Private(true),
         Attribute::Sensitive(true),
         Attribute::Extractable(false),
         Attribute::Derive(false),
-        Attribute::Label(label.as_bytes().to_vec()),
-        Attribute::Id(meta.encode()),
     ]
 }
 
-/// The master key's template. `value` is `Some` for imported material (C_CreateObject) and
-/// `None` for a key the device generates (C_GenerateKey).
-pub fn master_template(
-    label: &str,
-    meta: &Meta,
-    scheme: Scheme,
-    value: Option<Vec<u8>>,
-) -> Vec<Attribute> {
-    let mut t = common(label, meta);
+fn common(label: &str, meta: &Meta) -> Vec<Attribute> {
+    let mut t = protected(true);
+    t.push(Attribute::Label(label.as_bytes().to_vec()));
+    t.push(Attribute::Id(meta.encode()));
+    t
+}
+
+/// The key type, usage flags and allowed mechanism of a scheme's master key.
+fn scheme_attributes(scheme: Scheme) -> [Attribute; 8] {
     let kwp = scheme == Scheme::Kwp;
     let gcm = scheme == Scheme::Gcm;
     let kes = scheme == Scheme::Kes;
-    t.extend([
+    [
         Attribute::KeyType(if kes {
             KeyType::GENERIC_SECRET
         } else {
@@ -157,11 +157,41 @@ pub fn master_template(
         Attribute::Sign(kes),
         Attribute::Verify(false),
         Attribute::AllowedMechanisms(vec![scheme_mechanism(scheme)]),
-    ]);
+    ]
+}
+
+/// The mechanism that generates a scheme's master key on the device.
+pub fn keygen_mechanism(scheme: Scheme) -> Mechanism<'static> {
+    match scheme {
+        Scheme::Gcm | Scheme::Kwp => Mechanism::AesKeyGen,
+        Scheme::Kes => Mechanism::GenericSecretKeyGen,
+    }
+}
+
+/// The master key's template. `value` is `Some` for imported material (C_CreateObject) and
+/// `None` for a key the device generates (C_GenerateKey).
+pub fn master_template(
+    label: &str,
+    meta: &Meta,
+    scheme: Scheme,
+    value: Option<Vec<u8>>,
+) -> Vec<Attribute> {
+    let mut t = common(label, meta);
+    t.extend(scheme_attributes(scheme));
     match value {
         Some(v) => t.push(Attribute::Value(v)),
         None => t.push(Attribute::ValueLen(32.into())),
     }
+    t
+}
+
+/// A session object with every attribute of a master key of `scheme` but its label and
+/// metadata: what `kesh hsm probe` tests a device with, so the probe's verdict is the
+/// keystore's.
+pub fn probe_template(scheme: Scheme) -> Vec<Attribute> {
+    let mut t = protected(false);
+    t.extend(scheme_attributes(scheme));
+    t.push(Attribute::ValueLen(32.into()));
     t
 }
 

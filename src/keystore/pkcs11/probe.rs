@@ -17,13 +17,14 @@ use cryptoki::context::Pkcs11;
 use cryptoki::error::Error as CkError;
 use cryptoki::mechanism::aead::GcmParams;
 use cryptoki::mechanism::{Mechanism, MechanismType};
-use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass, ObjectHandle};
+use cryptoki::object::{Attribute, AttributeType, ObjectHandle};
 use cryptoki::session::Session;
 use cryptoki::slot::Limit;
 use serde::Serialize;
 
 use super::device::{self, find_slot, initialize};
-use super::TokenSelector;
+use super::{objects, profile, TokenSelector};
+use crate::keystore::Scheme;
 use crate::secret::Pin;
 
 /// What to probe: a module, and optionally one token on it with its PIN.
@@ -135,6 +136,8 @@ pub struct TokenReport {
     pub rw_sessions: Option<u64>,
     pub schemes: Vec<SchemeCheck>,
     pub gcm_iv: IvFinding,
+    /// The profile kesh detects for this module and token (`generic` when none matches).
+    pub profile: &'static str,
     /// `gcm` when it works, else `kwp`, else `kes`; `None` when none does.
     pub recommended_scheme: Option<&'static str>,
     pub recommended_sessions: usize,
@@ -164,7 +167,7 @@ fn ck(what: &'static str) -> impl Fn(CkError) -> ProbeError {
 pub fn probe(target: &ProbeTarget) -> Result<ProbeReport, ProbeError> {
     let ctx = Pkcs11::new(&target.module).map_err(|e| {
         ProbeError(format!(
-            "cannot load the PKCS#11 module '{}': {e}; check the path (for SoftHSM: /usr/lib/softhsm/libsofthsm2.so)",
+            "cannot load the PKCS#11 module '{}': {e}; check the path (`kesh hsm probe` takes the vendor's .so file)",
             target.module.display()
         ))
     })?;
@@ -197,7 +200,7 @@ pub fn probe(target: &ProbeTarget) -> Result<ProbeReport, ProbeError> {
     }
     let token = match &target.token {
         None => None,
-        Some(sel) => Some(probe_token(&ctx, target, sel)?),
+        Some(sel) => Some(probe_token(&ctx, target, sel, &library.manufacturer)?),
     };
     Ok(ProbeReport {
         module: target.module.display().to_string(),
@@ -211,6 +214,7 @@ fn probe_token(
     ctx: &Pkcs11,
     target: &ProbeTarget,
     sel: &TokenSelector,
+    library_manufacturer: &str,
 ) -> Result<TokenReport, ProbeError> {
     let slot = find_slot(ctx, sel).map_err(|e| ProbeError(e.to_string()))?;
     let pin = target.pin.as_ref().ok_or_else(|| {
@@ -268,10 +272,9 @@ fn probe_token(
     let _ = session.logout();
     drop(session);
     let max_rw_sessions = SessionLimit::from(info.max_rw_session_count());
-    let softhsm = summary.manufacturer.contains("SoftHSM") || summary.model.contains("SoftHSM");
-    // SoftHSM serialises threads inside one process: two sessions measured fastest. For other
-    // devices start at 8 and stay below the token's own limit (one session is kesh's login).
-    let mut sessions: usize = if softhsm { 2 } else { 8 };
+    let detected = profile::detect(library_manufacturer, Some(&summary.manufacturer));
+    // The profile's pool size, below the token's own limit (one session is kesh's login).
+    let mut sessions = detected.sessions;
     if let SessionLimit::Max(n) = max_rw_sessions {
         let cap = usize::try_from(n.saturating_sub(1))
             .unwrap_or(usize::MAX)
@@ -288,6 +291,7 @@ fn probe_token(
         rw_sessions: info.rw_session_count(),
         schemes,
         gcm_iv,
+        profile: detected.name,
         recommended_scheme: None,
         recommended_sessions: sessions,
         recommended_config: String::new(),
@@ -297,12 +301,12 @@ fn probe_token(
     } else if report.supports("kwp") {
         Some("kwp")
     } else if report.supports("kes") {
-        // HMAC on the device, AES-GCM in kesh: what a YubiHSM 2 can do.
+        // HMAC on the device, AES-GCM in kesh: for devices with neither GCM nor KWP.
         Some("kes")
     } else {
         None
     };
-    report.recommended_config = recommended_config(&target.module, sel, &report, softhsm);
+    report.recommended_config = recommended_config(&target.module, sel, &report);
     Ok(report)
 }
 
@@ -322,32 +326,13 @@ fn verdict(
     }
 }
 
-/// A temporary AES-256 key with the attributes of a kesh master key of that scheme.
-fn session_key(
-    s: &Session,
-    key_type: KeyType,
-    usage: &[Attribute],
-    mechanism: MechanismType,
-) -> Result<ObjectHandle, String> {
-    let mut t = vec![
-        Attribute::Class(ObjectClass::SECRET_KEY),
-        Attribute::KeyType(key_type),
-        Attribute::Token(false),
-        Attribute::Private(true),
-        Attribute::Sensitive(true),
-        Attribute::Extractable(false),
-        Attribute::Derive(false),
-        Attribute::ValueLen(32.into()),
-        Attribute::AllowedMechanisms(vec![mechanism]),
-    ];
-    t.extend_from_slice(usage);
-    let gen = if key_type == KeyType::AES {
-        Mechanism::AesKeyGen
-    } else {
-        Mechanism::GenericSecretKeyGen
-    };
-    s.generate_key(&gen, &t)
-        .map_err(|e| format!("C_GenerateKey: {e}"))
+/// A temporary session key made with the keystore's own master-key template for `scheme`.
+fn session_key(s: &Session, scheme: Scheme) -> Result<ObjectHandle, String> {
+    s.generate_key(
+        &objects::keygen_mechanism(scheme),
+        &objects::probe_template(scheme),
+    )
+    .map_err(|e| format!("C_GenerateKey: {e}"))
 }
 
 /// Destroys a session key on every path.
@@ -370,15 +355,7 @@ fn gcm_encrypt(
 }
 
 fn check_gcm(s: &Session) -> (Result<(), String>, IvFinding) {
-    let usage = [
-        Attribute::Encrypt(true),
-        Attribute::Decrypt(true),
-        Attribute::Wrap(false),
-        Attribute::Unwrap(false),
-        Attribute::Sign(false),
-        Attribute::Verify(false),
-    ];
-    let key = match session_key(s, KeyType::AES, &usage, MechanismType::AES_GCM) {
+    let key = match session_key(s, Scheme::Gcm) {
         Ok(k) => Temp(s, k),
         Err(e) => return (Err(e), IvFinding::Unknown),
     };
@@ -428,40 +405,15 @@ fn check_gcm(s: &Session) -> (Result<(), String>, IvFinding) {
 }
 
 fn check_kwp(s: &Session) -> Result<(), String> {
-    let usage = [
-        Attribute::Encrypt(false),
-        Attribute::Decrypt(false),
-        Attribute::Wrap(true),
-        Attribute::Unwrap(true),
-        Attribute::Sign(false),
-        Attribute::Verify(false),
-    ];
-    let kek = Temp(
-        s,
-        session_key(s, KeyType::AES, &usage, MechanismType::AES_KEY_WRAP_PAD)?,
-    );
+    let kek = Temp(s, session_key(s, Scheme::Kwp)?);
     // What the `kwp` scheme wraps: DEK ‖ SHA-256(context), 64 bytes, as a readable session
     // object.
     let mut value = vec![0u8; 64];
     s.generate_random_slice(&mut value)
         .map_err(|e| format!("C_GenerateRandom: {e}"))?;
-    let transient = |v: Option<Vec<u8>>| {
-        let mut t = vec![
-            Attribute::Class(ObjectClass::SECRET_KEY),
-            Attribute::KeyType(KeyType::GENERIC_SECRET),
-            Attribute::Token(false),
-            Attribute::Private(true),
-            Attribute::Sensitive(false),
-            Attribute::Extractable(true),
-        ];
-        if let Some(v) = v {
-            t.push(Attribute::Value(v));
-        }
-        t
-    };
     let obj = Temp(
         s,
-        s.create_object(&transient(Some(value.clone())))
+        s.create_object(&objects::transient_template(value.clone()))
             .map_err(|e| format!("C_CreateObject: {e}"))?,
     );
     let wrapped = s
@@ -469,8 +421,13 @@ fn check_kwp(s: &Session) -> Result<(), String> {
         .map_err(|e| format!("C_WrapKey: {e}"))?;
     let back = Temp(
         s,
-        s.unwrap_key(&Mechanism::AesKeyWrapPad, kek.1, &wrapped, &transient(None))
-            .map_err(|e| format!("C_UnwrapKey: {e}"))?,
+        s.unwrap_key(
+            &Mechanism::AesKeyWrapPad,
+            kek.1,
+            &wrapped,
+            &objects::transient_unwrap_template(),
+        )
+        .map_err(|e| format!("C_UnwrapKey: {e}"))?,
     );
     let attrs = s
         .get_attributes(back.1, &[AttributeType::Value])
@@ -482,23 +439,7 @@ fn check_kwp(s: &Session) -> Result<(), String> {
 }
 
 fn check_kes(s: &Session) -> Result<(), String> {
-    let usage = [
-        Attribute::Encrypt(false),
-        Attribute::Decrypt(false),
-        Attribute::Wrap(false),
-        Attribute::Unwrap(false),
-        Attribute::Sign(true),
-        Attribute::Verify(false),
-    ];
-    let key = Temp(
-        s,
-        session_key(
-            s,
-            KeyType::GENERIC_SECRET,
-            &usage,
-            MechanismType::SHA256_HMAC,
-        )?,
-    );
+    let key = Temp(s, session_key(s, Scheme::Kes)?);
     let a = s
         .sign(&Mechanism::Sha256Hmac, key.1, b"kesh probe iv 16")
         .map_err(|e| format!("C_Sign: {e}"))?;
@@ -511,12 +452,7 @@ fn check_kes(s: &Session) -> Result<(), String> {
     Ok(())
 }
 
-fn recommended_config(
-    module: &Path,
-    sel: &TokenSelector,
-    r: &TokenReport,
-    softhsm: bool,
-) -> String {
+fn recommended_config(module: &Path, sel: &TokenSelector, r: &TokenReport) -> String {
     let mut y = String::from("keystore:\n  pkcs11:\n");
     y.push_str(&format!("    module: {}\n", module.display()));
     match sel {
@@ -524,8 +460,8 @@ fn recommended_config(
         TokenSelector::Serial(s) => y.push_str(&format!("    serial: \"{s}\"\n")),
     }
     y.push_str("    pin: ${KESH_PIN}\n    prefix: kesh/\n");
-    if softhsm {
-        y.push_str("    profile: softhsm\n");
+    if r.profile != profile::GENERIC.name {
+        y.push_str(&format!("    profile: {}\n", r.profile));
     }
     y.push_str(&format!("    sessions: {}\n", r.recommended_sessions));
     match r.recommended_scheme {

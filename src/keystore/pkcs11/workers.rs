@@ -282,7 +282,8 @@ fn work(queue: &Queue) {
 
 /// Answers are handed back when the queue runs dry, when this many have gathered, or when the
 /// oldest has waited [`DELIVERY_DELAY`]: one wake-up of the async runtime then serves a burst
-/// of fast calls (SoftHSM's take ~12 µs), while a slow device's answers go out at once.
+/// of fast calls (a local software token's take ~12 µs), while a slow device's answers go
+/// out at once.
 const DELIVERY_BATCH: usize = 8;
 const DELIVERY_DELAY: Duration = Duration::from_micros(100);
 

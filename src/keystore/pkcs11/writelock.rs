@@ -1,7 +1,8 @@
 //! A host-wide lock that kesh processes sharing a token take around every token write.
 //!
-//! SoftHSM keeps a per-process list of a token's objects and re-reads the token directory only
-//! when the token's generation counter moved since it last looked. A process's own write moves
+//! Some software tokens (the profiles with `host_write_lock`, see [`super::profile`]) keep a
+//! per-process list of a token's objects and re-read the token directory only when the
+//! token's generation counter moved since it last looked. A process's own write moves
 //! the counter and marks it seen, so when two processes write at the same moment, each can
 //! swallow the other's change and never list the other's new object file: the key another
 //! instance just created stays invisible here (404, and a create that waits on the other's
@@ -10,7 +11,7 @@
 //! every foreign change it has not listed yet is still unseen, and the next look lists it.
 //!
 //! Network HSMs keep objects on the device and need no lock; only processes on one host can
-//! share one (SoftHSM's token directory is local anyway). Owns the lock file; knows nothing of
+//! share one (such a token's directory is local anyway). Owns the lock file; knows nothing of
 //! what is written under it.
 
 use std::fs::{File, OpenOptions, TryLockError};

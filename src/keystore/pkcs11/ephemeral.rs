@@ -8,31 +8,24 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, OnceLock};
-use std::time::Duration;
 
 use cryptoki::context::Pkcs11;
 use cryptoki::session::UserType;
 use cryptoki::types::AuthPin;
 
-use super::{device, IvSource, Pkcs11Config, TokenSelector};
-use crate::keystore::Scheme;
+use super::{device, profile, Pkcs11Config, TokenSelector};
 use crate::secret::Pin;
-
-/// Where Debian and most distributions install SoftHSMv2's module.
-const MODULE_PATHS: &[&str] = &[
-    "/usr/lib/softhsm/libsofthsm2.so",
-    "/usr/lib/x86_64-linux-gnu/softhsm/libsofthsm2.so",
-    "/usr/lib/aarch64-linux-gnu/softhsm/libsofthsm2.so",
-    "/usr/local/lib/softhsm/libsofthsm2.so",
-    "/usr/lib64/pkcs11/libsofthsm2.so",
-];
 
 /// The SoftHSM module, if installed (`KESH_SOFTHSM_MODULE` overrides the search).
 pub fn module_path() -> Option<PathBuf> {
     if let Ok(p) = std::env::var("KESH_SOFTHSM_MODULE") {
         return Some(PathBuf::from(p)).filter(|p| p.exists());
     }
-    MODULE_PATHS.iter().map(PathBuf::from).find(|p| p.exists())
+    profile::SOFTHSM
+        .module_paths
+        .iter()
+        .map(PathBuf::from)
+        .find(|p| p.exists())
 }
 
 /// Errors making a token; they say what to install or fix.
@@ -148,34 +141,13 @@ impl EphemeralToken {
 
     /// A keystore configuration for this token with SoftHSM's profile defaults.
     pub fn config(&self) -> Pkcs11Config {
-        Pkcs11Config {
-            module: self.module.clone(),
-            token: TokenSelector::Label(self.label.clone()),
-            pin: self.pin.clone(),
-            prefix: "kesh/".into(),
-            sessions: 2,
-            scheme: Scheme::Gcm,
-            iv: IvSource::Caller,
-            session_wait: Duration::from_secs(2),
-            session_keys: true,
-            write_lock: write_lock_path(),
-            profile: Some("softhsm"),
-        }
+        Pkcs11Config::new(
+            self.module.clone(),
+            TokenSelector::Label(self.label.clone()),
+            self.pin.clone(),
+            Some(&profile::SOFTHSM),
+        )
     }
-}
-
-/// Where kesh processes sharing SoftHSM tokens take their write lock (`writelock`): beside
-/// the tokens, in the `directories.tokendir` of the SoftHSM config this process reads
-/// (`SOFTHSM2_CONF`, else /etc/softhsm/softhsm2.conf). `None` when that config is unreadable.
-pub fn write_lock_path() -> Option<PathBuf> {
-    let conf = std::env::var_os("SOFTHSM2_CONF")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/etc/softhsm/softhsm2.conf"));
-    let text = std::fs::read_to_string(conf).ok()?;
-    text.lines()
-        .filter_map(|l| l.split_once('='))
-        .find(|(k, _)| k.trim() == "directories.tokendir")
-        .map(|(_, v)| PathBuf::from(v.trim()).join(".kesh-writes.lock"))
 }
 
 /// Removes the token directory this process created, if it created one. Call at exit.

@@ -1,0 +1,314 @@
+//! Creating and deleting keys on the token: the create protocol that lets instances on
+//! several hosts race for one name and get exactly one key (`docs/FORMAT.md` §6), imports, and
+//! deletes.
+//!
+//! Owns the token writes and the host-wide write lock. Knows nothing of sealing.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use cryptoki::error::Error as CkError;
+use cryptoki::mechanism::Mechanism;
+use cryptoki::object::{Attribute, ObjectHandle};
+use cryptoki::session::Session;
+use zeroize::Zeroizing;
+
+use super::copies::nonce_value;
+use super::index::{has_ready_master, survey, Entry, Found};
+use super::objects::{self, Meta, Role, State};
+use super::seam::{failure_to_error, OpError, OpResult};
+use super::writelock::Held;
+use super::{Inner, CREATE_CONTENTION_LIMIT, TOKEN_WRITES};
+use crate::crypto::kes::Algorithm;
+use crate::keystore::{KeyInfo, KeystoreError, Provenance, Result, Scheme};
+use crate::name::KeyName;
+
+/// What a create writes.
+pub(super) struct NewKey {
+    pub(super) scheme: Scheme,
+    pub(super) algorithm: Algorithm,
+    /// `None`: the device generates the master key.
+    pub(super) material: Option<Zeroizing<Vec<u8>>>,
+    pub(super) hmac: NewHmac,
+    pub(super) provenance: Provenance,
+}
+
+pub(super) enum NewHmac {
+    Generate,
+    Given(Zeroizing<Vec<u8>>),
+    None,
+}
+
+impl Inner {
+    /// The host-wide token write lock, when configured; taken on a worker thread.
+    pub(super) fn hold_writes(&self) -> OpResult<Option<Held<'_>>> {
+        self.write_lock
+            .as_ref()
+            .map(|l| l.hold(CREATE_CONTENTION_LIMIT))
+            .transpose()
+            .map_err(|why| OpError::Fail(KeystoreError::Backend(why)))
+    }
+
+    /// Creates a key's objects through the on-token protocol.
+    pub(super) async fn create_key(self: &Arc<Self>, name: &KeyName, spec: NewKey) -> Result<()> {
+        let _writes = TOKEN_WRITES.lock().await;
+        let label = self.label(name);
+        let key_name = name.clone();
+        let inner = self.clone();
+        let created = self
+            .run(move |s, d| {
+                let _held = inner.hold_writes()?;
+                create_on_token(s, &label, &key_name, spec, d.generation)
+            })
+            .await
+            .map_err(failure_to_error);
+        self.misses.lock().await.remove(name);
+        match created {
+            Ok(entry) => {
+                self.remember(entry);
+                self.marker_due.store(true, Ordering::Release);
+                Ok(())
+            }
+            Err(KeystoreError::KeyExists) => {
+                // Another instance made it: this one now knows, and lists it.
+                drop(_writes);
+                let _ = self.entry(name, true).await;
+                Err(KeystoreError::KeyExists)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    pub(super) async fn delete_key(self: &Arc<Self>, name: &KeyName) -> Result<()> {
+        let _writes = TOKEN_WRITES.lock().await;
+        let inner = self.clone();
+        let result = self
+            .with_entry(name, move |s, d, e| {
+                let _held = inner.hold_writes()?;
+                // The master goes first: that is the commit point of a delete.
+                s.destroy_object(e.master)?;
+                d.copies.discard(s, e.master);
+                if let Some(h) = e.hmac {
+                    let _ = s.destroy_object(h);
+                    d.copies.discard(s, h);
+                }
+                Ok(())
+            })
+            .await;
+        self.forget(name);
+        if result.is_ok() {
+            self.marker_due.store(true, Ordering::Release);
+        }
+        result
+    }
+}
+
+pub(super) fn random_nonce(s: &Session) -> std::result::Result<String, CkError> {
+    let mut n = [0u8; 8];
+    s.generate_random_slice(&mut n)?;
+    Ok(hex::encode(n))
+}
+
+pub(super) fn unix_now() -> i64 {
+    time::OffsetDateTime::now_utc().unix_timestamp()
+}
+
+/// Creates a key so that concurrent creators of one name, in any process, end with exactly
+/// one key (DESIGN.md §3). Each creator writes its objects `pending`, then looks again:
+///
+/// 1. a `ready` key under the label → "key already exists";
+/// 2. a live (not stale) object of another creator → remove ours, back off, start over;
+/// 3. otherwise commit: the HMAC key `ready`, then the master `ready` (the commit point).
+///
+/// Two creators cannot both pass step 2: whoever looks second sees the first's objects,
+/// pending or ready. Objects of a creator that crashed go stale after
+/// [`objects::STALE_PENDING_SECS`] and are removed by the next create, and so is a ready HMAC
+/// key whose master is gone (a delete removes the master first: one that crashed half-way).
+/// Processes sharing a host lock ([`writelock`]) never contend here; the protocol is what
+/// keeps instances on different hosts apart.
+pub(super) fn create_on_token(
+    s: &Session,
+    label: &str,
+    name: &KeyName,
+    spec: NewKey,
+    generation: u64,
+) -> OpResult<Entry> {
+    let deadline = Instant::now() + CREATE_CONTENTION_LIMIT;
+    let mut backoff_ms = 2u64;
+    loop {
+        let found = survey(s, label)?;
+        if has_ready_master(&found) {
+            return Err(OpError::Fail(KeystoreError::KeyExists));
+        }
+        let now = unix_now();
+        let mut contended = false;
+        for f in &found {
+            match &f.meta {
+                Some(m) if now - m.ts > objects::STALE_PENDING_SECS || orphan(&found, m) => {
+                    let _ = s.destroy_object(f.handle);
+                }
+                Some(_) => contended = true,
+                None => {}
+            }
+        }
+        if !contended {
+            let nonce = random_nonce(s)?;
+            let written = write_pending(s, label, &nonce, &spec)?;
+            let found = survey(s, label)?;
+            let others_live = found.iter().any(|f| {
+                f.meta.as_ref().is_some_and(|m| {
+                    m.nonce != nonce
+                        && (m.state == State::Ready
+                            || unix_now() - m.ts <= objects::STALE_PENDING_SECS)
+                })
+            });
+            if !others_live {
+                return commit(s, written, name, generation).map_err(OpError::Ck);
+            }
+            let exists = has_ready_master(&found);
+            written.destroy(s);
+            if exists {
+                return Err(OpError::Fail(KeystoreError::KeyExists));
+            }
+        }
+        if Instant::now() > deadline {
+            return Err(OpError::Fail(KeystoreError::Backend(format!(
+                "another instance keeps creating '{name}' at the same time; try again"
+            ))));
+        }
+        // Random jitter breaks ties between instances that back off together.
+        let mut jitter = [0u8; 1];
+        let _ = s.generate_random_slice(&mut jitter);
+        std::thread::sleep(Duration::from_millis(backoff_ms + u64::from(jitter[0] % 8)));
+        backoff_ms = (backoff_ms * 2).min(64);
+    }
+}
+
+/// A ready HMAC key without its master: what a delete that stopped half-way leaves.
+pub(super) fn orphan(found: &[Found], m: &Meta) -> bool {
+    m.role == Role::Hmac
+        && m.state == State::Ready
+        && !found.iter().any(|f| {
+            f.meta
+                .as_ref()
+                .is_some_and(|k| k.role == Role::Key && k.nonce == m.nonce)
+        })
+}
+
+pub(super) struct Written {
+    pub(super) master: ObjectHandle,
+    pub(super) master_meta: Meta,
+    pub(super) hmac: Option<(ObjectHandle, Meta)>,
+    pub(super) scheme: Scheme,
+}
+
+impl Written {
+    fn destroy(&self, s: &Session) {
+        let _ = s.destroy_object(self.master);
+        if let Some((h, _)) = &self.hmac {
+            let _ = s.destroy_object(*h);
+        }
+    }
+}
+
+pub(super) fn write_pending(
+    s: &Session,
+    label: &str,
+    nonce: &str,
+    spec: &NewKey,
+) -> OpResult<Written> {
+    let hmac_meta = Meta::new(
+        Role::Hmac,
+        nonce,
+        spec.scheme,
+        spec.algorithm,
+        &spec.provenance,
+    );
+    let hmac = match &spec.hmac {
+        NewHmac::None => None,
+        NewHmac::Generate => {
+            let t = objects::hmac_template(label, &hmac_meta, None);
+            Some(s.generate_key(&Mechanism::GenericSecretKeyGen, &t)?)
+        }
+        NewHmac::Given(v) => {
+            let mut t = objects::hmac_template(label, &hmac_meta, Some(v.to_vec()));
+            let h = s.create_object(&t);
+            objects::wipe(&mut t);
+            Some(h?)
+        }
+    };
+    let master_meta = Meta::new(
+        Role::Key,
+        nonce,
+        spec.scheme,
+        spec.algorithm,
+        &spec.provenance,
+    );
+    let master = match &spec.material {
+        None => {
+            let t = objects::master_template(label, &master_meta, spec.scheme, None);
+            let keygen = objects::keygen_mechanism(spec.scheme);
+            s.generate_key(&keygen, &t)
+        }
+        Some(v) => {
+            let mut t =
+                objects::master_template(label, &master_meta, spec.scheme, Some(v.to_vec()));
+            let h = s.create_object(&t);
+            objects::wipe(&mut t);
+            h
+        }
+    };
+    match master {
+        Ok(master) => Ok(Written {
+            master,
+            master_meta,
+            hmac: hmac.map(|h| (h, hmac_meta)),
+            scheme: spec.scheme,
+        }),
+        Err(e) => {
+            if let Some(h) = hmac {
+                let _ = s.destroy_object(h);
+            }
+            Err(e.into())
+        }
+    }
+}
+
+pub(super) fn commit(
+    s: &Session,
+    w: Written,
+    name: &KeyName,
+    generation: u64,
+) -> std::result::Result<Entry, CkError> {
+    let result = (|| {
+        if let Some((h, meta)) = &w.hmac {
+            s.update_attributes(*h, &[Attribute::Id(meta.clone().ready().encode())])?;
+        }
+        let ready = w.master_meta.clone().ready();
+        s.update_attributes(w.master, &[Attribute::Id(ready.encode())])?;
+        Ok(ready)
+    })();
+    match result {
+        Ok(meta) => {
+            let info = meta.key_info(name).unwrap_or(KeyInfo {
+                name: name.clone(),
+                scheme: w.scheme,
+                algorithm: Algorithm::Aes256,
+                created_at: meta.created_at,
+                created_by: meta.created_by.clone(),
+            });
+            Ok(Entry {
+                master: w.master,
+                hmac: w.hmac.map(|(h, _)| h),
+                info,
+                nonce: nonce_value(&meta.nonce),
+                generation,
+            })
+        }
+        Err(e) => {
+            w.destroy(s);
+            Err(e)
+        }
+    }
+}

@@ -1,0 +1,452 @@
+//! The name index: which token objects hold each key, found by one scan at start, kept
+//! current on create, delete, misses and stale handles, and refreshed when the token's change
+//! marker says another instance changed it ([`super::changes`]).
+//!
+//! Owns [`Index`], the searches of the token (full scans and targeted ones) and the marker
+//! poll. Knows nothing of sealing or of how keys are written.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Instant;
+
+use cryptoki::error::Error as CkError;
+use cryptoki::object::{Attribute, AttributeType, ObjectClass, ObjectHandle};
+use cryptoki::session::Session;
+
+use super::copies::{self, nonce_value};
+use super::device::Device;
+use super::error::{classify, Failure};
+use super::objects::{Meta, Role, State};
+use super::seal::working_handle;
+use super::seal::Key;
+use super::seam::{failure_to_error, OpError, OpResult};
+use super::{changes, Inner, NEGATIVE_TTL_MAX, NEGATIVE_TTL_MIN, TOKEN_WRITES};
+use crate::keystore::{KeyInfo, KeystoreError, Result};
+use crate::name::KeyName;
+
+/// A key as the index knows it: handles valid for one device generation.
+#[derive(Debug)]
+pub(super) struct Entry {
+    pub(super) master: ObjectHandle,
+    pub(super) hmac: Option<ObjectHandle>,
+    pub(super) info: KeyInfo,
+    /// The creation nonce linking the key's objects ([`objects::Meta`]).
+    pub(super) nonce: u64,
+    pub(super) generation: u64,
+}
+
+#[derive(Default)]
+pub(super) struct Index {
+    pub(super) keys: HashMap<KeyName, Arc<Entry>>,
+    pub(super) scanned_at: Option<Instant>,
+    /// While a scan runs: what the instance learned meanwhile (an entry, or `None` for gone),
+    /// applied over the scan's result so the older scan cannot undo it.
+    pub(super) learned_during_scan: Option<Vec<(KeyName, Option<Arc<Entry>>)>>,
+}
+
+impl Index {
+    pub(super) fn scanned(keys: HashMap<KeyName, Arc<Entry>>) -> Self {
+        Index {
+            keys,
+            scanned_at: Some(Instant::now()),
+            learned_during_scan: None,
+        }
+    }
+
+    pub(super) fn learn(
+        &mut self,
+        name: &KeyName,
+        entry: Option<Arc<Entry>>,
+    ) -> Option<Arc<Entry>> {
+        if let Some(learned) = &mut self.learned_during_scan {
+            learned.push((name.clone(), entry.clone()));
+        }
+        match entry {
+            Some(e) => self.keys.insert(name.clone(), e),
+            None => self.keys.remove(name),
+        }
+    }
+}
+
+impl Inner {
+    pub(super) fn label(&self, name: &KeyName) -> String {
+        format!("{}{}", self.cfg.prefix, name)
+    }
+
+    pub(super) fn cached(&self, name: &KeyName) -> Option<Arc<Entry>> {
+        self.index
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .keys
+            .get(name)
+            .cloned()
+    }
+
+    /// Drops a key from the index, and its session copies with it.
+    pub(super) fn forget(&self, name: &KeyName) {
+        let gone = self
+            .index
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .learn(name, None);
+        if let (Some(e), Ok(device)) = (gone, self.current_device()) {
+            for h in [Some(e.master), e.hmac].into_iter().flatten() {
+                device.copies.forget(h);
+            }
+        }
+    }
+
+    pub(super) fn remember(&self, entry: Entry) -> Arc<Entry> {
+        let entry = Arc::new(entry);
+        self.index
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .learn(&entry.info.name, Some(entry.clone()));
+        entry
+    }
+
+    /// The index entry for `name`, searching the token on a miss.
+    pub(super) async fn entry(self: &Arc<Self>, name: &KeyName, force: bool) -> Result<Arc<Entry>> {
+        if !force {
+            if let Some(e) = self.cached(name) {
+                return Ok(e);
+            }
+        }
+        let mut misses = self.misses.lock().await;
+        if let Some(e) = self.cached(name) {
+            return Ok(e);
+        }
+        let now = Instant::now();
+        misses.retain(|_, until| now < *until);
+        if !force && misses.contains_key(name) {
+            return Err(KeystoreError::KeyNotFound);
+        }
+        let label = self.label(name);
+        let wanted = name.clone();
+        self.searches.fetch_add(1, Ordering::Relaxed);
+        let (found, generation) = self
+            .run(move |s, d| Ok((find_ready(s, &label, &wanted)?, d.generation)))
+            .await
+            .map_err(failure_to_error)?;
+        match found {
+            Some(located) => {
+                misses.remove(name);
+                Ok(self.remember(located.entry(generation)))
+            }
+            None => {
+                let ttl = (now.elapsed() * 10).clamp(NEGATIVE_TTL_MIN, NEGATIVE_TTL_MAX);
+                misses.insert(name.clone(), Instant::now() + ttl);
+                Err(KeystoreError::KeyNotFound)
+            }
+        }
+    }
+
+    /// Runs `op` with the handles to use a key by (its session copies when `session_keys` is
+    /// on), retrying once through a fresh search when they turn out stale.
+    pub(super) async fn with_key<T, F>(self: &Arc<Self>, name: &KeyName, op: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: Fn(&Session, &Key) -> OpResult<T> + Clone + Send + Sync + 'static,
+    {
+        self.with_entry(name, move |s, d, e| {
+            let key = Key {
+                master: working_handle(d, s, e.master, e.nonce)?,
+                device: d,
+                entry: e,
+            };
+            op(s, &key)
+        })
+        .await
+    }
+
+    /// Runs `op` against a key's index entry (its token objects), retrying once through a
+    /// fresh search when the handles turn out stale (deleted by another instance, or from
+    /// before a recovery).
+    pub(super) async fn with_entry<T, F>(self: &Arc<Self>, name: &KeyName, op: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: Fn(&Session, &Device, &Entry) -> OpResult<T> + Clone + Send + Sync + 'static,
+    {
+        let mut force = false;
+        for _ in 0..2 {
+            let entry = self.entry(name, force).await?;
+            let op = op.clone();
+            let outcome = self
+                .run(move |s, d| {
+                    if d.generation != entry.generation {
+                        return Err(OpError::Stale);
+                    }
+                    op(s, d, &entry)
+                })
+                .await;
+            match outcome {
+                Ok(v) => return Ok(v),
+                Err(Failure::StaleHandle) => {
+                    self.forget(name);
+                    force = true;
+                }
+                Err(f) => return Err(failure_to_error(f)),
+            }
+        }
+        self.forget(name);
+        Err(KeystoreError::KeyNotFound)
+    }
+
+    pub(super) async fn rescan(self: &Arc<Self>) -> Result<()> {
+        let _writes = TOKEN_WRITES.lock().await;
+        let prefix = self.cfg.prefix.clone();
+        self.searches.fetch_add(1, Ordering::Relaxed);
+        self.index
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .learned_during_scan = Some(Vec::new());
+        let scanned = self
+            .run(move |s, d| {
+                let keys = scan(s, &prefix, d.generation)?;
+                let live: HashSet<_> = keys
+                    .values()
+                    .flat_map(|e| {
+                        [Some(e.master), e.hmac]
+                            .into_iter()
+                            .flatten()
+                            .map(|h| copies::original(h, e.nonce))
+                    })
+                    .collect();
+                d.copies.retain(s, &live);
+                Ok(keys)
+            })
+            .await
+            .map_err(failure_to_error);
+        let mut index = self.index.write().unwrap_or_else(|e| e.into_inner());
+        let learned = index.learned_during_scan.take().unwrap_or_default();
+        let mut keys = scanned?;
+        for (name, entry) in learned {
+            match entry {
+                Some(e) => keys.insert(name, e),
+                None => keys.remove(&name),
+            };
+        }
+        *index = Index::scanned(keys);
+        Ok(())
+    }
+
+    /// The change-marker poll, for as long as the keystore lives. Each [`changes::POLL`] it
+    /// replaces the marker if this instance changed the token since the last poll (one
+    /// marker write however many keys changed), then reads it, and rescans the token when
+    /// someone else changed it, or [`changes::FULL_RESCAN`] after the last scan. Rescans take
+    /// at most half of the time (a scan that took t waits t before the next), so a bulk load
+    /// on another instance cannot keep a worker scanning.
+    pub(super) async fn watch(inner: std::sync::Weak<Self>) {
+        let mut next_scan_after = Instant::now();
+        loop {
+            tokio::time::sleep(changes::POLL).await;
+            let Some(inner) = inner.upgrade() else {
+                return;
+            };
+            if inner.current_device().is_err() {
+                continue;
+            }
+            let Ok(stamp) = inner.clone().poll_marker().await else {
+                continue;
+            };
+            let seen = inner
+                .marker_seen
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone();
+            let old = inner
+                .index
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .scanned_at
+                .is_none_or(|at| at.elapsed() > changes::FULL_RESCAN);
+            if (seen.as_ref() == Some(&stamp) && !old) || Instant::now() < next_scan_after {
+                continue;
+            }
+            let started = Instant::now();
+            match inner.rescan().await {
+                Ok(()) => {
+                    *inner.marker_seen.lock().unwrap_or_else(|e| e.into_inner()) = Some(stamp)
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "rescan after a change marker failed; next poll retries")
+                }
+            }
+            next_scan_after = Instant::now() + started.elapsed();
+        }
+    }
+
+    /// Replaces the marker when this instance's own changes are due, then returns the marker
+    /// as it is now.
+    pub(super) async fn poll_marker(
+        self: Arc<Self>,
+    ) -> std::result::Result<changes::Stamp, Failure> {
+        // Not beside this process's own writes and scans (see TOKEN_WRITES).
+        let _writes = TOKEN_WRITES.lock().await;
+        let due = self.marker_due.swap(false, Ordering::AcqRel);
+        let inner = self.clone();
+        let polled = self
+            .run(move |s, _| {
+                if !due {
+                    return Ok(changes::read(s, &inner.cfg.prefix)?);
+                }
+                let _held = inner.hold_writes()?;
+                let (before, after) = changes::touch(s, &inner.cfg.prefix)?;
+                let mut seen = inner.marker_seen.lock().unwrap_or_else(|e| e.into_inner());
+                // Our own changes are in our index already; anyone else's are not.
+                if seen.as_ref() == Some(&before) {
+                    *seen = Some(after.clone());
+                }
+                Ok(after)
+            })
+            .await;
+        if due && polled.is_err() {
+            self.marker_due.store(true, Ordering::Release);
+        }
+        polled
+    }
+}
+
+/// An object found under a key's label, with its decoded metadata.
+pub(super) struct Found {
+    pub(super) handle: ObjectHandle,
+    pub(super) meta: Option<Meta>,
+}
+
+pub(super) fn survey(s: &Session, label: &str) -> std::result::Result<Vec<Found>, CkError> {
+    // Token objects only: never a session copy ([`copies`]) or a `kwp` transient.
+    let handles = s.find_objects(&[
+        Attribute::Class(ObjectClass::SECRET_KEY),
+        Attribute::Token(true),
+        Attribute::Label(label.as_bytes().to_vec()),
+    ])?;
+    let mut out = Vec::with_capacity(handles.len());
+    for handle in handles {
+        let meta = match s.get_attributes(handle, &[AttributeType::Id]) {
+            Ok(attrs) => attrs.into_iter().find_map(|a| match a {
+                Attribute::Id(id) => Meta::decode(&id),
+                _ => None,
+            }),
+            // Deleted between the search and the read: not there.
+            Err(e) if matches!(classify(&e), Failure::StaleHandle) => continue,
+            Err(e) => return Err(e),
+        };
+        out.push(Found { handle, meta });
+    }
+    Ok(out)
+}
+
+/// A ready key found on the token.
+pub(super) struct Located {
+    pub(super) master: ObjectHandle,
+    pub(super) hmac: Option<ObjectHandle>,
+    pub(super) info: KeyInfo,
+    pub(super) nonce: u64,
+}
+
+impl Located {
+    fn entry(self, generation: u64) -> Entry {
+        Entry {
+            master: self.master,
+            hmac: self.hmac,
+            info: self.info,
+            nonce: self.nonce,
+            generation,
+        }
+    }
+}
+
+/// The ready key under `label`, if any.
+pub(super) fn find_ready(
+    s: &Session,
+    label: &str,
+    name: &KeyName,
+) -> std::result::Result<Option<Located>, CkError> {
+    let found = survey(s, label)?;
+    Ok(pick_ready(&found, name))
+}
+
+/// Whether a committed master key is under the label, readable by this version or not: a
+/// create must never remove one (a newer kesh may have written a scheme this one can't name).
+pub(super) fn has_ready_master(found: &[Found]) -> bool {
+    found.iter().any(|f| {
+        f.meta
+            .as_ref()
+            .is_some_and(|m| m.role == Role::Key && m.state == State::Ready)
+    })
+}
+
+pub(super) fn pick_ready(found: &[Found], name: &KeyName) -> Option<Located> {
+    // Two ready masters cannot come out of the create protocol; if a foreign tool made them,
+    // the smallest nonce wins on every instance alike.
+    let master = found
+        .iter()
+        .filter_map(|f| f.meta.as_ref().map(|m| (f, m)))
+        .filter(|(_, m)| m.role == Role::Key && m.state == State::Ready)
+        .min_by(|a, b| a.1.nonce.cmp(&b.1.nonce))?;
+    let info = master.1.key_info(name)?;
+    let nonce = nonce_value(&master.1.nonce);
+    let hmac = found
+        .iter()
+        .find(|f| {
+            f.meta.as_ref().is_some_and(|m| {
+                m.role == Role::Hmac && m.state == State::Ready && m.nonce == master.1.nonce
+            })
+        })
+        .map(|f| f.handle);
+    Some(Located {
+        master: master.0.handle,
+        hmac,
+        info,
+        nonce,
+    })
+}
+
+/// Scans every secret key on the token once and builds the index.
+pub(super) fn scan(
+    s: &Session,
+    prefix: &str,
+    generation: u64,
+) -> std::result::Result<HashMap<KeyName, Arc<Entry>>, CkError> {
+    let handles = s.find_objects(&[
+        Attribute::Class(ObjectClass::SECRET_KEY),
+        Attribute::Token(true),
+    ])?;
+    let mut by_name: HashMap<KeyName, Vec<Found>> = HashMap::new();
+    for handle in handles {
+        let attrs = match s.get_attributes(handle, &[AttributeType::Label, AttributeType::Id]) {
+            Ok(a) => a,
+            Err(e) if matches!(classify(&e), Failure::StaleHandle) => continue,
+            Err(e) => return Err(e),
+        };
+        let (mut label, mut meta) = (None, None);
+        for a in attrs {
+            match a {
+                Attribute::Label(l) => label = String::from_utf8(l).ok(),
+                Attribute::Id(id) => meta = Meta::decode(&id),
+                _ => {}
+            }
+        }
+        let Some(name) = label
+            .as_deref()
+            .and_then(|l| l.strip_prefix(prefix))
+            .and_then(|n| KeyName::new(n).ok())
+        else {
+            continue;
+        };
+        if meta.is_some() {
+            by_name
+                .entry(name)
+                .or_default()
+                .push(Found { handle, meta });
+        }
+    }
+    Ok(by_name
+        .into_iter()
+        .filter_map(|(name, found)| {
+            let located = pick_ready(&found, &name)?;
+            Some((name, Arc::new(located.entry(generation))))
+        })
+        .collect())
+}

@@ -1,0 +1,298 @@
+//! Sealing and unsealing on the device: the key handles to use (session copies or token
+//! objects), the GCM / KWP / `kes` calls, and the four key operations that run them.
+//!
+//! Owns every cryptoki call that touches data. Knows nothing of how keys are found (the
+//! index), created or recovered.
+
+use std::sync::Arc;
+
+use cryptoki::error::Error as CkError;
+use cryptoki::mechanism::aead::GcmParams;
+use cryptoki::mechanism::Mechanism;
+use cryptoki::object::{Attribute, AttributeType, ObjectHandle};
+use cryptoki::session::Session;
+use zeroize::Zeroizing;
+
+use super::copies::CopyError;
+use super::device::Device;
+use super::error::{classify_unseal, Failure};
+use super::index::Entry;
+use super::objects;
+use super::seam::{OpError, OpResult};
+use super::{Inner, IvSource};
+use crate::crypto::{kes, native};
+use crate::keystore::{DataKey, KeyInfo, KeystoreError, Result, Scheme};
+use crate::name::KeyName;
+use crate::secret::SecretBytes;
+
+impl Inner {
+    pub(super) async fn generate(
+        self: &Arc<Self>,
+        name: &KeyName,
+        context: &[u8],
+    ) -> Result<DataKey> {
+        let context = Arc::new(context.to_vec());
+        let iv_source = self.settings.iv;
+        let (plaintext, ciphertext) = self
+            .with_key(name, move |s, e| {
+                let extra = seal_random_len(e.info().scheme, iv_source);
+                // One C_GenerateRandom for the DEK and the IV.
+                let mut rnd = Zeroizing::new([0u8; 32 + kes::TRAILER_LEN]);
+                s.generate_random_slice(&mut rnd[..32 + extra])?;
+                let mut dek = Zeroizing::new([0u8; 32]);
+                dek.copy_from_slice(&rnd[..32]);
+                let ct = seal_on_device(
+                    s,
+                    e,
+                    iv_source,
+                    &rnd[32..32 + extra],
+                    dek.as_ref(),
+                    &context,
+                )?;
+                Ok((dek, ct))
+            })
+            .await?;
+        Ok(DataKey {
+            plaintext,
+            ciphertext,
+        })
+    }
+
+    pub(super) async fn encrypt(
+        self: &Arc<Self>,
+        name: &KeyName,
+        plaintext: &[u8],
+        context: &[u8],
+    ) -> Result<Vec<u8>> {
+        let plaintext = Arc::new(Zeroizing::new(plaintext.to_vec()));
+        let context = Arc::new(context.to_vec());
+        let iv_source = self.settings.iv;
+        let ct = self
+            .with_key(name, move |s, e| {
+                let mut rnd = [0u8; kes::TRAILER_LEN];
+                let extra = seal_random_len(e.info().scheme, iv_source);
+                s.generate_random_slice(&mut rnd[..extra])?;
+                seal_on_device(s, e, iv_source, &rnd[..extra], &plaintext, &context)
+            })
+            .await?;
+        Ok(ct)
+    }
+
+    pub(super) async fn decrypt(
+        self: &Arc<Self>,
+        name: &KeyName,
+        ciphertext: &[u8],
+        context: &[u8],
+    ) -> Result<SecretBytes> {
+        let ciphertext = Arc::new(ciphertext.to_vec());
+        let context = Arc::new(context.to_vec());
+        self.with_key(name, move |s, e| {
+            open_on_device(s, e, &ciphertext, &context)
+        })
+        .await
+    }
+
+    pub(super) async fn hmac(self: &Arc<Self>, name: &KeyName, message: &[u8]) -> Result<[u8; 32]> {
+        let message = Arc::new(message.to_vec());
+        self.with_key(name, move |s, e| {
+            let mac = s.sign(&Mechanism::Sha256Hmac, e.hmac(s)?, &message)?;
+            mac.try_into().map_err(|_| {
+                OpError::Fail(KeystoreError::Backend(
+                    "CKM_SHA256_HMAC returned a short MAC".into(),
+                ))
+            })
+        })
+        .await
+    }
+}
+
+/// A key for one operation: the master handle to use, and what the index and the device know.
+pub(super) struct Key<'a> {
+    pub(super) master: ObjectHandle,
+    pub(super) device: &'a Device,
+    pub(super) entry: &'a Entry,
+}
+
+impl Key<'_> {
+    fn info(&self) -> &KeyInfo {
+        &self.entry.info
+    }
+
+    /// The HMAC key's handle to use; resolved only by the operation that needs it.
+    fn hmac(&self, s: &Session) -> OpResult<ObjectHandle> {
+        let h = self
+            .entry
+            .hmac
+            .ok_or(OpError::Fail(KeystoreError::HmacUnsupported))?;
+        working_handle(self.device, s, h, self.entry.nonce)
+    }
+}
+
+/// The handle to operate with for the token object `h`: its session copy, or `h` itself.
+pub(super) fn working_handle(
+    d: &Device,
+    s: &Session,
+    h: ObjectHandle,
+    nonce: u64,
+) -> OpResult<ObjectHandle> {
+    match d.copies.working(s, h, nonce) {
+        Ok(h) => Ok(h),
+        Err(CopyError::Stale) => Err(OpError::Stale),
+        Err(CopyError::Ck(c)) => Err(OpError::Ck(c)),
+    }
+}
+
+/// An unsealing call's error: "not authentic" in the module's own words, or the error.
+pub(super) fn unseal_error(e: CkError, key: &Key) -> OpError {
+    match classify_unseal(&e, key.device.tag_failures) {
+        Failure::Request(KeystoreError::NotAuthentic) => OpError::Fail(KeystoreError::NotAuthentic),
+        _ => OpError::Ck(e),
+    }
+}
+
+/// Seals `plaintext` on the device with the key's scheme. `rnd` holds fresh random bytes
+/// for the IV (and nonce): 12 for `gcm`, 28 for `kes`, none for `kwp`.
+pub(super) fn seal_on_device(
+    s: &Session,
+    e: &Key,
+    iv_source: IvSource,
+    rnd: &[u8],
+    plaintext: &[u8],
+    context: &[u8],
+) -> OpResult<Vec<u8>> {
+    match e.info().scheme {
+        Scheme::Gcm => {
+            let mut iv = [0u8; native::GCM_IV_LEN];
+            if iv_source == IvSource::Caller {
+                iv.copy_from_slice(&rnd[..native::GCM_IV_LEN]);
+            }
+            let sealed = {
+                let params =
+                    GcmParams::new(&mut iv, context, (native::GCM_TAG_LEN as u64 * 8).into())?;
+                let gcm = Mechanism::AesGcm(params);
+                match e.device.raw.as_ref() {
+                    Some(raw) => raw.encrypt(
+                        s,
+                        &gcm,
+                        e.master,
+                        plaintext,
+                        plaintext.len() + native::GCM_TAG_LEN,
+                    )?,
+                    None => s.encrypt(&gcm, e.master, plaintext)?,
+                }
+            };
+            // The buffer now holds the IV the device used: ours, or one it drew itself. A
+            // device that neither took ours nor wrote one back sealed under the all-zero IV
+            // we handed it, and every such seal would reuse that nonce: refuse.
+            if iv_source == IvSource::Device && iv == [0u8; native::GCM_IV_LEN] {
+                return Err(OpError::Fail(KeystoreError::Backend(
+                    "the HSM wrote no GCM IV back (iv: device); this device uses the IV it is \
+                     given: set `iv: caller` (see `kesh hsm probe`)"
+                        .into(),
+                )));
+            }
+            Ok(native::encode_gcm(&iv, &sealed))
+        }
+        Scheme::Kwp => {
+            let (pad, inner) = native::kwp_inner(plaintext, context);
+            let mut t = objects::transient_template(inner.to_vec());
+            let obj = s.create_object(&t);
+            objects::wipe(&mut t);
+            let obj = obj?;
+            let wrapped = s.wrap_key(&Mechanism::AesKeyWrapPad, e.master, obj);
+            let _ = s.destroy_object(obj);
+            Ok(native::encode_kwp(pad, &wrapped?))
+        }
+        Scheme::Kes => {
+            let iv: [u8; kes::IV_LEN] = rnd[..kes::IV_LEN]
+                .try_into()
+                .map_err(|_| OpError::Fail(KeystoreError::Backend("short random".into())))?;
+            let nonce: [u8; kes::NONCE_LEN] = rnd[kes::IV_LEN..kes::TRAILER_LEN]
+                .try_into()
+                .map_err(|_| OpError::Fail(KeystoreError::Backend("short random".into())))?;
+            let derived = derive_on_device(s, e, &iv)?;
+            Ok(kes::seal(
+                e.info().algorithm,
+                &derived,
+                &iv,
+                &nonce,
+                plaintext,
+                context,
+            ))
+        }
+    }
+}
+
+/// The `kes` scheme's per-message key, HMAC-SHA256(master, iv), computed on the device.
+pub(super) fn derive_on_device(
+    s: &Session,
+    e: &Key,
+    iv: &[u8; kes::IV_LEN],
+) -> OpResult<Zeroizing<[u8; 32]>> {
+    let mac = Zeroizing::new(s.sign(&Mechanism::Sha256Hmac, e.master, iv)?);
+    let mut out = Zeroizing::new([0u8; 32]);
+    if mac.len() != 32 {
+        return Err(OpError::Fail(KeystoreError::Backend(format!(
+            "CKM_SHA256_HMAC returned {} bytes",
+            mac.len()
+        ))));
+    }
+    out.copy_from_slice(&mac);
+    Ok(out)
+}
+
+pub(super) fn open_on_device(
+    s: &Session,
+    e: &Key,
+    ciphertext: &[u8],
+    context: &[u8],
+) -> OpResult<SecretBytes> {
+    match e.info().scheme {
+        Scheme::Gcm => {
+            let (mut iv, sealed) = native::parse_gcm(ciphertext)?;
+            let params = GcmParams::new(&mut iv, context, (native::GCM_TAG_LEN as u64 * 8).into())?;
+            let gcm = Mechanism::AesGcm(params);
+            match e.device.raw.as_ref() {
+                Some(raw) => raw.decrypt(s, &gcm, e.master, sealed),
+                None => s.decrypt(&gcm, e.master, sealed).map(Zeroizing::new),
+            }
+            .map_err(|err| unseal_error(err, e))
+        }
+        Scheme::Kwp => {
+            let (pad, wrapped) = native::parse_kwp(ciphertext)?;
+            let obj = match s.unwrap_key(
+                &Mechanism::AesKeyWrapPad,
+                e.master,
+                wrapped,
+                &objects::transient_unwrap_template(),
+            ) {
+                Ok(obj) => obj,
+                Err(err) => return Err(unseal_error(err, e)),
+            };
+            let value = s.get_attributes(obj, &[AttributeType::Value]);
+            let _ = s.destroy_object(obj);
+            let inner = value?
+                .into_iter()
+                .find_map(|a| match a {
+                    Attribute::Value(v) => Some(Zeroizing::new(v)),
+                    _ => None,
+                })
+                .ok_or(OpError::Fail(KeystoreError::NotAuthentic))?;
+            Ok(native::kwp_open(&inner, pad, context)?)
+        }
+        Scheme::Kes => {
+            let parts = kes::parse(ciphertext)?;
+            let derived = derive_on_device(s, e, &parts.iv)?;
+            Ok(kes::open(e.info().algorithm, &derived, &parts, context)?)
+        }
+    }
+}
+
+/// Random bytes a seal needs besides the plaintext.
+pub(super) fn seal_random_len(scheme: Scheme, iv: IvSource) -> usize {
+    match (scheme, iv) {
+        (Scheme::Gcm, IvSource::Caller) => native::GCM_IV_LEN,
+        (Scheme::Gcm, IvSource::Device) | (Scheme::Kwp, _) => 0,
+        (Scheme::Kes, _) => kes::TRAILER_LEN,
+    }
+}

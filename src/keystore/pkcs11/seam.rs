@@ -1,0 +1,247 @@
+//! The call seam and recovery: every cryptoki call of a request runs through [`Inner::run`]
+//! on a worker thread; a device-level failure takes the device out of service and
+//! [`Inner::recover`] reconnects it, never retrying a PIN the token refused.
+//!
+//! Owns the device slot of [`Inner`], the workers' use and the login state. Knows nothing of
+//! keys, schemes or the index's contents (it only replaces the index after a reconnect).
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use cryptoki::error::Error as CkError;
+use cryptoki::session::Session;
+
+use super::device::{ConnectError, Device};
+use super::error::{classify, Failure};
+use super::index::{scan, Index};
+use super::workers::Outcome;
+use super::{raw, Inner, RECOVERY_BACKOFF_MAX};
+use crate::keystore::{KeystoreError, Result};
+use crate::secret::Pin;
+
+/// Errors inside a blocking closure: a cryptoki code, or a verdict already made.
+pub(super) enum OpError {
+    Ck(CkError),
+    Fail(KeystoreError),
+    /// An index entry from another device generation: search again.
+    Stale,
+}
+
+impl From<CkError> for OpError {
+    fn from(e: CkError) -> Self {
+        OpError::Ck(e)
+    }
+}
+
+impl From<crate::crypto::NotAuthentic> for OpError {
+    fn from(_: crate::crypto::NotAuthentic) -> Self {
+        OpError::Fail(KeystoreError::NotAuthentic)
+    }
+}
+
+pub(super) type OpResult<T> = std::result::Result<T, OpError>;
+
+pub(super) fn join_error(e: tokio::task::JoinError) -> KeystoreError {
+    KeystoreError::Backend(format!("PKCS#11 worker failed: {e}"))
+}
+
+pub(super) fn failure_to_error(f: Failure) -> KeystoreError {
+    match f {
+        Failure::Device(why) => KeystoreError::Unreachable(why),
+        Failure::StaleHandle => KeystoreError::KeyNotFound,
+        Failure::Request(e) => e,
+    }
+}
+
+impl Inner {
+    pub(super) fn current_device(&self) -> Result<Arc<Device>> {
+        self.device
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+            .ok_or_else(|| {
+                let why = self
+                    .last_failure
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .clone();
+                if self.login_refused.load(Ordering::Acquire) {
+                    KeystoreError::Unreachable(why)
+                } else {
+                    KeystoreError::Unreachable(format!("recovering from: {why}"))
+                }
+            })
+    }
+
+    /// The seam: one blocking closure on one pooled session, on a worker thread.
+    /// The closure gets the device, whose generation lets it refuse handles from another
+    /// generation before they are used (a re-initialized module may reuse handle numbers).
+    pub(super) async fn run<T, F>(self: &Arc<Self>, f: F) -> std::result::Result<T, Failure>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Session, &Device) -> OpResult<T> + Send + 'static,
+    {
+        // Fail fast while down, before queueing.
+        self.current_device().map_err(Failure::Request)?;
+        let inner = self.clone();
+        let call = move || {
+            let _calls = inner.calls.read().unwrap_or_else(|e| e.into_inner());
+            // Taken on the worker: recovery may have swapped the device since the queueing.
+            let device = inner.current_device().map_err(OpError::Fail)?;
+            let session = device.checkout(&inner.ctx).map_err(OpError::Ck)?;
+            let result = f(&session, &device);
+            match &result {
+                Err(OpError::Ck(e)) if matches!(classify(e), Failure::Device(_)) => drop(session),
+                // Closing it ends the operation; any session copies it made go with it, and
+                // their next use is a stale handle, retried through a fresh search.
+                Err(OpError::Ck(e)) if raw::leaves_operation_active(e) => {
+                    tracing::warn!(error = %e, "closing an HSM session whose operation may still be active");
+                    drop(session)
+                }
+                _ => device.checkin(session),
+            }
+            result
+        };
+        let wait = self.cfg.session_wait;
+        let outcome = match self.workers.call(wait, call).await {
+            Outcome::Done(outcome) => outcome,
+            Outcome::Busy => return Err(Failure::Request(KeystoreError::Busy(wait))),
+            Outcome::Lost => {
+                return Err(Failure::Request(KeystoreError::Backend(
+                    "a PKCS#11 worker failed during the call".into(),
+                )))
+            }
+        };
+        match outcome {
+            Ok(v) => Ok(v),
+            Err(OpError::Fail(e)) => Err(Failure::Request(e)),
+            Err(OpError::Stale) => Err(Failure::StaleHandle),
+            Err(OpError::Ck(e)) => {
+                let failure = classify(&e);
+                if let Failure::Device(why) = &failure {
+                    self.begin_recovery(why.clone());
+                }
+                Err(failure)
+            }
+        }
+    }
+
+    pub(super) fn begin_recovery(self: &Arc<Self>, why: String) {
+        if self.recovering.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        tracing::error!(reason = %why, "PKCS#11 device failure: taking the keystore out of service to recover");
+        *self.last_failure.lock().unwrap_or_else(|e| e.into_inner()) = why;
+        let old = self
+            .device
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        let inner = self.clone();
+        tokio::spawn(async move { inner.recover(old).await });
+    }
+
+    pub(super) async fn recover(self: Arc<Self>, mut old: Option<Arc<Device>>) {
+        let mut backoff = Duration::from_millis(50);
+        let started = Instant::now();
+        loop {
+            match self.clone().reconnect(old.take()).await {
+                Ok(count) => {
+                    tracing::info!(
+                        keys = count,
+                        after_ms = started.elapsed().as_millis() as u64,
+                        "PKCS#11 keystore recovered"
+                    );
+                    return;
+                }
+                Err(e @ ConnectError::PinRefused(_)) => {
+                    self.refuse_logins(&e);
+                    return;
+                }
+                Err(ConnectError::Failed(why)) => {
+                    tracing::warn!(reason = %why, retry_in_ms = backoff.as_millis() as u64, "PKCS#11 recovery attempt failed");
+                    *self.last_failure.lock().unwrap_or_else(|e| e.into_inner()) = why;
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(RECOVERY_BACKOFF_MAX);
+                }
+            }
+        }
+    }
+
+    /// One connection attempt (a single `C_Login`): re-initializes the module, logs in, scans
+    /// the token and puts the new device in service. Returns the number of keys found.
+    pub(super) async fn reconnect(
+        self: Arc<Self>,
+        stale: Option<Arc<Device>>,
+    ) -> std::result::Result<usize, ConnectError> {
+        let generation = self.generation.fetch_add(1, Ordering::AcqRel) + 1;
+        let inner = self.clone();
+        let attempt = tokio::task::spawn_blocking(move || {
+            // No call is in flight while the module is finalized.
+            let _all = inner.calls.write().unwrap_or_else(|e| e.into_inner());
+            drop(stale); // closes the old sessions (errors are expected and ignored)
+            let _ = inner.ctx.clone().finalize();
+            let pin = inner.pin.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            let device =
+                Device::connect(&inner.ctx, &inner.cfg, &inner.settings, &pin, generation)?;
+            let fail = |e: CkError| ConnectError::Failed(e.to_string());
+            let session = device.checkout(&inner.ctx).map_err(fail)?;
+            let keys = scan(&session, &inner.cfg.prefix, generation).map_err(fail)?;
+            device.checkin(session);
+            Ok((device, keys))
+        })
+        .await
+        .unwrap_or_else(|e| Err(ConnectError::Failed(e.to_string())));
+        let (device, keys) = attempt?;
+        let count = keys.len();
+        *self.index.write().unwrap_or_else(|e| e.into_inner()) = Index::scanned(keys);
+        // Markers were not read with this scan: the next poll rescans.
+        *self.marker_seen.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        *self.device.write().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(device));
+        self.login_refused.store(false, Ordering::Release);
+        self.recovering.store(false, Ordering::Release);
+        Ok(count)
+    }
+
+    /// Stops trying: the keystore stays out of service (requests fail fast) until the
+    /// operator reloads. Logged once, with what to do.
+    pub(super) fn refuse_logins(&self, e: &ConnectError) {
+        let why = format!(
+            "{e}: kesh will not log in again on its own; fix `pin:`/`pin_file:`, then reload \
+             (SIGHUP, `systemctl reload kesh`) for one new attempt"
+        );
+        tracing::error!(reason = %why, "PKCS#11 login refused: waiting for the operator");
+        *self.last_failure.lock().unwrap_or_else(|e| e.into_inner()) = why;
+        self.login_refused.store(true, Ordering::Release);
+    }
+
+    pub(super) async fn reload_pin(self: &Arc<Self>, pin: Pin) -> Result<()> {
+        *self.pin.lock().unwrap_or_else(|e| e.into_inner()) = pin;
+        if !self.login_refused.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        tracing::info!("reload: one login attempt with the PIN the configuration gives now");
+        match self.clone().reconnect(None).await {
+            Ok(keys) => {
+                tracing::info!(
+                    keys,
+                    "PKCS#11 login accepted: the keystore is back in service"
+                );
+                Ok(())
+            }
+            Err(e @ ConnectError::PinRefused(_)) => {
+                self.refuse_logins(&e);
+                Err(KeystoreError::Unreachable(e.to_string()))
+            }
+            Err(ConnectError::Failed(why)) => {
+                // Not the PIN: the device itself is away. Back to recovery's backoff, which
+                // logs in once when the device answers again.
+                self.login_refused.store(false, Ordering::Release);
+                *self.last_failure.lock().unwrap_or_else(|e| e.into_inner()) = why.clone();
+                tokio::spawn(self.clone().recover(None));
+                Err(KeystoreError::Unreachable(why))
+            }
+        }
+    }
+}

@@ -1,0 +1,127 @@
+//! The pkcs11 keystore's settings: as the config file gives them ([`Pkcs11Config`], what
+//! was left out is `None`), and as they apply once the profile is known ([`Settings`]: the
+//! config's values, else the profile's).
+//!
+//! Owns the types and that one resolution; `config::keystore` fills [`Pkcs11Config`] from YAML.
+
+use std::fmt;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use super::profile::Profile;
+use crate::keystore::Scheme;
+use crate::secret::Pin;
+
+/// How the token is found: by label or by serial number, never by slot number.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TokenSelector {
+    Label(String),
+    Serial(String),
+}
+
+impl fmt::Display for TokenSelector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            TokenSelector::Label(l) => write!(f, "label '{l}'"),
+            TokenSelector::Serial(s) => write!(f, "serial '{s}'"),
+        }
+    }
+}
+
+/// Who draws GCM IVs: kesh (from the HSM's RNG) or the device itself (FIPS-mode HSMs ignore
+/// caller IVs and return their own, which kesh then reads back).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IvSource {
+    Caller,
+    Device,
+}
+
+impl fmt::Display for IvSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            IvSource::Caller => "caller",
+            IvSource::Device => "device",
+        })
+    }
+}
+
+/// Validated settings of the pkcs11 keystore (`keystore.pkcs11` in the config). The tunables
+/// are `None` where the config leaves them to the profile.
+#[derive(Debug, Clone)]
+pub struct Pkcs11Config {
+    pub module: PathBuf,
+    pub token: TokenSelector,
+    pub pin: Pin,
+    /// Label namespace, so kesh can share a token with other applications.
+    pub prefix: String,
+    /// How long a request waits for a free session before `Busy` (503 + Retry-After).
+    pub session_wait: Duration,
+    /// `profile:`; `None` detects it from the module at start.
+    pub profile: Option<&'static Profile>,
+    /// Session pool size: the most PKCS#11 calls in flight at once.
+    pub sessions: Option<usize>,
+    /// Scheme of keys made by `create`.
+    pub scheme: Option<Scheme>,
+    pub iv: Option<IvSource>,
+    /// Use keys through session-object copies made on the device ([`super::copies`]).
+    pub session_keys: Option<bool>,
+    /// A file every kesh process on this host takes around token writes
+    /// ([`super::writelock`]); `Some(None)` is `write_lock: none`.
+    pub write_lock: Option<Option<PathBuf>>,
+}
+
+impl Pkcs11Config {
+    /// Settings for `token` with everything else left to the profile (`None`: detected).
+    pub fn new(
+        module: PathBuf,
+        token: TokenSelector,
+        pin: Pin,
+        profile: Option<&'static Profile>,
+    ) -> Self {
+        Pkcs11Config {
+            module,
+            token,
+            pin,
+            prefix: "kesh/".into(),
+            session_wait: Duration::from_secs(2),
+            profile,
+            sessions: None,
+            scheme: None,
+            iv: None,
+            session_keys: None,
+            write_lock: None,
+        }
+    }
+}
+
+/// The settings in force: the config's, with the profile's defaults where it has none.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub profile: &'static Profile,
+    /// Whether the profile came from `profile:` (else it was detected).
+    pub profile_configured: bool,
+    pub sessions: usize,
+    pub scheme: Scheme,
+    pub iv: IvSource,
+    pub session_keys: bool,
+    pub write_lock: Option<PathBuf>,
+}
+
+impl Settings {
+    /// `cfg` over `detected` (used only when `cfg` names no profile).
+    pub fn resolve(cfg: &Pkcs11Config, detected: &'static Profile) -> Self {
+        let profile = cfg.profile.unwrap_or(detected);
+        Settings {
+            profile,
+            profile_configured: cfg.profile.is_some(),
+            sessions: cfg.sessions.unwrap_or(profile.sessions),
+            scheme: cfg.scheme.unwrap_or(profile.scheme),
+            iv: cfg.iv.unwrap_or(profile.iv),
+            session_keys: cfg.session_keys.unwrap_or(profile.session_keys),
+            write_lock: match &cfg.write_lock {
+                Some(chosen) => chosen.clone(),
+                None => profile.host_write_lock.and_then(|path| path()),
+            },
+        }
+    }
+}
