@@ -445,7 +445,13 @@ impl Transport {
                     other => format!("TLS with Vault at {} failed: {other}", self.endpoint),
                 };
             }
-            source = err.source();
+            // An io::Error's `source()` skips the error it wraps.
+            source = match err.downcast_ref::<std::io::Error>() {
+                Some(io) => io
+                    .get_ref()
+                    .map(|inner| inner as &(dyn std::error::Error + 'static)),
+                None => err.source(),
+            };
         }
         format!("cannot reach Vault at {}: {e}", self.endpoint)
     }

@@ -11,3 +11,4 @@ mod hostile;
 mod keystore;
 mod packaging;
 mod soak;
+mod vault;
