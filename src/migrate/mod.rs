@@ -199,19 +199,6 @@ pub async fn migrate(
     Ok(report)
 }
 
-/// Imports every key file of the KES `fs` key directory `dir` into `target`.
-pub async fn migrate_dir(
-    dir: &Path,
-    target: &dyn KeyStore,
-    existing: Existing,
-) -> Result<Report, MigrateError> {
-    let mut source = fs::FsSource::new(dir.to_owned());
-    let options = Options {
-        existing,
-        dry_run: false,
-    };
-    migrate(&mut source, target, options, &mut |_, _| {}).await
-}
 async fn migrate_one(value: &[u8], name: &str, target: &dyn KeyStore, options: Options) -> Outcome {
     let fail = |error: String| Outcome::Failed { error };
     let Ok(key_name) = KeyName::new(name) else {
