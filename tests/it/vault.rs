@@ -2,7 +2,8 @@
 //! its own CA (`bao server -dev -dev-tls`). Keys are written in KES's exact layout (K/V v1,
 //! K/V v2, transit-wrapped); the migrated keys must open ciphertexts KES made under them.
 //!
-//! One server serves every test (each uses its own mounts, policies and roles); only the
+//! docs/minio.md §7 ("Moving from KES on Vault") is this path; the guide walk-through stops
+//! before it. One server serves every test (each uses its own mounts, policies and roles); only the
 //! sealing test runs its own. OpenBao is required: a missing `bao` fails with the command that
 //! installs it, never a skip.
 
