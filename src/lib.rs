@@ -7,7 +7,7 @@
 //! | module       | owns                                                         | never touches          |
 //! |--------------|--------------------------------------------------------------|------------------------|
 //! | `main.rs`, `cli/` | argument parsing, exit codes, the `kes`-style client commands | PKCS#11           |
-//! | [`migrate`]  | `kesh migrate`: a KES `fs` key directory → any [`keystore`]  | HTTP                   |
+//! | [`migrate`]  | `kesh migrate`: a KES `fs` key directory or KES's Vault K/V → any [`keystore`] | the server, key material on disk |
 //! | [`server`]   | rustls mTLS, client identity, routes, the one error→HTTP mapping, limits | cryptoki, ciphertext bytes |
 //! | [`service`]  | one method per API operation: authorize → keystore → metrics | HTTP types, cryptoki   |
 //! | [`policy`], [`identity`], [`audit`], [`metrics`] | what their names say     | each other's internals |

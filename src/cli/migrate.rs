@@ -1,24 +1,30 @@
 //! `kesh migrate --from <kes-config.yaml> --to <kesh-config.yaml>`: the command around
 //! [`kesh::migrate`].
 
+use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 
 use kesh::config::keystore::KeystoreConfig;
-use kesh::migrate::{Existing, Outcome};
+use kesh::migrate::{Existing, Options, Outcome};
 
 use super::output::{self, Table};
 use super::Fatal;
 
 #[derive(clap::Args, Debug)]
 #[command(
-    long_about = "Copy every key of a KES `fs` keystore into kesh's keystore.\n\n\
+    long_about = "Copy every key of a KES `fs` or `vault` (HashiCorp Vault, OpenBao) keystore \
+        into kesh's keystore.\n\n\
+        Keys read from Vault stay in memory: nothing with key material is written to disk on \
+        the way. Vault is logged into as the KES config says (`approle:` or `kubernetes:`); a \
+        config with neither uses the token in VAULT_TOKEN.\n\n\
         Each key is imported with the `kes` scheme, its own HMAC key and its creation time and \
         creator, so every ciphertext KES produced still decrypts. Keys are checked after the \
         import by decrypting a KES-format ciphertext through the keystore. A key that fails is \
         reported and the others still migrate; the exit status is non-zero if any failed."
 )]
 pub struct MigrateArgs {
-    /// The KES server config; its `keystore: fs: path:` names the key directory.
+    /// The KES server config; its `keystore:` section (`fs:` or `vault:`) says where the keys
+    /// are.
     #[arg(long, value_name = "FILE")]
     pub from: PathBuf,
     /// The kesh config; its `keystore:` section names the target keystore.
@@ -30,13 +36,17 @@ pub struct MigrateArgs {
     /// Replace keys that already exist in the target (delete, then import).
     #[arg(short = 'f', long)]
     pub force: bool,
+    /// Read and check every key and report what a run would do; change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
     /// Print JSON.
     #[arg(long)]
     pub json: bool,
 }
 
 pub async fn run(args: MigrateArgs) -> Result<(), Fatal> {
-    let dir = kesh::migrate::kes_fs_path(&args.from)?;
+    // The source first: a Vault login that fails should not wait for the HSM.
+    let mut source = kesh::migrate::kes_source(&args.from).await?;
     let mut section = kesh::migrate::keystore_section(&args.to).map_err(|e| {
         Fatal(format!(
             "{e}; --to takes a kesh config with `keystore: pkcs11:` or `soft:`"
@@ -56,7 +66,29 @@ pub async fn run(args: MigrateArgs) -> Result<(), Fatal> {
     } else {
         Existing::Refuse
     };
-    let report = kesh::migrate::migrate_dir(&dir, store.as_ref(), existing).await?;
+    let options = Options {
+        existing,
+        dry_run: args.dry_run,
+    };
+    // Large key sets take a while over the network: show progress to a person watching.
+    let mut stderr = std::io::stderr();
+    let show = stderr.is_terminal();
+    let mut progress = |done: usize, total: usize| {
+        if show && total >= 50 && (done.is_multiple_of(25) || done == total) {
+            let _ = write!(stderr, "\rmigrating: {done}/{total} keys");
+            if done == total {
+                let _ = writeln!(stderr);
+            }
+            let _ = stderr.flush();
+        }
+    };
+    let report =
+        kesh::migrate::migrate(source.as_mut(), store.as_ref(), options, &mut progress).await?;
+    let (would, verb) = if report.dry_run {
+        ("would be ", "would import")
+    } else {
+        ("", "imported")
+    };
     if args.json {
         output::json(&report)?;
     } else {
@@ -65,7 +97,10 @@ pub async fn run(args: MigrateArgs) -> Result<(), Fatal> {
             t.row(vec![
                 k.name.clone(),
                 match &k.outcome {
-                    Outcome::Imported { replaced: false } => "imported".into(),
+                    Outcome::Imported { replaced: false } => verb.into(),
+                    Outcome::Imported { replaced: true } if report.dry_run => {
+                        "would replace".into()
+                    }
                     Outcome::Imported { replaced: true } => "replaced".into(),
                     Outcome::Skipped { reason } => format!("skipped: {reason}"),
                     Outcome::Failed { error } => format!("FAILED: {error}"),
@@ -74,13 +109,32 @@ pub async fn run(args: MigrateArgs) -> Result<(), Fatal> {
         }
         t.print()?;
         output::line(&format!(
-            "\n{} imported, {} skipped, {} failed (from {} to {})",
+            "\n{} {would}imported, {} skipped, {} failed (from {} to {}){}",
             report.imported,
             report.skipped,
             report.failed,
-            dir.display(),
-            store.description()
+            source.description(),
+            store.description(),
+            if report.dry_run {
+                "; dry run, nothing changed"
+            } else {
+                ""
+            }
         ))?;
+    }
+    if report.keys.is_empty() {
+        eprintln!(
+            "kesh migrate: no keys found at {}: check the keystore section of {}",
+            source.description(),
+            args.from.display()
+        );
+    }
+    if report.failed > 0 && report.dry_run {
+        return Err(Fatal(format!(
+            "{} of {} keys would fail to migrate; see above",
+            report.failed,
+            report.keys.len()
+        )));
     }
     if report.failed > 0 {
         return Err(Fatal(format!(

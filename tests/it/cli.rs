@@ -32,6 +32,7 @@ pub(crate) const CLIENT_VARS: &[&str] = &[
     "MINIO_KES_CLIENT_CERT",
     "SSL_CERT_FILE",
     "RUST_LOG",
+    "VAULT_TOKEN",
 ];
 
 fn b64e(b: &[u8]) -> String {
@@ -45,20 +46,20 @@ fn b64d(s: &str) -> Vec<u8> {
 }
 
 /// A finished `kesh` run.
-struct Run {
-    out: Output,
+pub(crate) struct Run {
+    pub(crate) out: Output,
     args: String,
 }
 
 impl Run {
-    fn stdout(&self) -> String {
+    pub(crate) fn stdout(&self) -> String {
         String::from_utf8_lossy(&self.out.stdout).into_owned()
     }
-    fn stderr(&self) -> String {
+    pub(crate) fn stderr(&self) -> String {
         String::from_utf8_lossy(&self.out.stderr).into_owned()
     }
     /// Asserts success; returns stdout.
-    fn ok(&self) -> String {
+    pub(crate) fn ok(&self) -> String {
         assert!(
             self.out.status.success(),
             "`kesh {}` failed: {}\nstdout: {}",
@@ -69,10 +70,10 @@ impl Run {
         self.stdout()
     }
     /// Asserts success and one JSON value per stdout line; returns the first.
-    fn json(&self) -> Value {
+    pub(crate) fn json(&self) -> Value {
         self.json_lines().remove(0)
     }
-    fn json_lines(&self) -> Vec<Value> {
+    pub(crate) fn json_lines(&self) -> Vec<Value> {
         self.ok()
             .lines()
             .map(|l| {
@@ -82,7 +83,7 @@ impl Run {
             .collect()
     }
     /// Asserts failure with a message on stderr containing `needle`, nothing on stdout.
-    fn fails(&self, needle: &str) -> String {
+    pub(crate) fn fails(&self, needle: &str) -> String {
         assert!(
             !self.out.status.success(),
             "`kesh {}` should fail; stdout: {}",
@@ -119,7 +120,7 @@ fn join<'a>(a: &[(&'a str, &'a str)], b: &[(&'a str, &'a str)]) -> Vec<(&'a str,
 }
 
 /// Runs `kesh <args>` with exactly the given client environment.
-fn kesh(env: &[(&str, &str)], args: &[&str]) -> Run {
+pub(crate) fn kesh(env: &[(&str, &str)], args: &[&str]) -> Run {
     let mut cmd = kesh_cmd(env, args);
     Run {
         out: cmd.output().expect("run kesh"),
@@ -269,7 +270,7 @@ impl Server {
     }
 
     /// `kesh <args>` as the admin.
-    fn run(&self, args: &[&str]) -> Run {
+    pub(crate) fn run(&self, args: &[&str]) -> Run {
         let env = self.env();
         let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
         kesh(&env, args)
@@ -1252,24 +1253,36 @@ fn migrate_from_kes_to_softhsm() {
         .unwrap();
     assert_eq!(pt.as_slice(), b"xchacha");
 
-    // Errors that stop the run before any key: a non-fs KES keystore, a missing directory.
+    // Errors that stop the run before any key: a KES keystore kesh does not read, a Vault
+    // keystore without a way to log in, a missing directory.
+    let aws = dir.path().join("aws.yaml");
+    std::fs::write(
+        &aws,
+        "keystore:\n  aws:\n    secretsmanager:\n      region: us-east-1\n",
+    )
+    .unwrap();
     let vault = dir.path().join("vault.yaml");
     std::fs::write(
         &vault,
         "keystore:\n  vault:\n    endpoint: https://127.0.0.1:8200\n",
     )
     .unwrap();
-    kesh(
-        &[("KESH_TEST_PIN", pin.as_str())],
-        &[
-            "migrate",
-            "--from",
-            vault.to_str().unwrap(),
-            "--to",
-            kesh_config.to_str().unwrap(),
-        ],
-    )
-    .fails("kesh migrate reads KES's `fs` keystore");
+    for (from, needle) in [
+        (&aws, "kesh migrate reads KES's `fs` and `vault` keystores"),
+        (&vault, "export VAULT_TOKEN"),
+    ] {
+        kesh(
+            &[("KESH_TEST_PIN", pin.as_str())],
+            &[
+                "migrate",
+                "--from",
+                from.to_str().unwrap(),
+                "--to",
+                kesh_config.to_str().unwrap(),
+            ],
+        )
+        .fails(needle);
+    }
     kesh(
         &[
             ("KESH_TEST_PIN", pin.as_str()),

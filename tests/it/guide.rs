@@ -25,6 +25,11 @@ fn read_guide() -> (Vec<Line>, String) {
     let mut yaml = String::new();
     for raw in GUIDE.lines() {
         let t = raw.trim();
+        // §7 needs a Vault with KES's keys in it: tests/it/vault.rs runs that path against
+        // OpenBao.
+        if block.is_none() && t.starts_with("## 7. Moving from KES on Vault") {
+            break;
+        }
         match block {
             None if t.starts_with("```") => block = Some(t.trim_start_matches('`')),
             None => {}

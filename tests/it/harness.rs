@@ -62,6 +62,8 @@ pub struct Tokens {
     pub faults: Arc<EphemeralToken>,
     /// Written only by the `kesh migrate` and `kesh server` children of the CLI test.
     pub migrate: Arc<EphemeralToken>,
+    /// Written only by the `kesh migrate` and `kesh server` children of the Vault tests.
+    pub vault: Arc<EphemeralToken>,
     /// Only logged into by `kesh hsm probe` children (session objects only): no other
     /// process writes to it, so its token file is never read mid-rewrite.
     pub probe: Arc<EphemeralToken>,
@@ -91,6 +93,7 @@ pub fn tokens() -> &'static Tokens {
             processes: Arc::new(token()),
             faults: Arc::new(token()),
             migrate: Arc::new(token()),
+            vault: Arc::new(token()),
             probe: Arc::new(token()),
             guide: Arc::new(token()),
             listing: Arc::new(token()),

@@ -13,3 +13,4 @@ mod listing;
 mod packaging;
 mod soak;
 mod soft_dir;
+mod vault;

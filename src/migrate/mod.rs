@@ -1,18 +1,26 @@
-//! `kesh migrate`: moves the keys of a KES `fs` keystore into a kesh keystore.
+//! `kesh migrate`: moves the keys of a KES keystore into a kesh keystore.
 //!
-//! Each file of the KES key directory is one key, named as the file (`kes-api.md` §5.6), whose
-//! content is a stored key value ([`crate::crypto::kes_key`]). Every key is imported with the
-//! `kes` scheme and its own HMAC key (none for legacy JSON values) and provenance, so every
-//! ciphertext KES produced still decrypts and `/v1/key/hmac` answers as before.
+//! Two sources ([`KeySource`]): KES's `fs` keystore ([`fs`], one file per key) and KES's
+//! `vault` keystore ([`vault`], one K/V secret per key on HashiCorp Vault or OpenBao). Either
+//! yields, per key, a stored key value ([`crate::crypto::kes_key`]) in memory; everything
+//! after that is shared here, so both sources give the same guarantees. Every key is imported
+//! with the `kes` scheme and its own HMAC key (none for legacy JSON values) and provenance, so
+//! every ciphertext KES produced still decrypts and `/v1/key/hmac` answers as before.
 //!
-//! Per key: parse → (exists? skip with `merge`, replace with `force`, else refuse) → import
-//! (all-or-nothing in every keystore) → check: a ciphertext sealed in the host with the KES
-//! key must decrypt through the keystore. A key that fails any step is reported and the run
-//! goes on with the next one. Errors never carry key material.
+//! Per key: read → parse → (exists? skip with `merge`, replace with `force`, else refuse) →
+//! import (all-or-nothing in every keystore) → check: a ciphertext sealed in the host with the
+//! KES key must decrypt through the keystore. A key that fails any step is reported and the run
+//! goes on with the next one. A dry run reads, parses and checks, and changes nothing. Errors
+//! never carry key material; stored values are held in zeroizing buffers and never written to
+//! disk by this module.
 
-use std::path::{Path, PathBuf};
+pub mod fs;
+pub mod vault;
+
+use std::path::Path;
 
 use serde::Serialize;
+use zeroize::Zeroizing;
 
 use crate::crypto::kes;
 use crate::crypto::kes_key::{self, StoredKey};
@@ -32,7 +40,7 @@ pub enum Existing {
     Replace,
 }
 
-/// The outcome for one key file.
+/// The outcome for one key. In a dry run, `Imported` says what a real run would do.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase", tag = "outcome")]
 pub enum Outcome {
@@ -51,6 +59,8 @@ pub struct KeyOutcome {
 /// The whole run.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Report {
+    /// Nothing was changed: `imported` counts the keys a real run would import.
+    pub dry_run: bool,
     pub imported: usize,
     pub skipped: usize,
     pub failed: usize,
@@ -92,15 +102,51 @@ pub fn keystore_section(config: &Path) -> Result<serde_yaml::Value, MigrateError
     keystore.ok_or_else(|| MigrateError(format!("{}: no `keystore:` section", config.display())))
 }
 
-/// The `keystore.fs.path` of a KES config file. Relative paths are taken from the current
-/// directory, as KES does.
-pub fn kes_fs_path(config: &Path) -> Result<PathBuf, MigrateError> {
-    let keystore = keystore_section(config).map_err(|e| {
+/// How a run treats the target.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Options {
+    pub existing: Existing,
+    /// Read, parse and check every key; import, replace and delete nothing.
+    pub dry_run: bool,
+}
+
+/// Why one entry of a source was not read.
+#[derive(Debug)]
+pub enum ReadError {
+    /// Not a key and never one (a folder): reported as skipped.
+    NotAKey(String),
+    /// Reported as failed; the run goes on.
+    Failed(String),
+}
+
+/// Where the KES keys come from. A source hands out stored key values in memory only.
+#[async_trait::async_trait]
+pub trait KeySource: Send {
+    /// Where the keys are, for the summary; never holds a secret.
+    fn description(&self) -> String;
+    /// The names of every entry that may hold a key, sorted.
+    async fn names(&mut self) -> Result<Vec<String>, MigrateError>;
+    /// The stored key value of one entry: the text KES's `fs` keystore would write.
+    async fn read(&mut self, name: &str) -> Result<Zeroizing<Vec<u8>>, ReadError>;
+}
+
+/// The KES config's keystore as a [`KeySource`]: `fs:` or `vault:`.
+pub async fn kes_source(config: &Path) -> Result<Box<dyn KeySource>, MigrateError> {
+    let mut keystore = keystore_section(config).map_err(|e| {
         MigrateError(format!(
-            "{e}; --from takes the KES server config whose `keystore: fs: path:` holds the keys"
+            "{e}; --from takes the KES server config whose `keystore:` holds the keys"
         ))
     })?;
-    let Some(fs) = keystore.get("fs") else {
+    let source: Result<Box<dyn KeySource>, MigrateError> = if let Some(fs) = keystore.get("fs") {
+        fs::FsSource::from_config(config, fs).map(|s| Box::new(s) as Box<dyn KeySource>)
+    } else if let Some(v) = keystore.get("vault") {
+        match vault::VaultConfig::from_value(v) {
+            Ok(cfg) => vault::VaultSource::connect(cfg)
+                .await
+                .map(|s| Box::new(s) as Box<dyn KeySource>),
+            Err(e) => Err(MigrateError(format!("{}: {e}", config.display()))),
+        }
+    } else {
         let names: Vec<String> = keystore
             .as_mapping()
             .map(|m| {
@@ -109,82 +155,62 @@ pub fn kes_fs_path(config: &Path) -> Result<PathBuf, MigrateError> {
                     .collect()
             })
             .unwrap_or_default();
-        return Err(MigrateError(format!(
-            "{}: keystore '{}' is not supported: kesh migrate reads KES's `fs` keystore; for other backends, \
-             export the keys with `kes migrate` into an `fs` keystore first",
+        Err(MigrateError(format!(
+            "{}: keystore '{}' is not supported: kesh migrate reads KES's `fs` and `vault` \
+             keystores; for other backends, export the keys with `kes migrate` into an `fs` \
+             keystore first",
             config.display(),
             names.join(", ")
-        )));
+        )))
     };
-    match fs.get("path").and_then(|p| p.as_str()) {
-        Some(p) if !p.trim().is_empty() => Ok(PathBuf::from(p.trim())),
-        _ => Err(MigrateError(format!(
-            "{}: keystore.fs.path is missing",
-            config.display()
-        ))),
-    }
+    // The section may hold an AppRole secret or a JWT; the source keeps its own copies.
+    crate::config::env::wipe(&mut keystore);
+    source
 }
 
-/// Imports every key file of `dir` into `target`.
-pub async fn migrate_dir(
-    dir: &Path,
+/// Imports every key of `source` into `target`. `progress` is told (done, total) after each
+/// key.
+pub async fn migrate(
+    source: &mut dyn KeySource,
     target: &dyn KeyStore,
-    existing: Existing,
+    options: Options,
+    progress: &mut dyn FnMut(usize, usize),
 ) -> Result<Report, MigrateError> {
-    let entries = std::fs::read_dir(dir).map_err(|e| {
-        MigrateError(format!(
-            "cannot read the KES key directory '{}': {e}",
-            dir.display()
-        ))
-    })?;
-    let mut files = Vec::new();
-    for entry in entries {
-        let entry = entry.map_err(|e| MigrateError(format!("{}: {e}", dir.display())))?;
-        files.push(entry.path());
-    }
-    files.sort();
-    let mut report = Report::default();
-    for path in files {
-        let name = path
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        // KES's fs store writes nothing else into the directory; dot files are an editor's
-        // or an operator's, never keys (KES refuses '.' in names).
-        if name.starts_with('.') || path.is_dir() {
-            continue;
-        }
-        let outcome = migrate_one(&path, &name, target, existing).await;
+    let names = source.names().await?;
+    let mut report = Report {
+        dry_run: options.dry_run,
+        ..Report::default()
+    };
+    let total = names.len();
+    for (i, name) in names.into_iter().enumerate() {
+        let outcome = match source.read(&name).await {
+            Ok(value) => migrate_one(&value, &name, target, options).await,
+            Err(ReadError::NotAKey(reason)) => Outcome::Skipped { reason },
+            Err(ReadError::Failed(error)) => Outcome::Failed { error },
+        };
         match &outcome {
             Outcome::Imported { .. } => report.imported += 1,
             Outcome::Skipped { .. } => report.skipped += 1,
             Outcome::Failed { .. } => report.failed += 1,
         }
         report.keys.push(KeyOutcome { name, outcome });
+        progress(i + 1, total);
     }
     Ok(report)
 }
 
-async fn migrate_one(
-    path: &Path,
-    name: &str,
-    target: &dyn KeyStore,
-    existing: Existing,
-) -> Outcome {
+async fn migrate_one(value: &[u8], name: &str, target: &dyn KeyStore, options: Options) -> Outcome {
     let fail = |error: String| Outcome::Failed { error };
     let Ok(key_name) = KeyName::new(name) else {
         return fail(
             "not a valid key name (1-80 of [0-9A-Za-z_-], no leading or trailing '-')".into(),
         );
     };
-    let value = match std::fs::read(path) {
-        Ok(v) => zeroize::Zeroizing::new(v),
-        Err(e) => return fail(format!("cannot read '{}': {e}", path.display())),
-    };
-    let stored = match kes_key::parse(&value) {
+    let stored = match kes_key::parse(value) {
         Ok(k) => k,
-        Err(e) => return fail(e.to_string()),
+        Err(e) => return fail(format!("not a KES key: {e}")),
     };
+    let existing = options.existing;
     let mut replaced = false;
     match target.describe(&key_name).await {
         Ok(_) => match existing {
@@ -205,6 +231,9 @@ async fn migrate_one(
                     Err(e) => fail(format!("cannot check the existing key: {e}")),
                 }
             }
+            Existing::Replace if options.dry_run => {
+                return Outcome::Imported { replaced: true };
+            }
             Existing::Replace => {
                 // Prove the import works before the existing key goes: a rehearsal under a
                 // name of its own, removed again.
@@ -217,6 +246,9 @@ async fn migrate_one(
                 replaced = true;
             }
         },
+        Err(KeystoreError::KeyNotFound) if options.dry_run => {
+            return Outcome::Imported { replaced: false };
+        }
         Err(KeystoreError::KeyNotFound) => {}
         Err(e) => return fail(format!("cannot look the key up: {e}")),
     }
@@ -228,8 +260,8 @@ async fn migrate_one(
     if let Err(e) = imported {
         return fail(if replaced {
             format!(
-                "the existing key was deleted and the import failed: {e}; the KES key file is \
-                 untouched, rerun `kesh migrate` to import it"
+                "the existing key was deleted and the import failed: {e}; the KES key is \
+                 untouched in its keystore, rerun `kesh migrate` to import it"
             )
         } else {
             format!("import failed: {e}")
