@@ -717,6 +717,35 @@ mod pkcs11_only {
         }
     }
 
+    /// A config with only module, token and PIN, what a user coming from KES writes, gets the
+    /// profile of the module it loads: SoftHSM's session copies, pool size and host lock.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_profile_is_detected_from_the_module() {
+        let token = harness::tokens().shared.clone();
+        let bare = kesh::keystore::pkcs11::Pkcs11Config::new(
+            token.module.clone(),
+            TokenSelector::Label(token.label.clone()),
+            token.pin().clone(),
+            None,
+        );
+        let ks = Pkcs11KeyStore::open(bare.clone()).await.unwrap();
+        let s = ks.settings();
+        assert_eq!(s.profile.name, "softhsm");
+        assert!(!s.profile_configured);
+        assert_eq!((s.sessions, s.session_keys), (2, true));
+        assert!(s.write_lock.is_some(), "the host write lock is on");
+        // Explicit settings still win over the detected profile.
+        let mut tuned = bare;
+        tuned.sessions = Some(3);
+        tuned.session_keys = Some(false);
+        let ks = Pkcs11KeyStore::open(tuned).await.unwrap();
+        assert_eq!(
+            (ks.settings().sessions, ks.settings().session_keys),
+            (3, false)
+        );
+        assert_eq!(ks.settings().profile.name, "softhsm");
+    }
+
     /// The child half of the multi-process tests: does one action on a token named in the
     /// environment and prints its outcome. Does nothing in a normal run.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -557,7 +557,7 @@ fn kv2_token_into_soft_keystore_writes_no_key_material() {
     let tmp = dir.path().join("tmp");
     std::fs::create_dir_all(&tmp).unwrap();
     let kek = dir.path().join("kek");
-    std::fs::write(&kek, b64e(&[0x5Au8; 32])).unwrap();
+    harness::write_private(&kek, b64e(&[0x5Au8; 32]));
     let to = dir.path().join("soft.yaml");
     std::fs::write(
         &to,
@@ -646,7 +646,7 @@ fn vault_errors_name_the_cause() {
     let bao = bao();
     let dir = tempfile::tempdir().unwrap();
     let kek = dir.path().join("kek");
-    std::fs::write(&kek, b64e(&[0x5Bu8; 32])).unwrap();
+    harness::write_private(&kek, b64e(&[0x5Bu8; 32]));
     let to = dir.path().join("soft.yaml");
     std::fs::write(
         &to,
@@ -752,7 +752,7 @@ fn sealed_vault_and_untrusted_certificate() {
         ),
     )
     .unwrap();
-    std::fs::write(dir.path().join("kek"), b64e(&[0x5Cu8; 32])).unwrap();
+    harness::write_private(&dir.path().join("kek"), b64e(&[0x5Cu8; 32]));
     let token = [("VAULT_TOKEN", own.root.as_str())];
 
     // Checked against another server's CA: the error names the CA file that was used.

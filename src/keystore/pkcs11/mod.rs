@@ -234,6 +234,11 @@ impl Pkcs11KeyStore {
         Ok(Pkcs11KeyStore { inner })
     }
 
+    /// The settings in force: the config's over the configured or detected profile's.
+    pub fn settings(&self) -> &Settings {
+        &self.inner.settings
+    }
+
     /// Keys currently in the index (for start-up reports and benchmarks).
     pub fn indexed_keys(&self) -> usize {
         self.inner
