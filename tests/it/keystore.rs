@@ -23,6 +23,7 @@ crate::on_both_keystores!(
     created_keys_in_every_scheme,
     concurrent_create_yields_one_key,
     list_by_prefix,
+    conformance,
 );
 
 fn import(key: [u8; 32], scheme: Scheme, hmac: HmacKeySource) -> ImportKey {
@@ -381,6 +382,108 @@ async fn created_keys_in_every_scheme(ks: Store) {
         }
         store.hmac(&n, b"msg").await.unwrap();
     }
+}
+
+/// What a backend cannot do by design, and why: every other failure fails the matrix.
+fn unsupported_by_design(backend: &str, scheme: Scheme, op: &str) -> Option<&'static str> {
+    match (backend, scheme, op) {
+        ("soft", _, _) => None,
+        (_, Scheme::Kes, "import chacha20") => {
+            Some("no PKCS#11 mechanism computes HChaCha20 on the device")
+        }
+        _ => None,
+    }
+}
+
+/// The conformance matrix row of one backend: every operation in every scheme, recorded as
+/// `conformance | <backend> | <scheme> | <operation> | <verdict>` for `softhsm-tests/run` to
+/// collect into docs/hsm-support.md; any failure not expected by design fails the test.
+async fn conformance(ks: Store) {
+    let backend = ks.backend_name();
+    let mut failures = Vec::new();
+    for scheme in [Scheme::Gcm, Scheme::Kwp, Scheme::Kes] {
+        let store = ks.creating(scheme).await;
+        let n = harness::name(&format!("conf-{scheme}"));
+        let imported = harness::name(&format!("conf-imp-{scheme}"));
+        let chacha = harness::name(&format!("conf-cc-{scheme}"));
+        let mut record = |op: &str, outcome: Result<(), String>| {
+            let verdict = match (&outcome, unsupported_by_design(&backend, scheme, op)) {
+                (Ok(()), _) => "pass".to_owned(),
+                (Err(_), Some(why)) => format!("unsupported-by-design ({why})"),
+                (Err(e), None) => {
+                    failures.push(format!("{backend} {scheme} {op}: {e}"));
+                    format!("FAIL ({e})")
+                }
+            };
+            harness::report(&format!(
+                "conformance | {backend} | {scheme} | {op} | {verdict}"
+            ));
+        };
+        let err = |e: KeystoreError| e.to_string();
+        record(
+            "create",
+            store.create(&n, harness::who()).await.map_err(err),
+        );
+        let dk = store.generate(&n, b"ctx").await;
+        let generated = dk.as_ref().map(drop).map_err(|e| e.to_string());
+        record("generate", generated);
+        if let Ok(dk) = &dk {
+            let back = store.decrypt(&n, &dk.ciphertext, b"ctx").await;
+            record(
+                "decrypt",
+                match back {
+                    Ok(p) if p[..] == dk.plaintext[..] => Ok(()),
+                    Ok(_) => Err("different plaintext".into()),
+                    Err(e) => Err(e.to_string()),
+                },
+            );
+            record(
+                "refuse a wrong context",
+                match store.decrypt(&n, &dk.ciphertext, b"xtc").await {
+                    Err(KeystoreError::NotAuthentic) => Ok(()),
+                    other => Err(format!("{other:?}")),
+                },
+            );
+        }
+        let big = vec![7u8; 4096];
+        let sealed = store.encrypt(&n, &big, b"").await;
+        record(
+            "encrypt 4 KiB",
+            match &sealed {
+                Ok(ct) => match store.decrypt(&n, ct, b"").await {
+                    Ok(p) if p[..] == big[..] => Ok(()),
+                    other => Err(format!("{:?}", other.map(|_| "different plaintext"))),
+                },
+                Err(e) => Err(e.to_string()),
+            },
+        );
+        record("hmac", store.hmac(&n, b"msg").await.map(drop).map_err(err));
+        record(
+            "import aes256",
+            store
+                .import(&imported, import([9; 32], scheme, HmacKeySource::Generate))
+                .await
+                .map_err(err),
+        );
+        if scheme == Scheme::Kes {
+            let mut key = import([3; 32], scheme, HmacKeySource::Generate);
+            key.algorithm = Algorithm::ChaCha20;
+            record(
+                "import chacha20",
+                store.import(&chacha, key).await.map_err(err),
+            );
+        }
+        record(
+            "list",
+            match store.list(n.as_str()).await {
+                Ok(names) if names == vec![n.clone()] => Ok(()),
+                other => Err(format!("{other:?}")),
+            },
+        );
+        record("delete", store.delete(&n).await.map_err(err));
+        let _ = store.delete(&imported).await;
+    }
+    assert!(failures.is_empty(), "{failures:#?}");
 }
 
 async fn concurrent_create_yields_one_key(ks: Store) {
