@@ -507,3 +507,46 @@ fn a_start_with_a_refused_pin_makes_one_login_attempt() {
     assert!(log.contains("refused the PIN"), "{log}");
     assert_eq!(shim_calls(&dir.path().join("calls"), "C_Login"), 1, "{log}");
 }
+
+/// Round trips: once the HSM's random bytes are drawn in bulk, a generate is
+/// `C_EncryptInit` + `C_Encrypt` and nothing else, and the bulk draws are one
+/// `C_GenerateRandom` per 4 KiB (about 90 generates).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_generate_is_two_device_calls_with_the_random_pool_warm() {
+    let srv = FaultyServer::start(2, "2s");
+    let key = harness::name("fault-calls");
+    let key = key.as_str();
+    let c = &srv.client;
+    c.create_key(key).await.unwrap();
+    for _ in 0..5 {
+        c.generate_key(key, b"").await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (init, enc, rnd) = (
+        srv.calls("C_EncryptInit").await,
+        srv.calls("C_Encrypt").await,
+        srv.calls("C_GenerateRandom").await,
+    );
+    const N: u64 = 200;
+    for _ in 0..N {
+        c.generate_key(key, b"").await.unwrap();
+    }
+    let (init, enc, rnd) = (
+        srv.calls("C_EncryptInit").await - init,
+        srv.calls("C_Encrypt").await - enc,
+        srv.calls("C_GenerateRandom").await - rnd,
+    );
+    assert_eq!(
+        (init, enc),
+        (N, N),
+        "one C_EncryptInit and one C_Encrypt per generate"
+    );
+    let bulk = N * 44 / kesh::keystore::pkcs11::randomness::POOL_BYTES as u64 + 2;
+    assert!(
+        rnd <= bulk,
+        "{rnd} C_GenerateRandom calls for {N} generates"
+    );
+    harness::report(&format!(
+        "calls: {N} generates made {init} C_EncryptInit, {enc} C_Encrypt, {rnd} C_GenerateRandom"
+    ));
+}

@@ -10,7 +10,7 @@
 //! | `seam` | [`Inner::run`] (every request's PKCS#11 calls) and recovery, login state |
 //! | `index` | the name → objects index, token scans, the change-marker poll ([`changes`]) |
 //! | `create` | the create protocol, imports, deletes, the host write lock ([`writelock`]) |
-//! | `seal` | seal and unseal on the device per scheme, session copies ([`copies`]), one-call data functions ([`raw`]) |
+//! | `seal` | seal and unseal on the device per scheme, session copies ([`copies`]), one-call data functions ([`raw`]), bulk randomness ([`randomness`]) |
 //! | [`device`] | one connection: initialize, find the token, log in, sessions |
 //! | [`objects`] | labels, metadata and key templates |
 //! | [`workers`] | the OS threads the calls run on |
@@ -47,6 +47,7 @@ mod index;
 pub mod objects;
 pub mod probe;
 pub mod profile;
+pub mod randomness;
 pub mod raw;
 mod seal;
 mod seam;
@@ -130,6 +131,8 @@ struct Inner {
     marker_seen: Mutex<Option<changes::Stamp>>,
     /// This instance created or deleted a key since it last replaced the marker.
     marker_due: AtomicBool,
+    /// The HSM's random bytes for DEKs and IVs, drawn in bulk ([`randomness`]).
+    randomness: randomness::RandomPool,
 }
 
 impl fmt::Debug for Pkcs11KeyStore {
@@ -229,6 +232,7 @@ impl Pkcs11KeyStore {
             searches: AtomicU64::new(0),
             marker_seen: Mutex::new(Some(stamp)),
             marker_due: AtomicBool::new(false),
+            randomness: randomness::RandomPool::new(),
         });
         tokio::spawn(Inner::watch(Arc::downgrade(&inner)));
         Ok(Pkcs11KeyStore { inner })

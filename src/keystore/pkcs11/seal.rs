@@ -19,7 +19,7 @@ use super::error::{classify_unseal, Failure};
 use super::index::Entry;
 use super::objects;
 use super::seam::{OpError, OpResult};
-use super::{Inner, IvSource};
+use super::{randomness, Inner, IvSource};
 use crate::crypto::{kes, native};
 use crate::keystore::{DataKey, KeyInfo, KeystoreError, Result, Scheme};
 use crate::name::KeyName;
@@ -33,12 +33,13 @@ impl Inner {
     ) -> Result<DataKey> {
         let context = Arc::new(context.to_vec());
         let iv_source = self.settings.iv;
+        let inner = self.clone();
         let (plaintext, ciphertext) = self
             .with_key(name, move |s, e| {
                 let extra = seal_random_len(e.info().scheme, iv_source);
-                // One C_GenerateRandom for the DEK and the IV.
+                // The DEK and the IV from the pool: no C_GenerateRandom on this request.
                 let mut rnd = Zeroizing::new([0u8; 32 + kes::TRAILER_LEN]);
-                s.generate_random_slice(&mut rnd[..32 + extra])?;
+                inner.draw(s, &mut rnd[..32 + extra])?;
                 let mut dek = Zeroizing::new([0u8; 32]);
                 dek.copy_from_slice(&rnd[..32]);
                 let ct = seal_on_device(
@@ -52,6 +53,7 @@ impl Inner {
                 Ok((dek, ct))
             })
             .await?;
+        self.top_up_randomness();
         Ok(DataKey {
             plaintext,
             ciphertext,
@@ -67,15 +69,46 @@ impl Inner {
         let plaintext = Arc::new(Zeroizing::new(plaintext.to_vec()));
         let context = Arc::new(context.to_vec());
         let iv_source = self.settings.iv;
+        let inner = self.clone();
         let ct = self
             .with_key(name, move |s, e| {
                 let mut rnd = [0u8; kes::TRAILER_LEN];
                 let extra = seal_random_len(e.info().scheme, iv_source);
-                s.generate_random_slice(&mut rnd[..extra])?;
+                inner.draw(s, &mut rnd[..extra])?;
                 seal_on_device(s, e, iv_source, &rnd[..extra], &plaintext, &context)
             })
             .await?;
+        self.top_up_randomness();
         Ok(ct)
+    }
+
+    /// Fills `out` with the HSM's random bytes: from the pool, else drawn now.
+    fn draw(&self, s: &Session, out: &mut [u8]) -> OpResult<()> {
+        if !self.randomness.take(out) {
+            s.generate_random_slice(out)?;
+        }
+        Ok(())
+    }
+
+    /// Refills the random pool on a worker when it runs low, after the request that noticed.
+    fn top_up_randomness(self: &Arc<Self>) {
+        if !self.randomness.wants_refill() {
+            return;
+        }
+        let inner = self.clone();
+        tokio::spawn(async move {
+            let drawn = inner
+                .run(|s, _| {
+                    let mut fresh = Zeroizing::new(vec![0u8; randomness::POOL_BYTES]);
+                    s.generate_random_slice(&mut fresh)?;
+                    Ok(fresh)
+                })
+                .await;
+            match drawn {
+                Ok(fresh) => inner.randomness.refill(&fresh),
+                Err(_) => inner.randomness.refill_failed(),
+            }
+        });
     }
 
     pub(super) async fn decrypt(

@@ -1,0 +1,109 @@
+//! Bytes from the HSM's random number generator, drawn in bulk so a seal needs no
+//! `C_GenerateRandom` of its own: a generate is then `C_EncryptInit` + `C_Encrypt`, two round
+//! trips on a network HSM instead of three.
+//!
+//! The pool holds at most [`POOL_BYTES`] in one buffer that is locked in memory (`mlock`,
+//! when the limit allows) and zeroized; each byte is handed out once and wiped from the pool
+//! as it leaves. Below [`LOW_WATER`] the keystore refills it with one `C_GenerateRandom` on a
+//! worker, off any request's path; a request that finds it short draws its own bytes.
+//! The entropy is the HSM's either way: only when the bytes are drawn changes.
+//!
+//! Owns the buffer; knows nothing of sessions (the caller draws the bytes).
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+
+use zeroize::{Zeroize, Zeroizing};
+
+/// Bytes one refill draws: 93 generates' DEKs and IVs.
+pub const POOL_BYTES: usize = 4096;
+/// A refill starts when fewer bytes than this are left.
+pub const LOW_WATER: usize = 1024;
+
+pub struct RandomPool {
+    bytes: Mutex<Zeroizing<Vec<u8>>>,
+    refilling: AtomicBool,
+}
+
+impl RandomPool {
+    pub fn new() -> Self {
+        let bytes = Zeroizing::new(Vec::<u8>::with_capacity(POOL_BYTES));
+        // SAFETY: the range is the Vec's own allocation of POOL_BYTES bytes, which is never
+        // reallocated (the pool never grows past its capacity) and outlives the lock (munlock
+        // is implicit when the allocation is freed; the pages are zeroized first).
+        let _ = unsafe { libc::mlock(bytes.as_ptr().cast(), POOL_BYTES) };
+        RandomPool {
+            bytes: Mutex::new(bytes),
+            refilling: AtomicBool::new(false),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Zeroizing<Vec<u8>>> {
+        // Taking and adding bytes leave the Vec whole even if a holder panicked.
+        self.bytes.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Fills `out` from the pool, wiping what it hands out; `false` (nothing taken) when the
+    /// pool holds too few bytes.
+    pub fn take(&self, out: &mut [u8]) -> bool {
+        let mut bytes = self.lock();
+        let Some(start) = bytes.len().checked_sub(out.len()) else {
+            return false;
+        };
+        out.copy_from_slice(&bytes[start..]);
+        bytes[start..].zeroize();
+        bytes.truncate(start);
+        true
+    }
+
+    /// Whether a refill should start now: below [`LOW_WATER`] and none running. Marks one
+    /// as running; [`Self::refill`] or [`Self::refill_failed`] ends it.
+    pub fn wants_refill(&self) -> bool {
+        self.lock().len() < LOW_WATER
+            && self
+                .refilling
+                .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+    }
+
+    /// Adds fresh bytes, as many as fit.
+    pub fn refill(&self, fresh: &[u8]) {
+        let mut bytes = self.lock();
+        let room = POOL_BYTES - bytes.len();
+        bytes.extend_from_slice(&fresh[..room.min(fresh.len())]);
+        drop(bytes);
+        self.refilling.store(false, Ordering::Release);
+    }
+
+    pub fn refill_failed(&self) {
+        self.refilling.store(false, Ordering::Release);
+    }
+}
+
+impl Default for RandomPool {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bytes_are_handed_out_once_and_wiped() {
+        let pool = RandomPool::new();
+        let mut out = [0u8; 44];
+        assert!(!pool.take(&mut out), "empty");
+        assert!(pool.wants_refill());
+        assert!(!pool.wants_refill(), "one refill at a time");
+        let fresh: Vec<u8> = (0..=255u8).cycle().take(POOL_BYTES + 10).collect();
+        pool.refill(&fresh);
+        assert_eq!(pool.lock().len(), POOL_BYTES);
+        assert!(pool.take(&mut out));
+        assert_eq!(out[..], fresh[POOL_BYTES - 44..POOL_BYTES]);
+        let mut next = [0u8; 44];
+        assert!(pool.take(&mut next));
+        assert_ne!(out, next, "never the same bytes twice");
+    }
+}
