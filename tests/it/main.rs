@@ -11,5 +11,6 @@ mod hostile;
 mod keystore;
 mod listing;
 mod packaging;
+mod personalities;
 mod soak;
 mod soft_dir;
