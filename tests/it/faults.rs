@@ -16,7 +16,7 @@ use kesh::identity::ApiKey;
 use crate::harness;
 
 /// The shim, built next to this test binary by `cargo build -p kesh-fault-shim`.
-fn shim_path() -> PathBuf {
+pub(crate) fn shim_path() -> PathBuf {
     let exe = std::env::current_exe().unwrap();
     let dir = exe.parent().and_then(Path::parent).unwrap();
     let shim = dir.join("libkesh_fault_shim.so");

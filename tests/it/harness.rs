@@ -81,7 +81,14 @@ pub struct Tokens {
     pub listing: Arc<EphemeralToken>,
     /// Two `kesh server` processes listing past 1,024 keys while one churns (`listing.rs`).
     pub listing_bulk: Arc<EphemeralToken>,
+    /// One per vendor personality of the fault shim, each used by one server process at a
+    /// time (`personalities.rs`).
+    pub personalities: std::collections::BTreeMap<&'static str, Arc<EphemeralToken>>,
 }
+
+/// The vendor personalities the shim emulates, one per profile in `hsm-config/profiles/`
+/// (SoftHSM's excepted).
+pub const PERSONALITIES: [&str; 5] = ["cloudhsm", "luna", "nshield", "utimaco", "yubihsm"];
 
 pub fn tokens() -> &'static Tokens {
     static TOKENS: std::sync::OnceLock<Tokens> = std::sync::OnceLock::new();
@@ -106,6 +113,10 @@ pub fn tokens() -> &'static Tokens {
             guide: Arc::new(token()),
             listing: Arc::new(token()),
             listing_bulk: Arc::new(token()),
+            personalities: PERSONALITIES
+                .iter()
+                .map(|p| (*p, Arc::new(token())))
+                .collect(),
         }
     })
 }

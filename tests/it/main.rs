@@ -11,6 +11,7 @@ mod hostile;
 mod keystore;
 mod listing;
 mod packaging;
+mod personalities;
 mod soak;
 mod soft_dir;
 mod vault;

@@ -23,10 +23,16 @@
 //! on the first line, then one `C_Function count` line per function called. A thread of the
 //! shim rewrites it within 20 ms of a change (benches count calls per operation with it; the
 //! fault tests count logins).
+//!
+//! With `KESH_SHIM_PERSONALITY` set to a vendor (`luna`, `nshield`, `cloudhsm`, `yubihsm`,
+//! `utimaco`), the shim also behaves as that vendor's module documents it does where it differs
+//! from SoftHSM (GCM IVs, unsupported functions and mechanisms, template limits, session
+//! limits, manufacturer strings): see [`personality`].
 
 #![allow(non_snake_case)]
 
 mod functions;
+pub mod personality;
 
 use std::path::PathBuf;
 use std::sync::{Mutex, OnceLock};
@@ -105,8 +111,11 @@ pub unsafe extern "C" fn C_GetFunctionList(list: *mut *mut CK_FUNCTION_LIST) -> 
         return CKR_GENERAL_ERROR;
     };
     // Leaked once: the list must outlive every caller, as a module's static list does.
-    let ptr =
-        *WRAPPED.get_or_init(|| Box::into_raw(Box::new(functions::wrapped(&real.list))) as usize);
+    let ptr = *WRAPPED.get_or_init(|| {
+        let mut list = functions::wrapped(&real.list);
+        personality::install(&mut list);
+        Box::into_raw(Box::new(list)) as usize
+    });
     // SAFETY: checked non-null above; the caller owns the storage.
     unsafe { *list = ptr as *mut CK_FUNCTION_LIST };
     CKR_OK

@@ -15,6 +15,7 @@ use cryptoki::session::Session;
 use zeroize::Zeroizing;
 
 use super::copies::nonce_value;
+use super::error;
 use super::index::{has_ready_master, survey, Entry, Found};
 use super::objects::{self, Meta, Role, State};
 use super::seam::{failure_to_error, OpError, OpResult};
@@ -59,7 +60,17 @@ impl Inner {
         let created = self
             .run(move |s, d| {
                 let _held = inner.hold_writes()?;
-                create_on_token(s, &label, &key_name, spec, d.generation)
+                // A device that refuses kesh's layout gets a log line saying so (not just a 502).
+                create_on_token(s, &label, &key_name, spec, d.generation).map_err(|e| match e {
+                    OpError::Ck(ck) => match error::create_refusal(&ck) {
+                        Some(why) => {
+                            tracing::error!(error = %ck, "{why}");
+                            OpError::Fail(KeystoreError::Backend(why))
+                        }
+                        None => OpError::Ck(ck),
+                    },
+                    other => other,
+                })
             })
             .await
             .map_err(failure_to_error);

@@ -79,6 +79,38 @@ pub fn classify_unseal(err: &CkError, how: TagFailures) -> Failure {
     }
 }
 
+/// What to tell the operator when the device refuses one of the calls kesh's create protocol
+/// is built on: `None` for any other failure.
+///
+/// Some modules cannot hold keys the way kesh lays them out (`objects`): AWS CloudHSM's SDK 5
+/// library has no `C_SetAttributeValue`, which the create's commit needs (pending → ready in
+/// `CKA_ID`); YubiHSM 2's refuses `CKK_GENERIC_SECRET` HMAC keys and
+/// `CKA_ALLOWED_MECHANISMS`. Without this, such a create fails with a bare 502 and no log line
+/// that says why.
+pub fn create_refusal(err: &CkError) -> Option<String> {
+    let CkError::Pkcs11(rv, function) = err else {
+        return None;
+    };
+    let refused = matches!(
+        rv,
+        RvError::FunctionNotSupported
+            | RvError::TemplateInconsistent
+            | RvError::TemplateIncomplete
+            | RvError::AttributeTypeInvalid
+            | RvError::AttributeValueInvalid
+            | RvError::AttributeReadOnly
+            | RvError::MechanismInvalid
+            | RvError::KeyTypeInconsistent
+    );
+    refused.then(|| {
+        format!(
+            "this HSM cannot hold keys in kesh's layout: {function} returned {rv:?} during a \
+             create; this module is unsupported for creating or importing keys with this \
+             scheme (see the README's HSM table and `kesh hsm probe`)"
+        )
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -99,6 +131,14 @@ mod tests {
             classify_unseal(&standard, TagFailures::Standard),
             Failure::Request(KeystoreError::NotAuthentic)
         );
+    }
+
+    #[test]
+    fn a_refused_create_call_is_explained() {
+        let e = CkError::Pkcs11(RvError::FunctionNotSupported, Function::SetAttributeValue);
+        assert!(create_refusal(&e).is_some_and(|m| m.contains("SetAttributeValue")));
+        let e = CkError::Pkcs11(RvError::DeviceError, Function::GenerateKey);
+        assert_eq!(create_refusal(&e), None);
     }
 
     #[test]
