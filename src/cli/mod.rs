@@ -19,10 +19,25 @@ use std::process::ExitCode;
 
 use clap::{Args, CommandFactory, Parser, Subcommand};
 
+/// `kesh --version`: what an auditor needs to match a running binary with its commit and SBOM.
+/// The values come from build.rs.
+const LONG_VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    "\ncommit: ",
+    env!("KESH_GIT_COMMIT"),
+    "\nrustc: ",
+    env!("KESH_RUSTC_VERSION"),
+    "\ntarget: ",
+    env!("KESH_BUILD_TARGET"),
+    "\nbuild date: ",
+    env!("KESH_BUILD_DATE"),
+);
+
 #[derive(Parser, Debug)]
 #[command(
     name = "kesh",
     version,
+    long_version = LONG_VERSION,
     about = "A KES-compatible key-management server backed by a PKCS#11 HSM",
     long_about = "A KES-compatible key-management server backed by a PKCS#11 HSM.\n\n\
         Client commands find the server and credentials like `kes` does:\n  \

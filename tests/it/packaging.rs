@@ -106,11 +106,11 @@ fn unit_passes_systemd_analyze_verify() {
     }
     let dir = tempfile::tempdir().unwrap();
     let text = std::fs::read_to_string(packaging().join("kesh.service")).unwrap();
-    assert!(text.contains("ExecStart=/usr/local/bin/kesh "));
+    assert!(text.contains("ExecStart=/usr/bin/kesh "));
     let unit = dir.path().join("kesh.service");
     std::fs::write(
         &unit,
-        text.replace("/usr/local/bin/kesh", env!("CARGO_BIN_EXE_kesh")),
+        text.replace("/usr/bin/kesh", env!("CARGO_BIN_EXE_kesh")),
     )
     .unwrap();
     // The per-HSM drop-ins beside it, where verify loads them with the unit.
@@ -137,4 +137,65 @@ fn unit_passes_systemd_analyze_verify() {
         "systemd-analyze verify: {stderr}"
     );
     crate::harness::report("systemd-analyze verify: kesh.service and its drop-ins are clean");
+}
+
+/// `kesh --version` names the version, the commit, the compiler and the build date (or says
+/// there is none), so a running binary can be matched with the SBOM of its commit.
+#[test]
+fn version_names_commit_compiler_and_date() {
+    let out = Command::new(env!("CARGO_BIN_EXE_kesh"))
+        .arg("--version")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "kesh --version: {out:?}");
+    let text = String::from_utf8(out.stdout).unwrap();
+    let field = |name: &str| -> String {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .unwrap_or_else(|| panic!("no `{name}` line in:\n{text}"))
+            .trim()
+            .to_owned()
+    };
+    assert_eq!(
+        text.lines().next(),
+        Some(concat!("kesh ", env!("CARGO_PKG_VERSION"))),
+        "{text}"
+    );
+
+    let commit = field("commit:");
+    let head = Command::new("git")
+        .args(["rev-parse", "HEAD"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output();
+    match head {
+        Ok(head) if head.status.success() => {
+            assert_eq!(commit, String::from_utf8(head.stdout).unwrap().trim());
+        }
+        // A source tarball: build.rs fell back to KESH_GIT_COMMIT or "unknown".
+        _ => assert!(!commit.is_empty()),
+    }
+
+    let rustc = std::env::var("RUSTC").unwrap_or_else(|_| "rustc".into());
+    let rustc = Command::new(rustc).arg("-V").output().unwrap();
+    assert_eq!(
+        field("rustc:"),
+        String::from_utf8(rustc.stdout).unwrap().trim()
+    );
+
+    let date = field("build date:");
+    match std::env::var("SOURCE_DATE_EPOCH") {
+        Ok(_) => assert!(date.ends_with("Z (SOURCE_DATE_EPOCH)"), "{date}"),
+        Err(_) => assert_eq!(date, "none recorded (reproducible build)"),
+    }
+    assert!(!field("target:").is_empty());
+
+    // `-V` stays one line for scripts that parse it.
+    let short = Command::new(env!("CARGO_BIN_EXE_kesh"))
+        .arg("-V")
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8(short.stdout).unwrap().trim(),
+        concat!("kesh ", env!("CARGO_PKG_VERSION"))
+    );
 }
