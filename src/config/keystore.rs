@@ -3,12 +3,12 @@
 //! ```yaml
 //! keystore:
 //!   pkcs11:
-//!     module: /usr/lib/softhsm/libsofthsm2.so   # path to the PKCS#11 module
+//!     module: /usr/lib/vendor/libpkcs11.so     # path to the PKCS#11 module
 //!     token: kesh                               # token label (or `serial: ...`)
 //!     pin: ${KESH_PIN}                          # or `pin_file: /path`
 //!     prefix: kesh/                             # label namespace
 //!     sessions: 4                               # session pool size
-//!     profile: softhsm                          # defaults per HSM family
+//!     profile: generic                          # HSM family; detected when left out
 //! ```
 
 use std::path::PathBuf;
@@ -223,7 +223,7 @@ fn parse_pkcs11(value: &Value) -> Result<Pkcs11Config, ConfigError> {
     let module = s.string("module")?.ok_or_else(|| {
         ConfigError::new(
             s.field("module"),
-            "required: the path of the PKCS#11 module, e.g. /usr/lib/softhsm/libsofthsm2.so",
+            "required: the path of the PKCS#11 module (the vendor's .so file; see hsm-config/profiles/)",
         )
     })?;
     let token = match (s.string("token")?, s.string("serial")?) {

@@ -4,7 +4,7 @@
 //! gcm: 'k' 0x01 0x01 | iv(12) | aes-256-gcm ciphertext | tag(16)      AAD = context
 //! kwp: 'k' 0x01 0x02 | pad(1) | AES-KWP( plaintext | 0x00 * pad | SHA-256(context) )
 //! ```
-//! `pad` makes the wrapped input a multiple of 8 bytes, so KWP never pads (SoftHSM 2.6 pads
+//! `pad` makes the wrapped input a multiple of 8 bytes, so KWP never pads (some modules pad
 //! other lengths wrongly); a 32-byte DEK has `pad = 0` and wraps exactly `DEK | SHA-256(ctx)`.
 
 use super::NotAuthentic;

@@ -4,7 +4,7 @@
 //! policy: callers pass a validated [`KeyName`] and get a [`KeystoreError`] that the server
 //! maps to the wire in one place.
 //!
-//! - [`pkcs11`]: master keys inside a PKCS#11 token (SoftHSMv2 in tests, real HSMs in production).
+//! - [`pkcs11`]: master keys inside a PKCS#11 token (a software token in tests, real HSMs in production).
 //! - [`soft`]: the embedded keystore for `--dev` and machines without an HSM, in memory or in a
 //!   directory of KEK-wrapped files; same schemes, byte-identical ciphertexts.
 
@@ -196,7 +196,7 @@ pub struct KeystoreStats {
 /// and safe to call concurrently; blocking work stays off the async runtime.
 #[async_trait::async_trait]
 pub trait KeyStore: Send + Sync + 'static {
-    /// One line for banners and `/v1/status` logs, e.g. `PKCS#11 token 'kesh' (SoftHSM)`.
+    /// One line for banners and `/v1/status` logs, e.g. `PKCS#11 token label 'kesh' via /usr/lib/... (vendor)`.
     fn description(&self) -> String;
 
     /// Creates a key with the backend's default scheme and a fresh HMAC key.

@@ -82,11 +82,11 @@ pub fn classify_unseal(err: &CkError, how: TagFailures) -> Failure {
 /// What to tell the operator when the device refuses one of the calls kesh's create protocol
 /// is built on: `None` for any other failure.
 ///
-/// Some modules cannot hold keys the way kesh lays them out (`objects`): AWS CloudHSM's SDK 5
-/// library has no `C_SetAttributeValue`, which the create's commit needs (pending → ready in
-/// `CKA_ID`); YubiHSM 2's refuses `CKK_GENERIC_SECRET` HMAC keys and
-/// `CKA_ALLOWED_MECHANISMS`. Without this, such a create fails with a bare 502 and no log line
-/// that says why.
+/// Some modules cannot hold keys the way kesh lays them out (`objects`): one has no
+/// `C_SetAttributeValue`, which the create's commit needs (pending → ready in `CKA_ID`);
+/// another refuses `CKK_GENERIC_SECRET` HMAC keys and `CKA_ALLOWED_MECHANISMS` (the
+/// profiles in [`super::profile`] and hsm-config/profiles/ say which). Without this, such a
+/// create fails with a bare 502 and no log line that says why.
 pub fn create_refusal(err: &CkError) -> Option<String> {
     let CkError::Pkcs11(rv, function) = err else {
         return None;

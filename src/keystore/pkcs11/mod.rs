@@ -6,7 +6,7 @@
 //!
 //! | module | owns |
 //! |---|---|
-//! | [`settings`], [`profile`] | the config's settings, vendor profiles (the only place that names vendors) and their detection |
+//! | [`settings`], [`profile`] | the config's settings; vendor profiles, their detection and the throwaway dev and test tokens ([`ephemeral`]): the only place that names vendors |
 //! | `seam` | [`Inner::run`] (every request's PKCS#11 calls) and recovery, login state |
 //! | `index` | the name → objects index, token scans, the change-marker poll ([`changes`]) |
 //! | `create` | the create protocol, imports, deletes, the host write lock ([`writelock`]) |
@@ -14,7 +14,7 @@
 //! | [`device`] | one connection: initialize, find the token, log in, sessions |
 //! | [`objects`] | labels, metadata and key templates |
 //! | [`workers`] | the OS threads the calls run on |
-//! | [`probe`], [`ephemeral`] | `kesh hsm probe`; throwaway dev and test tokens |
+//! | [`probe`] | `kesh hsm probe` |
 //!
 //! Every cryptoki call of a request goes through [`Inner::run`], the
 //! one seam: it queues the call for the [`workers`] (one OS thread per pool session, so PKCS#11
@@ -41,7 +41,6 @@ pub mod changes;
 pub mod copies;
 mod create;
 pub mod device;
-pub mod ephemeral;
 pub mod error;
 mod index;
 pub mod objects;
@@ -55,7 +54,7 @@ pub mod settings;
 pub mod workers;
 pub mod writelock;
 
-pub use profile::Profile;
+pub use profile::{ephemeral, Profile};
 pub use settings::{IvSource, Pkcs11Config, Settings, TokenSelector};
 
 use self::create::{NewHmac, NewKey};

@@ -1,10 +1,13 @@
 //! Vendor profiles: every way one PKCS#11 implementation differs from another that kesh
 //! relies on, as one value per family, and how a module is recognised as one of them.
 //!
-//! This is the only module that names vendors. The rest of the backend reads capabilities
+//! This is the only module that names vendors (its [`ephemeral`] submodule makes the
+//! throwaway SoftHSM tokens of `--dev` and the tests). The rest of the backend reads capabilities
 //! and quirks from the [`Profile`] in force (chosen by `profile:` in the config, else
 //! detected from the library's and the token's manufacturer IDs at start); it never asks
 //! which vendor it talks to. `hsm-config/profiles/*.yaml` documents each row with its sources.
+
+pub mod ephemeral;
 
 use std::path::PathBuf;
 

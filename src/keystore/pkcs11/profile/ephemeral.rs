@@ -13,7 +13,7 @@ use cryptoki::context::Pkcs11;
 use cryptoki::session::UserType;
 use cryptoki::types::AuthPin;
 
-use super::{device, profile, Pkcs11Config, TokenSelector};
+use super::super::{device, profile, Pkcs11Config, TokenSelector};
 use crate::secret::Pin;
 
 /// The SoftHSM module, if installed (`KESH_SOFTHSM_MODULE` overrides the search).
