@@ -69,6 +69,15 @@ pub const PROFILES: &[Profile] = &[
         scheme: Scheme::Gcm,
         session_keys: true,
     },
+    // Kryoptic: a software token like SoftHSM whose store is an sqlite file; it has no
+    // CKM_AES_KEY_WRAP_PAD (hsm-config/profiles/kryoptic.yaml).
+    Profile {
+        name: "kryoptic",
+        sessions: 4,
+        iv: IvSource::Caller,
+        scheme: Scheme::Gcm,
+        session_keys: false,
+    },
     Profile {
         name: "luna",
         sessions: 16,
@@ -108,6 +117,15 @@ pub const PROFILES: &[Profile] = &[
         session_keys: false,
     },
 ];
+
+/// Where kesh processes sharing a Kryoptic token take their write lock: beside the config
+/// `KRYOPTIC_CONF` names (which names the sqlite store). Kryoptic's writes are sqlite
+/// transactions that read before they write, and two processes' such transactions fail one
+/// of them at once (`CKR_DEVICE_MEMORY`) rather than wait. `None` when the variable is unset.
+pub fn kryoptic_write_lock_path() -> Option<PathBuf> {
+    let conf = PathBuf::from(std::env::var_os("KRYOPTIC_CONF")?);
+    Some(conf.parent()?.join(".kesh-writes.lock"))
+}
 
 pub fn profile(name: &str) -> Option<&'static Profile> {
     PROFILES.iter().find(|p| p.name.eq_ignore_ascii_case(name))
@@ -387,6 +405,7 @@ fn parse_pkcs11(value: &Value) -> Result<Pkcs11Config, ConfigError> {
             None if profile.is_some_and(|p| p.name == "softhsm") => {
                 crate::keystore::pkcs11::softhsm::write_lock_path()
             }
+            None if profile.is_some_and(|p| p.name == "kryoptic") => kryoptic_write_lock_path(),
             None => None,
         },
         profile: profile.map(|p| p.name),

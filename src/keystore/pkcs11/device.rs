@@ -14,9 +14,11 @@ use cryptoki::slot::Slot;
 use cryptoki::types::AuthPin;
 
 use super::copies::SessionCopies;
-use super::error::TagFailures;
+use super::error::{GoneObjects, TagFailures};
+use super::objects::scheme_mechanism;
 use super::raw::RawCalls;
 use super::{Pkcs11Config, TokenSelector};
+use crate::keystore::{KeystoreError, Scheme};
 use crate::secret::Pin;
 
 pub struct Device {
@@ -28,8 +30,14 @@ pub struct Device {
     pub copies: SessionCopies,
     /// How this module reports a failed GCM tag or KWP check.
     pub tag_failures: TagFailures,
+    /// How this module reports a key another process deleted.
+    pub gone_objects: GoneObjects,
     /// The module's own C_Encrypt/C_Decrypt, for one-call seals (`raw`).
     pub raw: Option<RawCalls>,
+    /// Schemes whose mechanism the token says it does not have (Kryoptic: no
+    /// CKM_AES_KEY_WRAP_PAD). A key of such a scheme is refused when made, where every use
+    /// of it would fail with a backend error.
+    lacking: Vec<Scheme>,
     /// Held open for the device's lifetime: PKCS#11 logs the application out when its last
     /// session closes. Declared last: the pooled sessions close before it.
     _login: Mutex<Session>,
@@ -173,6 +181,20 @@ fn find_slot_once(ctx: &Pkcs11, token: &TokenSelector) -> Result<Slot, (ConnectE
     ))
 }
 
+/// The schemes whose mechanism `C_GetMechanismInfo` calls invalid on `slot`. Only that code
+/// counts: a module that cannot answer (or a passing fault) leaves a scheme to be tried.
+fn lacking(ctx: &Pkcs11, slot: Slot) -> Vec<Scheme> {
+    [Scheme::Gcm, Scheme::Kwp, Scheme::Kes]
+        .into_iter()
+        .filter(|s| {
+            matches!(
+                ctx.get_mechanism_info(slot, scheme_mechanism(*s)),
+                Err(CkError::Pkcs11(RvError::MechanismInvalid, _))
+            )
+        })
+        .collect()
+}
+
 impl Device {
     /// Opens the login session and logs in as the user with `pin`: exactly one `C_Login`.
     pub fn connect(
@@ -193,9 +215,25 @@ impl Device {
             tag_failures: ctx.get_library_info().map_or(TagFailures::Standard, |i| {
                 TagFailures::of(i.manufacturer_id())
             }),
+            gone_objects: ctx.get_library_info().map_or(GoneObjects::Standard, |i| {
+                GoneObjects::of(i.manufacturer_id())
+            }),
             raw: RawCalls::of_loaded(&cfg.module),
+            lacking: lacking(ctx, slot),
             _login: Mutex::new(session),
         })
+    }
+
+    /// Refuses a scheme the token lacks: a key of it could be made but never used.
+    pub fn offers(&self, scheme: Scheme) -> Result<(), KeystoreError> {
+        if !self.lacking.contains(&scheme) {
+            return Ok(());
+        }
+        Err(KeystoreError::AlgorithmUnsupported(match scheme {
+            Scheme::Gcm => "gcm (CKM_AES_GCM, which this token does not offer)",
+            Scheme::Kwp => "kwp (CKM_AES_KEY_WRAP_PAD, which this token does not offer)",
+            Scheme::Kes => "kes (CKM_SHA256_HMAC, which this token does not offer)",
+        }))
     }
 
     /// A session for one operation: an idle one, or a new one.

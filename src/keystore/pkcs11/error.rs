@@ -89,6 +89,47 @@ pub fn classify_unseal(err: &CkError, how: TagFailures) -> Failure {
     }
 }
 
+/// How a module reports a handle whose token object another process deleted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GoneObjects {
+    /// `CKR_OBJECT_HANDLE_INVALID` / `CKR_KEY_HANDLE_INVALID`.
+    Standard,
+    /// Kryoptic: its handle still names the object, whose row in the shared sqlite store is
+    /// gone, and the lookup fails as `CKR_GENERAL_ERROR`. Such an error from a call on a key
+    /// handle may mean the key is gone: kesh searches the token once more to tell.
+    GeneralError,
+}
+
+impl GoneObjects {
+    /// The quirk of the module whose library manufacturer is `manufacturer`.
+    pub fn of(manufacturer: &str) -> Self {
+        if manufacturer.trim().eq_ignore_ascii_case("Kryoptic") {
+            GoneObjects::GeneralError
+        } else {
+            GoneObjects::Standard
+        }
+    }
+
+    /// Whether `err`, from a call that used a key handle, may mean the object is gone.
+    pub fn maybe_gone(self, err: &CkError) -> bool {
+        self == GoneObjects::GeneralError
+            && matches!(
+                err,
+                CkError::Pkcs11(
+                    RvError::GeneralError,
+                    Function::EncryptInit
+                        | Function::DecryptInit
+                        | Function::SignInit
+                        | Function::VerifyInit
+                        | Function::WrapKey
+                        | Function::UnwrapKey
+                        | Function::GetAttributeValue
+                        | Function::CopyObject,
+                )
+            )
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -109,6 +150,16 @@ mod tests {
             classify_unseal(&standard, TagFailures::Standard),
             Failure::Request(KeystoreError::NotAuthentic)
         );
+    }
+
+    #[test]
+    fn a_general_error_means_maybe_gone_only_on_kryoptic() {
+        let init = CkError::Pkcs11(RvError::GeneralError, Function::DecryptInit);
+        assert!(GoneObjects::of("Kryoptic").maybe_gone(&init));
+        assert!(!GoneObjects::of("SoftHSM").maybe_gone(&init));
+        // Only calls that look the object up; a failing C_Decrypt is about the data.
+        let decrypt = CkError::Pkcs11(RvError::GeneralError, Function::Decrypt);
+        assert!(!GoneObjects::of("Kryoptic").maybe_gone(&decrypt));
     }
 
     #[test]

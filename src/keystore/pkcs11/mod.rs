@@ -226,6 +226,13 @@ impl Pkcs11KeyStore {
                 )),
                 ConnectError::Failed(why) => KeystoreError::Unreachable(why),
             })?;
+            // A server whose creates would all fail does not start.
+            device.offers(cfg.scheme).map_err(|e| {
+                KeystoreError::InvalidInput(format!(
+                    "`scheme: {}`: {e}; `kesh hsm probe` shows the schemes it supports",
+                    cfg.scheme
+                ))
+            })?;
             let info = ctx.get_library_info().ok();
             let token_description = format!(
                 "PKCS#11 token {} via {}{}",
@@ -589,7 +596,14 @@ impl Inner {
                     if d.generation != entry.generation {
                         return Err(OpError::Stale);
                     }
-                    op(s, d, &entry)
+                    match op(s, d, &entry) {
+                        // The module's way of saying the key may be gone: search once more
+                        // (a key still there then fails with the error itself).
+                        Err(OpError::Ck(e)) if !force && d.gone_objects.maybe_gone(&e) => {
+                            Err(OpError::Stale)
+                        }
+                        other => other,
+                    }
                 })
                 .await;
             match outcome {
@@ -650,6 +664,7 @@ impl Inner {
         let inner = self.clone();
         let entry = self
             .run(move |s, d| {
+                d.offers(spec.scheme).map_err(OpError::Fail)?;
                 let _held = inner.hold_writes()?;
                 create_on_token(s, &label, &key_name, spec, d.generation)
             })

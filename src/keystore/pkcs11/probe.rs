@@ -268,10 +268,18 @@ fn probe_token(
     let _ = session.logout();
     drop(session);
     let max_rw_sessions = SessionLimit::from(info.max_rw_session_count());
-    let softhsm = summary.manufacturer.contains("SoftHSM") || summary.model.contains("SoftHSM");
-    // SoftHSM serialises threads inside one process: two sessions measured fastest. For other
-    // devices start at 8 and stay below the token's own limit (one session is kesh's login).
-    let mut sessions: usize = if softhsm { 2 } else { 8 };
+    // The software tokens kesh has a profile for, told apart by their token manufacturer.
+    let profile = if summary.manufacturer.contains("SoftHSM") || summary.model.contains("SoftHSM") {
+        crate::config::keystore::profile("softhsm")
+    } else if summary.manufacturer.starts_with("Kryoptic") {
+        crate::config::keystore::profile("kryoptic")
+    } else {
+        None
+    };
+    // A profile's session count was measured for its module (SoftHSM serialises threads
+    // inside one process: two sessions are fastest). For other devices start at 8 and stay
+    // below the token's own limit (one session is kesh's login).
+    let mut sessions: usize = profile.map_or(8, |p| p.sessions);
     if let SessionLimit::Max(n) = max_rw_sessions {
         let cap = usize::try_from(n.saturating_sub(1))
             .unwrap_or(usize::MAX)
@@ -302,7 +310,8 @@ fn probe_token(
     } else {
         None
     };
-    report.recommended_config = recommended_config(&target.module, sel, &report, softhsm);
+    report.recommended_config =
+        recommended_config(&target.module, sel, &report, profile.map(|p| p.name));
     Ok(report)
 }
 
@@ -515,7 +524,7 @@ fn recommended_config(
     module: &Path,
     sel: &TokenSelector,
     r: &TokenReport,
-    softhsm: bool,
+    profile: Option<&str>,
 ) -> String {
     let mut y = String::from("keystore:\n  pkcs11:\n");
     y.push_str(&format!("    module: {}\n", module.display()));
@@ -524,8 +533,8 @@ fn recommended_config(
         TokenSelector::Serial(s) => y.push_str(&format!("    serial: \"{s}\"\n")),
     }
     y.push_str("    pin: ${KESH_PIN}\n    prefix: kesh/\n");
-    if softhsm {
-        y.push_str("    profile: softhsm\n");
+    if let Some(p) = profile {
+        y.push_str(&format!("    profile: {p}\n"));
     }
     y.push_str(&format!("    sessions: {}\n", r.recommended_sessions));
     match r.recommended_scheme {
