@@ -459,6 +459,18 @@ mod tests {
         assert_eq!(c.prefix, "kesh/");
         assert_eq!(c.token, TokenSelector::Label("kesh".into()));
         assert!(!format!("{c:?}").contains("1234"), "PIN leaked into Debug");
+        let cfg = parse(
+            "pkcs11:\n  module: /m.so\n  token: kesh\n  pin: '12345678'\n  profile: kryoptic\n  write_lock: /l\n",
+        )
+        .unwrap();
+        let KeystoreConfig::Pkcs11(c) = cfg else {
+            panic!("not pkcs11")
+        };
+        assert_eq!(
+            (c.sessions, c.scheme, c.iv, c.session_keys, c.profile),
+            (4, Scheme::Gcm, IvSource::Caller, false, Some("kryoptic"))
+        );
+        assert_eq!(c.write_lock, Some(PathBuf::from("/l")));
     }
 
     #[test]

@@ -276,9 +276,9 @@ fn probe_token(
     } else {
         None
     };
-    // A profile's session count was measured for its module (SoftHSM serialises threads
-    // inside one process: two sessions are fastest). For other devices start at 8 and stay
-    // below the token's own limit (one session is kesh's login).
+    // A profile's session count fits its module (SoftHSM serialises threads inside one
+    // process: two sessions measured fastest). For other devices start at 8 and stay below
+    // the token's own limit (one session is kesh's login).
     let mut sessions: usize = profile.map_or(8, |p| p.sessions);
     if let SessionLimit::Max(n) = max_rw_sessions {
         let cap = usize::try_from(n.saturating_sub(1))

@@ -9,8 +9,11 @@
 //! between processes closes that window: a process only writes while no other is writing, so
 //! every foreign change it has not listed yet is still unseen, and the next look lists it.
 //!
+//! Kryoptic needs it too, for another reason: its sqlite transactions read before they write,
+//! and of two processes writing at once one fails (`CKR_DEVICE_MEMORY`) instead of waiting.
+//!
 //! Network HSMs keep objects on the device and need no lock; only processes on one host can
-//! share one (SoftHSM's token directory is local anyway). Owns the lock file; knows nothing of
+//! share one (SoftHSM's token directory and Kryoptic's sqlite file are local anyway). Owns the lock file; knows nothing of
 //! what is written under it.
 
 use std::fs::{File, OpenOptions, TryLockError};
