@@ -1,6 +1,8 @@
-//! Builds the two keystores the suites run against, and small helpers.
+//! Builds the keystores the suites run against, and small helpers.
 //!
-//! SoftHSM is required: a missing module fails the test with an install hint, never a skip.
+//! Three backends: the soft keystore, SoftHSM and Kryoptic (a second, independent PKCS#11
+//! token). Both tokens are required: a missing module fails the test with the command that
+//! provides it, never a skip.
 
 #![allow(dead_code)]
 
@@ -16,6 +18,42 @@ use kesh::name::KeyName;
 pub struct Store {
     pub ks: Arc<dyn KeyStore>,
     pub pkcs11: Option<(Pkcs11KeyStore, Arc<EphemeralToken>)>,
+    pub backend: Backend,
+}
+
+/// What a keystore under test is, and what it lacks by design.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Soft,
+    SoftHsm,
+    Kryoptic,
+}
+
+impl Backend {
+    pub fn name(self) -> &'static str {
+        match self {
+            Backend::Soft => "soft",
+            Backend::SoftHsm => "softhsm",
+            Backend::Kryoptic => "kryoptic",
+        }
+    }
+
+    /// Whether the `kwp` scheme (CKM_AES_KEY_WRAP_PAD) works. Kryoptic offers RFC 5649 only
+    /// under its PKCS#11 3.0 name, CKM_AES_KEY_WRAP_KWP, which kesh does not use.
+    pub fn kwp(self) -> bool {
+        self != Backend::Kryoptic
+    }
+
+    /// Says that a case is not run on this backend because the backend lacks `what` by
+    /// design: in the test's output, and in the run's report (`softhsm-tests/run` prints it),
+    /// since a passing test's output is shown to nobody.
+    pub fn unsupported(self, what: &str) {
+        let test = std::thread::current().name().unwrap_or("?").to_owned();
+        report(&format!(
+            "unsupported-by-design: {what} on {} ({test} checked the refusal instead)",
+            self.name()
+        ));
+    }
 }
 
 impl std::ops::Deref for Store {
@@ -29,6 +67,7 @@ pub fn soft() -> Store {
     Store {
         ks: Arc::new(SoftKeyStore::in_memory()),
         pkcs11: None,
+        backend: Backend::Soft,
     }
 }
 
@@ -48,6 +87,7 @@ impl Store {
             None => Store {
                 ks: Arc::new(SoftKeyStore::in_memory().with_scheme(scheme)),
                 pkcs11: None,
+                backend: Backend::Soft,
             },
         }
     }
@@ -134,13 +174,14 @@ pub async fn pkcs11_with(
     token: Arc<EphemeralToken>,
     adjust: impl FnOnce(&mut kesh::keystore::pkcs11::Pkcs11Config),
 ) -> Store {
-    let mut cfg = token.config();
+    let mut cfg = config(&token);
     adjust(&mut cfg);
     let ks = Pkcs11KeyStore::open(cfg)
         .await
         .expect("open pkcs11 keystore");
     Store {
         ks: Arc::new(ks.clone()),
+        backend: backend_of(&token),
         pkcs11: Some((ks, token)),
     }
 }
@@ -180,11 +221,84 @@ pub fn write_ready_keys(token: &EphemeralToken, names: impl IntoIterator<Item = 
     }
 }
 
-/// The token a child process was told to use (`KESH_CHILD_TOKEN`, `KESH_CHILD_PIN`).
+/// Which module a token lives on.
+pub fn backend_of(token: &EphemeralToken) -> Backend {
+    match kryoptic_module() {
+        Some(m) if m == token.module => Backend::Kryoptic,
+        _ => Backend::SoftHsm,
+    }
+}
+
+/// The keystore configuration a test starts from: the profile of the token's module.
+pub fn config(token: &EphemeralToken) -> kesh::keystore::pkcs11::Pkcs11Config {
+    let mut cfg = token.config();
+    if backend_of(token) == Backend::Kryoptic {
+        cfg.profile = kesh::keystore::pkcs11::profile::by_name("kryoptic");
+    }
+    cfg
+}
+
+/// The token a child process was told to use (`KESH_CHILD_TOKEN`, `KESH_CHILD_PIN`, and
+/// `KESH_CHILD_MODULE` when it is not SoftHSM's).
 pub fn child_token() -> EphemeralToken {
     let label = std::env::var("KESH_CHILD_TOKEN").expect("KESH_CHILD_TOKEN");
-    let pin = std::env::var("KESH_CHILD_PIN").expect("KESH_CHILD_PIN");
-    EphemeralToken::existing(label, kesh::secret::Pin::new(pin)).expect("SoftHSM is required")
+    let pin = kesh::secret::Pin::new(std::env::var("KESH_CHILD_PIN").expect("KESH_CHILD_PIN"));
+    match std::env::var_os("KESH_CHILD_MODULE") {
+        Some(module) => EphemeralToken::existing_on(module.into(), label, pin),
+        None => EphemeralToken::existing(label, pin).expect("SoftHSM is required"),
+    }
+}
+
+/// How to get Kryoptic, for a test that needs it and finds it missing.
+const KRYOPTIC_HINT: &str = "Kryoptic is required for this test: run softhsm-tests/run, which \
+    builds it and makes its tokens, or make them with `softhsm-tests/kryoptic tokens DIR PIN \
+    kesh-shared kesh-processes kesh-listing` and export KESH_TEST_KRYOPTIC_MODULE (the path `softhsm-tests/kryoptic \
+    build` prints), KRYOPTIC_CONF (DIR/kryoptic.toml) and KESH_TEST_KRYOPTIC_PIN";
+
+/// The Kryoptic module `softhsm-tests/run` built, if it says so.
+fn kryoptic_module() -> Option<std::path::PathBuf> {
+    std::env::var_os("KESH_TEST_KRYOPTIC_MODULE").map(Into::into)
+}
+
+/// The Kryoptic tokens `softhsm-tests/run` made (`softhsm-tests/kryoptic tokens`): one for
+/// the in-process suites, one that child processes write to, as with SoftHSM's.
+pub struct KryopticTokens {
+    pub shared: Arc<EphemeralToken>,
+    pub processes: Arc<EphemeralToken>,
+    /// Two `kesh server` processes racing creates and deletes (`listing.rs`).
+    pub listing: Arc<EphemeralToken>,
+}
+
+pub fn kryoptic_tokens() -> &'static KryopticTokens {
+    static TOKENS: std::sync::OnceLock<KryopticTokens> = std::sync::OnceLock::new();
+    TOKENS.get_or_init(|| {
+        let module = kryoptic_module().filter(|m| m.exists()).unwrap_or_else(|| {
+            panic!("{KRYOPTIC_HINT} (KESH_TEST_KRYOPTIC_MODULE unset or missing)")
+        });
+        let conf = std::env::var_os("KRYOPTIC_CONF")
+            .map(std::path::PathBuf::from)
+            .filter(|c| c.exists())
+            .unwrap_or_else(|| panic!("{KRYOPTIC_HINT} (KRYOPTIC_CONF unset or missing)"));
+        let pin = std::env::var("KESH_TEST_KRYOPTIC_PIN")
+            .unwrap_or_else(|_| panic!("{KRYOPTIC_HINT} (KESH_TEST_KRYOPTIC_PIN unset)"));
+        let token = |label: &str| {
+            Arc::new(EphemeralToken::existing_on(
+                module.clone(),
+                label.to_owned(),
+                kesh::secret::Pin::new(pin.clone()),
+            ))
+        };
+        eprintln!("kryoptic: tokens from {}", conf.display());
+        KryopticTokens {
+            shared: token("kesh-shared"),
+            processes: token("kesh-processes"),
+            listing: token("kesh-listing"),
+        }
+    })
+}
+
+pub async fn kryoptic() -> Store {
+    pkcs11_on(kryoptic_tokens().shared.clone()).await
 }
 
 /// Records a figure a test measured (start-up time, index rebuild, recovery): to stderr, and to
@@ -234,9 +348,10 @@ pub fn b64(s: &str) -> Vec<u8> {
         .expect("base64")
 }
 
-/// Generates one `#[tokio::test]` per backend for each listed `async fn(Store)`.
+/// Generates one `#[tokio::test]` per backend (soft, SoftHSM as `pkcs11`, Kryoptic) for each
+/// listed `async fn(Store)`.
 #[macro_export]
-macro_rules! on_both_keystores {
+macro_rules! on_every_keystore {
     ($($case:ident),* $(,)?) => {
         mod soft {
             $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -245,6 +360,10 @@ macro_rules! on_both_keystores {
         mod pkcs11 {
             $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                async fn $case() { super::$case($crate::harness::pkcs11().await).await } )*
+        }
+        mod kryoptic {
+            $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+               async fn $case() { super::$case($crate::harness::kryoptic().await).await } )*
         }
     };
 }

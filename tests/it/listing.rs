@@ -8,11 +8,12 @@ use kesh::keystore::pkcs11::ephemeral::EphemeralToken;
 use crate::cli::Server;
 use crate::harness;
 
-/// Two servers on `token`, with the profile an operator would give them.
+/// Two servers on `token`, with only module, token and PIN configured: the profile is the
+/// one detected from the module.
 fn two_servers(token: &EphemeralToken) -> (Server, Server) {
     let keystore = format!(
-        "  pkcs11:\n    module: {}\n    token: {}\n    pin: ${{KESH_PIN}}\n    profile: softhsm\n",
-        token.config().module.display(),
+        "  pkcs11:\n    module: {}\n    token: {}\n    pin: ${{KESH_PIN}}\n",
+        token.module.display(),
         token.label
     );
     let pin = token.pin().expose().to_owned();
@@ -45,8 +46,17 @@ async fn listed_within(
 /// instance lists the name at once (each answered for it, as a success or "already exists").
 /// A create on one instance alone is listed by the other within a second, and so is a delete.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn listings_follow_creates_and_deletes_across_instances() {
-    let (a, b) = two_servers(&harness::tokens().listing);
+async fn listings_follow_creates_and_deletes_across_instances_on_softhsm() {
+    listings_follow_creates_and_deletes(&harness::tokens().listing).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listings_follow_creates_and_deletes_across_instances_on_kryoptic() {
+    listings_follow_creates_and_deletes(&harness::kryoptic_tokens().listing).await;
+}
+
+async fn listings_follow_creates_and_deletes(token: &EphemeralToken) {
+    let (a, b) = two_servers(token);
     let (ca, cb) = (a.client(), b.client());
     let bound = Duration::from_secs(1);
     let mut slowest = Duration::ZERO;
@@ -95,7 +105,8 @@ async fn listings_follow_creates_and_deletes_across_instances() {
         slowest = slowest.max(took);
     }
     harness::report(&format!(
-        "listing: 20 rounds across two instances; slowest cross-instance listing change {slowest:?}"
+        "listing: {}: 20 rounds across two instances; slowest cross-instance listing change {slowest:?}",
+        harness::backend_of(token).name()
     ));
 }
 

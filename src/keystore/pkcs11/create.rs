@@ -59,6 +59,7 @@ impl Inner {
         let inner = self.clone();
         let created = self
             .run(move |s, d| {
+                d.offers(spec.scheme).map_err(OpError::Fail)?;
                 let _held = inner.hold_writes()?;
                 // A device that refuses kesh's layout gets a log line saying so (not just a 502).
                 create_on_token(s, &label, &key_name, spec, d.generation).map_err(|e| match e {

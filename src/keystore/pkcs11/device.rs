@@ -14,10 +14,12 @@ use cryptoki::slot::Slot;
 use cryptoki::types::AuthPin;
 
 use super::copies::SessionCopies;
-use super::error::TagFailures;
+use super::error::{GoneObjects, TagFailures};
+use super::objects::scheme_mechanism;
 use super::profile::{self, Profile};
 use super::raw::RawCalls;
 use super::{Pkcs11Config, Settings, TokenSelector};
+use crate::keystore::{KeystoreError, Scheme};
 use crate::secret::Pin;
 
 pub struct Device {
@@ -29,6 +31,11 @@ pub struct Device {
     pub copies: SessionCopies,
     /// How this module reports a failed GCM tag or KWP check.
     pub tag_failures: TagFailures,
+    /// How this module reports a key another process deleted.
+    pub gone_objects: GoneObjects,
+    /// Schemes whose mechanism the token says it does not have. A key of such a scheme is
+    /// refused when made, where every use of it would fail with a backend error.
+    lacking: Vec<Scheme>,
     /// The module's own C_Encrypt/C_Decrypt, for one-call seals (`raw`).
     pub raw: Option<RawCalls>,
     /// Held open for the device's lifetime: PKCS#11 logs the application out when its last
@@ -189,7 +196,33 @@ pub fn detect_profile(ctx: &Pkcs11, token: &TokenSelector) -> &'static Profile {
     profile::detect(&library, token.as_deref())
 }
 
+/// The schemes whose mechanism `C_GetMechanismInfo` calls invalid on `slot`. Only that code
+/// counts: a module that cannot answer (or a passing fault) leaves a scheme to be tried.
+fn lacking(ctx: &Pkcs11, slot: Slot) -> Vec<Scheme> {
+    [Scheme::Gcm, Scheme::Kwp, Scheme::Kes]
+        .into_iter()
+        .filter(|s| {
+            matches!(
+                ctx.get_mechanism_info(slot, scheme_mechanism(*s)),
+                Err(CkError::Pkcs11(RvError::MechanismInvalid, _))
+            )
+        })
+        .collect()
+}
+
 impl Device {
+    /// Refuses a scheme the token lacks: a key of it could be made but never used.
+    pub fn offers(&self, scheme: Scheme) -> Result<(), KeystoreError> {
+        if !self.lacking.contains(&scheme) {
+            return Ok(());
+        }
+        Err(KeystoreError::AlgorithmUnsupported(match scheme {
+            Scheme::Gcm => "gcm (CKM_AES_GCM, which this token does not offer)",
+            Scheme::Kwp => "kwp (CKM_AES_KEY_WRAP_PAD, which this token does not offer)",
+            Scheme::Kes => "kes (CKM_SHA256_HMAC, which this token does not offer)",
+        }))
+    }
+
     /// Opens the login session and logs in as the user with `pin`: exactly one `C_Login`.
     pub fn connect(
         ctx: &Pkcs11,
@@ -209,6 +242,8 @@ impl Device {
             idle: Mutex::new(Vec::new()),
             copies: SessionCopies::new(settings.session_keys),
             tag_failures: settings.profile.tag_failures,
+            gone_objects: settings.profile.gone_objects,
+            lacking: lacking(ctx, slot),
             raw: RawCalls::of_loaded(&cfg.module),
             _login: Mutex::new(session),
         })

@@ -79,6 +79,39 @@ pub fn classify_unseal(err: &CkError, how: TagFailures) -> Failure {
     }
 }
 
+/// How a module reports a handle whose token object another process deleted; each
+/// [`super::Profile`] says which.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GoneObjects {
+    /// `CKR_OBJECT_HANDLE_INVALID` / `CKR_KEY_HANDLE_INVALID`.
+    Standard,
+    /// The handle still names the object, whose row in a store shared with other processes
+    /// is gone, and the lookup fails as `CKR_GENERAL_ERROR`. Such an error from a call on a
+    /// key handle may mean the key is gone: kesh searches the token once more to tell.
+    GeneralError,
+}
+
+impl GoneObjects {
+    /// Whether `err`, from a call that used a key handle, may mean the object is gone.
+    pub fn maybe_gone(self, err: &CkError) -> bool {
+        self == GoneObjects::GeneralError
+            && matches!(
+                err,
+                CkError::Pkcs11(
+                    RvError::GeneralError,
+                    Function::EncryptInit
+                        | Function::DecryptInit
+                        | Function::SignInit
+                        | Function::VerifyInit
+                        | Function::WrapKey
+                        | Function::UnwrapKey
+                        | Function::GetAttributeValue
+                        | Function::CopyObject,
+                )
+            )
+    }
+}
+
 /// What to tell the operator when the device refuses one of the calls kesh's create protocol
 /// is built on: `None` for any other failure.
 ///
@@ -139,6 +172,16 @@ mod tests {
         assert!(create_refusal(&e).is_some_and(|m| m.contains("SetAttributeValue")));
         let e = CkError::Pkcs11(RvError::DeviceError, Function::GenerateKey);
         assert_eq!(create_refusal(&e), None);
+    }
+
+    #[test]
+    fn a_general_error_means_maybe_gone_only_where_the_profile_says_so() {
+        let init = CkError::Pkcs11(RvError::GeneralError, Function::DecryptInit);
+        assert!(GoneObjects::GeneralError.maybe_gone(&init));
+        assert!(!GoneObjects::Standard.maybe_gone(&init));
+        // Only calls that look the object up; a failing C_Decrypt is about the data.
+        let decrypt = CkError::Pkcs11(RvError::GeneralError, Function::Decrypt);
+        assert!(!GoneObjects::GeneralError.maybe_gone(&decrypt));
     }
 
     #[test]

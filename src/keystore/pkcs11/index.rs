@@ -177,7 +177,14 @@ impl Inner {
                     if d.generation != entry.generation {
                         return Err(OpError::Stale);
                     }
-                    op(s, d, &entry)
+                    match op(s, d, &entry) {
+                        // The module's way of saying the key may be gone: search once more
+                        // (a key still there then fails with the error itself).
+                        Err(OpError::Ck(e)) if !force && d.gone_objects.maybe_gone(&e) => {
+                            Err(OpError::Stale)
+                        }
+                        other => other,
+                    }
                 })
                 .await;
             match outcome {

@@ -164,6 +164,13 @@ impl Pkcs11KeyStore {
                     )),
                     ConnectError::Failed(why) => KeystoreError::Unreachable(why),
                 })?;
+            // A server whose creates would all fail does not start.
+            device.offers(settings.scheme).map_err(|e| {
+                KeystoreError::InvalidInput(format!(
+                    "`scheme: {}`: {e}; `kesh hsm probe` shows the schemes it supports",
+                    settings.scheme
+                ))
+            })?;
             let info = ctx.get_library_info().ok();
             let token_description = format!(
                 "PKCS#11 token {} via {}{}",

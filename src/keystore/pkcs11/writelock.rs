@@ -10,6 +10,10 @@
 //! between processes closes that window: a process only writes while no other is writing, so
 //! every foreign change it has not listed yet is still unseen, and the next look lists it.
 //!
+//! Software tokens whose store is a database file that processes share need it too, for
+//! another reason: their write transactions read before they write, and of two processes
+//! writing at once one fails (`CKR_DEVICE_MEMORY`) instead of waiting.
+//!
 //! Network HSMs keep objects on the device and need no lock; only processes on one host can
 //! share one (such a token's directory is local anyway). Owns the lock file; knows nothing of
 //! what is written under it.

@@ -134,6 +134,12 @@ impl EphemeralToken {
         Ok(EphemeralToken { module, label, pin })
     }
 
+    /// A token someone else initialized on another module (the suite's Kryoptic tokens).
+    /// `config` still gives SoftHSM's profile defaults: the caller adjusts them.
+    pub fn existing_on(module: PathBuf, label: String, pin: Pin) -> Self {
+        EphemeralToken { module, label, pin }
+    }
+
     /// The token's PIN, for tests that open a second handle on the token.
     pub fn pin(&self) -> &Pin {
         &self.pin

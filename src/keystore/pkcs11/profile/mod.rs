@@ -11,7 +11,7 @@ pub mod ephemeral;
 
 use std::path::PathBuf;
 
-use super::error::TagFailures;
+use super::error::{GoneObjects, TagFailures};
 use super::IvSource;
 use crate::keystore::Scheme;
 
@@ -36,6 +36,8 @@ pub struct Profile {
     pub host_write_lock: Option<fn() -> Option<PathBuf>>,
     /// How the module reports a failed GCM tag or KWP integrity check.
     pub tag_failures: TagFailures,
+    /// How the module reports a key another process deleted.
+    pub gone_objects: GoneObjects,
     /// Re-initialise the module while looking for a token it could not read: a module that
     /// reads its token list once at `C_Initialize` misses a token another process was
     /// rewriting at that moment.
@@ -54,6 +56,7 @@ pub const GENERIC: Profile = Profile {
     session_keys: false,
     host_write_lock: None,
     tag_failures: TagFailures::Standard,
+    gone_objects: GoneObjects::Standard,
     reinit_on_unreadable_slots: false,
     module_paths: &[],
 };
@@ -71,6 +74,7 @@ pub const SOFTHSM: Profile = Profile {
     session_keys: true,
     host_write_lock: Some(softhsm_write_lock_path),
     tag_failures: TagFailures::GeneralError,
+    gone_objects: GoneObjects::Standard,
     reinit_on_unreadable_slots: true,
     module_paths: &[
         "/usr/lib/softhsm/libsofthsm2.so",
@@ -84,10 +88,16 @@ pub const SOFTHSM: Profile = Profile {
 /// Every profile `profile:` may name, and detection tries, in order.
 pub const PROFILES: &[&Profile] = &[
     &SOFTHSM,
+    // Kryoptic: a software token whose store is an sqlite file that processes share. Two
+    // processes' write transactions fail one at once (`CKR_DEVICE_MEMORY`) rather than wait,
+    // so writes take the host lock; a key another process deleted fails as
+    // `CKR_GENERAL_ERROR`; no CKM_AES_KEY_WRAP_PAD (hsm-config/profiles/kryoptic.yaml).
     &Profile {
         name: "kryoptic",
         manufacturers: &["Kryoptic"],
         sessions: 4,
+        host_write_lock: Some(kryoptic_write_lock_path),
+        gone_objects: GoneObjects::GeneralError,
         ..GENERIC
     },
     &Profile {
@@ -167,6 +177,13 @@ pub fn softhsm_write_lock_path() -> Option<PathBuf> {
         .map(|(_, v)| PathBuf::from(v.trim()).join(".kesh-writes.lock"))
 }
 
+/// Kryoptic's host lock lives beside the config `KRYOPTIC_CONF` names (which names the sqlite
+/// store). `None` when the variable is unset.
+pub fn kryoptic_write_lock_path() -> Option<PathBuf> {
+    let conf = PathBuf::from(std::env::var_os("KRYOPTIC_CONF")?);
+    Some(conf.parent()?.join(".kesh-writes.lock"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -174,6 +191,10 @@ mod tests {
     #[test]
     fn modules_are_recognised_by_their_manufacturer_ids() {
         assert_eq!(detect("SoftHSM", Some("SoftHSM project")).name, "softhsm");
+        assert_eq!(
+            detect("Kryoptic", Some("Kryoptic Project")).name,
+            "kryoptic"
+        );
         assert_eq!(detect("SafeNet, Inc.", None).name, "luna");
         assert_eq!(
             detect("Some Vendor", Some("nCipher Corp. Ltd")).name,
