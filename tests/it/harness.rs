@@ -72,14 +72,6 @@ pub fn soft() -> Store {
 }
 
 impl Store {
-    /// The backend as the conformance matrix names it: `soft`, or the pkcs11 profile.
-    pub fn backend_name(&self) -> String {
-        match &self.pkcs11 {
-            Some((ks, _)) => ks.settings().profile.name.to_owned(),
-            None => "soft".to_owned(),
-        }
-    }
-
     /// A store on the same backend (and token) whose creates use `scheme`.
     pub async fn creating(&self, scheme: kesh::keystore::Scheme) -> Store {
         match &self.pkcs11 {

@@ -443,9 +443,31 @@ fn unsupported_by_design(backend: &str, scheme: Scheme, op: &str) -> Option<&'st
 /// `conformance | <backend> | <scheme> | <operation> | <verdict>` for `softhsm-tests/run` to
 /// collect into docs/hsm-support.md; any failure not expected by design fails the test.
 async fn conformance(ks: Store) {
-    let backend = ks.backend_name();
+    let backend = ks.backend.name();
     let mut failures = Vec::new();
     for scheme in [Scheme::Gcm, Scheme::Kwp, Scheme::Kes] {
+        if !ks.backend.kwp() && scheme == Scheme::Kwp {
+            // The token lacks the scheme's mechanism: a keystore creating such keys does not
+            // start (tested in the suite), and an import of one is refused, so none
+            // half-works.
+            let refused = ks
+                .import(
+                    &harness::name("conf-kwp-refused"),
+                    import([9; 32], scheme, HmacKeySource::Generate),
+                )
+                .await
+                .unwrap_err();
+            assert!(
+                matches!(refused, KeystoreError::AlgorithmUnsupported(_)),
+                "{refused:?}"
+            );
+            for op in ["create", "import aes256"] {
+                harness::report(&format!(
+                    "conformance | {backend} | {scheme} | {op} | unsupported-by-design (no CKM_AES_KEY_WRAP_PAD: {refused})"
+                ));
+            }
+            continue;
+        }
         let store = ks.creating(scheme).await;
         let n = harness::name(&format!("conf-{scheme}"));
         let imported = harness::name(&format!("conf-imp-{scheme}"));
@@ -465,23 +487,6 @@ async fn conformance(ks: Store) {
         };
         let err = |e: KeystoreError| e.to_string();
         let created = store.create(&n, harness::who()).await;
-        if let Err(KeystoreError::AlgorithmUnsupported(why)) = &created {
-            // The token lacks the scheme's mechanism: its keys are refused clearly at create
-            // and import, so none half-works.
-            let imported_too = store
-                .import(&imported, import([9; 32], scheme, HmacKeySource::Generate))
-                .await;
-            assert_eq!(
-                imported_too.unwrap_err(),
-                KeystoreError::AlgorithmUnsupported(why)
-            );
-            for op in ["create", "import aes256"] {
-                harness::report(&format!(
-                    "conformance | {backend} | {scheme} | {op} | unsupported-by-design (refused: {why})"
-                ));
-            }
-            continue;
-        }
         record("create", created.map_err(err));
         let dk = store.generate(&n, b"ctx").await;
         let generated = dk.as_ref().map(drop).map_err(|e| e.to_string());
