@@ -473,7 +473,7 @@ async fn conformance(ks: Store) {
         let imported = harness::name(&format!("conf-imp-{scheme}"));
         let chacha = harness::name(&format!("conf-cc-{scheme}"));
         let mut record = |op: &str, outcome: Result<(), String>| {
-            let verdict = match (&outcome, unsupported_by_design(&backend, scheme, op)) {
+            let verdict = match (&outcome, unsupported_by_design(backend, scheme, op)) {
                 (Ok(()), _) => "pass".to_owned(),
                 (Err(_), Some(why)) => format!("unsupported-by-design ({why})"),
                 (Err(e), None) => {
