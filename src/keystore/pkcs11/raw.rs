@@ -12,7 +12,7 @@
 //!
 //! The function pointers come from the module's `C_GetFunctionList`, looked up in the library
 //! cryptoki already loaded (`dlopen` with `RTLD_NOLOAD`: the same library, never a second
-//! copy). Owns that lookup and the two calls; knows nothing of keys or schemes.
+//! copy, and `RTLD_NODELETE`: never unloaded while the process runs). Owns that lookup and the two calls; knows nothing of keys or schemes.
 
 use std::ffi::CString;
 use std::os::unix::ffi::OsStrExt;
@@ -71,9 +71,18 @@ impl RawCalls {
     /// cannot be found that way or lacks them (kesh then uses cryptoki's two-call path).
     pub fn of_loaded(path: &Path) -> Option<RawCalls> {
         let path = CString::new(path.as_os_str().as_bytes()).ok()?;
+        // RTLD_NODELETE pins the module for the process's lifetime: modules keep thread-local
+        // state and statics that outlive one cryptoki context (a Rust module's thread-local
+        // destructors, a C++ module's singletons), and unloading one while a thread that called
+        // it still lives crashes that thread when it exits.
         // SAFETY: a valid C string; RTLD_NOLOAD only returns a library that is loaded already,
         // so no initialiser runs.
-        let library = unsafe { libc::dlopen(path.as_ptr(), libc::RTLD_NOW | libc::RTLD_NOLOAD) };
+        let library = unsafe {
+            libc::dlopen(
+                path.as_ptr(),
+                libc::RTLD_NOW | libc::RTLD_NOLOAD | libc::RTLD_NODELETE,
+            )
+        };
         if library.is_null() {
             return None;
         }
