@@ -25,7 +25,7 @@ use kesh::service::Service;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use time::OffsetDateTime;
 
-use crate::harness::{self, b64, Store};
+use crate::harness::{self, b64, b64e, Store};
 
 mod security;
 
@@ -308,11 +308,6 @@ fn json<T: serde::de::DeserializeOwned>(r: &RawResponse) -> T {
     assert_eq!(r.headers["content-type"], "application/json");
     assert!(r.body.ends_with(b"\n"));
     serde_json::from_slice(&r.body).unwrap()
-}
-
-fn b64e(b: &[u8]) -> String {
-    use base64::Engine;
-    base64::engine::general_purpose::STANDARD.encode(b)
 }
 
 fn name(hint: &str) -> String {

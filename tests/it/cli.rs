@@ -5,7 +5,6 @@
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 
-use base64::Engine;
 use serde_json::Value;
 
 use kesh::crypto::kes::{self, Algorithm};
@@ -35,15 +34,7 @@ pub(crate) const CLIENT_VARS: &[&str] = &[
     "VAULT_TOKEN",
 ];
 
-fn b64e(b: &[u8]) -> String {
-    base64::engine::general_purpose::STANDARD.encode(b)
-}
-
-fn b64d(s: &str) -> Vec<u8> {
-    base64::engine::general_purpose::STANDARD
-        .decode(s.trim())
-        .expect("base64")
-}
+use crate::harness::{b64 as b64d, b64e};
 
 /// A finished `kesh` run.
 pub(crate) struct Run {

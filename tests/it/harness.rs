@@ -336,8 +336,13 @@ pub fn who() -> Provenance {
 pub fn b64(s: &str) -> Vec<u8> {
     use base64::Engine;
     base64::engine::general_purpose::STANDARD
-        .decode(s)
+        .decode(s.trim())
         .expect("base64")
+}
+
+pub fn b64e(b: &[u8]) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode(b)
 }
 
 /// Generates one `#[tokio::test]` per backend (soft, SoftHSM as `pkcs11`, Kryoptic) for each

