@@ -5,7 +5,7 @@ use criterion::{black_box, criterion_group, criterion_main, Criterion};
 use kesh::crypto::kes::{self, Algorithm};
 use kesh::crypto::native;
 use kesh::identity::{ApiKey, Identity};
-use kesh::policy::Policy;
+use kesh::server::policy::Policy;
 
 fn ciphertexts(c: &mut Criterion) {
     let iv = [7u8; native::GCM_IV_LEN];

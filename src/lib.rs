@@ -8,19 +8,16 @@
 //! |--------------|--------------------------------------------------------------|------------------------|
 //! | `main.rs`, `cli/` | argument parsing, exit codes, the `kes`-style client commands | PKCS#11           |
 //! | [`migrate`]  | `kesh migrate`: a KES `fs` key directory or KES's Vault K/V → any [`keystore`] | the server, key material on disk |
-//! | [`server`]   | rustls mTLS, client identity, routes, the one error→HTTP mapping, limits | cryptoki, ciphertext bytes |
-//! | [`service`]  | one method per API operation: authorize → keystore → metrics | HTTP types, cryptoki   |
-//! | [`policy`], [`identity`], [`audit`], [`metrics`] | what their names say     | each other's internals |
-//! | [`logsink`]  | buffered stdout lines for the audit trail (one flusher thread) | what the lines say   |
+//! | [`server`]   | rustls mTLS, routes, the one error→HTTP mapping, limits; inside it [`server::service`] (one method per API operation: authorize → keystore → metrics), [`server::policy`], [`server::audit`] with its [`server::logsink`], [`server::metrics`], [`server::hardening`] | cryptoki, ciphertext bytes |
+//! | [`identity`] | a client's identity: the SHA-256 of the certificate's public key (server and CLI) | policy |
+//! | [`tls`]      | the rustls crypto provider and PEM loading, for both sides    | what a peer must present |
 //! | [`api`]      | wire DTOs shared by server and [`client`]                    | logic                  |
-//! | [`client`]   | a small KES client (hyper + rustls) for the CLI and tests    | the server internals   |
-//! | [`bench`]    | `kesh bench`: load over one h2 connection (or N HTTP/1), checked answers, latency, server CPU/RSS | the server internals |
+//! | [`client`]   | a small KES client (hyper + rustls) for the CLI and tests, and [`client::bench`] (`kesh bench`) | the server internals |
 //! | [`config`]   | raw YAML → validated settings, `${VAR}` substitution         | I/O beyond reading files |
 //! | [`keystore`] | `trait KeyStore`, backends [`keystore::pkcs11`] (with `kesh hsm probe` in [`keystore::pkcs11::probe`]) and [`keystore::soft`] | HTTP, policy |
 //! | [`crypto`]   | ciphertext formats (native, KES, legacy), KES stored keys, host-side AEAD | I/O of any kind |
 //! | [`name`]     | validated key names and list patterns                        | everything else        |
 //! | [`secret`]   | secret-holding types that zeroize and never print            | everything else        |
-//! | [`hardening`] | `mlockall`, no core dumps, not dumpable (server start)      | keys, requests         |
 //!
 //! # One request's walk (generate a data key)
 //!
@@ -36,19 +33,13 @@
 //! request in [`metrics`] and writes its [`audit`] event (never key material).
 
 pub mod api;
-pub mod audit;
-pub mod bench;
 pub mod client;
 pub mod config;
 pub mod crypto;
-pub mod hardening;
 pub mod identity;
 pub mod keystore;
-pub mod logsink;
-pub mod metrics;
 pub mod migrate;
 pub mod name;
-pub mod policy;
 pub mod secret;
 pub mod server;
-pub mod service;
+pub mod tls;

@@ -1,9 +1,9 @@
-//! `kesh bench`: command-line options for the load generator in [`kesh::bench`].
+//! `kesh bench`: command-line options for the load generator in [`kesh::client::bench`].
 
 use std::time::Duration;
 
 use clap::{Args, ValueEnum};
-use kesh::bench::{self, Op, Settings, Transport};
+use kesh::client::bench::{self, Op, Settings, Transport};
 use kesh::client::Client;
 
 use super::client::{credentials, endpoints, trust};

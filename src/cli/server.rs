@@ -6,15 +6,15 @@ use std::sync::Arc;
 
 use time::OffsetDateTime;
 
-use kesh::audit::{AuditLog, ErrorLog};
 use kesh::config::server::{parse_address, ServerConfig, DEFAULT_ADDRESS};
 use kesh::identity::ApiKey;
 use kesh::keystore::KeyStore;
-use kesh::metrics::Metrics;
-use kesh::policy::Authorizer;
+use kesh::server::audit::{AuditLog, ErrorLog};
+use kesh::server::metrics::Metrics;
+use kesh::server::policy::Authorizer;
 use kesh::server::routes::RouteSettings;
+use kesh::server::service::Service;
 use kesh::server::{self, Server, ServerHandle, ServerParts};
-use kesh::service::Service;
 
 use super::Fatal;
 
@@ -44,7 +44,7 @@ fn address(flag: Option<&str>, config: Option<SocketAddr>) -> Result<SocketAddr,
 }
 
 pub async fn run(args: ServerArgs) -> Result<(), Fatal> {
-    let hardening = kesh::hardening::harden();
+    let hardening = kesh::server::hardening::harden();
     for warning in &hardening.warnings {
         tracing::warn!("{warning}");
     }

@@ -17,7 +17,7 @@ use super::keystore::KeystoreConfig;
 use super::{parse_bool, ConfigError};
 use crate::identity::Identity;
 use crate::name::KeyName;
-use crate::policy::{Authorizer, Policy, PolicyEntry, PolicyName};
+use crate::server::policy::{Authorizer, Policy, PolicyEntry, PolicyName};
 
 /// The default listen address of `kesh server`.
 pub const DEFAULT_ADDRESS: &str = "0.0.0.0:7373";

@@ -380,17 +380,17 @@ impl Transport {
                     found
                 }
             };
-            let roots: RootCertStore = crate::server::tls::load_roots(&ca)
+            let roots: RootCertStore = crate::tls::load_roots(&ca)
                 .map_err(|e| MigrateError(format!("keystore.vault.tls.ca: {e}")))?;
-            let builder = ClientConfig::builder_with_provider(crate::server::tls::provider())
+            let builder = ClientConfig::builder_with_provider(crate::tls::provider())
                 .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
                 .map_err(|e| MigrateError(format!("vault: TLS: {e}")))?
                 .with_root_certificates(roots);
             let mut config = match (&cfg.tls_cert, &cfg.tls_key) {
                 (Some(cert), Some(key)) => {
-                    let chain = crate::server::tls::load_certs(cert)
+                    let chain = crate::tls::load_certs(cert)
                         .map_err(|e| MigrateError(format!("keystore.vault.tls.cert: {e}")))?;
-                    let key = crate::server::tls::load_key(key)
+                    let key = crate::tls::load_key(key)
                         .map_err(|e| MigrateError(format!("keystore.vault.tls.key: {e}")))?;
                     builder.with_client_auth_cert(chain, key).map_err(|e| {
                         MigrateError(format!(

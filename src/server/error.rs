@@ -9,7 +9,7 @@ use axum::response::{IntoResponse, Response};
 use http::{header, HeaderValue, Method, StatusCode};
 
 use crate::api;
-use crate::service::{Op, ServiceError};
+use crate::server::service::{Op, ServiceError};
 
 /// Which request body could not be decoded; import words it differently.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

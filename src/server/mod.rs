@@ -6,8 +6,14 @@
 //! `dispatch`: path decoding, route match, method check, deadline, authentication, body limit,
 //! handler; the outcome is counted, audited and, for 5xx, sent to the error log.
 
+pub mod audit;
 pub mod error;
+pub mod hardening;
+pub mod logsink;
+pub mod metrics;
+pub mod policy;
 pub mod routes;
+pub mod service;
 pub mod tls;
 
 use std::net::{IpAddr, SocketAddr};
@@ -28,12 +34,12 @@ use tokio_rustls::TlsAcceptor;
 
 use self::error::{ApiError, BodyKind};
 use self::routes::{Auth, Route, RouteId, RouteSettings};
-use crate::audit::{AuditLog, ErrorLog};
 use crate::config::server::ServerConfig;
 use crate::identity::{identify_peer, Identity, PeerError};
 use crate::name::KeyName;
-use crate::policy::{Authorizer, Permit};
-use crate::service::Service;
+use crate::server::audit::{AuditLog, ErrorLog};
+use crate::server::policy::{Authorizer, Permit};
+use crate::server::service::Service;
 
 /// How long a TLS handshake may take.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -84,7 +90,9 @@ pub struct ServerParts {
 }
 
 /// The TLS config a config file describes (server cert and key, client authentication).
-pub fn tls_from_config(cfg: &ServerConfig) -> Result<Arc<rustls::ServerConfig>, tls::TlsError> {
+pub fn tls_from_config(
+    cfg: &ServerConfig,
+) -> Result<Arc<rustls::ServerConfig>, crate::tls::TlsError> {
     tls_for_routes(cfg, &RouteSettings::new(&cfg.api))
 }
 
@@ -93,16 +101,16 @@ pub fn tls_from_config(cfg: &ServerConfig) -> Result<Arc<rustls::ServerConfig>, 
 fn tls_for_routes(
     cfg: &ServerConfig,
     routes: &RouteSettings,
-) -> Result<Arc<rustls::ServerConfig>, tls::TlsError> {
-    let certs = tls::load_certs(&cfg.tls.cert)?;
+) -> Result<Arc<rustls::ServerConfig>, crate::tls::TlsError> {
+    let certs = crate::tls::load_certs(&cfg.tls.cert)?;
     // As KES: clients check the server's name, so a leaf without one can never be reached.
     // `load_certs` never returns an empty list, so `certs[0]` is the leaf.
     if !crate::identity::has_dns_or_ip_san(&certs[0]).unwrap_or(false) {
-        return Err(tls::TlsError::NoSubjectAltName(cfg.tls.cert.clone()));
+        return Err(crate::tls::TlsError::NoSubjectAltName(cfg.tls.cert.clone()));
     }
-    let key = tls::load_key(&cfg.tls.key)?;
+    let key = crate::tls::load_key(&cfg.tls.key)?;
     let auth = match (&cfg.tls.ca, cfg.tls.verify_client_chain) {
-        (Some(ca), true) => tls::ClientAuth::VerifyChain(Arc::new(tls::load_roots(ca)?)),
+        (Some(ca), true) => tls::ClientAuth::VerifyChain(Arc::new(crate::tls::load_roots(ca)?)),
         _ => tls::ClientAuth::AnyCertificate,
     };
     tls::server_config(certs, key, &auth, !routes.any_skip_auth())
@@ -112,12 +120,12 @@ fn tls_for_routes(
 pub async fn create_keys(
     service: &Service,
     keys: &[KeyName],
-) -> Result<(), crate::service::ServiceError> {
+) -> Result<(), crate::server::service::ServiceError> {
     let permit = service.identify_only(None);
     for name in keys {
         match service.create_key(&permit, name).await {
             Ok(()) => tracing::info!(key = %name, "created key listed in config"),
-            Err(crate::service::ServiceError::KeyExists) => {}
+            Err(crate::server::service::ServiceError::KeyExists) => {}
             Err(e) => return Err(e),
         }
     }

@@ -4,7 +4,7 @@
 //! [`ROUTES`] is the table the dispatcher matches against and `/v1/api` reports: method, path
 //! (subtree routes end in `/`), body limit, default timeout, authenticator, and whether the
 //! route counts in the HTTP metrics. Handlers parse the resource into a validated name, decode
-//! the body, call the one [`Service`](crate::service::Service) method and shape the JSON;
+//! the body, call the one [`Service`](crate::server::service::Service) method and shape the JSON;
 //! failures are [`ApiError`]s.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -21,8 +21,8 @@ use crate::api::{self, decode_request};
 pub use crate::config::server::RouteOverride;
 use crate::identity::Identity;
 use crate::name::{KeyName, Pattern};
-use crate::policy::{Permit, PolicyName};
-use crate::service::KeystoreHealth;
+use crate::server::policy::{Permit, PolicyName};
+use crate::server::service::KeystoreHealth;
 
 /// Every route of the current KES server.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -421,7 +421,7 @@ pub async fn handle(
         }
         RouteId::Status => {
             let health = svc.keystore_health(permit).await;
-            let stats = crate::metrics::ProcessStats::read();
+            let stats = crate::server::metrics::ProcessStats::read();
             let cpus = std::thread::available_parallelism()
                 .map(|n| n.get())
                 .unwrap_or(1);
@@ -446,11 +446,11 @@ pub async fn handle(
         }
         RouteId::Metrics => with_type(
             svc.metrics().render_kes().into_bytes(),
-            crate::metrics::CONTENT_TYPE,
+            crate::server::metrics::CONTENT_TYPE,
         ),
         RouteId::KeshMetrics => with_type(
             svc.metrics().render_all(&svc.keystore_stats()).into_bytes(),
-            crate::metrics::CONTENT_TYPE,
+            crate::server::metrics::CONTENT_TYPE,
         ),
         RouteId::Api => {
             let settings = st.routes();
@@ -604,7 +604,7 @@ pub async fn handle(
 
 /// An ndjson stream of log lines. Headers go out at once; each line is its own chunk (one
 /// flush per event); the stream ends when the client goes away or the log closes.
-fn stream(sub: crate::audit::Subscription) -> Response {
+fn stream(sub: crate::server::audit::Subscription) -> Response {
     let lines = futures_util::stream::unfold(sub, |mut sub| async move {
         sub.next()
             .await

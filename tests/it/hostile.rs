@@ -15,7 +15,7 @@ use kesh::api::{
 };
 use kesh::crypto::{kes, native};
 use kesh::name::{KeyName, Pattern};
-use kesh::policy::Policy;
+use kesh::server::policy::Policy;
 use proptest::prelude::*;
 
 fn corpus(dir: &str) -> Vec<Vec<u8>> {

@@ -168,7 +168,7 @@ async fn denials_are_logged_at_a_bounded_rate_and_none_goes_uncounted() {
         .filter_map(|l| l.split("denials=").nth(1))
         .map(|n| n.split(' ').next().unwrap().parse::<usize>().unwrap())
         .sum();
-    let limit = kesh::policy::DENIAL_LOG_BURST as usize * (flood_secs as usize + 1);
+    let limit = kesh::server::policy::DENIAL_LOG_BURST as usize * (flood_secs as usize + 1);
     assert!(
         lines <= limit,
         "{lines} denial lines for {FLOOD} denials:\n{log}"

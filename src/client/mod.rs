@@ -6,6 +6,8 @@
 //! equal only when status *and* message match — so the typed errors of §9.1 work with `==`.
 //! One TLS connection per request keeps it simple; HTTP/2 is used when the server picks it.
 
+pub mod bench;
+
 use std::borrow::Cow;
 use std::fmt;
 use std::sync::Arc;
@@ -243,7 +245,7 @@ impl Client {
         let host = host.trim_start_matches('[').trim_end_matches(']');
         let server_name = ServerName::try_from(host.to_owned())
             .map_err(|_| ClientError::Endpoint(endpoint.to_owned()))?;
-        let provider = crate::server::tls::provider();
+        let provider = crate::tls::provider();
         let builder = ClientConfig::builder_with_provider(provider.clone())
             .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
             .map_err(|e| ClientError::Credentials(e.to_string()))?;
@@ -290,7 +292,7 @@ impl Client {
 
     /// The `host:port` this client connects to, the name it verifies, and its TLS settings
     /// (client certificate and server trust): for callers that keep their own connections,
-    /// such as the load generator in [`crate::bench`].
+    /// such as the load generator in [`crate::client::bench`].
     pub fn transport(&self) -> (&str, ServerName<'static>, Arc<ClientConfig>) {
         (&self.addr, self.server_name.clone(), self.tls.clone())
     }

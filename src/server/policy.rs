@@ -59,7 +59,7 @@ impl DenialLog {
         if now.duration_since(w.started) >= DENIAL_LOG_WINDOW {
             if w.unreported > 0 {
                 tracing::info!(
-                    target: "kesh::policy",
+                    target: "kesh::server::policy",
                     denials = w.unreported,
                     over_ms = now.duration_since(w.unreported_since).as_millis() as u64,
                     limit_per_second = DENIAL_LOG_BURST,
@@ -237,12 +237,12 @@ impl Authorizer {
     pub fn authorize(&self, identity: Option<&Identity>, path: &str) -> Result<Permit, Denial> {
         let Some(identity) = identity else {
             if DENIAL_LOG.admit(Instant::now()) {
-                tracing::info!(target: "kesh::policy", path, decision = "deny", reason = "no client certificate");
+                tracing::info!(target: "kesh::server::policy", path, decision = "deny", reason = "no client certificate");
             }
             return Err(Denial::NoCertificate);
         };
         if identity.ct_eq(&self.admin) {
-            tracing::debug!(target: "kesh::policy", %identity, path, decision = "allow", reason = "admin");
+            tracing::debug!(target: "kesh::server::policy", %identity, path, decision = "allow", reason = "admin");
             return Ok(Permit {
                 identity: Some(identity.clone()),
                 admin: true,
@@ -255,7 +255,7 @@ impl Authorizer {
             .filter(|(_, e)| e.policy.allows(path));
         match allowed {
             Some((policy, _)) => {
-                tracing::debug!(target: "kesh::policy", %identity, path, %policy, decision = "allow");
+                tracing::debug!(target: "kesh::server::policy", %identity, path, %policy, decision = "allow");
                 Ok(Permit {
                     identity: Some(identity.clone()),
                     admin: false,
@@ -263,7 +263,7 @@ impl Authorizer {
             }
             None => {
                 if DENIAL_LOG.admit(Instant::now()) {
-                    tracing::info!(target: "kesh::policy", %identity, path, decision = "deny", reason = "insufficient permissions");
+                    tracing::info!(target: "kesh::server::policy", %identity, path, decision = "deny", reason = "insufficient permissions");
                 }
                 Err(Denial::NotAllowed)
             }

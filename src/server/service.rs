@@ -16,10 +16,10 @@ use crate::identity::Identity;
 use crate::keystore::{
     DataKey, HmacKeySource, ImportKey, KeyInfo, KeyStore, KeystoreError, Provenance, Scheme,
 };
-use crate::metrics::Metrics;
 use crate::name::{KeyName, Pattern};
-use crate::policy::{Authorizer, Denial, Permit, Policy, PolicyName};
 use crate::secret::{Key32, SecretBytes};
+use crate::server::metrics::Metrics;
+use crate::server::policy::{Authorizer, Denial, Permit, Policy, PolicyName};
 
 /// The operation a failure happened in; chooses the wire message for backend failures.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -2,7 +2,7 @@
 //!
 //! [`AuditLog`] takes one [`AuditEvent`] per key operation — time, client IP, identity, path,
 //! status, duration; never key material, plaintexts or request bodies — writes it to stdout as
-//! a slog-style text line, as KES does (through [`crate::logsink`], so a request never waits for
+//! a slog-style text line, as KES does (through [`crate::server::logsink`], so a request never waits for
 //! a write), and fans it out as an ndjson line to every `/v1/log/audit` subscriber.
 //! [`ErrorLog`] does the same for server errors (to stderr, through `tracing`) and
 //! `/v1/log/error`.
@@ -15,8 +15,8 @@ use time::OffsetDateTime;
 use tokio::sync::broadcast;
 
 use crate::api::{self, AuditEvent, ErrorEvent};
-use crate::logsink::LineSink;
-use crate::metrics::Metrics;
+use crate::server::logsink::LineSink;
+use crate::server::metrics::Metrics;
 
 /// Lines buffered per subscriber before the oldest are dropped.
 const STREAM_BUFFER: usize = 1024;
