@@ -125,6 +125,12 @@ pub struct ServerUsage {
     pub rss_peak_kb: u64,
     /// Resident set size before the warmup, KiB.
     pub rss_before_kb: u64,
+    /// Voluntary context switches (a thread parked: futex, I/O wait) of all the server's
+    /// threads in the window, per completed operation. Threads that ended within the window
+    /// are not counted.
+    pub voluntary_switches_per_op: f64,
+    /// Involuntary context switches (preempted) per completed operation.
+    pub involuntary_switches_per_op: f64,
 }
 
 /// One run's result; `--json` prints it as one JSON object.
@@ -171,8 +177,13 @@ impl Report {
         );
         if let Some(u) = &self.server {
             s.push_str(&format!(
-                " cpu_us_per_op={:.2} rss_kb={} rss_peak_kb={} rss_before_kb={}",
-                u.cpu_us_per_op, u.rss_kb, u.rss_peak_kb, u.rss_before_kb
+                " cpu_us_per_op={:.2} vcsw_per_op={:.3} ivcsw_per_op={:.3} rss_kb={} rss_peak_kb={} rss_before_kb={}",
+                u.cpu_us_per_op,
+                u.voluntary_switches_per_op,
+                u.involuntary_switches_per_op,
+                u.rss_kb,
+                u.rss_peak_kb,
+                u.rss_before_kb
             ));
         }
         s
@@ -214,9 +225,11 @@ impl fmt::Display for Report {
         if let Some(u) = &self.server {
             writeln!(
                 f,
-                "  server      {:.1} µs CPU/op ({:.2} s CPU), RSS {:.1} MiB (before {:.1} MiB, peak {:.1} MiB)",
+                "  server      {:.1} µs CPU/op ({:.2} s CPU), {:.2} voluntary + {:.2} involuntary context switches/op, RSS {:.1} MiB (before {:.1} MiB, peak {:.1} MiB)",
                 u.cpu_us_per_op,
                 u.cpu_s,
+                u.voluntary_switches_per_op,
+                u.involuntary_switches_per_op,
                 u.rss_kb as f64 / 1024.0,
                 u.rss_before_kb as f64 / 1024.0,
                 u.rss_peak_kb as f64 / 1024.0
@@ -546,6 +559,9 @@ struct ProcSample {
     ticks: u64,
     rss_kb: u64,
     hwm_kb: u64,
+    /// Summed over the process's threads: `/proc/PID/status` counts the main thread only.
+    voluntary_switches: u64,
+    involuntary_switches: u64,
 }
 
 fn proc_sample(pid: u32) -> Result<ProcSample, BenchError> {
@@ -568,18 +584,32 @@ fn proc_sample(pid: u32) -> Result<ProcSample, BenchError> {
     let ticks = field(14)? + field(15)?;
     let status =
         std::fs::read_to_string(format!("/proc/{pid}/status")).map_err(|e| err(e.to_string()))?;
-    let kb = |name: &str| {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(name))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .unwrap_or(0)
-    };
+    let kb = |name: &str| status_field(&status, name).unwrap_or(0);
+    let (mut voluntary_switches, mut involuntary_switches) = (0, 0);
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).map_err(|e| err(e.to_string()))?;
+    for task in tasks.flatten() {
+        // A thread that ended since the listing has nothing left to count.
+        if let Ok(status) = std::fs::read_to_string(task.path().join("status")) {
+            voluntary_switches += status_field(&status, "voluntary_ctxt_switches:").unwrap_or(0);
+            involuntary_switches +=
+                status_field(&status, "nonvoluntary_ctxt_switches:").unwrap_or(0);
+        }
+    }
     Ok(ProcSample {
         ticks,
         rss_kb: kb("VmRSS:"),
         hwm_kb: kb("VmHWM:"),
+        voluntary_switches,
+        involuntary_switches,
     })
+}
+
+/// A numeric field of a `/proc/.../status` file (`VmRSS:  1234 kB` → 1234).
+fn status_field(status: &str, name: &str) -> Option<u64> {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(name))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
 }
 
 fn clock_ticks_per_second() -> f64 {
@@ -787,14 +817,18 @@ pub async fn run(client: &Client, settings: &Settings) -> Result<Report, BenchEr
     let server = match (settings.server_pid, before, at_start, at_end) {
         (Some(pid), Some(before), Some(a), Some(b)) => {
             let cpu_s = b.ticks.saturating_sub(a.ticks) as f64 / clock_ticks_per_second();
+            let per_op = |total: f64| if ops > 0 { total / ops as f64 } else { 0.0 };
             Some(ServerUsage {
                 pid,
                 cpu_s,
-                cpu_us_per_op: if ops > 0 {
-                    cpu_s * 1e6 / ops as f64
-                } else {
-                    0.0
-                },
+                cpu_us_per_op: per_op(cpu_s * 1e6),
+                voluntary_switches_per_op: per_op(
+                    b.voluntary_switches.saturating_sub(a.voluntary_switches) as f64,
+                ),
+                involuntary_switches_per_op: per_op(
+                    b.involuntary_switches
+                        .saturating_sub(a.involuntary_switches) as f64,
+                ),
                 rss_kb: b.rss_kb,
                 rss_peak_kb: b.hwm_kb,
                 rss_before_kb: before.rss_kb,

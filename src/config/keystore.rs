@@ -218,6 +218,7 @@ fn parse_pkcs11(value: &Value) -> Result<Pkcs11Config, ConfigError> {
         "iv",
         "session_wait",
         "session_keys",
+        "message_aead",
         "write_lock",
     ])?;
     let module = s.string("module")?.ok_or_else(|| {
@@ -308,6 +309,7 @@ fn parse_pkcs11(value: &Value) -> Result<Pkcs11Config, ConfigError> {
         scheme: s.scheme("scheme")?,
         iv,
         session_keys: s.boolean("session_keys")?,
+        message_aead: s.boolean("message_aead")?,
         write_lock: match s.string("write_lock")?.as_deref() {
             Some("none") => Some(None),
             Some(path) => Some(Some(PathBuf::from(path))),

@@ -175,6 +175,9 @@ pub struct PoolStats {
     pub in_use: usize,
     /// Calls that took a session.
     pub acquired: u64,
+    /// Of those, calls run on the asking runtime thread rather than an HSM worker thread
+    /// (a fast local device: no thread hand-off).
+    pub inline: u64,
     /// Total time those calls waited for it. (Refusals are counted by the caller, which
     /// sees every `Busy` error.)
     pub wait_seconds: f64,

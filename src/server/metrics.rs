@@ -326,6 +326,11 @@ impl Metrics {
                     pool.acquired as f64,
                 ),
                 (
+                    "kesh_hsm_session_inline_total",
+                    "Keystore calls run on the asking runtime thread (a fast local device), not handed to an HSM worker thread.",
+                    pool.inline as f64,
+                ),
+                (
                     "kesh_hsm_session_wait_seconds_total",
                     "Time keystore calls spent waiting for a free HSM session.",
                     pool.wait_seconds,
@@ -479,6 +484,7 @@ mod tests {
                 size: 4,
                 in_use: 1,
                 acquired: 10,
+                inline: 6,
                 wait_seconds: 0.5,
             }),
             login_refused: Some(false),

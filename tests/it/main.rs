@@ -10,6 +10,7 @@ mod harness;
 mod hostile;
 mod keystore;
 mod listing;
+mod message_aead;
 mod packaging;
 mod personalities;
 mod soak;

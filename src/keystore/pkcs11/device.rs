@@ -15,6 +15,7 @@ use cryptoki::types::AuthPin;
 
 use super::copies::SessionCopies;
 use super::error::{GoneObjects, TagFailures};
+use super::message::MessageCalls;
 use super::objects::scheme_mechanism;
 use super::profile::{self, Profile};
 use super::raw::RawCalls;
@@ -38,6 +39,9 @@ pub struct Device {
     lacking: Vec<Scheme>,
     /// The module's own C_Encrypt/C_Decrypt, for one-call seals (`raw`).
     pub raw: Option<RawCalls>,
+    /// PKCS#11 3.0 message-based AES-GCM, for one-call `gcm` seals and unseals, when the
+    /// module offers it (and kesh supplies the IVs).
+    pub message: Option<MessageCalls>,
     /// Held open for the device's lifetime: PKCS#11 logs the application out when its last
     /// session closes. Declared last: the pooled sessions close before it.
     _login: Mutex<Session>,
@@ -245,6 +249,12 @@ impl Device {
             gone_objects: settings.profile.gone_objects,
             lacking: lacking(ctx, slot),
             raw: RawCalls::of_loaded(&cfg.module),
+            message: match settings.iv {
+                super::IvSource::Caller if settings.message_aead => {
+                    MessageCalls::of_loaded(&cfg.module, ctx, slot)
+                }
+                _ => None,
+            },
             _login: Mutex::new(session),
         })
     }

@@ -101,6 +101,8 @@ impl GoneObjects {
                     RvError::GeneralError,
                     Function::EncryptInit
                         | Function::DecryptInit
+                        | Function::MessageEncryptInit
+                        | Function::MessageDecryptInit
                         | Function::SignInit
                         | Function::VerifyInit
                         | Function::WrapKey

@@ -43,6 +43,7 @@ mod create;
 pub mod device;
 pub mod error;
 mod index;
+pub mod message;
 pub mod objects;
 pub mod probe;
 pub mod profile;
@@ -155,6 +156,7 @@ impl Pkcs11KeyStore {
                 ))
             })?;
             device::initialize(&ctx).map_err(|e| KeystoreError::Unreachable(e.to_string()))?;
+            raw::CallGuard::install_exit_hook(&cfg.module);
             let settings = Settings::resolve(&cfg, device::detect_profile(&ctx, &cfg.token));
             let device =
                 Device::connect(&ctx, &cfg, &settings, &cfg.pin, 0).map_err(|e| match e {
@@ -213,6 +215,7 @@ impl Pkcs11KeyStore {
             scheme = %settings.scheme,
             iv = %settings.iv,
             session_keys = settings.session_keys,
+            aead = if device.message.is_some() { "message-based (PKCS#11 3.0, one call)" } else { "C_EncryptInit/C_Encrypt (two calls)" },
             write_lock = %write_lock
                 .as_ref()
                 .map_or("none".into(), |l| l.path().display().to_string()),
@@ -257,6 +260,15 @@ impl Pkcs11KeyStore {
             .unwrap_or_else(|e| e.into_inner())
             .keys
             .len()
+    }
+
+    /// Message-based AEAD calls (prepares, messages, finals) since the device connected;
+    /// `None` when `gcm` keys seal in two calls (for tests and benchmarks).
+    pub fn message_calls(&self) -> Option<(u64, u64, u64)> {
+        let device = self.inner.current_device().ok()?;
+        let c = device.message.as_ref()?.calls();
+        let load = |n: &AtomicU64| n.load(Ordering::Relaxed);
+        Some((load(&c.prepares), load(&c.messages), load(&c.finals)))
     }
 
     /// Searches of the token so far, targeted or full (for tests and benchmarks).
@@ -372,7 +384,8 @@ impl KeyStore for Pkcs11KeyStore {
             pool: Some(PoolStats {
                 size: w.size,
                 in_use: w.running,
-                acquired: w.started,
+                acquired: w.started + w.inline,
+                inline: w.inline,
                 wait_seconds: w.waited.as_secs_f64(),
             }),
             login_refused: Some(self.inner.login_refused.load(Ordering::Acquire)),

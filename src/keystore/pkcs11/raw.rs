@@ -16,7 +16,10 @@
 
 use std::ffi::CString;
 use std::os::unix::ffi::OsStrExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use cryptoki::context::Function;
 use cryptoki::error::{Error as CkError, Rv, RvError};
@@ -43,21 +46,17 @@ pub fn leaves_operation_active(e: &CkError) -> bool {
 type DataFn =
     unsafe extern "C" fn(CK_SESSION_HANDLE, *mut u8, CK_ULONG, *mut u8, *mut CK_ULONG) -> CK_RV;
 
-/// The module's `C_Encrypt` and `C_Decrypt`, while the library stays loaded.
-pub struct RawCalls {
-    encrypt: DataFn,
-    decrypt: DataFn,
-    /// Our reference to the library (counted by the loader), released on drop.
+/// Our reference to a module cryptoki has loaded, for looking up functions cryptoki does not
+/// call the way kesh needs. Never a second copy and never unloaded (module doc).
+pub struct LoadedModule {
     library: *mut libc::c_void,
 }
 
-// SAFETY: the two are plain function pointers into a module loaded for the process, and the
-// handle is only passed to dlclose once; PKCS#11 modules initialized with OS locking are
-// called from any thread.
-unsafe impl Send for RawCalls {}
-unsafe impl Sync for RawCalls {}
+// SAFETY: the handle is only used for dlsym, which is thread-safe, and passed to dlclose once.
+unsafe impl Send for LoadedModule {}
+unsafe impl Sync for LoadedModule {}
 
-impl Drop for RawCalls {
+impl Drop for LoadedModule {
     fn drop(&mut self) {
         // SAFETY: `library` came from a successful dlopen and is closed exactly once.
         unsafe {
@@ -66,10 +65,9 @@ impl Drop for RawCalls {
     }
 }
 
-impl RawCalls {
-    /// The functions of the module at `path`, which cryptoki has loaded; `None` when the module
-    /// cannot be found that way or lacks them (kesh then uses cryptoki's two-call path).
-    pub fn of_loaded(path: &Path) -> Option<RawCalls> {
+impl LoadedModule {
+    /// The module at `path` if it is loaded in this process already.
+    pub fn of_loaded(path: &Path) -> Option<LoadedModule> {
         let path = CString::new(path.as_os_str().as_bytes()).ok()?;
         // RTLD_NODELETE pins the module for the process's lifetime: modules keep thread-local
         // state and statics that outlive one cryptoki context (a Rust module's thread-local
@@ -83,26 +81,30 @@ impl RawCalls {
                 libc::RTLD_NOW | libc::RTLD_NOLOAD | libc::RTLD_NODELETE,
             )
         };
-        if library.is_null() {
-            return None;
-        }
-        let close = |found: Option<(DataFn, DataFn)>| match found {
-            Some((encrypt, decrypt)) => Some(RawCalls {
-                encrypt,
-                decrypt,
-                library,
-            }),
-            None => {
-                // SAFETY: the handle from the dlopen above, closed once.
-                unsafe { libc::dlclose(library) };
-                None
-            }
-        };
+        (!library.is_null()).then_some(LoadedModule { library })
+    }
+
+    /// The address of an exported function, if the module has it.
+    pub fn symbol(&self, name: &std::ffi::CStr) -> Option<*mut libc::c_void> {
         // SAFETY: a valid handle and a NUL-terminated symbol name.
-        let symbol = unsafe { libc::dlsym(library, c"C_GetFunctionList".as_ptr()) };
-        if symbol.is_null() {
-            return close(None);
-        }
+        let symbol = unsafe { libc::dlsym(self.library, name.as_ptr()) };
+        (!symbol.is_null()).then_some(symbol)
+    }
+}
+
+/// The module's `C_Encrypt` and `C_Decrypt`, while the library stays loaded.
+pub struct RawCalls {
+    encrypt: DataFn,
+    decrypt: DataFn,
+    _module: LoadedModule,
+}
+
+impl RawCalls {
+    /// The functions of the module at `path`, which cryptoki has loaded; `None` when the module
+    /// cannot be found that way or lacks them (kesh then uses cryptoki's two-call path).
+    pub fn of_loaded(path: &Path) -> Option<RawCalls> {
+        let module = LoadedModule::of_loaded(path)?;
+        let symbol = module.symbol(c"C_GetFunctionList")?;
         type GetList = unsafe extern "C" fn(*mut *mut CK_FUNCTION_LIST) -> CK_RV;
         // SAFETY: C_GetFunctionList has this signature in every PKCS#11 module.
         let get_list: GetList =
@@ -110,11 +112,15 @@ impl RawCalls {
         let mut list: *mut CK_FUNCTION_LIST = std::ptr::null_mut();
         // SAFETY: the out-pointer is valid storage for one pointer.
         if unsafe { get_list(&mut list) } != cryptoki_sys::CKR_OK || list.is_null() {
-            return close(None);
+            return None;
         }
         // SAFETY: the module returned a pointer to its function list, valid while it is loaded.
         let list = unsafe { &*list };
-        close(list.C_Encrypt.zip(list.C_Decrypt))
+        Some(RawCalls {
+            encrypt: list.C_Encrypt?,
+            decrypt: list.C_Decrypt?,
+            _module: module,
+        })
     }
 
     /// `C_EncryptInit` and one `C_Encrypt` of `data`, whose output is at most `max_out` bytes.
@@ -189,5 +195,65 @@ impl RawCalls {
             }
         }
         Err(CkError::Pkcs11(RvError::BufferTooSmall, function))
+    }
+}
+
+/// PKCS#11 calls in progress in this process, and whether it is exiting.
+static CALLS_IN_FLIGHT: AtomicUsize = AtomicUsize::new(0);
+static EXITING: AtomicBool = AtomicBool::new(false);
+/// Modules the exit hook was registered after.
+static HOOKED: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+
+/// How long the exit hook waits for calls in progress.
+const EXIT_WAIT: Duration = Duration::from_secs(2);
+
+/// Held around every PKCS#11 call kesh makes on a module after start; refused once the
+/// process is exiting.
+///
+/// RTLD_NODELETE keeps a module mapped, but a process's exit still runs the module's static
+/// destructors (SoftHSM's C++ singletons) while other threads may be inside it — the change
+/// poll, a request — and that crashed processes at exit. [`CallGuard::install_exit_hook`]
+/// registers an exit handler after a module is initialized (when its singletons register
+/// their destructors), so it runs before them: it stops new calls and waits up to
+/// [`EXIT_WAIT`] for those in progress.
+pub struct CallGuard(());
+
+impl CallGuard {
+    /// A guard for one call, or `None` when the process is exiting.
+    pub fn enter() -> Option<CallGuard> {
+        // Count first, then look: the exit hook sets the flag, then reads the count, so one
+        // of the two sees the other (both sequentially consistent).
+        CALLS_IN_FLIGHT.fetch_add(1, Ordering::SeqCst);
+        let guard = CallGuard(());
+        (!EXITING.load(Ordering::SeqCst)).then_some(guard)
+    }
+
+    /// Registers the exit handler after `module`'s first initialization in this process
+    /// (exit handlers run in reverse order, so it runs before anything the module registered).
+    pub fn install_exit_hook(module: &Path) {
+        let mut hooked = HOOKED.lock().unwrap_or_else(|e| e.into_inner());
+        if hooked.iter().any(|m| m == module) {
+            return;
+        }
+        hooked.push(module.to_owned());
+        // SAFETY: `quiesce` is an `extern "C" fn()` that never unwinds (it only touches
+        // atomics and sleeps), as atexit requires.
+        unsafe {
+            libc::atexit(quiesce);
+        }
+    }
+}
+
+impl Drop for CallGuard {
+    fn drop(&mut self) {
+        CALLS_IN_FLIGHT.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+extern "C" fn quiesce() {
+    EXITING.store(true, Ordering::SeqCst);
+    let started = Instant::now();
+    while CALLS_IN_FLIGHT.load(Ordering::SeqCst) > 0 && started.elapsed() < EXIT_WAIT {
+        std::thread::sleep(Duration::from_millis(1));
     }
 }

@@ -199,7 +199,9 @@ pub(super) fn seal_on_device(
             if iv_source == IvSource::Caller {
                 iv.copy_from_slice(&rnd[..native::GCM_IV_LEN]);
             }
-            let sealed = {
+            let sealed = if let (Some(message), IvSource::Caller) = (&e.device.message, iv_source) {
+                message.seal(s, e.master, e.entry.nonce, &iv, context, plaintext)?
+            } else {
                 let params =
                     GcmParams::new(&mut iv, context, (native::GCM_TAG_LEN as u64 * 8).into())?;
                 let gcm = Mechanism::AesGcm(params);
@@ -283,6 +285,11 @@ pub(super) fn open_on_device(
     match e.info().scheme {
         Scheme::Gcm => {
             let (mut iv, sealed) = native::parse_gcm(ciphertext)?;
+            if let Some(message) = &e.device.message {
+                return message
+                    .open(s, e.master, e.entry.nonce, &iv, context, sealed)
+                    .map_err(|err| unseal_error(err, e));
+            }
             let params = GcmParams::new(&mut iv, context, (native::GCM_TAG_LEN as u64 * 8).into())?;
             let gcm = Mechanism::AesGcm(params);
             match e.device.raw.as_ref() {

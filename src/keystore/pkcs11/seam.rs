@@ -86,6 +86,9 @@ impl Inner {
         self.current_device().map_err(Failure::Request)?;
         let inner = self.clone();
         let call = move || {
+            let _live = raw::CallGuard::enter().ok_or_else(|| {
+                OpError::Fail(KeystoreError::Unreachable("the process is exiting".into()))
+            })?;
             let _calls = inner.calls.read().unwrap_or_else(|e| e.into_inner());
             // Taken on the worker: recovery may have swapped the device since the queueing.
             let device = inner.current_device().map_err(OpError::Fail)?;
@@ -178,6 +181,8 @@ impl Inner {
         let generation = self.generation.fetch_add(1, Ordering::AcqRel) + 1;
         let inner = self.clone();
         let attempt = tokio::task::spawn_blocking(move || {
+            let _live = raw::CallGuard::enter()
+                .ok_or_else(|| ConnectError::Failed("the process is exiting".into()))?;
             // No call is in flight while the module is finalized.
             let _all = inner.calls.write().unwrap_or_else(|e| e.into_inner());
             drop(stale); // closes the old sessions (errors are expected and ignored)

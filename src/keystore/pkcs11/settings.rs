@@ -65,6 +65,9 @@ pub struct Pkcs11Config {
     pub iv: Option<IvSource>,
     /// Use keys through session-object copies made on the device ([`super::copies`]).
     pub session_keys: Option<bool>,
+    /// Seal and unseal `gcm` keys with PKCS#11 3.0 message-based AEAD, one call each, when the
+    /// module offers it ([`super::message`]); `None` means yes.
+    pub message_aead: Option<bool>,
     /// A file every kesh process on this host takes around token writes
     /// ([`super::writelock`]); `Some(None)` is `write_lock: none`.
     pub write_lock: Option<Option<PathBuf>>,
@@ -89,6 +92,7 @@ impl Pkcs11Config {
             scheme: None,
             iv: None,
             session_keys: None,
+            message_aead: None,
             write_lock: None,
         }
     }
@@ -104,6 +108,7 @@ pub struct Settings {
     pub scheme: Scheme,
     pub iv: IvSource,
     pub session_keys: bool,
+    pub message_aead: bool,
     pub write_lock: Option<PathBuf>,
 }
 
@@ -118,6 +123,7 @@ impl Settings {
             scheme: cfg.scheme.unwrap_or(profile.scheme),
             iv: cfg.iv.unwrap_or(profile.iv),
             session_keys: cfg.session_keys.unwrap_or(profile.session_keys),
+            message_aead: cfg.message_aead.unwrap_or(true),
             write_lock: match &cfg.write_lock {
                 Some(chosen) => chosen.clone(),
                 None => profile.host_write_lock.and_then(|path| path()),

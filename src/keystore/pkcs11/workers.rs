@@ -12,6 +12,14 @@
 //! Backpressure: a job that no worker has started within the caller's wait is withdrawn and the
 //! caller answers `Busy`; so is a job whose caller went away. A job that started always runs to
 //! the end and reports, so no operation happens without its caller hearing of it.
+//!
+//! Short calls skip the hand-off: while the device's calls take a few microseconds (a local
+//! software token), a job runs on the async runtime thread that asked for it, as any other
+//! short computation would, and costs no thread wake-up on either side. Two limits keep a slow
+//! device from ever stalling the runtime: a job runs inline only while the smoothed duration of
+//! recent jobs is under [`INLINE_MAX`] (a network HSM's round trip is far above it, so its jobs
+//! always go to the workers), and at most one fewer jobs than the runtime has threads run inline
+//! at once, so a call that hangs without warning holds one runtime thread, never all of them.
 
 use std::collections::VecDeque;
 use std::panic::AssertUnwindSafe;
@@ -66,13 +74,33 @@ struct Pending {
     closed: bool,
 }
 
-#[derive(Default)]
 struct Queue {
     pending: Mutex<Pending>,
     ready: Condvar,
     running: AtomicUsize,
     started: AtomicU64,
     waited_nanos: AtomicU64,
+    /// Jobs run inline (on a runtime thread) since start, and how many run so now.
+    inline_started: AtomicU64,
+    inline_running: AtomicUsize,
+    /// Smoothed duration of a job, wherever it ran (an exponential moving average, 1/8).
+    typical_nanos: AtomicU64,
+}
+
+impl Default for Queue {
+    fn default() -> Self {
+        Queue {
+            pending: Mutex::default(),
+            ready: Condvar::new(),
+            running: AtomicUsize::new(0),
+            started: AtomicU64::new(0),
+            waited_nanos: AtomicU64::new(0),
+            inline_started: AtomicU64::new(0),
+            inline_running: AtomicUsize::new(0),
+            // A device is slow until its calls have shown otherwise.
+            typical_nanos: AtomicU64::new(INLINE_MAX_NANOS * 8),
+        }
+    }
 }
 
 impl Queue {
@@ -93,6 +121,15 @@ impl Queue {
             self.ready.notify_one();
         }
         true
+    }
+
+    /// Folds one job's duration into the smoothed one. Racing updates may lose one sample;
+    /// the average only steers where jobs run.
+    fn record(&self, took: Duration) {
+        let took = u64::try_from(took.as_nanos()).unwrap_or(u64::MAX);
+        let old = self.typical_nanos.load(Ordering::Relaxed);
+        let new = old - old / 8 + took / 8;
+        self.typical_nanos.store(new, Ordering::Relaxed);
     }
 
     /// The next job if one is queued.
@@ -156,8 +193,25 @@ pub struct Workers {
 pub struct WorkerStats {
     pub size: usize,
     pub running: usize,
+    /// Jobs started on a worker thread.
     pub started: u64,
     pub waited: Duration,
+    /// Jobs run on the asking runtime thread instead.
+    pub inline: u64,
+}
+
+/// Jobs whose smoothed duration is under this run inline (module doc). A local software token's
+/// seal is 10–30 µs; the shortest network HSM round trip is several times this.
+pub const INLINE_MAX: Duration = Duration::from_nanos(INLINE_MAX_NANOS);
+const INLINE_MAX_NANOS: u64 = 100_000;
+
+/// A claim on one of the runtime's inline places; released on drop.
+struct InlinePlace<'a>(&'a AtomicUsize);
+
+impl Drop for InlinePlace<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 impl Workers {
@@ -178,12 +232,48 @@ impl Workers {
         Ok(Workers { queue, size })
     }
 
+    /// A place to run a job inline, if the device is fast and the runtime keeps a thread free.
+    fn inline_place(&self) -> Option<InlinePlace<'_>> {
+        let q = &self.queue;
+        if q.typical_nanos.load(Ordering::Relaxed) >= INLINE_MAX_NANOS {
+            return None;
+        }
+        // Only on a multi-threaded runtime, leaving one of its threads out: a current-thread
+        // runtime (or none) has no thread to spare.
+        let limit = tokio::runtime::Handle::try_current()
+            .ok()
+            .filter(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread)
+            .map_or(0, |h| h.metrics().num_workers().saturating_sub(1));
+        let running = &q.inline_running;
+        let mut now = running.load(Ordering::Acquire);
+        loop {
+            if now >= limit {
+                return None;
+            }
+            match running.compare_exchange_weak(now, now + 1, Ordering::AcqRel, Ordering::Acquire) {
+                Ok(_) => return Some(InlinePlace(running)),
+                Err(seen) => now = seen,
+            }
+        }
+    }
+
     /// Runs `f` on a worker, waiting at most `wait` for one to take it.
     pub async fn call<T, F>(&self, wait: Duration, f: F) -> Outcome<T>
     where
         T: Send + 'static,
         F: FnOnce() -> T + Send + 'static,
     {
+        if let Some(_place) = self.inline_place() {
+            let started = Instant::now();
+            // As on a worker: a panicking job loses its answer, not the thread.
+            let answer = std::panic::catch_unwind(AssertUnwindSafe(f));
+            self.queue.record(started.elapsed());
+            self.queue.inline_started.fetch_add(1, Ordering::Relaxed);
+            return match answer {
+                Ok(v) => Outcome::Done(v),
+                Err(_) => Outcome::Lost,
+            };
+        }
         let (tx, mut rx) = tokio::sync::oneshot::channel();
         let state = Arc::new(AtomicU8::new(QUEUED));
         let withdraw = Withdraw(state.clone());
@@ -218,6 +308,7 @@ impl Workers {
             running: q.running.load(Ordering::Relaxed),
             started: q.started.load(Ordering::Relaxed),
             waited: Duration::from_nanos(q.waited_nanos.load(Ordering::Relaxed)),
+            inline: q.inline_started.load(Ordering::Relaxed),
         }
     }
 }
@@ -267,7 +358,10 @@ fn work(queue: &Queue) {
         queue.running.fetch_add(1, Ordering::Relaxed);
         // A panicking job loses its answer (the caller sees `Lost`), never the worker.
         let mut task = job.task;
-        if std::panic::catch_unwind(AssertUnwindSafe(|| task.run())).is_ok() {
+        let started = Instant::now();
+        let ran = std::panic::catch_unwind(AssertUnwindSafe(|| task.run())).is_ok();
+        queue.record(started.elapsed());
+        if ran {
             answers.push(task);
             oldest.get_or_insert_with(Instant::now);
         }
@@ -363,6 +457,119 @@ mod tests {
                 })
                 .await;
             assert!(matches!(slow, Outcome::Done("done")));
+        });
+    }
+
+    fn on_worker() -> bool {
+        std::thread::current()
+            .name()
+            .is_some_and(|n| n.starts_with("kesh-hsm-"))
+    }
+
+    #[test]
+    fn fast_jobs_run_on_the_runtime_thread_once_the_device_has_shown_it_is_fast() {
+        rt().block_on(async {
+            let w = Workers::start(2).unwrap();
+            // A device is slow until shown otherwise: the first jobs go to the workers.
+            assert!(matches!(
+                w.call(Duration::from_secs(1), on_worker).await,
+                Outcome::Done(true)
+            ));
+            for _ in 0..64 {
+                w.call(Duration::from_secs(1), || ()).await;
+            }
+            let mut inline = 0;
+            for _ in 0..16 {
+                if let Outcome::Done(false) = w.call(Duration::from_secs(1), on_worker).await {
+                    inline += 1;
+                }
+            }
+            assert_eq!(inline, 16);
+            assert!(w.stats().inline >= 16);
+        });
+    }
+
+    #[test]
+    fn a_slow_devices_jobs_stay_on_the_workers() {
+        rt().block_on(async {
+            let w = Workers::start(2).unwrap();
+            for _ in 0..64 {
+                w.call(Duration::from_secs(1), || ()).await;
+            }
+            // The device turns slow (a network HSM's round trip): a few calls move it off.
+            let slow = || std::thread::sleep(INLINE_MAX * 4);
+            for _ in 0..8 {
+                w.call(Duration::from_secs(1), slow).await;
+            }
+            let inline_before = w.stats().inline;
+            for _ in 0..8 {
+                let ran_on_worker = w
+                    .call(Duration::from_secs(1), move || {
+                        slow();
+                        on_worker()
+                    })
+                    .await;
+                assert!(matches!(ran_on_worker, Outcome::Done(true)));
+            }
+            assert_eq!(w.stats().inline, inline_before);
+        });
+    }
+
+    #[test]
+    fn a_job_that_hangs_inline_leaves_the_runtime_a_thread() {
+        rt().block_on(async {
+            let w = Arc::new(Workers::start(2).unwrap());
+            for _ in 0..64 {
+                w.call(Duration::from_secs(1), || ()).await;
+            }
+            // A fast device hangs without warning, in a job running inline, and a second
+            // request arrives while it does: the runtime (two threads) must keep serving.
+            let (release, hung) = std::sync::mpsc::channel::<()>();
+            let entered = Arc::new(AtomicBool::new(false));
+            let hanging = {
+                let (w, entered) = (w.clone(), entered.clone());
+                tokio::spawn(async move {
+                    w.call(Duration::from_secs(5), move || {
+                        entered.store(true, Ordering::SeqCst);
+                        hung.recv().is_ok() && !on_worker()
+                    })
+                    .await
+                })
+            };
+            while !entered.load(Ordering::SeqCst) {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            let second = tokio::time::timeout(
+                Duration::from_secs(2),
+                w.call(Duration::from_secs(1), on_worker),
+            )
+            .await;
+            // Served, and by a worker: the one inline place was taken.
+            assert!(matches!(second, Ok(Outcome::Done(true))), "{second:?}");
+            let ticked = tokio::time::timeout(
+                Duration::from_secs(2),
+                tokio::time::sleep(Duration::from_millis(10)),
+            )
+            .await;
+            assert!(ticked.is_ok());
+            release.send(()).unwrap();
+            assert!(matches!(hanging.await.unwrap(), Outcome::Done(true)));
+        });
+    }
+
+    #[test]
+    fn a_current_thread_runtime_never_runs_jobs_inline() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let w = Workers::start(1).unwrap();
+            for _ in 0..64 {
+                let ran = w.call(Duration::from_secs(1), on_worker).await;
+                assert!(matches!(ran, Outcome::Done(true)));
+            }
+            assert_eq!(w.stats().inline, 0);
         });
     }
 
