@@ -1,4 +1,4 @@
-//! Wire DTOs of the KES API (`kes-api.md` §2), shared by the server and [`crate::client`].
+//! Wire DTOs of the KES API (docs/api.md), shared by the server and [`crate::client`].
 //!
 //! Encoding follows Go's `encoding/json` as the reference uses it: bytes are standard padded
 //! base64, timestamps RFC 3339 with trimmed nanoseconds, `<`, `>`, `&` escaped, a trailing
@@ -486,7 +486,8 @@ pub struct ListIdentitiesResponse {
     pub continue_at: String,
 }
 
-/// Self-describe in the shape kms-go's `DescribeSelf` decodes (a deliberate deviation, §2.20).
+/// Self-describe in the shape kms-go's `DescribeSelf` decodes (a deliberate deviation,
+/// README.md "Deviations from KES").
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct SelfDescribeResponse {
     pub identity: String,

@@ -1,4 +1,5 @@
-//! Client identities and `kes:v1:` API keys (`kes-api.md` §3).
+//! Client identities and `kes:v1:` API keys (docs/api.md, "Authentication and
+//! authorization"; the key format: `kes/apikey.go` at github.com/minio/kms-go).
 //!
 //! An [`Identity`] is what policies and the admin setting name: for a TLS client it is the
 //! lowercase hex SHA-256 of the SubjectPublicKeyInfo DER of the certificate whose key signed
@@ -14,7 +15,7 @@ use zeroize::Zeroizing;
 
 use crate::name::KeyName;
 
-/// A client identity: a name by the KES rules (§2.24). Certificate-derived identities are 64
+/// A client identity: a name by the KES rules (docs/api.md, "Names and patterns"). Certificate-derived identities are 64
 /// lowercase hex characters; configured ones may be any valid name (`disabled` turns the admin
 /// off because no certificate hashes to it).
 #[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -225,7 +226,7 @@ pub fn has_dns_or_ip_san(cert_der: &[u8]) -> Result<bool, CertError> {
     Ok(false)
 }
 
-/// Why a connection has no usable client identity (`kes-api.md` §3.1).
+/// Why a connection has no usable client identity (docs/api.md, "Authentication and authorization").
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum PeerError {
     #[error("tls: client certificate is required")]
@@ -349,7 +350,8 @@ impl ApiKey {
         der
     }
 
-    /// The self-signed client certificate KES clients make from an API key (§3.3): CN =
+    /// The self-signed client certificate KES clients make from an API key (kms-go:
+    /// `kes/apikey.go`): CN =
     /// identity, 90 days, EKU clientAuth, not a CA. Returns (certificate DER, PKCS#8 key DER).
     pub fn certificate(&self) -> Result<(Vec<u8>, Zeroizing<Vec<u8>>), rcgen::Error> {
         let pkcs8 = self.pkcs8_der();

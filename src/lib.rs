@@ -32,6 +32,8 @@
 //! the result. The plaintext DEK travels back in a zeroizing buffer; the dispatcher counts the
 //! request in [`metrics`] and writes its [`audit`] event (never key material).
 
+#![warn(missing_docs)]
+
 pub mod api;
 pub mod client;
 pub mod config;

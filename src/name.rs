@@ -1,4 +1,5 @@
-//! Validated names and list patterns (`kes-api.md` §2.24).
+//! Validated names and list patterns (docs/api.md, "Names and
+//! patterns"; KES: `auth.go` `validName`).
 //!
 //! A [`KeyName`] proves its text is 1–80 bytes of `[0-9A-Za-z_-]`, not starting or ending with
 //! `-` and not `_` alone. A [`Pattern`] is the same with an optional trailing `*`, or empty.

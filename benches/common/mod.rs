@@ -1,6 +1,10 @@
 //! Shared by the bench targets: filling a SoftHSM token with keys in kesh's layout, fast.
 
-#![allow(dead_code)]
+#![allow(
+    dead_code,
+    unreachable_pub,
+    reason = "shared by several bench binaries, each using part of it"
+)]
 
 use cryptoki::context::Pkcs11;
 use cryptoki::mechanism::Mechanism;

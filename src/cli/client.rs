@@ -1,4 +1,5 @@
-//! Finding the server and the credentials, as `kes` does (`kes-api.md` §6.2), and turning
+//! Finding the server and the credentials, as `kes` does (docs/cli.md, "Finding the
+//! server and credentials"), and turning
 //! client errors into messages that say what to do.
 
 use std::future::Future;

@@ -396,7 +396,7 @@ fn bytes(n: u64) -> String {
     }
 }
 
-/// One metrics snapshot, as kms-go's `kes.Metric` reads `/v1/metrics` (`kes-api.md` §2.4):
+/// One metrics snapshot, as kms-go's `kes.Metric` reads `/v1/metrics` (docs/api.md, `/v1/metrics`):
 /// request counters summed over their `code` labels, the latency histogram in milliseconds.
 #[derive(Debug, Default, Serialize)]
 pub struct Snapshot {

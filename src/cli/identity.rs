@@ -1,5 +1,5 @@
 //! `kesh identity` without a server: new API keys, Ed25519 key/certificate pairs, and the
-//! identity of a key or certificate (`kes-api.md` §3.3).
+//! identity of a key or certificate (docs/cli.md, "Identities").
 //!
 //! The API key printed here is a credential: it goes to stdout once, for the operator, and
 //! nowhere else.

@@ -1,6 +1,6 @@
 //! The `kesh` command line: argument parsing, output and exit codes.
 //!
-//! Mirrors the `kes` CLI (`kes-api.md` §6): `server`, the client commands (`key`, `policy`,
+//! Mirrors the `kes` CLI (docs/cli.md; KES: `cmd/kes` at github.com/minio/kes): `server`, the client commands (`key`, `policy`,
 //! `identity`, `ls`, `status`, `metric`, `log`) with the same environment variables, plus
 //! `migrate`, `hsm probe` and `completion`. Every command prints results on stdout (human
 //! tables, or JSON with `--json`) and errors on stderr with a non-zero exit.

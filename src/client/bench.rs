@@ -582,6 +582,7 @@ fn proc_sample(pid: u32) -> Result<ProcSample, BenchError> {
     })
 }
 
+#[allow(unsafe_code, reason = "sysconf(_SC_CLK_TCK): std does not offer it")]
 fn clock_ticks_per_second() -> f64 {
     // SAFETY: sysconf only reads a system constant; it has no preconditions.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };

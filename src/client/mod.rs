@@ -1,9 +1,10 @@
 //! A small KES API client over mTLS (hyper + rustls), used by the CLI and the tests.
 //!
 //! It speaks like kms-go's `kes` client: POST where KES routes are PUT, names path-escaped,
-//! success only on status 200, and errors parsed the same way (`kes-api.md` §1.6, §9): a
+//! success only on status 200, and errors parsed the same way (docs/api.md, "Errors";
+//! kms-go: `kes/error.go`): a
 //! JSON `{"message"|"error"}` body or the body text, giving a [`KesError`] that compares
-//! equal only when status *and* message match — so the typed errors of §9.1 work with `==`.
+//! equal only when status *and* message match — so kms-go's typed errors work with `==`.
 //! One TLS connection per request keeps it simple; HTTP/2 is used when the server picks it.
 
 pub mod bench;
@@ -52,7 +53,7 @@ impl fmt::Display for KesError {
 
 impl std::error::Error for KesError {}
 
-/// The typed errors of kms-go (§9.1).
+/// The typed errors of kms-go (`kes/error.go` at github.com/minio/kms-go).
 pub mod errors {
     use super::KesError;
 

@@ -1,4 +1,5 @@
-//! The server part of the config file (`kes-api.md` §5): address, admin, tls, policy, cache,
+//! The server part of the config file (hsm-config/kesh.yaml documents
+//! every key; KES: `kesconf/config.go` at github.com/minio/kes): address, admin, tls, policy, cache,
 //! api, log, keys — and `keystore:`, handed to [`super::keystore`].
 //!
 //! The file is read as YAML, `${VAR}` references are substituted ([`super::env`]), then each
@@ -40,7 +41,7 @@ pub struct ServerConfig {
     pub keystore: KeystoreConfig,
 }
 
-/// One `api:` entry (§5.3).
+/// One `api:` entry (hsm-config/kesh.yaml, `api:`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct RouteOverride {
     pub skip_auth: bool,
@@ -141,7 +142,7 @@ fn duration(m: Option<&Mapping>, key: &str, field: &str) -> Result<Option<Durati
     }
 }
 
-/// KES log levels (§5.5) as slog numbers: DEBUG -4, INFO 0, WARN 4, ERROR 8, `off` above all.
+/// KES log levels (KES: `kesconf/config.go` `parseLogLevel`) as slog numbers: DEBUG -4, INFO 0, WARN 4, ERROR 8, `off` above all.
 fn log_level(s: &str, field: &str) -> Result<i64, ConfigError> {
     let t = s.trim().to_ascii_uppercase();
     let bad = || {

@@ -1,4 +1,5 @@
-//! KES's ciphertext formats (`kes-api.md` §7.2–7.3), bit for bit.
+//! KES's ciphertext formats (docs/FORMAT.md §5; KES:
+//! `internal/crypto/key.go` and `ciphertext.go` at github.com/minio/kes), bit for bit.
 //!
 //! ```text
 //! current: AEAD(derived_key, nonce, plaintext, aad = context) | iv(16) | nonce(12)
@@ -23,7 +24,7 @@ pub const TAG_LEN: usize = 16;
 /// Every KES ciphertext ends in `iv | nonce`.
 pub const TRAILER_LEN: usize = IV_LEN + NONCE_LEN;
 
-/// The secret-key type of a KES key (`kes-api.md` §7.1).
+/// The secret-key type of a KES key (KES: `internal/crypto/key.go`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Algorithm {
     Aes256,
@@ -237,7 +238,7 @@ pub fn open(
 
 #[cfg(test)]
 mod tests {
-    //! The vectors of `kes-api.md` §7.5, checked in the host. The keystore suite checks the same
+    //! The vectors of docs/FORMAT.md §5 (from KES's `internal/crypto/key_test.go`), checked in the host. The keystore suite checks the same
     //! vectors through both backends.
     use super::*;
 

@@ -1,4 +1,6 @@
-//! KES's stored key value (`kes-api.md` §7.4), as its `fs` keystore writes one file per key.
+//! KES's stored key value, as its `fs` keystore writes one file per key (KES:
+//! `internal/crypto/key.go` `EncodeKeyVersion` and `internal/protobuf/crypto.proto` at
+//! github.com/minio/kes).
 //!
 //! ```text
 //! current: base64(protobuf miniohq.kms.KeyVersion)

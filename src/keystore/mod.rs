@@ -20,7 +20,7 @@ use crate::secret::{Key32, SecretBytes};
 pub mod pkcs11;
 pub mod soft;
 
-/// How a key seals data keys; fixed when the key is made (DESIGN.md §3).
+/// How a key seals data keys; fixed when the key is made (docs/FORMAT.md §1).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Scheme {
     /// AES-256-GCM on the device; kesh's native format. Default for created keys.

@@ -1,4 +1,5 @@
-//! The audit trail and the error-event stream (`kes-api.md` §2.21, §2.22).
+//! The audit trail and the error-event stream (docs/api.md, "Logs"; KES: `audit.go`, `log.go` and
+//! `internal/api/multicast.go` at github.com/minio/kes).
 //!
 //! [`AuditLog`] takes one [`AuditEvent`] per key operation — time, client IP, identity, path,
 //! status, duration; never key material, plaintexts or request bodies — writes it to stdout as

@@ -8,6 +8,10 @@
 
 pub mod audit;
 pub mod error;
+#[allow(
+    unsafe_code,
+    reason = "FFI: setrlimit, prctl and mlockall, which std does not offer"
+)]
 pub mod hardening;
 pub mod logsink;
 pub mod metrics;

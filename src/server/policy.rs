@@ -1,4 +1,5 @@
-//! Authorization: the admin identity and the config file's policies (`kes-api.md` §3.4, §4).
+//! Authorization: the admin identity and the config file's policies (docs/api.md, "Authentication
+//! and authorization"; KES: `auth.go`, and `kes/policy.go` at github.com/minio/kms-go).
 //!
 //! An [`Authorizer`] is an immutable snapshot (replaced whole on SIGHUP). Its
 //! [`Authorizer::authorize`] returns a [`Permit`] — the only proof that a request may run,
@@ -86,7 +87,7 @@ impl DenialLog {
     }
 }
 
-/// A policy name (§2.24 rules), distinct from key names and identities.
+/// A policy name (docs/api.md, "Names and patterns"), distinct from key names and identities.
 #[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct PolicyName(String);
 

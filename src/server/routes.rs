@@ -1,5 +1,5 @@
-//! The 22 routes of the KES API (`kes-api.md` §2), kesh's `/v1/metrics/kesh`, and their
-//! handlers.
+//! The 22 routes of the KES API (docs/api.md; KES: `state.go` `initRoutes` at
+//! github.com/minio/kes), kesh's `/v1/metrics/kesh`, and their handlers.
 //!
 //! [`ROUTES`] is the table the dispatcher matches against and `/v1/api` reports: method, path
 //! (subtree routes end in `/`), body limit, default timeout, authenticator, and whether the
@@ -53,7 +53,7 @@ pub enum RouteId {
     LogAudit,
 }
 
-/// How a route authenticates its caller (§3.4).
+/// How a route authenticates its caller (docs/api.md, "Authentication and authorization").
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Auth {
     /// No identity computed (`/version`).
@@ -277,7 +277,7 @@ pub fn lookup(path: &str) -> Option<(&'static Route, &str)> {
     })
 }
 
-/// Per-route settings from the config's `api:` section (§5.3).
+/// Per-route settings from the config's `api:` section (hsm-config/kesh.yaml).
 #[derive(Debug, Clone, Default)]
 pub struct RouteSettings {
     timeouts: HashMap<RouteId, Duration>,

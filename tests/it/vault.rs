@@ -72,6 +72,9 @@ impl Bao {
         .stderr(Stdio::null());
         // The server must not outlive the test process, even when it is shared and never
         // dropped: the kernel kills it when the thread that started it ends.
+        // SAFETY: the closure runs in the forked child before exec and only calls prctl, which
+        // is async-signal-safe, and reads errno.
+        #[allow(unsafe_code, reason = "pre_exec and prctl(PR_SET_PDEATHSIG): std does not offer them")]
         unsafe {
             use std::os::unix::process::CommandExt;
             cmd.pre_exec(|| {

@@ -46,7 +46,12 @@ mod index;
 pub mod objects;
 pub mod probe;
 pub mod profile;
+#[allow(unsafe_code, reason = "mlock of the pool of HSM random bytes: libc has no safe wrapper")]
 pub mod randomness;
+#[allow(
+    unsafe_code,
+    reason = "FFI: the module's own C_Encrypt/C_Decrypt through dlopen/dlsym (cryptoki has no single-call form)"
+)]
 pub mod raw;
 mod seal;
 mod seam;

@@ -6,7 +6,7 @@
 //! linking the pair, scheme, algorithm and provenance. A key is visible only once its master
 //! object's state is `ready` (the commit point of a create, see `create` in the parent module).
 //!
-//! Template invariants (DESIGN.md §3): master keys are token, private, sensitive and never
+//! Template invariants (docs/FORMAT.md §6, docs/SECURITY.md): master keys are token, private, sensitive and never
 //! extractable; no derive, sign, verify, wrap or unwrap unless the scheme needs it; and
 //! `CKA_ALLOWED_MECHANISMS` is exactly the scheme's mechanism.
 

@@ -4,7 +4,7 @@
 //! keys (`CKA_TOKEN` false: they vanish with the session and never touch the token's storage):
 //! `CKM_AES_GCM` encrypt/decrypt (`gcm`), `CKM_AES_KEY_WRAP_PAD` wrap/unwrap (`kwp`),
 //! `CKM_SHA256_HMAC` sign (`kes`). The session keys carry the same attributes as kesh's master
-//! keys (DESIGN.md §3, templates), so "yes" means kesh's own keys will work. It also finds out
+//! keys (docs/FORMAT.md §6), so "yes" means kesh's own keys will work. It also finds out
 //! who draws GCM IVs: a device that generates them writes its IV into the caller's buffer (or
 //! rejects caller IVs); one that takes the caller's leaves the buffer as given.
 //!

@@ -55,6 +55,8 @@ pub struct RawCalls {
 // handle is only passed to dlclose once; PKCS#11 modules initialized with OS locking are
 // called from any thread.
 unsafe impl Send for RawCalls {}
+// SAFETY: as for Send: the calls through the pointers are thread-safe, and `&RawCalls` can
+// neither close nor replace them.
 unsafe impl Sync for RawCalls {}
 
 impl Drop for RawCalls {
