@@ -60,6 +60,7 @@ impl Identity {
         a.len() == b.len() && bool::from(a.ct_eq(b))
     }
 
+    /// The identity's text (64 lowercase hex digits for certificate identities).
     pub fn as_str(&self) -> &str {
         &self.0
     }
@@ -229,8 +230,10 @@ pub fn has_dns_or_ip_san(cert_der: &[u8]) -> Result<bool, CertError> {
 /// Why a connection has no usable client identity (docs/api.md, "Authentication and authorization").
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum PeerError {
+    /// The client sent no certificate.
     #[error("tls: client certificate is required")]
     NoCertificate,
+    /// The client sent a second end-entity certificate.
     #[error("tls: received more than one client certificate")]
     MoreThanOne,
 }
@@ -265,10 +268,13 @@ const ED25519_PKCS8_PREFIX: [u8; 16] = [
 /// Why an API key text was refused; messages match kms-go.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ApiKeyError {
+    /// The decoded key is not 33 bytes.
     #[error("kes: invalid API key: invalid length")]
     InvalidLength,
+    /// The type byte is not 0 (Ed25519).
     #[error("kes: invalid API key: unsupported type")]
     UnsupportedType,
+    /// The text after the optional `kes:v1:` is not standard base64.
     #[error("kes: invalid API key: {0}")]
     Malformed(String),
 }
@@ -339,6 +345,7 @@ impl ApiKey {
         spki
     }
 
+    /// The identity a server computes for this key's certificate.
     pub fn identity(&self) -> Identity {
         Identity::from_spki(&self.spki_der())
     }

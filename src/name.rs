@@ -32,6 +32,7 @@ pub struct InvalidName(pub String);
 pub struct KeyName(String);
 
 impl KeyName {
+    /// `s` as a key name, if it follows the rules above.
     pub fn new(s: &str) -> Result<Self, InvalidName> {
         if valid_name(s) {
             Ok(KeyName(s.to_owned()))
@@ -40,6 +41,7 @@ impl KeyName {
         }
     }
 
+    /// The text.
     pub fn as_str(&self) -> &str {
         &self.0
     }
@@ -62,6 +64,7 @@ impl fmt::Debug for KeyName {
 pub struct Pattern(String);
 
 impl Pattern {
+    /// `s` as a listing pattern, if it follows the rules above.
     pub fn new(s: &str) -> Result<Self, InvalidName> {
         let ok = s.is_empty()
             || s == "*"
@@ -77,6 +80,7 @@ impl Pattern {
         }
     }
 
+    /// The text.
     pub fn as_str(&self) -> &str {
         &self.0
     }

@@ -23,8 +23,11 @@ use crate::secret::Key32;
 /// A KES key as stored: the master key, its HMAC key (none for legacy JSON values) and
 /// provenance.
 pub struct StoredKey {
+    /// The key material.
     pub key: Key32,
+    /// Its algorithm.
     pub algorithm: Algorithm,
+    /// Its HMAC key; legacy values have none.
     pub hmac: Option<Key32>,
     /// `0001-01-01T00:00:00Z` when the value has none, as KES reports it.
     pub created_at: OffsetDateTime,
@@ -46,6 +49,7 @@ impl std::fmt::Debug for StoredKey {
     }
 }
 
+/// Which of KES's encodings a stored key value used.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Format {
     /// base64 protobuf `KeyVersion` (KES since 2024).

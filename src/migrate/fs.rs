@@ -9,11 +9,13 @@ use zeroize::Zeroizing;
 
 use super::{KeySource, MigrateError, ReadError};
 
+/// A KES `fs` key directory, read file by file.
 pub struct FsSource {
     dir: PathBuf,
 }
 
 impl FsSource {
+    /// The key directory `dir`; nothing is read until the migration asks.
     pub fn new(dir: PathBuf) -> Self {
         FsSource { dir }
     }

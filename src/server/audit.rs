@@ -127,6 +127,7 @@ impl AuditLog {
         }
     }
 
+    /// A new `/v1/log/...` stream: events from now on, one JSON line each.
     pub fn subscribe(&self) -> Subscription {
         Subscription {
             rx: self.stream.tx.subscribe(),
@@ -143,6 +144,7 @@ pub struct ErrorLog {
 }
 
 impl ErrorLog {
+    /// An error log; `enabled` is the config's `log: error:` switch.
     pub fn new(metrics: Arc<Metrics>, enabled: bool) -> Self {
         ErrorLog {
             stream: Stream::new(),
@@ -171,6 +173,7 @@ impl ErrorLog {
         }
     }
 
+    /// A new `/v1/log/...` stream: events from now on, one JSON line each.
     pub fn subscribe(&self) -> Subscription {
         Subscription {
             rx: self.stream.tx.subscribe(),

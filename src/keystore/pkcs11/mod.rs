@@ -38,15 +38,19 @@
 //! attempt.
 
 pub mod changes;
+#[allow(missing_docs, reason = "not yet documented item by item; remove as each module is")]
 pub mod copies;
 mod create;
 pub mod device;
 pub mod error;
 mod index;
+#[allow(missing_docs, reason = "not yet documented item by item; remove as each module is")]
 pub mod objects;
+#[allow(missing_docs, reason = "not yet documented item by item; remove as each module is")]
 pub mod probe;
 pub mod profile;
 #[allow(unsafe_code, reason = "mlock of the pool of HSM random bytes: libc has no safe wrapper")]
+#[allow(missing_docs, reason = "not yet documented item by item; remove as each module is")]
 pub mod randomness;
 #[allow(
     unsafe_code,
@@ -55,7 +59,9 @@ pub mod randomness;
 pub mod raw;
 mod seal;
 mod seam;
+#[allow(missing_docs, reason = "not yet documented item by item; remove as each module is")]
 pub mod settings;
+#[allow(missing_docs, reason = "not yet documented item by item; remove as each module is")]
 pub mod workers;
 pub mod writelock;
 
@@ -94,6 +100,7 @@ use crate::secret::{Pin, SecretBytes};
 /// after ~0.1 s rather than a fixed second.
 const NEGATIVE_TTL_MIN: Duration = Duration::from_millis(100);
 const NEGATIVE_TTL_MAX: Duration = Duration::from_secs(2);
+/// The longest wait between two reconnection attempts of recovery.
 pub const RECOVERY_BACKOFF_MAX: Duration = Duration::from_secs(2);
 /// How long a create waits for a concurrent create of the same name on another instance.
 const CREATE_CONTENTION_LIMIT: Duration = Duration::from_secs(5);
