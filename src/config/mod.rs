@@ -1,6 +1,6 @@
 //! Configuration: the KES-style YAML file, raw → validated.
 //!
-//! Owns reading the file, `${VAR}` substitution ([`env`]) and turning raw sections into
+//! Owns reading the file, `${VAR}` substitution ([`mod@env`]) and turning raw sections into
 //! validated settings. The `keystore:` section lives in [`keystore`]; the rest of the file
 //! (address, admin, tls, policy, cache, api, log, keys) in [`server`]. Errors name the field
 //! and say how to fix it.

@@ -7,7 +7,7 @@
 //! | module | owns |
 //! |---|---|
 //! | [`settings`], [`profile`] | the config's settings; vendor profiles, their detection and the throwaway dev and test tokens ([`ephemeral`]): the only place that names vendors |
-//! | `seam` | [`Inner::run`] (every request's PKCS#11 calls) and recovery, login state |
+//! | `seam` | `Inner::run` (every request's PKCS#11 calls) and recovery, login state |
 //! | `index` | the name → objects index, token scans, the change-marker poll ([`changes`]) |
 //! | `create` | the create protocol, imports, deletes, the host write lock ([`writelock`]) |
 //! | `seal` | seal and unseal on the device per scheme, session copies ([`copies`]), one-call data functions ([`raw`]), bulk randomness ([`randomness`]) |
@@ -16,7 +16,7 @@
 //! | [`workers`] | the OS threads the calls run on |
 //! | [`probe`] | `kesh hsm probe` |
 //!
-//! Every cryptoki call of a request goes through [`Inner::run`], the
+//! Every cryptoki call of a request goes through `Inner::run` (in `seam.rs`), the
 //! one seam: it queues the call for the [`workers`] (one OS thread per pool session, so PKCS#11
 //! calls, which block for as long as the device takes, never stall the async runtime) and
 //! answers `Busy` when no worker takes it within `session_wait`.
