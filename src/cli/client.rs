@@ -102,7 +102,11 @@ pub(super) fn credentials(api_key: Option<&str>) -> Result<Credentials, Fatal> {
 }
 
 /// A PEM private key; encrypted keys are refused with the way out.
-pub(super) fn private_key(pem: &[u8], var: &str, path: &str) -> Result<PrivateKeyDer<'static>, Fatal> {
+pub(super) fn private_key(
+    pem: &[u8],
+    var: &str,
+    path: &str,
+) -> Result<PrivateKeyDer<'static>, Fatal> {
     if pem.windows(b"ENCRYPTED".len()).any(|w| w == b"ENCRYPTED") {
         return Err(Fatal(format!(
             "{var}: '{path}' is an encrypted private key, which kesh cannot read; decrypt it with `openssl pkey -in {path} -out plain.pem` and keep that file private"

@@ -7,7 +7,10 @@
 //! handler; the outcome is counted, audited and, for 5xx, sent to the error log.
 
 pub mod audit;
-#[allow(missing_docs, reason = "not yet documented item by item; remove as each module is")]
+#[allow(
+    missing_docs,
+    reason = "not yet documented item by item; remove as each module is"
+)]
 pub mod error;
 #[allow(
     unsafe_code,
@@ -15,13 +18,25 @@ pub mod error;
 )]
 pub mod hardening;
 pub mod logsink;
-#[allow(missing_docs, reason = "not yet documented item by item; remove as each module is")]
+#[allow(
+    missing_docs,
+    reason = "not yet documented item by item; remove as each module is"
+)]
 pub mod metrics;
-#[allow(missing_docs, reason = "not yet documented item by item; remove as each module is")]
+#[allow(
+    missing_docs,
+    reason = "not yet documented item by item; remove as each module is"
+)]
 pub mod policy;
-#[allow(missing_docs, reason = "not yet documented item by item; remove as each module is")]
+#[allow(
+    missing_docs,
+    reason = "not yet documented item by item; remove as each module is"
+)]
 pub mod routes;
-#[allow(missing_docs, reason = "not yet documented item by item; remove as each module is")]
+#[allow(
+    missing_docs,
+    reason = "not yet documented item by item; remove as each module is"
+)]
 pub mod service;
 pub mod tls;
 

@@ -38,19 +38,34 @@
 //! attempt.
 
 pub mod changes;
-#[allow(missing_docs, reason = "not yet documented item by item; remove as each module is")]
+#[allow(
+    missing_docs,
+    reason = "not yet documented item by item; remove as each module is"
+)]
 pub mod copies;
 mod create;
 pub mod device;
 pub mod error;
 mod index;
-#[allow(missing_docs, reason = "not yet documented item by item; remove as each module is")]
+#[allow(
+    missing_docs,
+    reason = "not yet documented item by item; remove as each module is"
+)]
 pub mod objects;
-#[allow(missing_docs, reason = "not yet documented item by item; remove as each module is")]
+#[allow(
+    missing_docs,
+    reason = "not yet documented item by item; remove as each module is"
+)]
 pub mod probe;
 pub mod profile;
-#[allow(unsafe_code, reason = "mlock of the pool of HSM random bytes: libc has no safe wrapper")]
-#[allow(missing_docs, reason = "not yet documented item by item; remove as each module is")]
+#[allow(
+    unsafe_code,
+    reason = "mlock of the pool of HSM random bytes: libc has no safe wrapper"
+)]
+#[allow(
+    missing_docs,
+    reason = "not yet documented item by item; remove as each module is"
+)]
 pub mod randomness;
 #[allow(
     unsafe_code,
@@ -59,9 +74,15 @@ pub mod randomness;
 pub mod raw;
 mod seal;
 mod seam;
-#[allow(missing_docs, reason = "not yet documented item by item; remove as each module is")]
+#[allow(
+    missing_docs,
+    reason = "not yet documented item by item; remove as each module is"
+)]
 pub mod settings;
-#[allow(missing_docs, reason = "not yet documented item by item; remove as each module is")]
+#[allow(
+    missing_docs,
+    reason = "not yet documented item by item; remove as each module is"
+)]
 pub mod workers;
 pub mod writelock;
 
