@@ -38,24 +38,12 @@
 
 #![warn(missing_docs)]
 
-#[allow(
-    missing_docs,
-    reason = "not yet documented item by item; remove as each module is"
-)]
 pub mod api;
-#[allow(
-    missing_docs,
-    reason = "not yet documented item by item; remove as each module is"
-)]
 pub mod client;
 pub mod config;
 pub mod crypto;
 pub mod identity;
 pub mod keystore;
-#[allow(
-    missing_docs,
-    reason = "not yet documented item by item; remove as each module is"
-)]
 pub mod migrate;
 pub mod name;
 pub mod secret;

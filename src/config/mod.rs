@@ -6,15 +6,7 @@
 //! and say how to fix it.
 
 pub mod env;
-#[allow(
-    missing_docs,
-    reason = "not yet documented item by item; remove as each module is"
-)]
 pub mod keystore;
-#[allow(
-    missing_docs,
-    reason = "not yet documented item by item; remove as each module is"
-)]
 pub mod server;
 
 /// A configuration error: which field, and what to do.

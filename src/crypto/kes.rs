@@ -18,8 +18,11 @@ use base64::Engine;
 use super::NotAuthentic;
 use crate::secret::Key32;
 
+/// Length of the IV KES derives each message key from.
 pub const IV_LEN: usize = 16;
+/// Length of the AEAD nonce.
 pub const NONCE_LEN: usize = 12;
+/// Length of the AEAD tag.
 pub const TAG_LEN: usize = 16;
 /// Every KES ciphertext ends in `iv | nonce`.
 pub const TRAILER_LEN: usize = IV_LEN + NONCE_LEN;
@@ -27,7 +30,9 @@ pub const TRAILER_LEN: usize = IV_LEN + NONCE_LEN;
 /// The secret-key type of a KES key (KES: `internal/crypto/key.go`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Algorithm {
+    /// AES-256 (AES-256-GCM with HMAC-SHA256-derived message keys).
     Aes256,
+    /// ChaCha20 (ChaCha20-Poly1305 with HChaCha20-derived message keys; soft keystore only).
     ChaCha20,
 }
 
@@ -53,8 +58,11 @@ impl Algorithm {
 /// A KES ciphertext split into its parts.
 #[derive(Debug)]
 pub struct Parts<'a> {
+    /// The AEAD output: ciphertext and tag.
     pub sealed: Cow<'a, [u8]>,
+    /// The IV the message key was derived from.
     pub iv: [u8; IV_LEN],
+    /// The AEAD nonce.
     pub nonce: [u8; NONCE_LEN],
 }
 

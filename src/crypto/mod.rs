@@ -5,16 +5,8 @@
 //! functions only: no I/O, no PKCS#11. The soft keystore calls the `*_soft` helpers; the pkcs11
 //! keystore computes the same values on the device and uses only the framing.
 
-#[allow(
-    missing_docs,
-    reason = "not yet documented item by item; remove as each module is"
-)]
 pub mod kes;
 pub mod kes_key;
-#[allow(
-    missing_docs,
-    reason = "not yet documented item by item; remove as each module is"
-)]
 pub mod native;
 
 /// A ciphertext failed authentication or was malformed. Deliberately carries no detail: the

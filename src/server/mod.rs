@@ -18,20 +18,8 @@ pub mod error;
 )]
 pub mod hardening;
 pub mod logsink;
-#[allow(
-    missing_docs,
-    reason = "not yet documented item by item; remove as each module is"
-)]
 pub mod metrics;
-#[allow(
-    missing_docs,
-    reason = "not yet documented item by item; remove as each module is"
-)]
 pub mod policy;
-#[allow(
-    missing_docs,
-    reason = "not yet documented item by item; remove as each module is"
-)]
 pub mod routes;
 #[allow(
     missing_docs,

@@ -47,15 +47,7 @@ mod create;
 pub mod device;
 pub mod error;
 mod index;
-#[allow(
-    missing_docs,
-    reason = "not yet documented item by item; remove as each module is"
-)]
 pub mod objects;
-#[allow(
-    missing_docs,
-    reason = "not yet documented item by item; remove as each module is"
-)]
 pub mod probe;
 pub mod profile;
 #[allow(
@@ -74,10 +66,6 @@ pub mod randomness;
 pub mod raw;
 mod seal;
 mod seam;
-#[allow(
-    missing_docs,
-    reason = "not yet documented item by item; remove as each module is"
-)]
 pub mod settings;
 #[allow(
     missing_docs,
