@@ -61,7 +61,7 @@ for t in hsm bulk lat sweep cnt; do
 done
 populate() { # token keys
   SOFTHSM2_CONF=$(conf "$1") KESH_POPULATE_LABEL=e2e-$1 KESH_POPULATE_PIN=$PIN \
-    KESH_POPULATE_KEYS=$2 cargo bench --quiet --bench populate >/dev/null
+    KESH_POPULATE_KEYS=$2 cargo run --release --quiet --example populate >/dev/null
 }
 echo "e2e: writing 10 and $BULK_KEYS keys onto tokens" >&2
 populate hsm 10
@@ -224,7 +224,7 @@ stop lat
 # What the shim and this machine allow at 32 sessions, without kesh (sleeps overshoot 1 ms).
 ceiling=$(SOFTHSM2_CONF=$(conf lat) KESH_SHIM_CONTROL="$work/shim" KESH_CEILING_MODULE="$SHIM" \
   KESH_CEILING_LABEL=e2e-lat KESH_CEILING_PIN=$PIN KESH_CEILING_THREADS=32 \
-  cargo bench --quiet --bench shim_ceiling | sed -n 's/^calls_per_sec=//p')
+  cargo run --release --quiet --example shim_ceiling | sed -n 's/^calls_per_sec=//p')
 
 echo "e2e: session pool sweep (sessions 1..4, c=16)" >&2
 for run in $(seq "$RUNS"); do

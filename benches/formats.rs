@@ -63,7 +63,7 @@ fn ciphertexts(c: &mut Criterion) {
 }
 
 fn policies(c: &mut Criterion) {
-    // MinIO's policy (kes-api.md §8), plus rules that do not match, checked in order.
+    // MinIO's policy (docs/minio.md §2), plus rules that do not match, checked in order.
     let policy = Policy {
         allow: vec![
             "/v1/key/create/minio-*".into(),

@@ -1,4 +1,4 @@
-//! Wire DTOs of the KES API (`kes-api.md` §2), shared by the server and [`crate::client`].
+//! Wire DTOs of the KES API (docs/api.md), shared by the server and [`crate::client`].
 //!
 //! Encoding follows Go's `encoding/json` as the reference uses it: bytes are standard padded
 //! base64, timestamps RFC 3339 with trimmed nanoseconds, `<`, `>`, `&` escaped, a trailing
@@ -93,16 +93,19 @@ impl<'de> Deserialize<'de> for SecretBytes {
 pub mod rfc3339 {
     use super::*;
 
+    /// `t` in RFC 3339 with the fraction's trailing zeros trimmed, as Go prints it.
     pub fn format(t: &OffsetDateTime) -> String {
         // Formatting a valid OffsetDateTime as RFC 3339 only fails for years outside 0..=9999.
         t.format(&Rfc3339)
             .unwrap_or_else(|_| "0001-01-01T00:00:00Z".to_owned())
     }
 
+    /// Serializes with [`format()`].
     pub fn serialize<S: Serializer>(t: &OffsetDateTime, s: S) -> Result<S::Ok, S::Error> {
         s.serialize_str(&format(t))
     }
 
+    /// Parses RFC 3339; `null` is the zero time.
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<OffsetDateTime, D::Error> {
         let s = Option::<String>::deserialize(d)?;
         match s {
@@ -302,50 +305,66 @@ pub fn encode_error(message: &str) -> Vec<u8> {
 #[derive(Debug, Clone, Default, Deserialize)]
 pub struct ErrorResponse {
     #[serde(default)]
+    /// KES's field.
     pub message: String,
     #[serde(default)]
+    /// The alternative field kms-go also reads; it wins when not empty.
     pub error: String,
 }
 
 // ---- requests ----
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
+/// `/v1/key/import` body.
 pub struct ImportKeyRequest {
     #[serde(default)]
+    /// The key material.
     pub key: SecretBytes,
     #[serde(default)]
+    /// Its cipher: `AES256` or `ChaCha20` (or their long names).
     pub cipher: String,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
+/// `/v1/key/generate` body.
 pub struct GenerateKeyRequest {
     #[serde(default, skip_serializing_if = "Bytes::is_empty")]
+    /// Associated data bound to the sealed key.
     pub context: Bytes,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
+/// `/v1/key/encrypt` body.
 pub struct EncryptKeyRequest {
     #[serde(default)]
+    /// What to seal.
     pub plaintext: SecretBytes,
     #[serde(default, skip_serializing_if = "Bytes::is_empty")]
+    /// Associated data bound to it.
     pub context: Bytes,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
+/// `/v1/key/decrypt` body.
 pub struct DecryptKeyRequest {
     #[serde(default)]
+    /// What generate or encrypt returned.
     pub ciphertext: Bytes,
     #[serde(default, skip_serializing_if = "Bytes::is_empty")]
+    /// The associated data it was sealed with.
     pub context: Bytes,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
+/// `/v1/key/hmac` body.
 pub struct HmacRequest {
     #[serde(default)]
+    /// What to authenticate.
     pub message: SecretBytes,
 }
 
 impl Bytes {
+    /// Whether there are no bytes.
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
     }
@@ -354,27 +373,40 @@ impl Bytes {
 // ---- responses ----
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
+/// `/version` answer.
 pub struct VersionResponse {
     #[serde(default)]
+    /// The server's version.
     pub version: String,
     #[serde(default)]
+    /// The commit it was built from, or `<unknown>`.
     pub commit: String,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
+/// `/v1/status` answer.
 pub struct StatusResponse {
+    /// The server's version.
     pub version: String,
+    /// Go's `GOOS` name.
     pub os: String,
+    /// Go's `GOARCH` name.
     pub arch: String,
+    /// Seconds since start.
     pub uptime: u64,
+    /// CPUs available.
     pub num_cpu: usize,
+    /// CPUs the server may use.
     pub num_cpu_used: usize,
+    /// Heap in use, in bytes.
     pub mem_heap_used: u64,
+    /// Stack in use, in bytes.
     pub mem_stack_used: u64,
     /// Milliseconds; omitted when 0 (unreachable).
     #[serde(default, skip_serializing_if = "is_zero")]
     pub keystore_latency: u64,
     #[serde(default, skip_serializing_if = "is_false")]
+    /// The keystore's probe failed.
     pub keystore_unreachable: bool,
 }
 
@@ -383,49 +415,71 @@ fn is_zero(v: &u64) -> bool {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// One `/v1/api` entry.
 pub struct ApiRoute {
+    /// The route's method.
     pub method: String,
+    /// Its path.
     pub path: String,
+    /// Its body limit in bytes.
     pub max_body: u64,
+    /// Its deadline in seconds; 0: none.
     pub timeout: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
+/// `/v1/key/describe` answer.
 pub struct DescribeKeyResponse {
+    /// The key's name.
     pub name: String,
+    /// `AES256` or `ChaCha20`.
     pub algorithm: String,
     #[serde(with = "rfc3339", default = "zero_time")]
+    /// When it was created.
     pub created_at: OffsetDateTime,
     #[serde(default, skip_serializing_if = "String::is_empty")]
+    /// Who created it; omitted when unknown.
     pub created_by: String,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
+/// `/v1/key/list` answer.
 pub struct ListKeysResponse {
     #[serde(default)]
+    /// The matching names, sorted.
     pub names: Vec<String>,
     #[serde(default, skip_serializing_if = "String::is_empty")]
+    /// Always empty from kesh: every match is in one answer.
     pub continue_at: String,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
+/// `/v1/key/generate` answer.
 pub struct GenerateKeyResponse {
+    /// The data key.
     pub plaintext: SecretBytes,
+    /// The data key sealed under the master key.
     pub ciphertext: Bytes,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
+/// `/v1/key/encrypt` answer.
 pub struct EncryptKeyResponse {
+    /// The sealed plaintext.
     pub ciphertext: Bytes,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
+/// `/v1/key/decrypt` answer.
 pub struct DecryptKeyResponse {
+    /// The opened plaintext.
     pub plaintext: SecretBytes,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
+/// `/v1/key/hmac` answer.
 pub struct HmacResponse {
+    /// HMAC-SHA256 of the message.
     pub hmac: Bytes,
 }
 
@@ -437,70 +491,99 @@ pub type PatternSet = BTreeMap<String, Empty>;
 pub struct Empty {}
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
+/// `/v1/policy/describe` answer.
 pub struct DescribePolicyResponse {
+    /// The policy's name.
     pub name: String,
     #[serde(with = "rfc3339", default = "zero_time")]
+    /// When the config was loaded.
     pub created_at: OffsetDateTime,
     #[serde(default, skip_serializing_if = "String::is_empty")]
+    /// The admin identity.
     pub created_by: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
+/// `/v1/policy/read` answer.
 pub struct ReadPolicyResponse {
+    /// The policy's name.
     pub name: String,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    /// Allowed path patterns.
     pub allow: PatternSet,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    /// Denied path patterns.
     pub deny: PatternSet,
     #[serde(with = "rfc3339", default = "zero_time")]
+    /// When the config was loaded.
     pub created_at: OffsetDateTime,
     #[serde(default, skip_serializing_if = "String::is_empty")]
+    /// The admin identity.
     pub created_by: String,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
+/// `/v1/policy/list` answer.
 pub struct ListPoliciesResponse {
     #[serde(default)]
+    /// The matching names, sorted.
     pub names: Vec<String>,
     #[serde(default)]
+    /// Always empty from kesh.
     pub continue_at: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
+/// `/v1/identity/describe` answer.
 pub struct DescribeIdentityResponse {
     #[serde(default, skip_serializing_if = "is_false")]
+    /// Whether it is the admin.
     pub admin: bool,
     #[serde(default, skip_serializing_if = "String::is_empty")]
+    /// Its policy; empty for the admin.
     pub policy: String,
     #[serde(with = "rfc3339", default = "zero_time")]
+    /// When the config was loaded.
     pub created_at: OffsetDateTime,
     #[serde(default, skip_serializing_if = "String::is_empty")]
+    /// The admin, for identities with a policy.
     pub created_by: String,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
+/// `/v1/identity/list` answer.
 pub struct ListIdentitiesResponse {
     #[serde(default)]
+    /// The matching identities, sorted.
     pub identities: Vec<String>,
     #[serde(default)]
+    /// Always empty from kesh.
     pub continue_at: String,
 }
 
-/// Self-describe in the shape kms-go's `DescribeSelf` decodes (a deliberate deviation, §2.20).
+/// Self-describe in the shape kms-go's `DescribeSelf` decodes (a deliberate deviation,
+/// README.md "Deviations from KES").
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct SelfDescribeResponse {
+    /// The caller's identity.
     pub identity: String,
     #[serde(default, skip_serializing_if = "is_false")]
+    /// Whether the caller is the admin.
     pub admin: bool,
     #[serde(default, skip_serializing_if = "String::is_empty")]
+    /// Its policy's name.
     pub policy: String,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    /// Its policy's allowed patterns.
     pub allow: PatternSet,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    /// Its policy's denied patterns.
     pub deny: PatternSet,
     #[serde(with = "rfc3339", default = "zero_time")]
+    /// When the config was loaded.
     pub created_at: OffsetDateTime,
     #[serde(default, skip_serializing_if = "String::is_empty")]
+    /// The admin, for callers with a policy.
     pub created_by: String,
 }
 
@@ -508,22 +591,31 @@ pub struct SelfDescribeResponse {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct AuditEvent {
     #[serde(with = "rfc3339")]
+    /// When the request finished.
     pub time: OffsetDateTime,
+    /// What was asked.
     pub request: AuditRequest,
+    /// What was answered.
     pub response: AuditResponse,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
+/// The request half of an audit line.
 pub struct AuditRequest {
     #[serde(default, skip_serializing_if = "String::is_empty")]
+    /// The client's address.
     pub ip: String,
+    /// The decoded path.
     pub path: String,
     #[serde(default, skip_serializing_if = "String::is_empty")]
+    /// The client's identity, if any.
     pub identity: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
+/// The response half of an audit line.
 pub struct AuditResponse {
+    /// The status code.
     pub code: u16,
     /// Milliseconds (the reference's unit, whatever its comment says).
     pub time: u64,
@@ -532,6 +624,7 @@ pub struct AuditResponse {
 /// One `/v1/log/error` line.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ErrorEvent {
+    /// The error, as the error log wrote it.
     pub message: String,
 }
 

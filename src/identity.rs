@@ -1,4 +1,5 @@
-//! Client identities and `kes:v1:` API keys (`kes-api.md` §3).
+//! Client identities and `kes:v1:` API keys (docs/api.md, "Authentication and
+//! authorization"; the key format: `kes/apikey.go` at github.com/minio/kms-go).
 //!
 //! An [`Identity`] is what policies and the admin setting name: for a TLS client it is the
 //! lowercase hex SHA-256 of the SubjectPublicKeyInfo DER of the certificate whose key signed
@@ -14,7 +15,7 @@ use zeroize::Zeroizing;
 
 use crate::name::KeyName;
 
-/// A client identity: a name by the KES rules (§2.24). Certificate-derived identities are 64
+/// A client identity: a name by the KES rules (docs/api.md, "Names and patterns"). Certificate-derived identities are 64
 /// lowercase hex characters; configured ones may be any valid name (`disabled` turns the admin
 /// off because no certificate hashes to it).
 #[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -59,6 +60,7 @@ impl Identity {
         a.len() == b.len() && bool::from(a.ct_eq(b))
     }
 
+    /// The identity's text (64 lowercase hex digits for certificate identities).
     pub fn as_str(&self) -> &str {
         &self.0
     }
@@ -225,11 +227,13 @@ pub fn has_dns_or_ip_san(cert_der: &[u8]) -> Result<bool, CertError> {
     Ok(false)
 }
 
-/// Why a connection has no usable client identity (`kes-api.md` §3.1).
+/// Why a connection has no usable client identity (docs/api.md, "Authentication and authorization").
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum PeerError {
+    /// The client sent no certificate.
     #[error("tls: client certificate is required")]
     NoCertificate,
+    /// The client sent a second end-entity certificate.
     #[error("tls: received more than one client certificate")]
     MoreThanOne,
 }
@@ -264,10 +268,13 @@ const ED25519_PKCS8_PREFIX: [u8; 16] = [
 /// Why an API key text was refused; messages match kms-go.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ApiKeyError {
+    /// The decoded key is not 33 bytes.
     #[error("kes: invalid API key: invalid length")]
     InvalidLength,
+    /// The type byte is not 0 (Ed25519).
     #[error("kes: invalid API key: unsupported type")]
     UnsupportedType,
+    /// The text after the optional `kes:v1:` is not standard base64.
     #[error("kes: invalid API key: {0}")]
     Malformed(String),
 }
@@ -338,6 +345,7 @@ impl ApiKey {
         spki
     }
 
+    /// The identity a server computes for this key's certificate.
     pub fn identity(&self) -> Identity {
         Identity::from_spki(&self.spki_der())
     }
@@ -349,7 +357,8 @@ impl ApiKey {
         der
     }
 
-    /// The self-signed client certificate KES clients make from an API key (§3.3): CN =
+    /// The self-signed client certificate KES clients make from an API key (kms-go:
+    /// `kes/apikey.go`): CN =
     /// identity, 90 days, EKU clientAuth, not a CA. Returns (certificate DER, PKCS#8 key DER).
     pub fn certificate(&self) -> Result<(Vec<u8>, Zeroizing<Vec<u8>>), rcgen::Error> {
         let pkcs8 = self.pkcs8_der();

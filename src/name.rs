@@ -1,4 +1,5 @@
-//! Validated names and list patterns (`kes-api.md` §2.24).
+//! Validated names and list patterns (docs/api.md, "Names and
+//! patterns"; KES: `auth.go` `validName`).
 //!
 //! A [`KeyName`] proves its text is 1–80 bytes of `[0-9A-Za-z_-]`, not starting or ending with
 //! `-` and not `_` alone. A [`Pattern`] is the same with an optional trailing `*`, or empty.
@@ -31,6 +32,7 @@ pub struct InvalidName(pub String);
 pub struct KeyName(String);
 
 impl KeyName {
+    /// `s` as a key name, if it follows the rules above.
     pub fn new(s: &str) -> Result<Self, InvalidName> {
         if valid_name(s) {
             Ok(KeyName(s.to_owned()))
@@ -39,6 +41,7 @@ impl KeyName {
         }
     }
 
+    /// The text.
     pub fn as_str(&self) -> &str {
         &self.0
     }
@@ -61,6 +64,7 @@ impl fmt::Debug for KeyName {
 pub struct Pattern(String);
 
 impl Pattern {
+    /// `s` as a listing pattern, if it follows the rules above.
     pub fn new(s: &str) -> Result<Self, InvalidName> {
         let ok = s.is_empty()
             || s == "*"
@@ -76,6 +80,7 @@ impl Pattern {
         }
     }
 
+    /// The text.
     pub fn as_str(&self) -> &str {
         &self.0
     }

@@ -18,6 +18,7 @@ pub type SecretBytes = Zeroizing<Vec<u8>>;
 pub struct Pin(Zeroizing<String>);
 
 impl Pin {
+    /// Takes the PIN text; it is zeroized when the `Pin` is dropped.
     pub fn new(pin: String) -> Self {
         Pin(Zeroizing::new(pin))
     }

@@ -14,14 +14,24 @@ use rustls::RootCertStore;
 /// Errors building the TLS configuration.
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
+    /// A PEM file could not be read or parsed.
     #[error("tls: cannot read '{path}': {message}")]
-    Read { path: PathBuf, message: String },
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        message: String,
+    },
+    /// A certificate file holds no certificate.
     #[error("tls: '{0}' contains no certificate")]
     NoCertificate(PathBuf),
+    /// A server certificate names no DNS name or IP address.
     #[error("tls: certificate '{0}' does not contain any DNS or IP address as SAN; clients verify the server's name against it")]
     NoSubjectAltName(PathBuf),
+    /// rustls refused the certificate, key or settings.
     #[error("tls: invalid TLS configuration: {0}")]
     Rustls(String),
+    /// A self-signed certificate (`--dev`, `kesh identity new`) could not be made.
     #[error("tls: cannot generate certificate: {0}")]
     Generate(String),
 }

@@ -1,6 +1,11 @@
-//! Shared by the bench targets: filling a SoftHSM token with keys in kesh's layout, fast.
+//! Shared by the bench targets and the `examples/` helpers of `benches/e2e.sh`: filling a SoftHSM
+//! token with keys in kesh's layout, fast.
 
-#![allow(dead_code)]
+#![allow(
+    dead_code,
+    unreachable_pub,
+    reason = "shared by several bench and example binaries, each using part of it"
+)]
 
 use cryptoki::context::Pkcs11;
 use cryptoki::mechanism::Mechanism;

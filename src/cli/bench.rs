@@ -10,7 +10,7 @@ use super::client::{credentials, endpoints, trust};
 use super::{ClientOpts, Fatal};
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
-pub enum OpArg {
+pub(super) enum OpArg {
     Generate,
     Decrypt,
     Mixed,
@@ -18,7 +18,7 @@ pub enum OpArg {
 }
 
 #[derive(Args, Debug)]
-pub struct BenchArgs {
+pub(super) struct BenchArgs {
     #[command(flatten)]
     pub opts: ClientOpts,
     /// API key to use instead of KES_API_KEY (visible to other local users in `ps`).
@@ -58,7 +58,7 @@ fn duration(flag: &str, text: &str) -> Result<Duration, Fatal> {
     })
 }
 
-pub async fn run(args: BenchArgs) -> Result<(), Fatal> {
+pub(super) async fn run(args: BenchArgs) -> Result<(), Fatal> {
     let endpoint = endpoints(args.opts.server.as_deref())
         .into_iter()
         .next()

@@ -1,4 +1,5 @@
-//! Finding the server and the credentials, as `kes` does (`kes-api.md` §6.2), and turning
+//! Finding the server and the credentials, as `kes` does (docs/cli.md, "Finding the
+//! server and credentials"), and turning
 //! client errors into messages that say what to do.
 
 use std::future::Future;
@@ -11,7 +12,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
 use super::{ClientOpts, Fatal};
 
-pub const DEFAULT_SERVER: &str = "127.0.0.1:7373";
+pub(super) const DEFAULT_SERVER: &str = "127.0.0.1:7373";
 
 /// The first non-empty variable of `names`, and its name.
 fn env_first(names: &[&'static str]) -> Option<(&'static str, String)> {
@@ -37,7 +38,7 @@ const CERT_FILE_VARS: &[&str] = &[
 ];
 
 /// The endpoints to try, in order: `--server`, else the environment, else the default.
-pub fn endpoints(flag: Option<&str>) -> Vec<String> {
+pub(super) fn endpoints(flag: Option<&str>) -> Vec<String> {
     let text = match flag {
         Some(s) => s.to_owned(),
         None => env_first(SERVER_VARS)
@@ -58,7 +59,7 @@ fn read(path: &str, what: &str, var: &str) -> Result<Vec<u8>, Fatal> {
 
 /// The client's credentials: `api_key` (the `-a` flag), else an API key from the environment,
 /// else a certificate and key file pair.
-pub fn credentials(api_key: Option<&str>) -> Result<Credentials, Fatal> {
+pub(super) fn credentials(api_key: Option<&str>) -> Result<Credentials, Fatal> {
     let key_var = api_key
         .map(|k| ("--api-key", k.to_owned()))
         .or_else(|| env_first(API_KEY_VARS));
@@ -101,7 +102,11 @@ pub fn credentials(api_key: Option<&str>) -> Result<Credentials, Fatal> {
 }
 
 /// A PEM private key; encrypted keys are refused with the way out.
-pub fn private_key(pem: &[u8], var: &str, path: &str) -> Result<PrivateKeyDer<'static>, Fatal> {
+pub(super) fn private_key(
+    pem: &[u8],
+    var: &str,
+    path: &str,
+) -> Result<PrivateKeyDer<'static>, Fatal> {
     if pem.windows(b"ENCRYPTED".len()).any(|w| w == b"ENCRYPTED") {
         return Err(Fatal(format!(
             "{var}: '{path}' is an encrypted private key, which kesh cannot read; decrypt it with `openssl pkey -in {path} -out plain.pem` and keep that file private"
@@ -112,7 +117,7 @@ pub fn private_key(pem: &[u8], var: &str, path: &str) -> Result<PrivateKeyDer<'s
 }
 
 /// How the server certificate is checked: `-k`, `--ca`, `SSL_CERT_FILE`, or the system roots.
-pub fn trust(opts: &ClientOpts) -> Result<ServerTrust, Fatal> {
+pub(super) fn trust(opts: &ClientOpts) -> Result<ServerTrust, Fatal> {
     if opts.insecure {
         return Ok(ServerTrust::DangerInsecure);
     }
@@ -152,12 +157,12 @@ pub fn trust(opts: &ClientOpts) -> Result<ServerTrust, Fatal> {
 }
 
 /// A connection to the configured server(s).
-pub struct Conn {
+pub(super) struct Conn {
     clients: Vec<(String, Client)>,
 }
 
 impl Conn {
-    pub fn new(opts: &ClientOpts, api_key: Option<&str>) -> Result<Self, Fatal> {
+    pub(super) fn new(opts: &ClientOpts, api_key: Option<&str>) -> Result<Self, Fatal> {
         let mut clients = Vec::new();
         for endpoint in endpoints(opts.server.as_deref()) {
             // Credentials are consumed by the client; read them once per endpoint.
@@ -176,7 +181,7 @@ impl Conn {
     }
 
     /// Runs `f` against the first endpoint that can be reached.
-    pub async fn call<T, F, Fut>(&self, f: F) -> Result<T, Fatal>
+    pub(super) async fn call<T, F, Fut>(&self, f: F) -> Result<T, Fatal>
     where
         F: Fn(Client) -> Fut,
         Fut: Future<Output = Result<T, ClientError>>,
@@ -197,7 +202,7 @@ impl Conn {
 }
 
 /// The error with what to do about it.
-pub fn explain(endpoint: &str, e: ClientError) -> Fatal {
+pub(super) fn explain(endpoint: &str, e: ClientError) -> Fatal {
     let hint = match &e {
         ClientError::UntrustedServer(_) => {
             " (pass --ca FILE with the CA that issued it, or -k/--insecure for a self-signed development server)"

@@ -13,7 +13,7 @@ use super::{
     ClientOpts, Fatal, KeyCommand, LogArgs, LsArgs, MetricArgs, PolicyCommand, StatusArgs,
 };
 
-pub async fn key(cmd: KeyCommand) -> Result<(), Fatal> {
+pub(super) async fn key(cmd: KeyCommand) -> Result<(), Fatal> {
     match cmd {
         KeyCommand::Create { opts, names } => {
             let conn = Conn::new(&opts, None)?;
@@ -185,7 +185,7 @@ fn patterns(p: &api::PatternSet) -> Vec<String> {
     p.keys().cloned().collect()
 }
 
-pub async fn policy(cmd: PolicyCommand) -> Result<(), Fatal> {
+pub(super) async fn policy(cmd: PolicyCommand) -> Result<(), Fatal> {
     match cmd {
         PolicyCommand::Info { opts, name } => {
             let conn = Conn::new(&opts, None)?;
@@ -230,7 +230,7 @@ pub async fn policy(cmd: PolicyCommand) -> Result<(), Fatal> {
     }
 }
 
-pub async fn identity_info(opts: ClientOpts, identity: Option<String>) -> Result<(), Fatal> {
+pub(super) async fn identity_info(opts: ClientOpts, identity: Option<String>) -> Result<(), Fatal> {
     let conn = Conn::new(&opts, None)?;
     match identity {
         None => {
@@ -277,7 +277,7 @@ pub async fn identity_info(opts: ClientOpts, identity: Option<String>) -> Result
     }
 }
 
-pub async fn identity_ls(opts: ClientOpts, pattern: &str) -> Result<(), Fatal> {
+pub(super) async fn identity_ls(opts: ClientOpts, pattern: &str) -> Result<(), Fatal> {
     let conn = Conn::new(&opts, None)?;
     let ids = conn
         .call(|c| async move { c.list_identities(pattern).await })
@@ -285,7 +285,7 @@ pub async fn identity_ls(opts: ClientOpts, pattern: &str) -> Result<(), Fatal> {
     print_names(&opts, "Identity", "identities", &ids)
 }
 
-pub async fn ls(args: LsArgs) -> Result<(), Fatal> {
+pub(super) async fn ls(args: LsArgs) -> Result<(), Fatal> {
     let conn = Conn::new(&args.opts, args.api_key.as_deref())?;
     let p = args.prefix.as_str();
     if args.identity {
@@ -304,7 +304,7 @@ pub async fn ls(args: LsArgs) -> Result<(), Fatal> {
     }
 }
 
-pub async fn status(args: StatusArgs) -> Result<(), Fatal> {
+pub(super) async fn status(args: StatusArgs) -> Result<(), Fatal> {
     let conn = Conn::new(&args.opts, None)?;
     let endpoint = super::client::endpoints(args.opts.server.as_deref())
         .into_iter()
@@ -396,10 +396,10 @@ fn bytes(n: u64) -> String {
     }
 }
 
-/// One metrics snapshot, as kms-go's `kes.Metric` reads `/v1/metrics` (`kes-api.md` §2.4):
+/// One metrics snapshot, as kms-go's `kes.Metric` reads `/v1/metrics` (docs/api.md, `/v1/metrics`):
 /// request counters summed over their `code` labels, the latency histogram in milliseconds.
 #[derive(Debug, Default, Serialize)]
-pub struct Snapshot {
+pub(super) struct Snapshot {
     pub kes_http_request_success: u64,
     pub kes_http_request_error: u64,
     pub kes_http_request_failure: u64,
@@ -418,7 +418,7 @@ pub struct Snapshot {
 }
 
 /// Parses the Prometheus text exposition into a [`Snapshot`]; unknown families are ignored.
-pub fn parse_metrics(text: &str) -> Result<Snapshot, Fatal> {
+pub(super) fn parse_metrics(text: &str) -> Result<Snapshot, Fatal> {
     let mut s = Snapshot::default();
     for l in text.lines() {
         let l = l.trim();
@@ -468,7 +468,7 @@ pub fn parse_metrics(text: &str) -> Result<Snapshot, Fatal> {
     Ok(s)
 }
 
-pub async fn metric(args: MetricArgs) -> Result<(), Fatal> {
+pub(super) async fn metric(args: MetricArgs) -> Result<(), Fatal> {
     let rate = match &args.rate {
         Some(r) => Some(
             kesh::config::parse_duration(r)
@@ -538,7 +538,7 @@ fn print_snapshot(s: &Snapshot, separate: bool) -> Result<(), Fatal> {
     fields(&rows)
 }
 
-pub async fn log(args: LogArgs) -> Result<(), Fatal> {
+pub(super) async fn log(args: LogArgs) -> Result<(), Fatal> {
     let path = if args.error {
         "/v1/log/error"
     } else {

@@ -18,7 +18,7 @@ use super::Fatal;
         (gcm), CKM_AES_KEY_WRAP_PAD (kwp), CKM_SHA256_HMAC (kes). Reports who draws GCM IVs \
         and the session limits, and prints a `keystore:` section for the kesh config."
 )]
-pub struct ProbeArgs {
+pub(crate) struct ProbeArgs {
     /// A kesh config file: module, token and PIN come from its `keystore: pkcs11:` section.
     #[arg(long, value_name = "FILE", conflicts_with_all = ["module", "token", "serial", "pin_env"])]
     pub config: Option<PathBuf>,
@@ -43,7 +43,7 @@ fn yes(b: bool) -> String {
     if b { "yes" } else { "no" }.to_owned()
 }
 
-pub fn probe(args: ProbeArgs) -> Result<(), Fatal> {
+pub(super) fn probe(args: ProbeArgs) -> Result<(), Fatal> {
     let target = match &args.config {
         Some(path) => {
             let mut section = kesh::migrate::keystore_section(path)?;

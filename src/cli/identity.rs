@@ -1,5 +1,5 @@
 //! `kesh identity` without a server: new API keys, Ed25519 key/certificate pairs, and the
-//! identity of a key or certificate (`kes-api.md` §3.3).
+//! identity of a key or certificate (docs/cli.md, "Identities").
 //!
 //! The API key printed here is a credential: it goes to stdout once, for the operator, and
 //! nowhere else.
@@ -19,7 +19,7 @@ use super::output::{self, fields};
 use super::Fatal;
 
 #[derive(clap::Args, Debug)]
-pub struct NewArgs {
+pub(crate) struct NewArgs {
     /// Write the private key (PKCS#8 PEM, mode 0600) here; needs --cert.
     #[arg(long, requires = "cert", value_name = "FILE")]
     pub key: Option<PathBuf>,
@@ -46,7 +46,7 @@ pub struct NewArgs {
 }
 
 /// `kesh identity [<api-key|file>]`.
-pub fn bare(of_input: Option<&str>, json: bool) -> Result<(), Fatal> {
+pub(super) fn bare(of_input: Option<&str>, json: bool) -> Result<(), Fatal> {
     match of_input {
         Some(input) => of(input, json),
         None => print_api_key(&ApiKey::generate()?, json),
@@ -66,7 +66,7 @@ fn print_api_key(key: &ApiKey, json_out: bool) -> Result<(), Fatal> {
 }
 
 /// `kesh identity new`.
-pub fn new(args: NewArgs) -> Result<(), Fatal> {
+pub(super) fn new(args: NewArgs) -> Result<(), Fatal> {
     let key = ApiKey::generate()?;
     let (Some(key_path), Some(cert_path)) = (&args.key, &args.cert) else {
         if args.subject.is_some() {
@@ -153,7 +153,7 @@ const ED25519_PKCS8_PREFIX: [u8; 16] = [
 ];
 
 /// `kesh identity of <api-key|cert-file|key-file>`.
-pub fn of(input: &str, json_out: bool) -> Result<(), Fatal> {
+pub(super) fn of(input: &str, json_out: bool) -> Result<(), Fatal> {
     let path = Path::new(input);
     if !path.exists() {
         let key = ApiKey::parse(input.trim()).map_err(|e| {

@@ -22,7 +22,7 @@ use super::Fatal;
         import by decrypting a KES-format ciphertext through the keystore. A key that fails is \
         reported and the others still migrate; the exit status is non-zero if any failed."
 )]
-pub struct MigrateArgs {
+pub(super) struct MigrateArgs {
     /// The KES server config; its `keystore:` section (`fs:` or `vault:`) says where the keys
     /// are.
     #[arg(long, value_name = "FILE")]
@@ -44,7 +44,7 @@ pub struct MigrateArgs {
     pub json: bool,
 }
 
-pub async fn run(args: MigrateArgs) -> Result<(), Fatal> {
+pub(super) async fn run(args: MigrateArgs) -> Result<(), Fatal> {
     // The source first: a Vault login that fails should not wait for the HSM.
     let mut source = kesh::migrate::kes_source(&args.from).await?;
     let mut section = kesh::migrate::keystore_section(&args.to).map_err(|e| {

@@ -1,6 +1,6 @@
 //! The `kesh` command line: argument parsing, output and exit codes.
 //!
-//! Mirrors the `kes` CLI (`kes-api.md` §6): `server`, the client commands (`key`, `policy`,
+//! Mirrors the `kes` CLI (docs/cli.md; KES: `cmd/kes` at github.com/minio/kes): `server`, the client commands (`key`, `policy`,
 //! `identity`, `ls`, `status`, `metric`, `log`) with the same environment variables, plus
 //! `migrate`, `hsm probe` and `completion`. Every command prints results on stdout (human
 //! tables, or JSON with `--json`) and errors on stderr with a non-zero exit.
@@ -46,7 +46,7 @@ const LONG_VERSION: &str = concat!(
         KES_CLIENT_CERT and KES_CLIENT_KEY (or MINIO_KES_CERT_FILE/MINIO_KES_KEY_FILE, MINIO_KES_CLIENT_CERT/MINIO_KES_CLIENT_KEY)",
     after_help = "Run `kesh <command> --help` for a command's options. Documentation: docs/cli.md"
 )]
-pub struct Cli {
+pub(crate) struct Cli {
     #[command(subcommand)]
     command: Command,
 }
@@ -87,7 +87,7 @@ enum Command {
 
 /// Options every client command takes.
 #[derive(Args, Debug, Clone, Default)]
-pub struct ClientOpts {
+pub(crate) struct ClientOpts {
     /// Server address `host:port` (comma-separated for several); overrides KES_SERVER.
     #[arg(short = 's', long = "server", value_name = "HOST:PORT")]
     pub server: Option<String>,
@@ -109,7 +109,7 @@ pub struct ClientOpts {
 }
 
 #[derive(Subcommand, Debug)]
-pub enum KeyCommand {
+pub(crate) enum KeyCommand {
     /// Create new keys.
     Create {
         #[command(flatten)]
@@ -180,7 +180,7 @@ pub enum KeyCommand {
 }
 
 #[derive(Subcommand, Debug)]
-pub enum PolicyCommand {
+pub(crate) enum PolicyCommand {
     /// Describe a policy (name, creation).
     Info {
         #[command(flatten)]
@@ -204,7 +204,7 @@ pub enum PolicyCommand {
 
 #[derive(Args, Debug)]
 #[command(args_conflicts_with_subcommands = true)]
-pub struct IdentityArgs {
+pub(crate) struct IdentityArgs {
     #[command(subcommand)]
     pub command: Option<IdentityCommand>,
     /// An API key or a PEM file: prints its identity (no argument: a new API key).
@@ -216,7 +216,7 @@ pub struct IdentityArgs {
 }
 
 #[derive(Subcommand, Debug)]
-pub enum IdentityCommand {
+pub(crate) enum IdentityCommand {
     /// A new API key, or an Ed25519 key and certificate written to --key/--cert.
     New(identity::NewArgs),
     /// The identity of an API key, a certificate or an Ed25519 private key file.
@@ -243,7 +243,7 @@ pub enum IdentityCommand {
 }
 
 #[derive(Args, Debug)]
-pub struct LsArgs {
+pub(crate) struct LsArgs {
     #[command(flatten)]
     pub opts: ClientOpts,
     /// API key to use instead of KES_API_KEY (visible to other local users in `ps`).
@@ -261,7 +261,7 @@ pub struct LsArgs {
 }
 
 #[derive(Args, Debug)]
-pub struct StatusArgs {
+pub(crate) struct StatusArgs {
     #[command(flatten)]
     pub opts: ClientOpts,
     /// Also list the server's API routes.
@@ -273,7 +273,7 @@ pub struct StatusArgs {
 }
 
 #[derive(Args, Debug)]
-pub struct MetricArgs {
+pub(crate) struct MetricArgs {
     #[command(flatten)]
     pub opts: ClientOpts,
     /// Poll every interval (Go duration: 5s, 500ms) and print one snapshot each time.
@@ -285,7 +285,7 @@ pub struct MetricArgs {
 }
 
 #[derive(Args, Debug)]
-pub struct LogArgs {
+pub(crate) struct LogArgs {
     #[command(flatten)]
     pub opts: ClientOpts,
     /// The audit log (default).
@@ -300,13 +300,13 @@ pub struct LogArgs {
 }
 
 #[derive(Subcommand, Debug)]
-pub enum HsmCommand {
+pub(crate) enum HsmCommand {
     /// Test which kesh schemes a token supports and print a keystore config for it.
     Probe(hsm::ProbeArgs),
 }
 
 /// A failure that ends the process: the message (with what to do) goes to stderr.
-pub struct Fatal(pub String);
+pub(crate) struct Fatal(pub String);
 
 impl<E: std::fmt::Display> From<E> for Fatal {
     fn from(e: E) -> Self {
@@ -314,7 +314,7 @@ impl<E: std::fmt::Display> From<E> for Fatal {
     }
 }
 
-pub fn main() -> ExitCode {
+pub(crate) fn main() -> ExitCode {
     let cli = Cli::parse();
     let server = matches!(cli.command, Command::Server(_));
     // Client commands keep stdout for results and stderr quiet unless asked (RUST_LOG).

@@ -5,13 +5,13 @@ use std::io::Write;
 use super::Fatal;
 
 /// Prints one value as one line of JSON.
-pub fn json<T: serde::Serialize + ?Sized>(value: &T) -> Result<(), Fatal> {
+pub(super) fn json<T: serde::Serialize + ?Sized>(value: &T) -> Result<(), Fatal> {
     let text = serde_json::to_string(value).map_err(|e| Fatal(format!("encoding JSON: {e}")))?;
     line(&text)
 }
 
 /// Prints a line; a closed stdout (`| head`) ends the command quietly.
-pub fn line(text: &str) -> Result<(), Fatal> {
+pub(super) fn line(text: &str) -> Result<(), Fatal> {
     let mut out = std::io::stdout().lock();
     match writeln!(out, "{text}").and_then(|()| out.flush()) {
         Ok(()) => Ok(()),
@@ -21,22 +21,22 @@ pub fn line(text: &str) -> Result<(), Fatal> {
 }
 
 /// A table with a header row; columns padded to their widest cell.
-pub struct Table {
+pub(super) struct Table {
     rows: Vec<Vec<String>>,
 }
 
 impl Table {
-    pub fn new(header: &[&str]) -> Self {
+    pub(super) fn new(header: &[&str]) -> Self {
         Table {
             rows: vec![header.iter().map(|s| s.to_string()).collect()],
         }
     }
 
-    pub fn row(&mut self, cells: Vec<String>) {
+    pub(super) fn row(&mut self, cells: Vec<String>) {
         self.rows.push(cells);
     }
 
-    pub fn print(&self) -> Result<(), Fatal> {
+    pub(super) fn print(&self) -> Result<(), Fatal> {
         let cols = self.rows.iter().map(Vec::len).max().unwrap_or(0);
         let widths: Vec<usize> = (0..cols)
             .map(|c| {
@@ -64,7 +64,7 @@ impl Table {
 }
 
 /// `key: value` lines with the keys aligned.
-pub fn fields(rows: &[(&str, String)]) -> Result<(), Fatal> {
+pub(super) fn fields(rows: &[(&str, String)]) -> Result<(), Fatal> {
     let w = rows.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
     for (k, v) in rows {
         line(&format!("{k:<w$}  {v}"))?;
@@ -73,18 +73,18 @@ pub fn fields(rows: &[(&str, String)]) -> Result<(), Fatal> {
 }
 
 /// RFC 3339 for people and scripts alike.
-pub fn time(t: &time::OffsetDateTime) -> String {
+pub(super) fn time(t: &time::OffsetDateTime) -> String {
     t.format(&time::format_description::well_known::Rfc3339)
         .unwrap_or_else(|_| t.to_string())
 }
 
-pub fn b64(bytes: &[u8]) -> String {
+pub(super) fn b64(bytes: &[u8]) -> String {
     use base64::Engine;
     base64::engine::general_purpose::STANDARD.encode(bytes)
 }
 
 /// Decodes a base64 argument, naming it on error.
-pub fn unb64(what: &str, text: &str) -> Result<Vec<u8>, Fatal> {
+pub(super) fn unb64(what: &str, text: &str) -> Result<Vec<u8>, Fatal> {
     use base64::Engine;
     base64::engine::general_purpose::STANDARD
         .decode(text.trim())

@@ -19,7 +19,7 @@ use kesh::server::{self, Server, ServerHandle, ServerParts};
 use super::Fatal;
 
 #[derive(clap::Args, Debug)]
-pub struct ServerArgs {
+pub(super) struct ServerArgs {
     /// Config file (KES YAML with a `pkcs11:` or `soft:` keystore).
     #[arg(long, conflicts_with = "dev", required_unless_present = "dev")]
     config: Option<PathBuf>,
@@ -43,7 +43,7 @@ fn address(flag: Option<&str>, config: Option<SocketAddr>) -> Result<SocketAddr,
     }
 }
 
-pub async fn run(args: ServerArgs) -> Result<(), Fatal> {
+pub(super) async fn run(args: ServerArgs) -> Result<(), Fatal> {
     let hardening = kesh::server::hardening::harden();
     for warning in &hardening.warnings {
         tracing::warn!("{warning}");

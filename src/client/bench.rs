@@ -53,6 +53,7 @@ pub enum Op {
 }
 
 impl Op {
+    /// The name `--op` takes and reports print.
     pub fn as_str(self) -> &'static str {
         match self {
             Op::Generate => "generate",
@@ -69,12 +70,16 @@ pub enum Transport {
     /// One connection, all workers' requests multiplexed on it (as MinIO does).
     Http2,
     /// `connections` HTTP/1.1 keep-alive connections; worker `i` uses connection `i % n`.
-    Http1 { connections: usize },
+    Http1 {
+        /// How many.
+        connections: usize,
+    },
 }
 
 /// What to run.
 #[derive(Debug, Clone)]
 pub struct Settings {
+    /// The operation to measure.
     pub op: Op,
     /// The key to use; created when missing.
     pub key: String,
@@ -84,6 +89,7 @@ pub struct Settings {
     pub duration: Duration,
     /// Load before the measured window, not counted (connections warm, pools filled).
     pub warmup: Duration,
+    /// HTTP/2 or HTTP/1.1.
     pub transport: Transport,
     /// The server's process, for CPU time per operation and RSS.
     pub server_pid: Option<u32>,
@@ -93,27 +99,41 @@ pub struct Settings {
 #[derive(Debug, thiserror::Error)]
 pub enum BenchError {
     #[error("invalid settings: {0}")]
+    /// The settings cannot be run.
     Settings(String),
     #[error("cannot connect: {0}")]
+    /// No connection to the server.
     Connect(String),
     #[error("setup failed: {0}")]
+    /// The key could not be created or used before the run.
     Setup(String),
+    /// The server's process could not be read (`/proc/<pid>`).
     #[error("cannot read the server process {pid}: {error}")]
-    Process { pid: u32, error: String },
+    Process {
+        /// The pid given.
+        pid: u32,
+        /// Why.
+        error: String,
+    },
 }
 
 /// Latencies in microseconds.
 #[derive(Debug, Clone, Copy, Default, Serialize)]
 pub struct Latency {
+    /// Median.
     pub p50_us: f64,
+    /// 90th percentile.
     pub p90_us: f64,
+    /// 99th percentile.
     pub p99_us: f64,
+    /// Slowest.
     pub max_us: f64,
 }
 
 /// The server process over the measured window.
 #[derive(Debug, Clone, Copy, Serialize)]
 pub struct ServerUsage {
+    /// Its process id.
     pub pid: u32,
     /// utime + stime spent in the window, seconds.
     pub cpu_s: f64,
@@ -136,22 +156,30 @@ pub struct ServerUsage {
 /// One run's result; `--json` prints it as one JSON object.
 #[derive(Debug, Clone, Serialize)]
 pub struct Report {
+    /// The operation measured.
     pub op: Op,
     /// `h2` or `http1`.
     pub proto: &'static str,
+    /// Connections used.
     pub connections: usize,
+    /// Requests in flight at once.
     pub concurrency: usize,
+    /// The key used.
     pub key: String,
     /// The measured window actually elapsed, seconds.
     pub duration_s: f64,
+    /// The warmup, seconds.
     pub warmup_s: f64,
     /// Operations that completed successfully (and checked) in the window.
     pub ops: u64,
     /// Failed operations in the window: error status, transport error or a wrong answer.
     pub errors: u64,
+    /// `ops` per second of the window.
     pub ops_per_sec: f64,
     #[serde(flatten)]
+    /// Latency percentiles of the completed operations.
     pub latency: Latency,
+    /// The server's CPU and memory, when its pid was given.
     pub server: Option<ServerUsage>,
     /// The first failure seen (warmup included), to say what went wrong.
     pub first_error: Option<String>,
@@ -612,6 +640,7 @@ fn status_field(status: &str, name: &str) -> Option<u64> {
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
 }
 
+#[allow(unsafe_code, reason = "sysconf(_SC_CLK_TCK): std does not offer it")]
 fn clock_ticks_per_second() -> f64 {
     // SAFETY: sysconf only reads a system constant; it has no preconditions.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };

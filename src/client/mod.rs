@@ -1,9 +1,10 @@
 //! A small KES API client over mTLS (hyper + rustls), used by the CLI and the tests.
 //!
 //! It speaks like kms-go's `kes` client: POST where KES routes are PUT, names path-escaped,
-//! success only on status 200, and errors parsed the same way (`kes-api.md` §1.6, §9): a
+//! success only on status 200, and errors parsed the same way (docs/api.md, "Errors";
+//! kms-go: `kes/error.go`): a
 //! JSON `{"message"|"error"}` body or the body text, giving a [`KesError`] that compares
-//! equal only when status *and* message match — so the typed errors of §9.1 work with `==`.
+//! equal only when status *and* message match — so kms-go's typed errors work with `==`.
 //! One TLS connection per request keeps it simple; HTTP/2 is used when the server picks it.
 
 pub mod bench;
@@ -31,11 +32,14 @@ const MAX_RESPONSE: usize = 1 << 20;
 /// An error response of the server: status and message, compared as a pair.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct KesError {
+    /// The HTTP status.
     pub status: u16,
+    /// The message, exactly as the server sent it.
     pub message: Cow<'static, str>,
 }
 
 impl KesError {
+    /// An error with a fixed message (for constants).
     pub const fn new(status: u16, message: &'static str) -> Self {
         KesError {
             status,
@@ -52,26 +56,40 @@ impl fmt::Display for KesError {
 
 impl std::error::Error for KesError {}
 
-/// The typed errors of kms-go (§9.1).
+/// The typed errors of kms-go (`kes/error.go` at github.com/minio/kms-go).
 pub mod errors {
     use super::KesError;
 
+    /// kms-go `ErrNotAllowed`.
     pub const NOT_ALLOWED: KesError =
         KesError::new(403, "not authorized: insufficient permissions");
+    /// kms-go `ErrPartialWrite`.
     pub const PARTIAL_WRITE: KesError = KesError::new(503, "change committed but not replicated");
+    /// kms-go `ErrKeyNotFound`.
     pub const KEY_NOT_FOUND: KesError = KesError::new(404, "key does not exist");
+    /// kms-go `ErrKeyExists`.
     pub const KEY_EXISTS: KesError = KesError::new(400, "key already exists");
+    /// kms-go `ErrSecretNotFound`.
     pub const SECRET_NOT_FOUND: KesError = KesError::new(404, "secret does not exist");
+    /// kms-go `ErrSecretVersionNotFound`.
     pub const SECRET_VERSION_NOT_FOUND: KesError =
         KesError::new(404, "secret version does not exist");
+    /// kms-go `ErrSecretExists`.
     pub const SECRET_EXISTS: KesError = KesError::new(404, "secret already exists");
+    /// kms-go `ErrPolicyExists`.
     pub const POLICY_EXISTS: KesError = KesError::new(400, "policy already exists");
+    /// kms-go `ErrPolicyNotFound`.
     pub const POLICY_NOT_FOUND: KesError = KesError::new(404, "policy does not exist");
+    /// kms-go `ErrIdentityExists`.
     pub const IDENTITY_EXISTS: KesError = KesError::new(400, "identity already exists");
+    /// kms-go `ErrIdentityNotFound`.
     pub const IDENTITY_NOT_FOUND: KesError = KesError::new(404, "identity does not exist");
+    /// kms-go `ErrDecrypt`.
     pub const DECRYPT: KesError =
         KesError::new(400, "decryption failed: ciphertext is not authentic");
+    /// kms-go `ErrEnclaveExists`.
     pub const ENCLAVE_EXISTS: KesError = KesError::new(400, "enclave already exists");
+    /// kms-go `ErrEnclaveNotFound`.
     pub const ENCLAVE_NOT_FOUND: KesError = KesError::new(404, "enclave does not exist");
 }
 
@@ -85,15 +103,19 @@ pub enum ClientError {
     #[error("kes: unexpected status {0}")]
     UnexpectedStatus(u16),
     #[error("kes: invalid endpoint '{0}'")]
+    /// The endpoint is not a valid `https://host:port` URL.
     Endpoint(String),
     #[error("kes: {0}")]
+    /// The certificate, key or API key could not be used.
     Credentials(String),
     #[error("kes: connection failed: {0}")]
+    /// No TLS connection could be made, or it broke.
     Connect(String),
     /// The server's certificate failed verification (unknown issuer, wrong name, expired).
     #[error("kes: the server's certificate is not trusted: {0}")]
     UntrustedServer(String),
     #[error("kes: invalid response: {0}")]
+    /// A 200 answer whose body is not what the route returns.
     Decode(String),
 }
 
@@ -109,9 +131,13 @@ impl ClientError {
 
 /// The client's certificate: from an API key, or a PEM certificate and key.
 pub enum Credentials {
+    /// A `kes:v1:` API key: the client makes its certificate from it.
     ApiKey(ApiKey),
+    /// A PEM certificate chain and its private key.
     Certificate {
+        /// The certificate chain, leaf first.
         chain: Vec<CertificateDer<'static>>,
+        /// The leaf's private key.
         key: PrivateKeyDer<'static>,
     },
 }
@@ -137,8 +163,11 @@ pub enum ServerTrust {
 /// A raw response.
 #[derive(Debug)]
 pub struct RawResponse {
+    /// The status.
     pub status: StatusCode,
+    /// The headers.
     pub headers: HeaderMap,
+    /// The body, up to 1 MiB.
     pub body: Bytes,
     /// The HTTP version the server chose.
     pub version: http::Version,
@@ -445,6 +474,7 @@ impl Client {
         Some(serde_json::to_vec(v).unwrap_or_default())
     }
 
+    /// `GET /version`: the server's version.
     pub async fn version(&self) -> Result<String, ClientError> {
         Ok(self
             .call_json::<api::VersionResponse>(Method::GET, "/version", None)
@@ -452,16 +482,19 @@ impl Client {
             .version)
     }
 
+    /// `GET /v1/ready`.
     pub async fn ready(&self) -> Result<(), ClientError> {
         self.call(Method::GET, "/v1/ready", None, false)
             .await
             .map(drop)
     }
 
+    /// `GET /v1/status`.
     pub async fn status(&self) -> Result<api::StatusResponse, ClientError> {
         self.call_json(Method::GET, "/v1/status", None).await
     }
 
+    /// `GET /v1/api`.
     pub async fn api(&self) -> Result<Vec<api::ApiRoute>, ClientError> {
         self.call_json(Method::GET, "/v1/api", None).await
     }
@@ -480,12 +513,14 @@ impl Client {
         Ok(String::from_utf8_lossy(&b).into_owned())
     }
 
+    /// `/v1/key/create/{name}`.
     pub async fn create_key(&self, name: &str) -> Result<(), ClientError> {
         self.call(Method::POST, &join("/v1/key/create/", name), None, false)
             .await
             .map(drop)
     }
 
+    /// `/v1/key/import/{name}` with the key material and its cipher name.
     pub async fn import_key(
         &self,
         name: &str,
@@ -506,17 +541,20 @@ impl Client {
         .map(drop)
     }
 
+    /// `/v1/key/describe/{name}`.
     pub async fn describe_key(&self, name: &str) -> Result<api::DescribeKeyResponse, ClientError> {
         self.call_json(Method::GET, &join("/v1/key/describe/", name), None)
             .await
     }
 
+    /// `/v1/key/delete/{name}`.
     pub async fn delete_key(&self, name: &str) -> Result<(), ClientError> {
         self.call(Method::DELETE, &join("/v1/key/delete/", name), None, false)
             .await
             .map(drop)
     }
 
+    /// `/v1/key/list/{pattern}`: the names of the first answer (kesh's holds every match).
     pub async fn list_keys(&self, prefix: &str) -> Result<Vec<String>, ClientError> {
         Ok(self
             .call_json::<api::ListKeysResponse>(Method::GET, &join("/v1/key/list/", prefix), None)
@@ -524,6 +562,7 @@ impl Client {
             .names)
     }
 
+    /// `/v1/key/generate/{name}`: the plaintext and sealed data key.
     pub async fn generate_key(
         &self,
         name: &str,
@@ -540,6 +579,7 @@ impl Client {
         .await
     }
 
+    /// `/v1/key/encrypt/{name}`.
     pub async fn encrypt(
         &self,
         name: &str,
@@ -561,6 +601,7 @@ impl Client {
             .0)
     }
 
+    /// `/v1/key/decrypt/{name}`.
     pub async fn decrypt(
         &self,
         name: &str,
@@ -599,6 +640,7 @@ impl Client {
         Ok(r.hmac.0)
     }
 
+    /// `/v1/policy/describe/{name}`.
     pub async fn describe_policy(
         &self,
         name: &str,
@@ -607,11 +649,13 @@ impl Client {
             .await
     }
 
+    /// `/v1/policy/read/{name}`.
     pub async fn read_policy(&self, name: &str) -> Result<api::ReadPolicyResponse, ClientError> {
         self.call_json(Method::GET, &join("/v1/policy/read/", name), None)
             .await
     }
 
+    /// `/v1/policy/list/{pattern}`.
     pub async fn list_policies(&self, pattern: &str) -> Result<Vec<String>, ClientError> {
         Ok(self
             .call_json::<api::ListPoliciesResponse>(
@@ -623,6 +667,7 @@ impl Client {
             .names)
     }
 
+    /// `/v1/identity/describe/{identity}`.
     pub async fn describe_identity(
         &self,
         identity: &str,
@@ -631,6 +676,7 @@ impl Client {
             .await
     }
 
+    /// `/v1/identity/list/{pattern}`.
     pub async fn list_identities(&self, pattern: &str) -> Result<Vec<String>, ClientError> {
         Ok(self
             .call_json::<api::ListIdentitiesResponse>(
@@ -642,6 +688,7 @@ impl Client {
             .identities)
     }
 
+    /// `/v1/identity/self/describe`.
     pub async fn describe_self(&self) -> Result<api::SelfDescribeResponse, ClientError> {
         self.call_json(Method::GET, "/v1/identity/self/describe", None)
             .await

@@ -1,4 +1,5 @@
-//! `${VAR}` substitution as KES does it (`kes-api.md` §5.1).
+//! `${VAR}` substitution as KES does it (KES: `kesconf/config.go` at
+//! github.com/minio/kes).
 //!
 //! A scalar whose whole trimmed value is `${NAME}` becomes the value of the environment
 //! variable `NAME`, as a string; there is no partial interpolation. Policy `allow`/`deny`

@@ -31,20 +31,27 @@ const KES_BACKENDS: &[&str] = &[
 /// A validated keystore section.
 #[derive(Debug, Clone)]
 pub enum KeystoreConfig {
+    /// An HSM through its PKCS#11 module (`pkcs11:`).
     Pkcs11(Pkcs11Config),
+    /// The embedded keystore (`soft:`).
     Soft(SoftConfig),
 }
 
 /// The embedded keystore: in memory, or a directory of KEK-wrapped key files.
 #[derive(Debug, Clone, Default)]
 pub struct SoftConfig {
+    /// `dir:`: keep keys as wrapped files there; `None` keeps them in memory.
     pub dir: Option<SoftDir>,
+    /// `scheme:` of created keys (default `gcm`).
     pub scheme: Option<Scheme>,
 }
 
 #[derive(Debug, Clone)]
+/// `soft.dir:`: where the key files live and the file holding their KEK.
 pub struct SoftDir {
+    /// The key directory.
     pub path: PathBuf,
+    /// The file holding the 32-byte KEK (base64 or hex).
     pub kek_file: PathBuf,
 }
 

@@ -1,6 +1,6 @@
 //! Configuration: the KES-style YAML file, raw → validated.
 //!
-//! Owns reading the file, `${VAR}` substitution ([`env`]) and turning raw sections into
+//! Owns reading the file, `${VAR}` substitution ([`mod@env`]) and turning raw sections into
 //! validated settings. The `keystore:` section lives in [`keystore`]; the rest of the file
 //! (address, admin, tls, policy, cache, api, log, keys) in [`server`]. Errors name the field
 //! and say how to fix it.
@@ -13,11 +13,14 @@ pub mod server;
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("config: {field}: {message}")]
 pub struct ConfigError {
+    /// The field, as a path in the file (`keystore.pkcs11.pin`).
     pub field: String,
+    /// What is wrong and what to do.
     pub message: String,
 }
 
 impl ConfigError {
+    /// An error about `field`.
     pub fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
         ConfigError {
             field: field.into(),

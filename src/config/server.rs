@@ -1,4 +1,5 @@
-//! The server part of the config file (`kes-api.md` §5): address, admin, tls, policy, cache,
+//! The server part of the config file (hsm-config/kesh.yaml documents
+//! every key; KES: `kesconf/config.go` at github.com/minio/kes): address, admin, tls, policy, cache,
 //! api, log, keys — and `keystore:`, handed to [`super::keystore`].
 //!
 //! The file is read as YAML, `${VAR}` references are substituted ([`super::env`]), then each
@@ -29,20 +30,26 @@ pub struct ServerConfig {
     pub address: Option<SocketAddr>,
     /// `admin.identity:`; a non-hash value disables admin access.
     pub admin: Identity,
+    /// `tls:`.
     pub tls: TlsConfig,
+    /// `policy:`: each policy with the identities assigned to it.
     pub policies: BTreeMap<PolicyName, PolicyEntry>,
+    /// `cache:` (validated, unused).
     pub cache: CacheConfig,
     /// `api:` entries by route path, verbatim.
     pub api: BTreeMap<String, RouteOverride>,
+    /// `log:`.
     pub log: LogConfig,
     /// `keys:` created at start (existing ones are fine).
     pub keys: Vec<KeyName>,
+    /// `keystore:`.
     pub keystore: KeystoreConfig,
 }
 
-/// One `api:` entry (§5.3).
+/// One `api:` entry (hsm-config/kesh.yaml, `api:`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct RouteOverride {
+    /// `skip_auth:`: identify the caller but check no policy.
     pub skip_auth: bool,
     /// Applied only when set and non-zero.
     pub timeout: Option<Duration>,
@@ -51,10 +58,13 @@ pub struct RouteOverride {
 /// `tls:`.
 #[derive(Debug, Clone)]
 pub struct TlsConfig {
+    /// `tls.key:`, the server's private key.
     pub key: PathBuf,
+    /// `tls.cert:`, the server's certificate chain.
     pub cert: PathBuf,
     /// `tls.auth: on`: verify client chains against `ca`.
     pub verify_client_chain: bool,
+    /// `tls.ca:`, the CAs that client chains must verify against (`tls.auth: on`).
     pub ca: Option<PathBuf>,
 }
 
@@ -62,8 +72,11 @@ pub struct TlsConfig {
 /// compatibility with KES files and otherwise unused.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct CacheConfig {
+    /// `cache.expiry.any:`.
     pub any: Duration,
+    /// `cache.expiry.unused:`.
     pub unused: Duration,
+    /// `cache.expiry.offline:`.
     pub offline: Duration,
 }
 
@@ -141,7 +154,7 @@ fn duration(m: Option<&Mapping>, key: &str, field: &str) -> Result<Option<Durati
     }
 }
 
-/// KES log levels (§5.5) as slog numbers: DEBUG -4, INFO 0, WARN 4, ERROR 8, `off` above all.
+/// KES log levels (KES: `kesconf/config.go` `parseLogLevel`) as slog numbers: DEBUG -4, INFO 0, WARN 4, ERROR 8, `off` above all.
 fn log_level(s: &str, field: &str) -> Result<i64, ConfigError> {
     let t = s.trim().to_ascii_uppercase();
     let bad = || {

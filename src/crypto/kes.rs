@@ -1,4 +1,5 @@
-//! KES's ciphertext formats (`kes-api.md` §7.2–7.3), bit for bit.
+//! KES's ciphertext formats (docs/FORMAT.md §5; KES:
+//! `internal/crypto/key.go` and `ciphertext.go` at github.com/minio/kes), bit for bit.
 //!
 //! ```text
 //! current: AEAD(derived_key, nonce, plaintext, aad = context) | iv(16) | nonce(12)
@@ -17,16 +18,21 @@ use base64::Engine;
 use super::NotAuthentic;
 use crate::secret::Key32;
 
+/// Length of the IV KES derives each message key from.
 pub const IV_LEN: usize = 16;
+/// Length of the AEAD nonce.
 pub const NONCE_LEN: usize = 12;
+/// Length of the AEAD tag.
 pub const TAG_LEN: usize = 16;
 /// Every KES ciphertext ends in `iv | nonce`.
 pub const TRAILER_LEN: usize = IV_LEN + NONCE_LEN;
 
-/// The secret-key type of a KES key (`kes-api.md` §7.1).
+/// The secret-key type of a KES key (KES: `internal/crypto/key.go`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Algorithm {
+    /// AES-256 (AES-256-GCM with HMAC-SHA256-derived message keys).
     Aes256,
+    /// ChaCha20 (ChaCha20-Poly1305 with HChaCha20-derived message keys; soft keystore only).
     ChaCha20,
 }
 
@@ -52,8 +58,11 @@ impl Algorithm {
 /// A KES ciphertext split into its parts.
 #[derive(Debug)]
 pub struct Parts<'a> {
+    /// The AEAD output: ciphertext and tag.
     pub sealed: Cow<'a, [u8]>,
+    /// The IV the message key was derived from.
     pub iv: [u8; IV_LEN],
+    /// The AEAD nonce.
     pub nonce: [u8; NONCE_LEN],
 }
 
@@ -237,7 +246,7 @@ pub fn open(
 
 #[cfg(test)]
 mod tests {
-    //! The vectors of `kes-api.md` §7.5, checked in the host. The keystore suite checks the same
+    //! The vectors of docs/FORMAT.md §5 (from KES's `internal/crypto/key_test.go`), checked in the host. The keystore suite checks the same
     //! vectors through both backends.
     use super::*;
 

@@ -1,4 +1,6 @@
-//! KES's stored key value (`kes-api.md` §7.4), as its `fs` keystore writes one file per key.
+//! KES's stored key value, as its `fs` keystore writes one file per key (KES:
+//! `internal/crypto/key.go` `EncodeKeyVersion` and `internal/protobuf/crypto.proto` at
+//! github.com/minio/kes).
 //!
 //! ```text
 //! current: base64(protobuf miniohq.kms.KeyVersion)
@@ -21,8 +23,11 @@ use crate::secret::Key32;
 /// A KES key as stored: the master key, its HMAC key (none for legacy JSON values) and
 /// provenance.
 pub struct StoredKey {
+    /// The key material.
     pub key: Key32,
+    /// Its algorithm.
     pub algorithm: Algorithm,
+    /// Its HMAC key; legacy values have none.
     pub hmac: Option<Key32>,
     /// `0001-01-01T00:00:00Z` when the value has none, as KES reports it.
     pub created_at: OffsetDateTime,
@@ -44,6 +49,7 @@ impl std::fmt::Debug for StoredKey {
     }
 }
 
+/// Which of KES's encodings a stored key value used.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Format {
     /// base64 protobuf `KeyVersion` (KES since 2024).

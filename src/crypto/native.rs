@@ -9,11 +9,17 @@
 
 use super::NotAuthentic;
 
+/// First byte of every native ciphertext.
 pub const MAGIC: u8 = b'k';
+/// The format version that follows it.
 pub const VERSION: u8 = 1;
+/// Scheme byte of `gcm` ciphertexts.
 pub const SCHEME_GCM: u8 = 1;
+/// Scheme byte of `kwp` ciphertexts.
 pub const SCHEME_KWP: u8 = 2;
+/// GCM IV length.
 pub const GCM_IV_LEN: usize = 12;
+/// GCM tag length.
 pub const GCM_TAG_LEN: usize = 16;
 const GCM_HEADER: [u8; 3] = [MAGIC, VERSION, SCHEME_GCM];
 /// Header (3) + pad byte (1).

@@ -20,7 +20,7 @@ use crate::secret::{Key32, SecretBytes};
 pub mod pkcs11;
 pub mod soft;
 
-/// How a key seals data keys; fixed when the key is made (DESIGN.md §3).
+/// How a key seals data keys; fixed when the key is made (docs/FORMAT.md §1).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Scheme {
     /// AES-256-GCM on the device; kesh's native format. Default for created keys.
@@ -32,6 +32,7 @@ pub enum Scheme {
 }
 
 impl Scheme {
+    /// The name the config file and key metadata use (`gcm`, `kwp`, `kes`).
     pub fn as_str(self) -> &'static str {
         match self {
             Scheme::Gcm => "gcm",
@@ -40,6 +41,7 @@ impl Scheme {
         }
     }
 
+    /// The scheme named `s`, if any ([`Scheme::as_str`]'s inverse).
     pub fn parse(s: &str) -> Option<Self> {
         match s {
             "gcm" => Some(Scheme::Gcm),
@@ -59,9 +61,13 @@ impl fmt::Display for Scheme {
 /// What `describe` reports about a key.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KeyInfo {
+    /// The key's name.
     pub name: KeyName,
+    /// How it seals data keys.
     pub scheme: Scheme,
+    /// The KES algorithm it reports (`AES256` for every HSM key).
     pub algorithm: Algorithm,
+    /// When it was created or imported, to the microsecond.
     pub created_at: OffsetDateTime,
     /// The identity that created the key; empty when unknown (legacy keys, skip_auth routes).
     pub created_by: String,
@@ -70,11 +76,14 @@ pub struct KeyInfo {
 /// Who and when, recorded with a new key.
 #[derive(Debug, Clone)]
 pub struct Provenance {
+    /// When the key was made.
     pub created_at: OffsetDateTime,
+    /// The identity that made it; empty when unknown.
     pub created_by: String,
 }
 
 impl Provenance {
+    /// Now, truncated to whole microseconds, by `created_by`.
     pub fn now(created_by: impl Into<String>) -> Self {
         // Whole microseconds: what every backend can store and return unchanged.
         let now = OffsetDateTime::now_utc();
@@ -100,10 +109,16 @@ pub enum HmacKeySource {
 
 /// Key material brought in from outside: `/v1/key/import`, `kesh migrate`, test vectors.
 pub struct ImportKey {
+    /// The 256-bit key material (zeroized on drop).
     pub key: Key32,
+    /// The KES algorithm it had.
     pub algorithm: Algorithm,
+    /// How the imported key will seal data keys (`kes` for KES keys, so their ciphertexts keep
+    /// decrypting).
     pub scheme: Scheme,
+    /// Its HMAC key.
     pub hmac: HmacKeySource,
+    /// Who and when, as recorded with the key.
     pub provenance: Provenance,
 }
 
@@ -119,7 +134,9 @@ impl fmt::Debug for ImportKey {
 
 /// A freshly generated data key: the plaintext for the caller, the ciphertext to store.
 pub struct DataKey {
+    /// The 32-byte data key (zeroized on drop).
     pub plaintext: Key32,
+    /// The data key sealed under the master key, in the key's scheme's format (docs/FORMAT.md).
     pub ciphertext: Vec<u8>,
 }
 
@@ -135,12 +152,16 @@ impl fmt::Debug for DataKey {
 /// its KES status and message.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum KeystoreError {
+    /// A key of that name exists (create, import).
     #[error("key already exists")]
     KeyExists,
+    /// No key of that name exists, or it was deleted while the call ran.
     #[error("key does not exist")]
     KeyNotFound,
+    /// The ciphertext or its context does not verify under the key.
     #[error("ciphertext is not authentic")]
     NotAuthentic,
+    /// The key has no HMAC key (legacy KES keys).
     #[error("key does not support HMAC")]
     HmacUnsupported,
     /// The backend cannot hold this kind of key (ChaCha20 keys on an HSM).
@@ -166,12 +187,15 @@ impl From<crate::crypto::NotAuthentic> for KeystoreError {
     }
 }
 
+/// The keystore layer's result.
 pub type Result<T, E = KeystoreError> = std::result::Result<T, E>;
 
 /// The state of a backend's session pool, for metrics. Counters are cumulative since start.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct PoolStats {
+    /// Sessions (and worker threads) in the pool.
     pub size: usize,
+    /// Calls running on them now.
     pub in_use: usize,
     /// Calls that took a session.
     pub acquired: u64,
@@ -195,31 +219,60 @@ pub struct KeystoreStats {
     pub unreadable_key_files: Option<u64>,
 }
 
-/// The key operations of the KES API. Implementations are cheap to share (`Arc<dyn KeyStore>`)
-/// and safe to call concurrently; blocking work stays off the async runtime.
+/// The key operations of the KES API.
+///
+/// Contract, for every backend:
+///
+/// - **Sharing.** Implementations are cheap to share (`Arc<dyn KeyStore>`) and safe to call
+///   concurrently from any task; no method blocks the async runtime (the pkcs11 backend runs its
+///   PKCS#11 calls on its own worker threads).
+/// - **Names.** `name` is already validated ([`KeyName`]). "Not found" ([`KeystoreError::KeyNotFound`])
+///   means no complete key of that name is visible to this instance now: never created, deleted
+///   (here or by another instance sharing the token), or still being created by another instance.
+///   A half-made key is never seen.
+/// - **Errors.** Every failure is a [`KeystoreError`]; messages carry no key material, plaintext
+///   or PIN. [`KeystoreError::Busy`] and [`KeystoreError::Unreachable`] are transient: the
+///   operation did not happen and may be retried. The server maps each variant to its status and
+///   message in `server::error`.
+/// - **Atomicity.** Create, import and delete either happen whole or not at all, across
+///   processes sharing one token (docs/FORMAT.md §6).
 #[async_trait::async_trait]
 pub trait KeyStore: Send + Sync + 'static {
     /// One line for banners and `/v1/status` logs, e.g. `PKCS#11 token label 'kesh' via /usr/lib/... (vendor)`.
     fn description(&self) -> String;
 
-    /// Creates a key with the backend's default scheme and a fresh HMAC key.
+    /// Creates a key with the backend's default scheme and a fresh HMAC key. Not idempotent: a
+    /// second create of a name fails with [`KeystoreError::KeyExists`], and of concurrent creates
+    /// of one name (in any process) exactly one succeeds.
     async fn create(&self, name: &KeyName, provenance: Provenance) -> Result<()>;
 
-    /// Stores outside key material under `name`.
+    /// Stores outside key material under `name`, as [`KeyStore::create`] does (same
+    /// [`KeystoreError::KeyExists`] rule). A backend that cannot hold the algorithm answers
+    /// [`KeystoreError::AlgorithmUnsupported`] (ChaCha20 on an HSM).
     async fn import(&self, name: &KeyName, key: ImportKey) -> Result<()>;
 
+    /// The key's metadata; [`KeystoreError::KeyNotFound`] if it does not exist.
     async fn describe(&self, name: &KeyName) -> Result<KeyInfo>;
 
-    /// Names starting with `prefix`, sorted bytewise.
+    /// Names starting with `prefix` (empty: all), sorted bytewise. Never fails for an empty
+    /// result. The pkcs11 backend answers from its index, which follows other instances within
+    /// the change-marker poll.
     async fn list(&self, prefix: &str) -> Result<Vec<KeyName>>;
 
+    /// Removes the key and its HMAC key. Not idempotent: deleting a missing key is
+    /// [`KeystoreError::KeyNotFound`]. Ciphertexts sealed under it can no longer be opened.
     async fn delete(&self, name: &KeyName) -> Result<()>;
 
-    /// Draws a 32-byte DEK and seals it under `name` with `context` bound.
+    /// Draws a 32-byte DEK and seals it under `name` with `context` bound as associated data.
     async fn generate(&self, name: &KeyName, context: &[u8]) -> Result<DataKey>;
 
+    /// Seals `plaintext` under `name` with `context` bound, in the key's scheme's format.
     async fn encrypt(&self, name: &KeyName, plaintext: &[u8], context: &[u8]) -> Result<Vec<u8>>;
 
+    /// Opens a ciphertext made by [`KeyStore::generate`] or [`KeyStore::encrypt`] (or by KES, for
+    /// `kes` keys). A wrong key, context or tampered ciphertext is
+    /// [`KeystoreError::NotAuthentic`]; one whose format the key's scheme cannot parse may be
+    /// [`KeystoreError::InvalidInput`].
     async fn decrypt(
         &self,
         name: &KeyName,
@@ -227,10 +280,12 @@ pub trait KeyStore: Send + Sync + 'static {
         context: &[u8],
     ) -> Result<SecretBytes>;
 
-    /// HMAC-SHA256 of `message` under the key's separate HMAC key.
+    /// HMAC-SHA256 of `message` under the key's separate HMAC key;
+    /// [`KeystoreError::HmacUnsupported`] when the key has none. Deterministic per key.
     async fn hmac(&self, name: &KeyName, message: &[u8]) -> Result<[u8; 32]>;
 
-    /// Probes the backend; returns how long the probe took.
+    /// Probes the backend (one cheap call to the device, or a look at the key directory);
+    /// returns how long the probe took.
     async fn status(&self) -> Result<Duration>;
 
     /// The operator reloaded the configuration (SIGHUP) and it names this PIN. A backend that

@@ -1,5 +1,6 @@
 //! KES's `fs` keystore as a [`KeySource`]: each file of the key directory is one key, named
-//! as the file (`kes-api.md` §5.6), whose content is a stored key value. Reads only; never
+//! as the file (KES: `internal/keystore/fs` at
+//! github.com/minio/kes), whose content is a stored key value. Reads only; never
 //! writes to or removes from the directory.
 
 use std::path::{Path, PathBuf};
@@ -8,11 +9,13 @@ use zeroize::Zeroizing;
 
 use super::{KeySource, MigrateError, ReadError};
 
+/// A KES `fs` key directory, read file by file.
 pub struct FsSource {
     dir: PathBuf,
 }
 
 impl FsSource {
+    /// The key directory `dir`; nothing is read until the migration asks.
     pub fn new(dir: PathBuf) -> Self {
         FsSource { dir }
     }

@@ -44,15 +44,30 @@ pub enum Existing {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase", tag = "outcome")]
 pub enum Outcome {
-    Imported { replaced: bool },
-    Skipped { reason: String },
-    Failed { error: String },
+    /// Imported into the target.
+    Imported {
+        /// A key of that name was there and was replaced (`--force`).
+        replaced: bool,
+    },
+    /// Left alone.
+    Skipped {
+        /// Why.
+        reason: String,
+    },
+    /// Could not be read or imported.
+    Failed {
+        /// Why.
+        error: String,
+    },
 }
 
 #[derive(Debug, Clone, Serialize)]
+/// One key's line of the report.
 pub struct KeyOutcome {
+    /// The key's name.
     pub name: String,
     #[serde(flatten)]
+    /// What happened to it.
     pub outcome: Outcome,
 }
 
@@ -61,9 +76,13 @@ pub struct KeyOutcome {
 pub struct Report {
     /// Nothing was changed: `imported` counts the keys a real run would import.
     pub dry_run: bool,
+    /// Keys imported (or, in a dry run, that would be).
     pub imported: usize,
+    /// Keys left alone.
     pub skipped: usize,
+    /// Keys that could not be read or imported.
     pub failed: usize,
+    /// Every key, in the order read.
     pub keys: Vec<KeyOutcome>,
 }
 
@@ -105,6 +124,7 @@ pub fn keystore_section(config: &Path) -> Result<serde_yaml::Value, MigrateError
 /// How a run treats the target.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Options {
+    /// What to do with a key the target already has.
     pub existing: Existing,
     /// Read, parse and check every key; import, replace and delete nothing.
     pub dry_run: bool,

@@ -52,7 +52,9 @@ const RELOGIN_AFTER: Duration = Duration::from_secs(30);
 /// K/V engine version (`vault.version`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum KvVersion {
+    /// K/V version 1.
     V1,
+    /// K/V version 2 (versioned secrets).
     V2,
 }
 
@@ -61,17 +63,25 @@ pub enum KvVersion {
 pub enum Auth {
     /// `vault.approle`: `POST auth/<engine>/login {role_id, secret_id}`.
     AppRole {
+        /// The auth mount.
         engine: String,
+        /// The namespace to log in to.
         namespace: String,
+        /// `role_id`.
         id: String,
+        /// `secret_id`.
         secret: Zeroizing<String>,
     },
     /// `vault.kubernetes`: `POST auth/<engine>/login {role, jwt}`; `jwt` is the token or, when
     /// it contains a `/`, the file holding it (as KES decides).
     Kubernetes {
+        /// The auth mount.
         engine: String,
+        /// The namespace to log in to.
         namespace: String,
+        /// The Vault role.
         role: String,
+        /// The service-account token, or the file holding it.
         jwt: Zeroizing<String>,
     },
     /// Neither configured: the `VAULT_TOKEN` environment variable (KES itself has no token
@@ -83,16 +93,25 @@ pub enum Auth {
 /// `approle.retry` only matter to a long-running KES and are ignored.
 #[derive(Debug)]
 pub struct VaultConfig {
+    /// `vault.endpoint`.
     pub endpoint: String,
+    /// `vault.engine`, the K/V mount.
     pub engine: String,
+    /// `vault.version`.
     pub version: KvVersion,
+    /// `vault.namespace`.
     pub namespace: String,
+    /// `vault.prefix`, under which KES wrote its keys.
     pub prefix: String,
+    /// How to log in.
     pub auth: Auth,
     /// `(engine, key)` of `vault.transit`.
     pub transit: Option<(String, String)>,
+    /// `vault.tls.key`, for client-certificate login.
     pub tls_key: Option<PathBuf>,
+    /// `vault.tls.cert`.
     pub tls_cert: Option<PathBuf>,
+    /// `vault.tls.ca`, to verify Vault's certificate.
     pub tls_ca: Option<PathBuf>,
 }
 

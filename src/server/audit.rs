@@ -1,4 +1,5 @@
-//! The audit trail and the error-event stream (`kes-api.md` §2.21, §2.22).
+//! The audit trail and the error-event stream (docs/api.md, "Logs"; KES: `audit.go`, `log.go` and
+//! `internal/api/multicast.go` at github.com/minio/kes).
 //!
 //! [`AuditLog`] takes one [`AuditEvent`] per key operation — time, client IP, identity, path,
 //! status, duration; never key material, plaintexts or request bodies — writes it to stdout as
@@ -126,6 +127,7 @@ impl AuditLog {
         }
     }
 
+    /// A new `/v1/log/...` stream: events from now on, one JSON line each.
     pub fn subscribe(&self) -> Subscription {
         Subscription {
             rx: self.stream.tx.subscribe(),
@@ -142,6 +144,7 @@ pub struct ErrorLog {
 }
 
 impl ErrorLog {
+    /// An error log; `enabled` is the config's `log: error:` switch.
     pub fn new(metrics: Arc<Metrics>, enabled: bool) -> Self {
         ErrorLog {
             stream: Stream::new(),
@@ -170,6 +173,7 @@ impl ErrorLog {
         }
     }
 
+    /// A new `/v1/log/...` stream: events from now on, one JSON line each.
     pub fn subscribe(&self) -> Subscription {
         Subscription {
             rx: self.stream.tx.subscribe(),

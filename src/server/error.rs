@@ -1,4 +1,6 @@
-//! The one error → HTTP mapping (`kes-api.md` §2, §9.1).
+//! The one error → HTTP mapping (docs/api.md, "Errors"; KES:
+//! `internal/api/error.go` at github.com/minio/kes; the typed errors MinIO matches: `kes/error.go`
+//! at github.com/minio/kms-go).
 //!
 //! Every failure a handler can meet becomes an [`ApiError`]; its [`IntoResponse`] holds the
 //! whole status/message table. Bodies are byte-exact `{"message":"..."\n}` with
@@ -42,7 +44,7 @@ impl From<ServiceError> for ApiError {
     }
 }
 
-/// The message of a keystore failure, by operation (§2.6–2.14, §2.2).
+/// The message of a keystore failure, by operation (docs/api.md, "Errors").
 fn backend_failure(op: Op) -> (StatusCode, &'static str) {
     match op {
         Op::Create | Op::Import => (StatusCode::BAD_GATEWAY, "failed to create key"),

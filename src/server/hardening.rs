@@ -8,7 +8,9 @@
 /// What [`harden`] did.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Hardening {
+    /// `mlockall` succeeded: no page of the process is swapped out.
     pub memory_locked: bool,
+    /// No core file can be written and the process is not dumpable.
     pub core_dumps_disabled: bool,
     /// One line per step that could not be taken, saying what to change.
     pub warnings: Vec<String>,

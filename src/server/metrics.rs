@@ -123,6 +123,7 @@ impl Drop for ActiveGuard<'_> {
 }
 
 impl Metrics {
+    /// Empty metrics; the uptime counts from now.
     pub fn new() -> Self {
         Metrics {
             started: Instant::now(),
@@ -159,10 +160,12 @@ impl Metrics {
         self.response_time.observe(elapsed);
     }
 
+    /// An event was sent to `/v1/log/audit` subscribers.
     pub fn audit_event_sent(&self) {
         self.audit_events.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// An event was sent to `/v1/log/error` subscribers.
     pub fn error_event_sent(&self) {
         self.error_events.fetch_add(1, Ordering::Relaxed);
     }
@@ -186,6 +189,7 @@ impl Metrics {
         *lock(&self.seals).entry(key.to_owned()).or_default() += 1;
     }
 
+    /// A request was refused by the policy check.
     pub fn denied(&self) {
         self.denials.fetch_add(1, Ordering::Relaxed);
     }
@@ -439,12 +443,16 @@ fn family(out: &mut String, name: &str, kind: &str, help: &str) {
 /// Memory and thread figures of this process (Linux `/proc/self/status`; zeros elsewhere).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct ProcessStats {
+    /// The data segment (`VmData`), reported as heap, in bytes.
     pub heap_bytes: u64,
+    /// Stack of the main thread (`VmStk`), in bytes.
     pub stack_bytes: u64,
+    /// OS threads.
     pub threads: u64,
 }
 
 impl ProcessStats {
+    /// Reads `/proc/self/status` now.
     pub fn read() -> Self {
         let Ok(status) = std::fs::read_to_string("/proc/self/status") else {
             return ProcessStats::default();

@@ -1,4 +1,5 @@
-//! Authorization: the admin identity and the config file's policies (`kes-api.md` §3.4, §4).
+//! Authorization: the admin identity and the config file's policies (docs/api.md, "Authentication
+//! and authorization"; KES: `auth.go`, and `kes/policy.go` at github.com/minio/kms-go).
 //!
 //! An [`Authorizer`] is an immutable snapshot (replaced whole on SIGHUP). Its
 //! [`Authorizer::authorize`] returns a [`Permit`] — the only proof that a request may run,
@@ -86,7 +87,7 @@ impl DenialLog {
     }
 }
 
-/// A policy name (§2.24 rules), distinct from key names and identities.
+/// A policy name (docs/api.md, "Names and patterns"), distinct from key names and identities.
 #[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct PolicyName(String);
 
@@ -96,6 +97,7 @@ pub struct PolicyName(String);
 pub struct InvalidPolicyName(pub String);
 
 impl PolicyName {
+    /// `s` as a policy name, if it follows the key-name rules.
     pub fn new(s: &str) -> Result<Self, InvalidPolicyName> {
         // Policy names follow the key-name grammar (kes `validName`); reuse its checker.
         match KeyName::new(s) {
@@ -104,6 +106,7 @@ impl PolicyName {
         }
     }
 
+    /// The name's text.
     pub fn as_str(&self) -> &str {
         &self.0
     }
@@ -124,7 +127,9 @@ impl fmt::Debug for PolicyName {
 /// Allow and deny rules over decoded URL paths.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Policy {
+    /// Path patterns the policy allows.
     pub allow: Vec<String>,
+    /// Path patterns it denies; checked first.
     pub deny: Vec<String>,
 }
 
@@ -151,17 +156,31 @@ impl Policy {
 /// A policy with the identities assigned to it.
 #[derive(Debug, Clone)]
 pub struct PolicyEntry {
+    /// The allow and deny patterns.
     pub policy: Policy,
+    /// The identities assigned to it.
     pub identities: Vec<Identity>,
 }
 
 /// Errors building an [`Authorizer`] (config-time).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PolicyError {
+    /// An identity is listed under two policies.
     #[error("cannot assign policy '{policy}' to '{identity}': identity already has a policy")]
-    AlreadyAssigned { policy: String, identity: String },
+    AlreadyAssigned {
+        /// The second policy.
+        policy: String,
+        /// The identity.
+        identity: String,
+    },
+    /// The admin identity is listed under a policy.
     #[error("cannot assign policy '{policy}' to '{identity}': identity is the admin")]
-    AdminInPolicy { policy: String, identity: String },
+    AdminInPolicy {
+        /// The policy.
+        policy: String,
+        /// The admin identity.
+        identity: String,
+    },
 }
 
 /// Proof that a request passed authentication and authorization.
@@ -177,6 +196,7 @@ impl Permit {
         self.identity.as_ref()
     }
 
+    /// Whether the caller is the admin.
     pub fn is_admin(&self) -> bool {
         self.admin
     }
@@ -280,6 +300,7 @@ impl Authorizer {
         }
     }
 
+    /// The configured admin identity.
     pub fn admin(&self) -> &Identity {
         &self.admin
     }
@@ -289,10 +310,12 @@ impl Authorizer {
         self.created_at
     }
 
+    /// The named policy, if it exists.
     pub fn policy(&self, name: &PolicyName) -> Option<&PolicyEntry> {
         self.policies.get(name)
     }
 
+    /// Every policy name, sorted.
     pub fn policy_names(&self) -> impl Iterator<Item = &PolicyName> {
         self.policies.keys()
     }

@@ -1,5 +1,5 @@
-//! The 22 routes of the KES API (`kes-api.md` §2), kesh's `/v1/metrics/kesh`, and their
-//! handlers.
+//! The 22 routes of the KES API (docs/api.md; KES: `state.go` `initRoutes` at
+//! github.com/minio/kes), kesh's `/v1/metrics/kesh`, and their handlers.
 //!
 //! [`ROUTES`] is the table the dispatcher matches against and `/v1/api` reports: method, path
 //! (subtree routes end in `/`), body limit, default timeout, authenticator, and whether the
@@ -27,33 +27,55 @@ use crate::server::service::KeystoreHealth;
 /// Every route of the current KES server.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum RouteId {
+    /// `GET /version`.
     Version,
+    /// `GET /v1/ready`.
     Ready,
+    /// `GET /v1/status`.
     Status,
+    /// `GET /v1/metrics` (KES's families only).
     Metrics,
     /// kesh's extension: every metric family, labelled ones included (Prometheus).
     KeshMetrics,
+    /// `GET /v1/api`.
     Api,
+    /// `/v1/key/create/`.
     KeyCreate,
+    /// `/v1/key/import/`.
     KeyImport,
+    /// `/v1/key/describe/`.
     KeyDescribe,
+    /// `/v1/key/list/`.
     KeyList,
+    /// `/v1/key/delete/`.
     KeyDelete,
+    /// `/v1/key/generate/`.
     KeyGenerate,
+    /// `/v1/key/encrypt/`.
     KeyEncrypt,
+    /// `/v1/key/decrypt/`.
     KeyDecrypt,
+    /// `/v1/key/hmac/`.
     KeyHmac,
+    /// `/v1/policy/describe/`.
     PolicyDescribe,
+    /// `/v1/policy/read/`.
     PolicyRead,
+    /// `/v1/policy/list/`.
     PolicyList,
+    /// `/v1/identity/describe/`.
     IdentityDescribe,
+    /// `/v1/identity/list/`.
     IdentityList,
+    /// `/v1/identity/self/describe`.
     SelfDescribe,
+    /// `GET /v1/log/error` (a stream).
     LogError,
+    /// `GET /v1/log/audit` (a stream).
     LogAudit,
 }
 
-/// How a route authenticates its caller (§3.4).
+/// How a route authenticates its caller (docs/api.md, "Authentication and authorization").
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Auth {
     /// No identity computed (`/version`).
@@ -67,12 +89,17 @@ pub enum Auth {
 /// One row of the route table.
 #[derive(Debug, Clone)]
 pub struct Route {
+    /// Which route.
     pub id: RouteId,
+    /// Its method (`PUT` routes accept `POST` too).
     pub method: Method,
+    /// Its path; a subtree route ends in `/` and takes the resource after it.
     pub path: &'static str,
+    /// Largest body read, in bytes (0: the body is ignored).
     pub max_body: usize,
     /// `None`: no deadline (log streams).
     pub timeout: Option<Duration>,
+    /// Its authenticator before the config's `skip_auth`.
     pub auth: Auth,
     /// Counted in `kes_http_*` metrics and audited.
     pub counted: bool,
@@ -277,7 +304,7 @@ pub fn lookup(path: &str) -> Option<(&'static Route, &str)> {
     })
 }
 
-/// Per-route settings from the config's `api:` section (§5.3).
+/// Per-route settings from the config's `api:` section (hsm-config/kesh.yaml).
 #[derive(Debug, Clone, Default)]
 pub struct RouteSettings {
     timeouts: HashMap<RouteId, Duration>,
@@ -307,10 +334,12 @@ impl RouteSettings {
         s
     }
 
+    /// The route's deadline after the config's override.
     pub fn timeout(&self, r: &Route) -> Option<Duration> {
         self.timeouts.get(&r.id).copied().or(r.timeout)
     }
 
+    /// The route's authenticator after the config's `skip_auth`.
     pub fn auth(&self, r: &Route) -> Auth {
         if r.auth == Auth::Verify && self.skip_auth.contains(&r.id) {
             Auth::IdentifyOnly
@@ -327,7 +356,9 @@ impl RouteSettings {
 
 /// What a handler gets besides the permit.
 pub struct Request {
+    /// The path after the route's prefix: a name or pattern, or empty.
     pub resource: String,
+    /// The body, read within the route's limit.
     pub body: Bytes,
     /// `Content-Length: 0` was sent, so the body was not parsed (generate's empty context).
     pub empty_body: bool,

@@ -464,7 +464,8 @@ impl Service {
         ids
     }
 
-    /// The caller's own identity and policy (for any caller; a deliberate deviation, §2.20).
+    /// The caller's own identity and policy (for any caller; a deliberate deviation, README.md
+    /// "Deviations from KES").
     pub fn describe_self(&self, permit: &Permit) -> Result<SelfView, ServiceError> {
         let auth = self.authorizer();
         let identity = permit.identity().ok_or(ServiceError::IdentityNotFound)?;

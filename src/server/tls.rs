@@ -1,5 +1,5 @@
 //! TLS for the server: TLS 1.2 and 1.3, ALPN `h2` and `http/1.1`, mandatory client
-//! certificates (`kes-api.md` §1.1, §3). PEM loading and the crypto provider are in [`crate::tls`].
+//! certificates (docs/api.md, "Transport"; KES: `kesconf/file.go`, `server.go`). PEM loading and the crypto provider are in [`crate::tls`].
 //!
 //! By default any end-entity client certificate is accepted without chain or validity checks —
 //! MinIO's API keys arrive as self-signed Ed25519 certificates — while the handshake signature

@@ -721,7 +721,7 @@ async fn request_errors_and_limits(store: Store) {
     assert_eq!(r.headers["location"], "/v1/key/list/");
 }
 
-/// §7.5 vectors: a key imported as KES had it decrypts KES ciphertexts, current and legacy.
+/// KES's ciphertext vectors (docs/FORMAT.md §5): a key imported as KES had it decrypts KES ciphertexts, current and legacy.
 async fn import_kes_key_and_decrypt_kes_ciphertexts(store: Store) {
     let srv = TestServer::start(store, &[]).await;
     let c = srv.admin();
@@ -760,7 +760,7 @@ async fn import_kes_key_and_decrypt_kes_ciphertexts(store: Store) {
     assert_eq!(g.ciphertext.0.len(), 76);
 }
 
-/// §8.2 and §8.4: what MinIO does at start-up and for `mc admin kms key status`.
+/// What MinIO does (minio: `cmd/common-main.go`, `internal/kms/kes.go`) at start-up and for `mc admin kms key status`.
 async fn minio_startup_and_key_status(store: Store) {
     let srv = TestServer::start(store, &[]).await;
     let c = srv.admin();
@@ -800,7 +800,7 @@ fn api_err<T: std::fmt::Debug>(r: Result<T, ClientError>) -> KesError {
     r.unwrap_err().api().cloned().unwrap()
 }
 
-/// Every typed error of §9.1 kesh can produce, compared the kms-go way (status + message).
+/// Every typed error of kms-go (`kes/error.go`) kesh can produce, compared the kms-go way (status + message).
 async fn typed_errors_round_trip(store: Store) {
     let (creds, id) = client_cert(&rcgen::PKCS_ED25519);
     let srv = TestServer::start(
@@ -1859,7 +1859,9 @@ fn run_dev_server(env: &[(&str, &str)]) -> String {
         .and_then(|v| v.split_whitespace().next()?.parse().ok())
         .unwrap();
     // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } == 0 {
+    #[allow(unsafe_code, reason = "geteuid: std does not offer it")]
+    let root = unsafe { libc::geteuid() } == 0;
+    if root {
         assert!(locked_kb > 0, "memory not locked: {status}");
     }
     let killed = std::process::Command::new("kill")

@@ -820,7 +820,7 @@ fn identity_commands() {
     assert_eq!(k.identity().as_str(), v["identity"]);
     let out = kesh(&[], &["identity", "new"]).ok();
     assert!(out.starts_with("API Key   kes:v1:"), "{out}");
-    // The §3.3 vector.
+    // kms-go's API-key vector (`kes/apikey_test.go`).
     let v = kesh(
         &[],
         &[
@@ -955,7 +955,7 @@ fn kes_layout(dir: &Path, files: &[(&str, &[u8])]) -> PathBuf {
     config
 }
 
-/// The §7.4 test vector: a KES key file as KES writes it.
+/// KES's stored-key test vector (`internal/crypto/key_test.go`): a KES key file as KES writes it.
 pub(crate) const KES_VECTOR: &str = "CiQKIMiHG7XrN94FuwblJJor4f7f6rbqAl7DwsLaiIoyz0D2EAESJAognLXl4yqa4cjZTcSbsU6sNnN8kP9ARWkXwa20YQZa9HgQARoMCNithK0GEID67qYDIkAzZWNmY2RmMzhmY2JlMTQxYWUyNmExMDMwZjgxZTk2Yjc1MzM2NWE0Njc2MGFlNmI1Nzg2OThhOTdjNTlmZDIy";
 
 /// Seals `plaintext` in KES's format with a raw key, as KES did before the migration.

@@ -211,7 +211,7 @@ impl Walk {
     }
 }
 
-/// A KES `fs` keystore with the §7.4 key, and the KES config `kesh migrate --from` reads.
+/// A KES `fs` keystore with KES's stored-key vector (KES: `internal/crypto/key_test.go`), and the KES config `kesh migrate --from` reads.
 fn kes_setup(work: &Path) {
     let keys = work.join("kes-keys");
     std::fs::create_dir_all(&keys).unwrap();

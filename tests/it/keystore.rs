@@ -211,7 +211,7 @@ async fn hmac_per_key(ks: Store) {
     );
 }
 
-/// `kes-api.md` §7.5 through the keystore: the `kes` scheme decrypts what KES wrote.
+/// KES's vectors (docs/FORMAT.md §5) through the keystore: the `kes` scheme decrypts what KES wrote.
 async fn kes_vectors(ks: Store) {
     let zero = harness::name("kes-zero");
     ks.import(&zero, import([0; 32], Scheme::Kes, HmacKeySource::Generate))

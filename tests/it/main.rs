@@ -1,6 +1,11 @@
 //! kesh's one integration-test binary. `harness` builds keystores and servers; each module
 //! tests one capability through the public API.
 
+#![allow(
+    unreachable_pub,
+    reason = "a test binary has no public API to keep small"
+)]
+
 mod api;
 mod bench;
 mod cli;

@@ -72,6 +72,12 @@ impl Bao {
         .stderr(Stdio::null());
         // The server must not outlive the test process, even when it is shared and never
         // dropped: the kernel kills it when the thread that started it ends.
+        #[allow(
+            unsafe_code,
+            reason = "pre_exec and prctl(PR_SET_PDEATHSIG): std does not offer them"
+        )]
+        // SAFETY: the closure runs in the forked child before exec and only calls prctl, which
+        // is async-signal-safe, and reads errno.
         unsafe {
             use std::os::unix::process::CommandExt;
             cmd.pre_exec(|| {

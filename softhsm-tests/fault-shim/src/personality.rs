@@ -4,7 +4,7 @@
 //! Selected with `KESH_SHIM_PERSONALITY=luna|nshield|cloudhsm|yubihsm|utimaco` (unset or
 //! `softhsm`: none). A personality replaces a few entries of the shim's function list with
 //! wrappers that check or rewrite arguments and results, then call the fault layer
-//! ([`crate::functions`]), so `fail`/`latency`/`toosmall` rules and call counts still apply.
+//! (`functions.rs`), so `fail`/`latency`/`toosmall` rules and call counts still apply.
 //!
 //! Every rule names its source. Where a vendor documents nothing about a property, the
 //! personality leaves SoftHSM's standard behaviour in place and says so, rather than guess.

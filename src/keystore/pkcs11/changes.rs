@@ -4,7 +4,7 @@
 //! Every create and delete ends by replacing the marker: a `CKO_DATA` token object labelled
 //! with the label prefix alone (no key name is empty, so no key's label equals it) whose value
 //! is 16 fresh random bytes. Each instance reads the markers every [`POLL`] (one search, one
-//! read per marker) and rescans the token when they changed ([`super::Inner::watch`]). Two
+//! read per marker) and rescans the token when they changed (`Inner::watch` in `index.rs`). Two
 //! writers at once may leave two markers; the next write removes both, and a reader only
 //! compares sets of values, so no change goes unseen.
 //!

@@ -127,7 +127,7 @@ pub(super) fn unix_now() -> i64 {
 }
 
 /// Creates a key so that concurrent creators of one name, in any process, end with exactly
-/// one key (DESIGN.md §3). Each creator writes its objects `pending`, then looks again:
+/// one key (docs/FORMAT.md §6, the create protocol). Each creator writes its objects `pending`, then looks again:
 ///
 /// 1. a `ready` key under the label → "key already exists";
 /// 2. a live (not stale) object of another creator → remove ours, back off, start over;

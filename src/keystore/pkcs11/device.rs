@@ -23,8 +23,11 @@ use super::{Pkcs11Config, Settings, TokenSelector};
 use crate::keystore::{KeystoreError, Scheme};
 use crate::secret::Pin;
 
+/// One connection to the token: its slot, login and the pool of open sessions.
 pub struct Device {
+    /// The slot the token was found in (by label or serial, never by number).
     pub slot: Slot,
+    /// Counts reconnections: handles from another generation are refused before use.
     pub generation: u64,
     /// Sessions not in use. At most `sessions` exist at once: one per worker thread.
     idle: Mutex<Vec<Session>>,

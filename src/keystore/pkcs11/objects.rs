@@ -6,7 +6,7 @@
 //! linking the pair, scheme, algorithm and provenance. A key is visible only once its master
 //! object's state is `ready` (the commit point of a create, see `create` in the parent module).
 //!
-//! Template invariants (DESIGN.md §3): master keys are token, private, sensitive and never
+//! Template invariants (docs/FORMAT.md §6, docs/SECURITY.md): master keys are token, private, sensitive and never
 //! extractable; no derive, sign, verify, wrap or unwrap unless the scheme needs it; and
 //! `CKA_ALLOWED_MECHANISMS` is exactly the scheme's mechanism.
 
@@ -19,38 +19,52 @@ use crate::crypto::kes::Algorithm;
 use crate::keystore::{KeyInfo, Provenance, Scheme};
 use crate::name::KeyName;
 
+/// The `kesh` field of the records this version writes and reads.
 pub const META_VERSION: u8 = 1;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
+/// Which of a key's two objects a record belongs to.
 pub enum Role {
+    /// The master key.
     Key,
+    /// The HMAC key.
     Hmac,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
+/// Where an object is in the create protocol.
 pub enum State {
+    /// Written, not yet committed: invisible to readers.
     Pending,
+    /// Committed.
     Ready,
 }
 
 /// The record in `CKA_ID`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Meta {
+    /// The record format version ([`META_VERSION`]).
     pub kesh: u8,
+    /// Master or HMAC object.
     pub role: Role,
+    /// Pending or ready.
     pub state: State,
     /// Links a master key to its HMAC key, and orders concurrent creators.
     pub nonce: String,
     /// Unix seconds when the object was written; pending objects older than
     /// [`STALE_PENDING_SECS`] belong to a crashed creator.
     pub ts: i64,
+    /// The key's scheme (`gcm`, `kwp`, `kes`).
     pub scheme: String,
+    /// The key's algorithm (`AES256`).
     pub alg: String,
     #[serde(with = "time::serde::rfc3339")]
+    /// When the key was made.
     pub created_at: OffsetDateTime,
     #[serde(default, skip_serializing_if = "String::is_empty")]
+    /// Who made it; empty when unknown.
     pub created_by: String,
 }
 
@@ -58,6 +72,7 @@ pub struct Meta {
 pub const STALE_PENDING_SECS: i64 = 10;
 
 impl Meta {
+    /// A pending record for a new object.
     pub fn new(
         role: Role,
         nonce: &str,
@@ -78,26 +93,31 @@ impl Meta {
         }
     }
 
+    /// The JSON bytes stored in `CKA_ID`.
     pub fn encode(&self) -> Vec<u8> {
         // Serialising a struct of strings and integers cannot fail.
         serde_json::to_vec(self).expect("Meta serialises")
     }
 
+    /// Parses `CKA_ID` bytes; `None` for anything but a record of this version.
     pub fn decode(bytes: &[u8]) -> Option<Self> {
         serde_json::from_slice::<Meta>(bytes)
             .ok()
             .filter(|m| m.kesh == META_VERSION)
     }
 
+    /// The same record, committed.
     pub fn ready(mut self) -> Self {
         self.state = State::Ready;
         self
     }
 
+    /// Whether this is a pending object of a creator that crashed (older than [`STALE_PENDING_SECS`]).
     pub fn is_stale_pending(&self, now: i64) -> bool {
         self.state == State::Pending && now - self.ts > STALE_PENDING_SECS
     }
 
+    /// What `describe` reports, from a master key's record; `None` if it names an unknown scheme or algorithm.
     pub fn key_info(&self, name: &KeyName) -> Option<KeyInfo> {
         Some(KeyInfo {
             name: name.clone(),

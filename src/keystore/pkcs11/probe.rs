@@ -4,7 +4,7 @@
 //! keys (`CKA_TOKEN` false: they vanish with the session and never touch the token's storage):
 //! `CKM_AES_GCM` encrypt/decrypt (`gcm`), `CKM_AES_KEY_WRAP_PAD` wrap/unwrap (`kwp`),
 //! `CKM_SHA256_HMAC` sign (`kes`). The session keys carry the same attributes as kesh's master
-//! keys (DESIGN.md §3, templates), so "yes" means kesh's own keys will work. It also finds out
+//! keys (docs/FORMAT.md §6), so "yes" means kesh's own keys will work. It also finds out
 //! who draws GCM IVs: a device that generates them writes its IV into the caller's buffer (or
 //! rejects caller IVs); one that takes the caller's leaves the buffer as given.
 //!
@@ -30,43 +30,63 @@ use crate::secret::Pin;
 /// What to probe: a module, and optionally one token on it with its PIN.
 #[derive(Debug, Clone)]
 pub struct ProbeTarget {
+    /// The PKCS#11 module.
     pub module: PathBuf,
+    /// The token to test in depth; `None` lists slots only.
     pub token: Option<TokenSelector>,
+    /// Its PIN; testing a token needs it.
     pub pin: Option<Pin>,
 }
 
 /// Everything the probe found; serialises to the `--json` output.
 #[derive(Debug, Clone, Serialize)]
 pub struct ProbeReport {
+    /// The module's path.
     pub module: String,
+    /// What the library says of itself.
     pub library: LibraryReport,
+    /// Every slot the module lists.
     pub slots: Vec<SlotReport>,
     /// The token tested in depth; `None` when no token was named.
     pub token: Option<TokenReport>,
 }
 
 #[derive(Debug, Clone, Serialize)]
+/// `C_GetInfo`.
 pub struct LibraryReport {
+    /// Manufacturer ID.
     pub manufacturer: String,
+    /// Library description.
     pub description: String,
+    /// Library version.
     pub version: String,
+    /// The PKCS#11 version it implements.
     pub cryptoki_version: String,
 }
 
 #[derive(Debug, Clone, Serialize)]
+/// One slot of `C_GetSlotList`.
 pub struct SlotReport {
+    /// The slot number (informational: kesh finds tokens by label or serial).
     pub slot: u64,
+    /// Slot description.
     pub description: String,
     /// `None` when the slot holds no token.
     pub token: Option<TokenSummary>,
 }
 
 #[derive(Debug, Clone, Serialize)]
+/// `C_GetTokenInfo`, in short.
 pub struct TokenSummary {
+    /// Token label.
     pub label: String,
+    /// Serial number.
     pub serial: String,
+    /// Manufacturer ID.
     pub manufacturer: String,
+    /// Model.
     pub model: String,
+    /// Whether the token is initialized.
     pub initialized: bool,
 }
 
@@ -74,8 +94,11 @@ pub struct TokenSummary {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase", tag = "kind", content = "value")]
 pub enum SessionLimit {
+    /// At most this many.
     Max(u64),
+    /// No limit.
     Infinite,
+    /// The token does not say.
     Unknown,
 }
 
@@ -102,10 +125,13 @@ impl std::fmt::Display for SessionLimit {
 /// One scheme's verdict: whether it works, and why not.
 #[derive(Debug, Clone, Serialize)]
 pub struct SchemeCheck {
+    /// The scheme (`gcm`, `kwp`, `kes`).
     pub scheme: &'static str,
+    /// The mechanism it needs.
     pub mechanism: &'static str,
     /// The mechanism is in `C_GetMechanismList`.
     pub listed: bool,
+    /// A key made with kesh's template did the operation.
     pub supported: bool,
     /// What failed, when it did.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -125,27 +151,39 @@ pub enum IvFinding {
 }
 
 #[derive(Debug, Clone, Serialize)]
+/// The in-depth test of one token.
 pub struct TokenReport {
+    /// Its slot.
     pub slot: u64,
+    /// Label, serial, manufacturer, model.
     #[serde(flatten)]
     pub summary: TokenSummary,
+    /// Whether the login succeeded (always, in a report: a refused PIN fails the probe).
     pub logged_in: bool,
+    /// Sessions the token allows.
     pub max_sessions: SessionLimit,
+    /// Sessions open now, if reported.
     pub sessions: Option<u64>,
+    /// Read-write sessions the token allows.
     pub max_rw_sessions: SessionLimit,
+    /// Read-write sessions open now, if reported.
     pub rw_sessions: Option<u64>,
+    /// Each scheme's verdict.
     pub schemes: Vec<SchemeCheck>,
+    /// Who draws GCM IVs.
     pub gcm_iv: IvFinding,
     /// The profile kesh detects for this module and token (`generic` when none matches).
     pub profile: &'static str,
     /// `gcm` when it works, else `kwp`, else `kes`; `None` when none does.
     pub recommended_scheme: Option<&'static str>,
+    /// Suggested `sessions:`.
     pub recommended_sessions: usize,
     /// A `keystore:` section for the kesh config.
     pub recommended_config: String,
 }
 
 impl TokenReport {
+    /// Whether `scheme` works on this token.
     pub fn supports(&self, scheme: &str) -> bool {
         self.schemes
             .iter()

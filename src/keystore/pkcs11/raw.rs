@@ -54,6 +54,7 @@ pub struct LoadedModule {
 
 // SAFETY: the handle is only used for dlsym, which is thread-safe, and passed to dlclose once.
 unsafe impl Send for LoadedModule {}
+// SAFETY: as for Send: `&LoadedModule` only looks symbols up.
 unsafe impl Sync for LoadedModule {}
 
 impl Drop for LoadedModule {
@@ -215,7 +216,7 @@ const EXIT_WAIT: Duration = Duration::from_secs(2);
 /// poll, a request — and that crashed processes at exit. [`CallGuard::install_exit_hook`]
 /// registers an exit handler after a module is initialized (when its singletons register
 /// their destructors), so it runs before them: it stops new calls and waits up to
-/// [`EXIT_WAIT`] for those in progress.
+/// `EXIT_WAIT` (2 s) for those in progress.
 pub struct CallGuard(());
 
 impl CallGuard {

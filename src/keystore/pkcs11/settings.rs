@@ -15,7 +15,9 @@ use crate::secret::Pin;
 /// How the token is found: by label or by serial number, never by slot number.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TokenSelector {
+    /// The token's label (`token:`).
     Label(String),
+    /// The token's serial number (`serial:`).
     Serial(String),
 }
 
@@ -32,7 +34,9 @@ impl fmt::Display for TokenSelector {
 /// caller IVs and return their own, which kesh then reads back).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum IvSource {
+    /// kesh draws the IV from the HSM's random bytes and passes it in.
     Caller,
+    /// The device draws the IV and writes it back.
     Device,
 }
 
@@ -49,8 +53,11 @@ impl fmt::Display for IvSource {
 /// are `None` where the config leaves them to the profile.
 #[derive(Debug, Clone)]
 pub struct Pkcs11Config {
+    /// `module:`, the PKCS#11 library.
     pub module: PathBuf,
+    /// `token:` or `serial:`.
     pub token: TokenSelector,
+    /// `pin:` or the content of `pin_file:`.
     pub pin: Pin,
     /// Label namespace, so kesh can share a token with other applications.
     pub prefix: String,
@@ -62,6 +69,7 @@ pub struct Pkcs11Config {
     pub sessions: Option<usize>,
     /// Scheme of keys made by `create`.
     pub scheme: Option<Scheme>,
+    /// `iv:`, who draws GCM IVs.
     pub iv: Option<IvSource>,
     /// Use keys through session-object copies made on the device ([`super::copies`]).
     pub session_keys: Option<bool>,
@@ -101,14 +109,21 @@ impl Pkcs11Config {
 /// The settings in force: the config's, with the profile's defaults where it has none.
 #[derive(Debug, Clone)]
 pub struct Settings {
+    /// The profile in force, configured or detected.
     pub profile: &'static Profile,
     /// Whether the profile came from `profile:` (else it was detected).
     pub profile_configured: bool,
+    /// Session pool size, and worker threads.
     pub sessions: usize,
+    /// Scheme of keys made by `create`.
     pub scheme: Scheme,
+    /// Who draws GCM IVs.
     pub iv: IvSource,
+    /// Whether keys are used through session-object copies.
     pub session_keys: bool,
+    /// Whether `gcm` keys use message-based AEAD when the module offers it.
     pub message_aead: bool,
+    /// The host write lock file, if any.
     pub write_lock: Option<PathBuf>,
 }
 

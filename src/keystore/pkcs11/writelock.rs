@@ -52,6 +52,7 @@ impl WriteLock {
         })
     }
 
+    /// The lock file.
     pub fn path(&self) -> &Path {
         &self.path
     }

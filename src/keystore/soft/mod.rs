@@ -62,6 +62,7 @@ impl FileId {
     }
 }
 
+/// The embedded keystore: keys in memory, or KEK-wrapped files in a directory. Cheap to share.
 pub struct SoftKeyStore {
     keys: RwLock<BTreeMap<KeyName, Arc<SoftKey>>>,
     dir: Option<KeyDir>,
@@ -342,7 +343,7 @@ impl KeyStore for SoftKeyStore {
     }
 }
 
-/// A directory of key files, each `KWP(kek, record)` (`docs/FORMAT.md` §5).
+/// A directory of key files, each `KWP(kek, record)` (docs/FORMAT.md §7).
 struct KeyDir {
     path: PathBuf,
     kek: Key32,

@@ -68,7 +68,9 @@ fn token_home() -> Result<&'static (PathBuf, bool), SoftHsmError> {
 /// A freshly initialized SoftHSM token with a random label and PIN.
 #[derive(Debug)]
 pub struct EphemeralToken {
+    /// The PKCS#11 module that serves the token.
     pub module: PathBuf,
+    /// The token's label.
     pub label: String,
     pin: Pin,
 }

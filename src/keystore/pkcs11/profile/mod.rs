@@ -18,6 +18,7 @@ use crate::keystore::Scheme;
 /// What kesh assumes of one family of PKCS#11 modules.
 #[derive(Debug)]
 pub struct Profile {
+    /// The profile's name, as `profile:` in the config names it.
     pub name: &'static str,
     /// Manufacturer IDs (`C_GetInfo`'s library one or `C_GetTokenInfo`'s) that identify the
     /// family, compared as case-insensitive prefixes after trimming.

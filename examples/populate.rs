@@ -1,11 +1,11 @@
-//! Not a measurement: a helper for `benches/e2e.sh`, which needs tokens holding 10 and 10,000
-//! keys before a `kesh server` starts on them.
+//! A helper for `benches/e2e.sh`, which needs tokens holding 10 and 10,000 keys before a
+//! `kesh server` starts on them.
 //!
-//! `KESH_POPULATE_LABEL=<token> KESH_POPULATE_PIN=<pin> KESH_POPULATE_KEYS=<n> cargo bench
-//! --bench populate` writes keys `bulk-0` .. `bulk-<n-1>` in kesh's layout (see
-//! `common::populate`). Without the variables (plain `cargo bench`, `cargo test`) it does
-//! nothing.
+//! `KESH_POPULATE_LABEL=<token> KESH_POPULATE_PIN=<pin> KESH_POPULATE_KEYS=<n> cargo run
+//! --release --example populate` writes keys `bulk-0` .. `bulk-<n-1>` in kesh's layout (see
+//! `common::populate`) on the SoftHSM token that `SOFTHSM2_CONF` holds.
 
+#[path = "../benches/common/mod.rs"]
 mod common;
 
 fn main() {
@@ -13,7 +13,10 @@ fn main() {
         std::env::var("KESH_POPULATE_LABEL"),
         std::env::var("KESH_POPULATE_PIN"),
     ) else {
-        return;
+        eprintln!(
+            "populate: set KESH_POPULATE_LABEL and KESH_POPULATE_PIN (and KESH_POPULATE_KEYS)"
+        );
+        std::process::exit(2);
     };
     let keys: usize = std::env::var("KESH_POPULATE_KEYS")
         .ok()

@@ -1,16 +1,17 @@
-//! Not a measurement of kesh: the ceiling `benches/e2e.sh` compares its latency-injected
-//! server with. N threads, each with its own session, call C_GenerateRandom through the fault
+//! A helper for `benches/e2e.sh`, not a measurement of kesh: the ceiling it compares its
+//! latency-injected server with. N threads, each with its own session, call C_GenerateRandom through the fault
 //! shim (with its `latency` rule) as fast as they can; the calls per second they reach are what
 //! the shim and this machine allow at that many sessions, below the ideal N × 1000/s when the
 //! sleeps overshoot.
 //!
 //! `KESH_CEILING_MODULE=<shim.so> KESH_CEILING_LABEL=<token> KESH_CEILING_PIN=<pin>
-//! KESH_CEILING_THREADS=32 cargo bench --bench shim_ceiling` prints `calls_per_sec=<n>`.
-//! Without the variables (plain `cargo bench`, `cargo test`) it does nothing.
+//! KESH_CEILING_THREADS=32 cargo run --release --example shim_ceiling` prints
+//! `calls_per_sec=<n>`.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+#[path = "../benches/common/mod.rs"]
 mod common;
 
 fn main() {
@@ -19,7 +20,11 @@ fn main() {
         std::env::var("KESH_CEILING_LABEL"),
         std::env::var("KESH_CEILING_PIN"),
     ) else {
-        return;
+        eprintln!(
+            "shim_ceiling: set KESH_CEILING_MODULE, KESH_CEILING_LABEL and KESH_CEILING_PIN \
+             (and KESH_CEILING_THREADS)"
+        );
+        std::process::exit(2);
     };
     let threads: usize = std::env::var("KESH_CEILING_THREADS")
         .ok()
