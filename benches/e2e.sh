@@ -15,6 +15,9 @@
 #          call, as a network HSM), pool of 32 sessions, no profile (no session copies)
 #   cnt    hsm's configuration through the fault shim with no fault: counts PKCS#11 calls per
 #          operation (the shim's own cost would distort hsm's figures, so hsm runs without it)
+#   kry    kesh on Kryoptic (detected profile), PKCS#11 3.0 message-based AES-GCM: one call
+#          per seal or unseal
+#   kry2   the same token with `message_aead: false`: C_EncryptInit + C_Encrypt, two calls
 #   s1..s4 kesh on SoftHSM, `profile: softhsm` with `sessions: 1..4` (the pool-size sweep)
 # Every point alternates between the servers it compares, E2E_RUNS times; tables give medians.
 set -euo pipefail
@@ -226,6 +229,25 @@ ceiling=$(SOFTHSM2_CONF=$(conf lat) KESH_SHIM_CONTROL="$work/shim" KESH_CEILING_
   KESH_CEILING_LABEL=e2e-lat KESH_CEILING_PIN=$PIN KESH_CEILING_THREADS=32 \
   cargo run --release --quiet --example shim_ceiling | sed -n 's/^calls_per_sec=//p')
 
+echo "e2e: Kryoptic, message-based AEAD (one call) vs two calls, c=16" >&2
+KRY_MODULE=$(softhsm-tests/kryoptic build)
+KRY_CONF=$(softhsm-tests/kryoptic tokens "$work/kryoptic" "$PIN" e2e-kry)
+kry() { # message_aead
+  printf '  pkcs11:\n    module: %s\n    token: e2e-kry\n    pin: ${KESH_PIN}\n    session_wait: 10s\n    message_aead: %s\n' "$KRY_MODULE" "$1"
+}
+start kry "$(kry true)" KRYOPTIC_CONF="$KRY_CONF"
+start kry2 "$(kry false)" KRYOPTIC_CONF="$KRY_CONF"
+"$BIN" key create -k -s "127.0.0.1:${PORT[kry]}" kry-bench >/dev/null
+kry_aead=$(sed 's/\x1b\[[0-9;]*m//g' "$work/kry.log" | grep -o 'aead="[^"]*"' | head -1 || true)
+for run in $(seq "$RUNS"); do
+  for op in generate decrypt; do
+    bench kry kry "$op" 16 kry-bench
+    bench kry kry2 "$op" 16 kry-bench
+  done
+done
+stop kry
+stop kry2
+
 echo "e2e: session pool sweep (sessions 1..4, c=16)" >&2
 for run in $(seq "$RUNS"); do
   for s in 1 2 3 4; do
@@ -374,6 +396,23 @@ out=benches/RESULTS.md
     bound=$(echo "32000 / $calls" | bc -l)
     m=$(med ".tag==\"lat\" and .op==\"$op\"" ops_per_sec)
     echo "| $op | $(num "$(echo "$p / 1000" | bc -l)" 2) | $calls | $(num "$bound" 0) | $(num "$m" 0) | $(num "$(echo "$m / $bound" | bc -l)" 3) | $(num "$(echo "$m * $calls / $ceiling" | bc -l)" 3) |"
+  done
+  echo
+  echo "## Kryoptic: PKCS#11 3.0 message-based AES-GCM vs C_EncryptInit + C_Encrypt (c=16)"
+  echo
+  echo "One Kryoptic token (an unoptimised build, OpenSSL's cryptography), two servers: kry seals"
+  echo "and unseals with one C_EncryptMessage / C_DecryptMessage per operation (its start-up line:"
+  echo "${kry_aead:-not reported}), kry2 with \`message_aead: false\`. Calls per operation on this path are"
+  echo "counted by the test on_kryoptic_a_generate_and_a_decrypt_are_one_message_call_each (the"
+  echo "fault shim wraps 2.40 modules only)."
+  echo
+  echo "| op | one call ops/s | two calls ops/s | ratio | one call CPU µs/op | two calls CPU µs/op | one call csw/op | two calls csw/op |"
+  echo "|---|---|---|---|---|---|---|---|"
+  for op in generate decrypt; do
+    a=".tag==\"kry\" and .srv==\"kry\" and .op==\"$op\""
+    b=".tag==\"kry\" and .srv==\"kry2\" and .op==\"$op\""
+    echo "| $op | $(num "$(med "$a" ops_per_sec)" 0) | $(num "$(med "$b" ops_per_sec)" 0) | $(num "$(echo "$(med "$a" ops_per_sec) / $(med "$b" ops_per_sec)" | bc -l)" 2) \
+| $(num "$(med "$a" server.cpu_us_per_op)") | $(num "$(med "$b" server.cpu_us_per_op)") | $(num "$(med "$a" server.voluntary_switches_per_op)" 2) | $(num "$(med "$b" server.voluntary_switches_per_op)" 2) |"
   done
   echo
   echo "## Session pool size on SoftHSM (c=16)"
