@@ -7,8 +7,9 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
-use crate::cli::{CLIENT_VARS, KES_VECTOR};
+use crate::cli::KES_VECTOR;
 use crate::harness;
+use crate::harness::command::CLIENT_VARS;
 
 const GUIDE: &str = include_str!("../../docs/minio.md");
 
@@ -133,16 +134,16 @@ impl Walk {
             .map(|(k, v)| format!("{k}={v}\n"))
             .collect();
         std::fs::write(etc.join("kesh.env"), env_file).unwrap();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_kesh"))
-            .args(["server", "--config"])
+        // The config is install.md's, where `kesh migrate --to` finds it: the one config
+        // a test writes itself.
+        let mut cmd = Command::new(harness::command::BIN);
+        cmd.args(["server", "--config"])
             .arg(etc.join("config.yaml"))
             .envs(&self.kesh_env)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .stdin(Stdio::null())
-            .spawn()
-            .unwrap();
-        let addr = harness::wait_for_banner(&mut child);
+            .stderr(Stdio::null());
+        let (child, banner) =
+            harness::server::start_child(&mut cmd).expect("the guide's server serves");
+        let addr = banner.addr;
         self.server = Some((child, addr.clone()));
         addr
     }

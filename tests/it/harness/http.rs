@@ -1,0 +1,60 @@
+//! Request-and-assert helpers for the KES API: one request, and the exact response shapes KES
+//! answers with (an error's status and message, an empty 200, a JSON body).
+
+use bytes::Bytes;
+use http::{Method, StatusCode};
+use kesh::client::{Client, ClientError, RawResponse};
+
+pub async fn send(c: &Client, method: Method, path: &str, body: Option<&[u8]>) -> RawResponse {
+    c.send(method, path, body.map(Bytes::copy_from_slice), None)
+        .await
+        .unwrap()
+}
+
+/// Asserts the exact KES error response: status, content type and body byte for byte.
+pub fn assert_error(r: &RawResponse, status: u16, message: &str) {
+    assert_eq!(
+        r.status.as_u16(),
+        status,
+        "body: {:?}",
+        String::from_utf8_lossy(&r.body)
+    );
+    assert_eq!(r.headers["content-type"], "application/json");
+    let expected = format!(
+        "{{\"message\":{}\n}}",
+        serde_json::to_string(message).unwrap()
+    );
+    assert_eq!(String::from_utf8_lossy(&r.body), expected);
+}
+
+/// Asserts a 200 with no body and no content type.
+pub fn assert_empty_ok(r: &RawResponse) {
+    assert_eq!(
+        r.status,
+        StatusCode::OK,
+        "body: {:?}",
+        String::from_utf8_lossy(&r.body)
+    );
+    assert!(r.body.is_empty());
+    assert!(r.headers.get("content-type").is_none());
+}
+
+/// Asserts a 200 with a JSON body ending in a newline, as KES writes it; the decoded body.
+pub fn json<T: serde::de::DeserializeOwned>(r: &RawResponse) -> T {
+    assert_eq!(
+        r.status,
+        StatusCode::OK,
+        "body: {:?}",
+        String::from_utf8_lossy(&r.body)
+    );
+    assert_eq!(r.headers["content-type"], "application/json");
+    assert!(r.body.ends_with(b"\n"));
+    serde_json::from_slice(&r.body).unwrap()
+}
+
+/// The (status, message) of a client call the server answered with an error.
+pub fn status_of(e: impl std::borrow::Borrow<ClientError>) -> (u16, String) {
+    let e = e.borrow();
+    let api = e.api().unwrap_or_else(|| panic!("not an API error: {e}"));
+    (api.status, api.message.to_string())
+}
