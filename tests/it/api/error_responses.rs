@@ -10,47 +10,79 @@ pub(super) async fn request_errors_and_limits(store: Store) {
     c.create_key(&k).await.unwrap();
 
     // Invalid names and patterns, decoded from the path first.
-    assert_error(
-        &send(&c, Method::POST, "/v1/key/create/my.key", None).await,
+    assert_request_error(
+        &c,
+        Method::POST,
+        "/v1/key/create/my.key",
+        None,
         400,
         "key name 'my.key' is empty, too long or contains invalid characters",
-    );
-    assert_error(
-        &send(&c, Method::POST, "/v1/key/create/", None).await,
+    )
+    .await;
+    assert_request_error(
+        &c,
+        Method::POST,
+        "/v1/key/create/",
+        None,
         400,
         "key name '' is empty, too long or contains invalid characters",
-    );
-    assert_error(
-        &send(&c, Method::POST, "/v1/key/create/a%2Fb", None).await,
+    )
+    .await;
+    assert_request_error(
+        &c,
+        Method::POST,
+        "/v1/key/create/a%2Fb",
+        None,
         400,
         "key name 'a/b' is empty, too long or contains invalid characters",
-    );
+    )
+    .await;
     let long = "a".repeat(81);
-    assert_error(
-        &send(&c, Method::GET, &format!("/v1/key/describe/{long}"), None).await,
+    assert_request_error(
+        &c,
+        Method::GET,
+        &format!("/v1/key/describe/{long}"),
+        None,
         400,
         &format!("key name '{long}' is empty, too long or contains invalid characters"),
-    );
-    assert_error(
-        &send(&c, Method::GET, "/v1/key/list/*-*", None).await,
+    )
+    .await;
+    assert_request_error(
+        &c,
+        Method::GET,
+        "/v1/key/list/*-*",
+        None,
         400,
         "listing pattern '*-*' is empty, too long or is invalid",
-    );
-    assert_error(
-        &send(&c, Method::GET, "/v1/key/list/_", None).await,
+    )
+    .await;
+    assert_request_error(
+        &c,
+        Method::GET,
+        "/v1/key/list/_",
+        None,
         400,
         "listing pattern '_' is empty, too long or is invalid",
-    );
-    assert_error(
-        &send(&c, Method::GET, "/v1/policy/describe/a.b", None).await,
+    )
+    .await;
+    assert_request_error(
+        &c,
+        Method::GET,
+        "/v1/policy/describe/a.b",
+        None,
         400,
         "policy name 'a.b' is empty, too long or contains invalid characters",
-    );
-    assert_error(
-        &send(&c, Method::GET, "/v1/identity/describe/a.b", None).await,
+    )
+    .await;
+    assert_request_error(
+        &c,
+        Method::GET,
+        "/v1/identity/describe/a.b",
+        None,
         400,
         "identity 'a.b' is empty, too long or contains invalid characters",
-    );
+    )
+    .await;
 
     // Bodies: bad JSON, bad base64 (unpadded, URL-safe), wrong types, empty body, over the limit.
     let gen = format!("/v1/key/generate/{k}");
@@ -62,17 +94,25 @@ pub(super) async fn request_errors_and_limits(store: Store) {
         b"[]",
         b"\"x\"",
     ] {
-        assert_error(
-            &send(&c, Method::POST, &gen, Some(bad)).await,
+        assert_request_error(
+            &c,
+            Method::POST,
+            &gen,
+            Some(bad),
             400,
             "invalid request body",
-        );
+        )
+        .await;
     }
-    assert_error(
-        &send(&c, Method::POST, &format!("/v1/key/encrypt/{k}"), Some(b"")).await,
+    assert_request_error(
+        &c,
+        Method::POST,
+        &format!("/v1/key/encrypt/{k}"),
+        Some(b""),
         400,
         "invalid request body",
-    );
+    )
+    .await;
     // `Content-Length: 0` on generate means an empty context, as in KES.
     let g: api::GenerateKeyResponse = json(&send(&c, Method::POST, &gen, Some(b"")).await);
     let plain = c.decrypt(&k, &g.ciphertext.0, b"").await.unwrap();
@@ -107,103 +147,107 @@ pub(super) async fn request_errors_and_limits(store: Store) {
         200
     );
     let over = format!("{at_limit} ");
-    assert_error(
-        &send(&c, Method::POST, &gen, Some(over.as_bytes())).await,
+    assert_request_error(
+        &c,
+        Method::POST,
+        &gen,
+        Some(over.as_bytes()),
         400,
         "invalid request body",
-    );
-    assert_error(
-        &send(
-            &c,
-            Method::POST,
-            &format!("/v1/key/import/{}", name("imp")),
-            Some(over.as_bytes()),
-        )
-        .await,
+    )
+    .await;
+    assert_request_error(
+        &c,
+        Method::POST,
+        &format!("/v1/key/import/{}", name("imp")),
+        Some(over.as_bytes()),
         400,
         "invalid import key request body",
-    );
+    )
+    .await;
 
     // The name is checked before the body is read.
-    assert_error(
-        &send(
-            &c,
-            Method::POST,
-            "/v1/key/import/a.b",
-            Some(over.as_bytes()),
-        )
-        .await,
+    assert_request_error(
+        &c,
+        Method::POST,
+        "/v1/key/import/a.b",
+        Some(over.as_bytes()),
         400,
         "key name 'a.b' is empty, too long or contains invalid characters",
-    );
+    )
+    .await;
 
     // Import: body, cipher (checked first), then size.
     let imp = format!("/v1/key/import/{}", name("imp"));
-    assert_error(
-        &send(&c, Method::POST, &imp, Some(b"{\"key\":\"!!\"}")).await,
+    assert_request_error(
+        &c,
+        Method::POST,
+        &imp,
+        Some(b"{\"key\":\"!!\"}"),
         400,
         "invalid import key request body",
-    );
+    )
+    .await;
     let key32 = b64e(&[7u8; 32]);
-    assert_error(
-        &send(
-            &c,
-            Method::POST,
-            &imp,
-            Some(format!("{{\"key\":\"{key32}\",\"cipher\":\"AES\"}}").as_bytes()),
-        )
-        .await,
+    assert_request_error(
+        &c,
+        Method::POST,
+        &imp,
+        Some(format!("{{\"key\":\"{key32}\",\"cipher\":\"AES\"}}").as_bytes()),
         406,
         "algorithm 'AES' is not supported",
-    );
-    assert_error(
-        &send(
-            &c,
-            Method::POST,
-            &imp,
-            Some(format!("{{\"key\":\"{key32}\"}}").as_bytes()),
-        )
-        .await,
+    )
+    .await;
+    assert_request_error(
+        &c,
+        Method::POST,
+        &imp,
+        Some(format!("{{\"key\":\"{key32}\"}}").as_bytes()),
         406,
         "algorithm '' is not supported",
-    );
-    assert_error(
-        &send(
-            &c,
-            Method::POST,
-            &imp,
-            Some(format!("{{\"key\":\"{}\",\"cipher\":\"AES256\"}}", b64e(&[7u8; 16])).as_bytes()),
-        )
-        .await,
+    )
+    .await;
+    assert_request_error(
+        &c,
+        Method::POST,
+        &imp,
+        Some(format!("{{\"key\":\"{}\",\"cipher\":\"AES256\"}}", b64e(&[7u8; 16])).as_bytes()),
         406,
         "invalid key size for 'AES256'",
-    );
-    assert_error(
-        &send(
-            &c,
-            Method::POST,
-            &format!("/v1/key/import/{k}"),
-            Some(format!("{{\"key\":\"{key32}\",\"cipher\":\"AES256\"}}").as_bytes()),
-        )
-        .await,
+    )
+    .await;
+    assert_request_error(
+        &c,
+        Method::POST,
+        &format!("/v1/key/import/{k}"),
+        Some(format!("{{\"key\":\"{key32}\",\"cipher\":\"AES256\"}}").as_bytes()),
         400,
         "key already exists",
-    );
+    )
+    .await;
 
     // Methods: wrong method is 405 with `Accept`; HEAD is not GET; POST is fine on PUT routes.
     let r = send(&c, Method::GET, &format!("/v1/key/create/{k}"), None).await;
     assert_error(&r, 405, "received method 'GET' expected 'PUT'");
     assert_eq!(r.headers["accept"], "PUT");
-    assert_error(
-        &send(&c, Method::POST, "/v1/key/list/", None).await,
+    assert_request_error(
+        &c,
+        Method::POST,
+        "/v1/key/list/",
+        None,
         405,
         "received method 'POST' expected 'GET'",
-    );
-    assert_error(
-        &send(&c, Method::PUT, &format!("/v1/key/delete/{k}"), None).await,
+    )
+    .await;
+    assert_request_error(
+        &c,
+        Method::PUT,
+        &format!("/v1/key/delete/{k}"),
+        None,
         405,
         "received method 'PUT' expected 'DELETE'",
-    );
+    )
+    .await;
     // A HEAD response has no body to carry the message; the status and `Accept` still say it.
     let r = send(&c, Method::HEAD, "/v1/key/list/", None).await;
     assert_eq!(r.status, 405);
@@ -342,73 +386,111 @@ async fn keystore_failures_map_to_5xx_and_reach_the_error_log() {
     let r = send(&c, Method::POST, "/v1/key/generate/busy", Some(b"{}")).await;
     assert_error(&r, 503, "key store is busy");
     assert_eq!(r.headers["retry-after"], "1");
-    assert_error(
-        &send(&c, Method::POST, "/v1/key/generate/down", Some(b"{}")).await,
+    assert_request_error(
+        &c,
+        Method::POST,
+        "/v1/key/generate/down",
+        Some(b"{}"),
         504,
         "key store is not reachable",
-    );
-    assert_error(
-        &send(&c, Method::POST, "/v1/key/generate/k", Some(b"{}")).await,
+    )
+    .await;
+    assert_request_error(
+        &c,
+        Method::POST,
+        "/v1/key/generate/k",
+        Some(b"{}"),
         500,
         "failed to generate encryption key",
-    );
-    assert_error(
-        &send(&c, Method::POST, "/v1/key/encrypt/k", Some(b"{}")).await,
+    )
+    .await;
+    assert_request_error(
+        &c,
+        Method::POST,
+        "/v1/key/encrypt/k",
+        Some(b"{}"),
         500,
         "failed to encrypt plaintext",
-    );
-    assert_error(
-        &send(&c, Method::POST, "/v1/key/decrypt/k", Some(b"{}")).await,
+    )
+    .await;
+    assert_request_error(
+        &c,
+        Method::POST,
+        "/v1/key/decrypt/k",
+        Some(b"{}"),
         500,
         "failed to decrypt ciphertext",
-    );
-    assert_error(
-        &send(&c, Method::POST, "/v1/key/create/k", None).await,
+    )
+    .await;
+    assert_request_error(
+        &c,
+        Method::POST,
+        "/v1/key/create/k",
+        None,
         502,
         "failed to create key",
-    );
-    assert_error(
-        &send(&c, Method::GET, "/v1/key/describe/k", None).await,
+    )
+    .await;
+    assert_request_error(
+        &c,
+        Method::GET,
+        "/v1/key/describe/k",
+        None,
         502,
         "failed to read key",
-    );
-    assert_error(
-        &send(&c, Method::DELETE, "/v1/key/delete/k", None).await,
+    )
+    .await;
+    assert_request_error(
+        &c,
+        Method::DELETE,
+        "/v1/key/delete/k",
+        None,
         502,
         "failed to delete key",
-    );
-    assert_error(
-        &send(&c, Method::GET, "/v1/key/list/", None).await,
+    )
+    .await;
+    assert_request_error(
+        &c,
+        Method::GET,
+        "/v1/key/list/",
+        None,
         502,
         "failed to list keys",
-    );
-    assert_error(
-        &send(&c, Method::PUT, "/v1/key/hmac/nohmac", Some(b"{}")).await,
+    )
+    .await;
+    assert_request_error(
+        &c,
+        Method::PUT,
+        "/v1/key/hmac/nohmac",
+        Some(b"{}"),
         409,
         "key does not support HMAC",
-    );
+    )
+    .await;
     let body = format!(
         "{{\"key\":\"{}\",\"cipher\":\"ChaCha20\"}}",
         b64e(&[1u8; 32])
     );
-    assert_error(
-        &send(
-            &c,
-            Method::POST,
-            "/v1/key/import/chacha",
-            Some(body.as_bytes()),
-        )
-        .await,
+    assert_request_error(
+        &c,
+        Method::POST,
+        "/v1/key/import/chacha",
+        Some(body.as_bytes()),
         406,
         "algorithm 'ChaCha20' is not supported",
-    );
+    )
+    .await;
 
     // Unreachable keystore: ready is 504, status reports it the way KES does.
-    assert_error(
-        &send(&c, Method::GET, "/v1/ready", None).await,
+    assert_request_error(
+        &c,
+        Method::GET,
+        "/v1/ready",
+        None,
         504,
         "key store is not reachable",
-    );
+    )
+    .await;
     let s: serde_json::Value = json(&send(&c, Method::GET, "/v1/status", None).await);
     assert_eq!(s["keystore_unreachable"], true);
     assert!(s.get("keystore_latency").is_none() && s.get("keystore_unavailable").is_none());
@@ -434,11 +516,15 @@ async fn keystore_failures_map_to_5xx_and_reach_the_error_log() {
         status: Err(KeystoreError::Backend("CKR_GENERAL_ERROR".into())),
     });
     let srv = server().keystore(ks).start().await;
-    assert_error(
-        &send(&srv.admin(), Method::GET, "/v1/ready", None).await,
+    assert_request_error(
+        &srv.admin(),
+        Method::GET,
+        "/v1/ready",
+        None,
         502,
         "key store is unavailable",
-    );
+    )
+    .await;
 }
 
 /// The soft keystore with a misbehaving `generate`.

@@ -71,11 +71,7 @@ pub(super) async fn key_lifecycle(store: Store) {
         .await,
     );
     assert_eq!(g.plaintext.0.len(), 32);
-    let dec = format!(
-        "{{\"ciphertext\":\"{}\",\"context\":\"{}\"}}",
-        b64e(&g.ciphertext.0),
-        b64e(b"ctx")
-    );
+    let dec = decrypt_body(&g.ciphertext.0, b"ctx");
     let p: api::DecryptKeyResponse = json(
         &send(
             &c,
@@ -86,38 +82,18 @@ pub(super) async fn key_lifecycle(store: Store) {
         .await,
     );
     assert_eq!(*p.plaintext.0, *g.plaintext.0);
-    let wrong = format!(
-        "{{\"ciphertext\":\"{}\",\"context\":\"{}\"}}",
-        b64e(&g.ciphertext.0),
-        b64e(b"other")
-    );
-    assert_error(
-        &send(
+    // A different context, or a different key, is not authentic.
+    for (key, context) in [(&k, &b"other"[..]), (&k2, &b"ctx"[..])] {
+        assert_request_error(
             &c,
             Method::POST,
-            &format!("/v1/key/decrypt/{k}"),
-            Some(wrong.as_bytes()),
+            &format!("/v1/key/decrypt/{key}"),
+            Some(decrypt_body(&g.ciphertext.0, context).as_bytes()),
+            400,
+            "decryption failed: ciphertext is not authentic",
         )
-        .await,
-        400,
-        "decryption failed: ciphertext is not authentic",
-    );
-    let other_key = format!(
-        "{{\"ciphertext\":\"{}\",\"context\":\"{}\"}}",
-        b64e(&g.ciphertext.0),
-        b64e(b"ctx")
-    );
-    assert_error(
-        &send(
-            &c,
-            Method::POST,
-            &format!("/v1/key/decrypt/{k2}"),
-            Some(other_key.as_bytes()),
-        )
-        .await,
-        400,
-        "decryption failed: ciphertext is not authentic",
-    );
+        .await;
+    }
 
     // Encrypt → decrypt, through the typed client too.
     let ct = c.encrypt(&k, b"hello kesh", b"").await.unwrap();
@@ -142,54 +118,17 @@ pub(super) async fn key_lifecycle(store: Store) {
 
     // Delete, then everything about the key is 404.
     assert_empty_ok(&send(&c, Method::DELETE, &format!("/v1/key/delete/{k}"), None).await);
-    assert_error(
-        &send(&c, Method::DELETE, &format!("/v1/key/delete/{k}"), None).await,
-        404,
-        "key does not exist",
-    );
-    assert_error(
-        &send(&c, Method::GET, &format!("/v1/key/describe/{k}"), None).await,
-        404,
-        "key does not exist",
-    );
-    assert_error(
-        &send(
-            &c,
-            Method::POST,
-            &format!("/v1/key/generate/{k}"),
-            Some(b"{}"),
-        )
-        .await,
-        404,
-        "key does not exist",
-    );
-    assert_error(
-        &send(
-            &c,
-            Method::POST,
-            &format!("/v1/key/encrypt/{k}"),
-            Some(b"{}"),
-        )
-        .await,
-        404,
-        "key does not exist",
-    );
-    assert_error(
-        &send(
-            &c,
-            Method::POST,
-            &format!("/v1/key/decrypt/{k}"),
-            Some(dec.as_bytes()),
-        )
-        .await,
-        404,
-        "key does not exist",
-    );
-    assert_error(
-        &send(&c, Method::PUT, &format!("/v1/key/hmac/{k}"), Some(b"{}")).await,
-        404,
-        "key does not exist",
-    );
+    for (method, route, body) in [
+        (Method::DELETE, "delete", None),
+        (Method::GET, "describe", None),
+        (Method::POST, "generate", Some(&b"{}"[..])),
+        (Method::POST, "encrypt", Some(b"{}")),
+        (Method::POST, "decrypt", Some(dec.as_bytes())),
+        (Method::PUT, "hmac", Some(b"{}")),
+    ] {
+        let path = format!("/v1/key/{route}/{k}");
+        assert_request_error(&c, method, &path, body, 404, "key does not exist").await;
+    }
     let l: api::ListKeysResponse = json(&send(&c, Method::GET, "/v1/key/list", None).await);
     assert!(!l.names.contains(&k) && l.names.contains(&k2));
 }

@@ -20,8 +20,8 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use time::OffsetDateTime;
 
 use crate::harness::{
-    self, assert_empty_ok, assert_error, b64, b64e, client_cert, json, send, server, Store,
-    TestPolicy,
+    self, assert_empty_ok, assert_error, assert_request_error, b64, b64e, client_cert, json, send,
+    server, Store, TestPolicy,
 };
 
 mod audit;
@@ -55,6 +55,15 @@ crate::on_every_keystore!(
     status_metrics_api_version,
     audit_stream_delivers,
 );
+
+/// A decrypt request's body.
+fn decrypt_body(ciphertext: &[u8], context: &[u8]) -> String {
+    format!(
+        "{{\"ciphertext\":\"{}\",\"context\":\"{}\"}}",
+        b64e(ciphertext),
+        b64e(context)
+    )
+}
 
 /// A unique key name per call, as the API takes it.
 fn name(hint: &str) -> String {

@@ -51,11 +51,15 @@ pub(super) async fn policy_matrix(store: Store) {
     assert!(allowed(&a.list_keys("app*").await.map(drop)));
     assert!(allowed(&a.status().await.map(drop)));
     // Exact patterns match exactly.
-    assert_error(
-        &send(&a, Method::GET, "/v1/metrics", None).await,
+    assert_request_error(
+        &a,
+        Method::GET,
+        "/v1/metrics",
+        None,
         403,
         "not authorized: insufficient permissions",
-    );
+    )
+    .await;
     assert!(denied(&r.create_key(&name("ro")).await));
     assert!(allowed(&r.describe_key(&k).await.map(drop)));
     assert!(denied(&r.status().await.map(drop)));
@@ -101,11 +105,15 @@ pub(super) async fn policy_and_identity_routes(store: Store) {
     let p: api::ReadPolicyResponse =
         json(&send(&c, Method::GET, "/v1/policy/read/monitor", None).await);
     assert!(p.deny.is_empty());
-    assert_error(
-        &send(&c, Method::GET, "/v1/policy/read/nope", None).await,
+    assert_request_error(
+        &c,
+        Method::GET,
+        "/v1/policy/read/nope",
+        None,
         404,
         "policy does not exist",
-    );
+    )
+    .await;
 
     for (pattern, expect) in [
         ("", vec!["minio", "monitor"]),
@@ -147,17 +155,15 @@ pub(super) async fn policy_and_identity_routes(store: Store) {
         .await,
     );
     assert!(d.admin && d.policy.is_empty() && d.created_by.is_empty());
-    assert_error(
-        &send(
-            &c,
-            Method::GET,
-            &format!("/v1/identity/describe/{}", "0".repeat(64)),
-            None,
-        )
-        .await,
+    assert_request_error(
+        &c,
+        Method::GET,
+        &format!("/v1/identity/describe/{}", "0".repeat(64)),
+        None,
         404,
         "identity does not exist",
-    );
+    )
+    .await;
     let l: api::ListIdentitiesResponse =
         json(&send(&c, Method::GET, "/v1/identity/list/*", None).await);
     let mut expect = vec![admin.clone(), id.to_string()];

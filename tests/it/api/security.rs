@@ -6,7 +6,7 @@ use kesh::client::Credentials;
 use kesh::identity::Identity;
 
 use crate::harness::certs::credentials;
-use crate::harness::{assert_error, send, server, TestPolicy};
+use crate::harness::{assert_request_error, send, server, TestPolicy};
 
 /// The attacker's own CA-flagged certificate and key: what `openssl req -x509` makes.
 fn ca_flagged_self_signed() -> (rcgen::Certificate, rcgen::KeyPair) {
@@ -46,21 +46,29 @@ async fn a_chain_carrying_the_admins_public_key_gets_no_identity() {
         vec![own.der().clone(), forged.der().clone()],
         &own_key,
     ));
-    assert_error(
-        &send(&attacker, Method::GET, "/v1/identity/self/describe", None).await,
+    assert_request_error(
+        &attacker,
+        Method::GET,
+        "/v1/identity/self/describe",
+        None,
         404,
         "identity does not exist",
-    );
+    )
+    .await;
     for (method, path) in [
         (Method::PUT, "/v1/key/create/forged"),
         (Method::GET, "/v1/key/list/*"),
         (Method::DELETE, "/v1/key/delete/forged"),
     ] {
-        assert_error(
-            &send(&attacker, method, path, None).await,
+        assert_request_error(
+            &attacker,
+            method,
+            path,
+            None,
             400,
             "tls: received more than one client certificate",
-        );
+        )
+        .await;
     }
     let keys = send(&srv.admin(), Method::GET, "/v1/key/list/*", None).await;
     assert!(
@@ -88,11 +96,15 @@ async fn a_lone_ca_flagged_self_signed_certificate_is_its_own_identity() {
     let me = client.describe_self().await.unwrap();
     assert_eq!(me.identity, identity.to_string());
     assert!(!me.admin);
-    assert_error(
-        &send(&client, Method::PUT, "/v1/key/create/nope", None).await,
+    assert_request_error(
+        &client,
+        Method::PUT,
+        "/v1/key/create/nope",
+        None,
         403,
         "not authorized: insufficient permissions",
-    );
+    )
+    .await;
 }
 
 /// An unauthenticated flood cannot fill the server's log: denial lines are limited per

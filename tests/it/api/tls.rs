@@ -37,16 +37,24 @@ pub(super) async fn client_certificate_types(store: Store) {
         assert_eq!(r.version, http::Version::HTTP_2, "ALPN picks h2");
     }
     let u = srv.client(unknown);
-    assert_error(
-        &send(&u, Method::GET, "/v1/key/list/", None).await,
+    assert_request_error(
+        &u,
+        Method::GET,
+        "/v1/key/list/",
+        None,
         403,
         "not authorized: insufficient permissions",
-    );
-    assert_error(
-        &send(&u, Method::GET, "/v1/identity/self/describe", None).await,
+    )
+    .await;
+    assert_request_error(
+        &u,
+        Method::GET,
+        "/v1/identity/self/describe",
+        None,
         404,
         "identity does not exist",
-    );
+    )
+    .await;
     // The admin's self-describe.
     let me = srv.admin().describe_self().await.unwrap();
     assert!(me.admin);
@@ -142,11 +150,15 @@ async fn skip_auth_and_route_timeouts() {
     let srv = server().routes(api).start().await;
     let stranger = srv.client(creds);
     stranger.status().await.unwrap();
-    assert_error(
-        &send(&stranger, Method::GET, "/v1/metrics", None).await,
+    assert_request_error(
+        &stranger,
+        Method::GET,
+        "/v1/metrics",
+        None,
         403,
         "not authorized: insufficient permissions",
-    );
+    )
+    .await;
     let routes = srv.admin().api().await.unwrap();
     assert_eq!(
         routes
@@ -277,9 +289,13 @@ async fn identity_comes_from_the_single_end_entity_certificate() {
         key.identity().to_string()
     );
     let two = srv.client(creds(vec![leaf, other]));
-    assert_error(
-        &send(&two, Method::GET, "/v1/status", None).await,
+    assert_request_error(
+        &two,
+        Method::GET,
+        "/v1/status",
+        None,
         400,
         "tls: received more than one client certificate",
-    );
+    )
+    .await;
 }

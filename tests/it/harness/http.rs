@@ -58,3 +58,22 @@ pub fn status_of(e: impl std::borrow::Borrow<ClientError>) -> (u16, String) {
     let api = e.api().unwrap_or_else(|| panic!("not an API error: {e}"));
     (api.status, api.message.to_string())
 }
+
+/// Sends one request and asserts the exact KES error it answers; a failure names the request.
+pub async fn assert_request_error(
+    c: &Client,
+    method: Method,
+    path: &str,
+    body: Option<&[u8]>,
+    status: u16,
+    message: &str,
+) {
+    let r = send(c, method.clone(), path, body).await;
+    assert_eq!(
+        r.status.as_u16(),
+        status,
+        "{method} {path}: {:?}",
+        String::from_utf8_lossy(&r.body)
+    );
+    assert_error(&r, status, message);
+}
