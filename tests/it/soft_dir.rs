@@ -29,11 +29,7 @@ impl KeyDir {
     }
 
     fn keystore(&self) -> String {
-        format!(
-            "  soft:\n    path: {}\n    kek_file: {}\n",
-            self.keys().display(),
-            self.kek().display()
-        )
+        crate::harness::soft_keystore_section(&self.keys(), &self.kek())
     }
 }
 

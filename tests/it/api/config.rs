@@ -65,27 +65,9 @@ async fn config_file_and_reload() {
     );
 
     // A keep-alive connection opened before the reload must survive it.
-    let (cert, pkcs8) = admin.certificate().unwrap();
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(ca).unwrap();
-    let mut tls_cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_root_certificates(roots)
-    .with_client_auth_cert(
-        vec![CertificateDer::from(cert)],
-        PrivateKeyDer::try_from(pkcs8.to_vec()).unwrap(),
-    )
-    .unwrap();
+    let mut tls_cfg = harness::raw_tls::client_config(&ca, false, Some(admin));
     tls_cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
-    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let tls = tokio_rustls::TlsConnector::from(Arc::new(tls_cfg))
-        .connect(
-            rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap(),
-            tcp,
-        )
+    let tls = harness::raw_tls::connect(addr, Arc::new(tls_cfg))
         .await
         .unwrap();
     let (mut kept, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))

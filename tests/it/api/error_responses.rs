@@ -10,79 +10,71 @@ pub(super) async fn request_errors_and_limits(store: Store) {
     c.create_key(&k).await.unwrap();
 
     // Invalid names and patterns, decoded from the path first.
-    assert_request_error(
-        &c,
-        Method::POST,
-        "/v1/key/create/my.key",
-        None,
-        400,
-        "key name 'my.key' is empty, too long or contains invalid characters",
-    )
-    .await;
-    assert_request_error(
-        &c,
-        Method::POST,
-        "/v1/key/create/",
-        None,
-        400,
-        "key name '' is empty, too long or contains invalid characters",
-    )
-    .await;
-    assert_request_error(
-        &c,
-        Method::POST,
-        "/v1/key/create/a%2Fb",
-        None,
-        400,
-        "key name 'a/b' is empty, too long or contains invalid characters",
-    )
-    .await;
+    for (method, path, body, status, message) in [
+        (
+            Method::POST,
+            "/v1/key/create/my.key",
+            None,
+            400,
+            "key name 'my.key' is empty, too long or contains invalid characters",
+        ),
+        (
+            Method::POST,
+            "/v1/key/create/",
+            None,
+            400,
+            "key name '' is empty, too long or contains invalid characters",
+        ),
+        (
+            Method::POST,
+            "/v1/key/create/a%2Fb",
+            None,
+            400,
+            "key name 'a/b' is empty, too long or contains invalid characters",
+        ),
+    ] {
+        assert_request_error(&c, method, path, body, status, message).await;
+    }
     let long = "a".repeat(81);
-    assert_request_error(
-        &c,
-        Method::GET,
-        &format!("/v1/key/describe/{long}"),
-        None,
-        400,
-        &format!("key name '{long}' is empty, too long or contains invalid characters"),
-    )
-    .await;
-    assert_request_error(
-        &c,
-        Method::GET,
-        "/v1/key/list/*-*",
-        None,
-        400,
-        "listing pattern '*-*' is empty, too long or is invalid",
-    )
-    .await;
-    assert_request_error(
-        &c,
-        Method::GET,
-        "/v1/key/list/_",
-        None,
-        400,
-        "listing pattern '_' is empty, too long or is invalid",
-    )
-    .await;
-    assert_request_error(
-        &c,
-        Method::GET,
-        "/v1/policy/describe/a.b",
-        None,
-        400,
-        "policy name 'a.b' is empty, too long or contains invalid characters",
-    )
-    .await;
-    assert_request_error(
-        &c,
-        Method::GET,
-        "/v1/identity/describe/a.b",
-        None,
-        400,
-        "identity 'a.b' is empty, too long or contains invalid characters",
-    )
-    .await;
+    for (method, path, body, status, message) in [
+        (
+            Method::GET,
+            &*format!("/v1/key/describe/{long}"),
+            None,
+            400,
+            &*format!("key name '{long}' is empty, too long or contains invalid characters"),
+        ),
+        (
+            Method::GET,
+            "/v1/key/list/*-*",
+            None,
+            400,
+            "listing pattern '*-*' is empty, too long or is invalid",
+        ),
+        (
+            Method::GET,
+            "/v1/key/list/_",
+            None,
+            400,
+            "listing pattern '_' is empty, too long or is invalid",
+        ),
+        (
+            Method::GET,
+            "/v1/policy/describe/a.b",
+            None,
+            400,
+            "policy name 'a.b' is empty, too long or contains invalid characters",
+        ),
+        (
+            Method::GET,
+            "/v1/identity/describe/a.b",
+            None,
+            400,
+            "identity 'a.b' is empty, too long or contains invalid characters",
+        ),
+    ] {
+        assert_request_error(&c, method, path, body, status, message).await;
+    }
 
     // Bodies: bad JSON, bad base64 (unpadded, URL-safe), wrong types, empty body, over the limit.
     let gen = format!("/v1/key/generate/{k}");
@@ -147,24 +139,24 @@ pub(super) async fn request_errors_and_limits(store: Store) {
         200
     );
     let over = format!("{at_limit} ");
-    assert_request_error(
-        &c,
-        Method::POST,
-        &gen,
-        Some(over.as_bytes()),
-        400,
-        "invalid request body",
-    )
-    .await;
-    assert_request_error(
-        &c,
-        Method::POST,
-        &format!("/v1/key/import/{}", name("imp")),
-        Some(over.as_bytes()),
-        400,
-        "invalid import key request body",
-    )
-    .await;
+    for (method, path, body, status, message) in [
+        (
+            Method::POST,
+            &*gen,
+            Some(over.as_bytes()),
+            400,
+            "invalid request body",
+        ),
+        (
+            Method::POST,
+            &*format!("/v1/key/import/{}", name("imp")),
+            Some(over.as_bytes()),
+            400,
+            "invalid import key request body",
+        ),
+    ] {
+        assert_request_error(&c, method, path, body, status, message).await;
+    }
 
     // The name is checked before the body is read.
     assert_request_error(
@@ -189,65 +181,61 @@ pub(super) async fn request_errors_and_limits(store: Store) {
     )
     .await;
     let key32 = b64e(&[7u8; 32]);
-    assert_request_error(
-        &c,
-        Method::POST,
-        &imp,
-        Some(format!("{{\"key\":\"{key32}\",\"cipher\":\"AES\"}}").as_bytes()),
-        406,
-        "algorithm 'AES' is not supported",
-    )
-    .await;
-    assert_request_error(
-        &c,
-        Method::POST,
-        &imp,
-        Some(format!("{{\"key\":\"{key32}\"}}").as_bytes()),
-        406,
-        "algorithm '' is not supported",
-    )
-    .await;
-    assert_request_error(
-        &c,
-        Method::POST,
-        &imp,
-        Some(format!("{{\"key\":\"{}\",\"cipher\":\"AES256\"}}", b64e(&[7u8; 16])).as_bytes()),
-        406,
-        "invalid key size for 'AES256'",
-    )
-    .await;
-    assert_request_error(
-        &c,
-        Method::POST,
-        &format!("/v1/key/import/{k}"),
-        Some(format!("{{\"key\":\"{key32}\",\"cipher\":\"AES256\"}}").as_bytes()),
-        400,
-        "key already exists",
-    )
-    .await;
+    for (method, path, body, status, message) in [
+        (
+            Method::POST,
+            &*imp,
+            Some(format!("{{\"key\":\"{key32}\",\"cipher\":\"AES\"}}").as_bytes()),
+            406,
+            "algorithm 'AES' is not supported",
+        ),
+        (
+            Method::POST,
+            &*imp,
+            Some(format!("{{\"key\":\"{key32}\"}}").as_bytes()),
+            406,
+            "algorithm '' is not supported",
+        ),
+        (
+            Method::POST,
+            &*imp,
+            Some(format!("{{\"key\":\"{}\",\"cipher\":\"AES256\"}}", b64e(&[7u8; 16])).as_bytes()),
+            406,
+            "invalid key size for 'AES256'",
+        ),
+        (
+            Method::POST,
+            &*format!("/v1/key/import/{k}"),
+            Some(format!("{{\"key\":\"{key32}\",\"cipher\":\"AES256\"}}").as_bytes()),
+            400,
+            "key already exists",
+        ),
+    ] {
+        assert_request_error(&c, method, path, body, status, message).await;
+    }
 
     // Methods: wrong method is 405 with `Accept`; HEAD is not GET; POST is fine on PUT routes.
     let r = send(&c, Method::GET, &format!("/v1/key/create/{k}"), None).await;
     assert_error(&r, 405, "received method 'GET' expected 'PUT'");
     assert_eq!(r.headers["accept"], "PUT");
-    assert_request_error(
-        &c,
-        Method::POST,
-        "/v1/key/list/",
-        None,
-        405,
-        "received method 'POST' expected 'GET'",
-    )
-    .await;
-    assert_request_error(
-        &c,
-        Method::PUT,
-        &format!("/v1/key/delete/{k}"),
-        None,
-        405,
-        "received method 'PUT' expected 'DELETE'",
-    )
-    .await;
+    for (method, path, body, status, message) in [
+        (
+            Method::POST,
+            "/v1/key/list/",
+            None,
+            405,
+            "received method 'POST' expected 'GET'",
+        ),
+        (
+            Method::PUT,
+            &*format!("/v1/key/delete/{k}"),
+            None,
+            405,
+            "received method 'PUT' expected 'DELETE'",
+        ),
+    ] {
+        assert_request_error(&c, method, path, body, status, message).await;
+    }
     // A HEAD response has no body to carry the message; the status and `Accept` still say it.
     let r = send(&c, Method::HEAD, "/v1/key/list/", None).await;
     assert_eq!(r.status, 405);
@@ -386,87 +374,73 @@ async fn keystore_failures_map_to_5xx_and_reach_the_error_log() {
     let r = send(&c, Method::POST, "/v1/key/generate/busy", Some(b"{}")).await;
     assert_error(&r, 503, "key store is busy");
     assert_eq!(r.headers["retry-after"], "1");
-    assert_request_error(
-        &c,
-        Method::POST,
-        "/v1/key/generate/down",
-        Some(b"{}"),
-        504,
-        "key store is not reachable",
-    )
-    .await;
-    assert_request_error(
-        &c,
-        Method::POST,
-        "/v1/key/generate/k",
-        Some(b"{}"),
-        500,
-        "failed to generate encryption key",
-    )
-    .await;
-    assert_request_error(
-        &c,
-        Method::POST,
-        "/v1/key/encrypt/k",
-        Some(b"{}"),
-        500,
-        "failed to encrypt plaintext",
-    )
-    .await;
-    assert_request_error(
-        &c,
-        Method::POST,
-        "/v1/key/decrypt/k",
-        Some(b"{}"),
-        500,
-        "failed to decrypt ciphertext",
-    )
-    .await;
-    assert_request_error(
-        &c,
-        Method::POST,
-        "/v1/key/create/k",
-        None,
-        502,
-        "failed to create key",
-    )
-    .await;
-    assert_request_error(
-        &c,
-        Method::GET,
-        "/v1/key/describe/k",
-        None,
-        502,
-        "failed to read key",
-    )
-    .await;
-    assert_request_error(
-        &c,
-        Method::DELETE,
-        "/v1/key/delete/k",
-        None,
-        502,
-        "failed to delete key",
-    )
-    .await;
-    assert_request_error(
-        &c,
-        Method::GET,
-        "/v1/key/list/",
-        None,
-        502,
-        "failed to list keys",
-    )
-    .await;
-    assert_request_error(
-        &c,
-        Method::PUT,
-        "/v1/key/hmac/nohmac",
-        Some(b"{}"),
-        409,
-        "key does not support HMAC",
-    )
-    .await;
+    for (method, path, body, status, message) in [
+        (
+            Method::POST,
+            "/v1/key/generate/down",
+            Some(&b"{}"[..]),
+            504,
+            "key store is not reachable",
+        ),
+        (
+            Method::POST,
+            "/v1/key/generate/k",
+            Some(&b"{}"[..]),
+            500,
+            "failed to generate encryption key",
+        ),
+        (
+            Method::POST,
+            "/v1/key/encrypt/k",
+            Some(&b"{}"[..]),
+            500,
+            "failed to encrypt plaintext",
+        ),
+        (
+            Method::POST,
+            "/v1/key/decrypt/k",
+            Some(&b"{}"[..]),
+            500,
+            "failed to decrypt ciphertext",
+        ),
+        (
+            Method::POST,
+            "/v1/key/create/k",
+            None,
+            502,
+            "failed to create key",
+        ),
+        (
+            Method::GET,
+            "/v1/key/describe/k",
+            None,
+            502,
+            "failed to read key",
+        ),
+        (
+            Method::DELETE,
+            "/v1/key/delete/k",
+            None,
+            502,
+            "failed to delete key",
+        ),
+        (
+            Method::GET,
+            "/v1/key/list/",
+            None,
+            502,
+            "failed to list keys",
+        ),
+        (
+            Method::PUT,
+            "/v1/key/hmac/nohmac",
+            Some(&b"{}"[..]),
+            409,
+            "key does not support HMAC",
+        ),
+    ] {
+        assert_request_error(&c, method, path, body, status, message).await;
+    }
     let body = format!(
         "{{\"key\":\"{}\",\"cipher\":\"ChaCha20\"}}",
         b64e(&[1u8; 32])

@@ -20,8 +20,8 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use time::OffsetDateTime;
 
 use crate::harness::{
-    self, assert_empty_ok, assert_error, assert_request_error, b64, b64e, client_cert, json, send,
-    server, Store, TestPolicy,
+    self, assert_empty_ok, assert_error, assert_request_error, b64, b64e, client_cert, json,
+    raw_tls, send, server, Store, TestPolicy,
 };
 
 mod audit;

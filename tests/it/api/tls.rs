@@ -37,24 +37,24 @@ pub(super) async fn client_certificate_types(store: Store) {
         assert_eq!(r.version, http::Version::HTTP_2, "ALPN picks h2");
     }
     let u = srv.client(unknown);
-    assert_request_error(
-        &u,
-        Method::GET,
-        "/v1/key/list/",
-        None,
-        403,
-        "not authorized: insufficient permissions",
-    )
-    .await;
-    assert_request_error(
-        &u,
-        Method::GET,
-        "/v1/identity/self/describe",
-        None,
-        404,
-        "identity does not exist",
-    )
-    .await;
+    for (method, path, body, status, message) in [
+        (
+            Method::GET,
+            "/v1/key/list/",
+            None,
+            403,
+            "not authorized: insufficient permissions",
+        ),
+        (
+            Method::GET,
+            "/v1/identity/self/describe",
+            None,
+            404,
+            "identity does not exist",
+        ),
+    ] {
+        assert_request_error(&u, method, path, body, status, message).await;
+    }
     // The admin's self-describe.
     let me = srv.admin().describe_self().await.unwrap();
     assert!(me.admin);
@@ -66,29 +66,9 @@ pub(super) async fn client_certificate_types(store: Store) {
 async fn tls_requires_client_certificates() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let srv = server().store(harness::soft()).start().await;
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(srv.certs.ca.clone()).unwrap();
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
 
-    let no_cert = rustls::ClientConfig::builder_with_provider(provider.clone())
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots.clone())
-        .with_no_client_auth();
-    let tcp = tokio::net::TcpStream::connect(srv.addr).await.unwrap();
-    let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
-    let refused = async {
-        let mut tls = tokio_rustls::TlsConnector::from(Arc::new(no_cert))
-            .connect(name.clone(), tcp)
-            .await?;
-        tls.write_all(b"GET /version HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-            .await?;
-        let mut buf = Vec::new();
-        tls.read_to_end(&mut buf).await?;
-        Ok::<_, std::io::Error>(buf)
-    }
-    .await;
-    match refused {
+    let no_cert = raw_tls::client_config(&srv.certs.ca, false, None);
+    match raw_tls::get(srv.addr, Arc::new(no_cert), "/version").await {
         Err(e) => assert!(
             e.to_string().contains("CertificateRequired") || e.to_string().contains("certificate"),
             "{e}"
@@ -101,21 +81,8 @@ async fn tls_requires_client_certificates() {
 
     // TLS 1.2 + HTTP/1.1 with an API-key (Ed25519) certificate.
     let key = ApiKey::parse(&srv.admin.expose_text()).unwrap();
-    let (cert, pkcs8) = key.certificate().unwrap();
-    let tls12 = rustls::ClientConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS12])
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_client_auth_cert(
-            vec![CertificateDer::from(cert)],
-            PrivateKeyDer::try_from(pkcs8.to_vec()).unwrap(),
-        )
-        .unwrap();
-    let tcp = tokio::net::TcpStream::connect(srv.addr).await.unwrap();
-    let mut tls = tokio_rustls::TlsConnector::from(Arc::new(tls12))
-        .connect(name, tcp)
-        .await
-        .unwrap();
+    let tls12 = raw_tls::client_config(&srv.certs.ca, true, Some(&key));
+    let mut tls = raw_tls::connect(srv.addr, Arc::new(tls12)).await.unwrap();
     assert_eq!(
         tls.get_ref().1.protocol_version(),
         Some(rustls::ProtocolVersion::TLSv1_2)
@@ -214,7 +181,6 @@ async fn tls_auth_on_verifies_client_chains() {
 /// one, every other route says 400 `tls: client certificate is required`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn skip_auth_makes_certificates_optional() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut api = BTreeMap::new();
     api.insert(
         "/v1/ready".to_owned(),
@@ -224,32 +190,10 @@ async fn skip_auth_makes_certificates_optional() {
         },
     );
     let srv = server().routes(api).start().await;
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(srv.certs.ca.clone()).unwrap();
-    let config = Arc::new(
-        rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth(),
-    );
+    let config = Arc::new(raw_tls::client_config(&srv.certs.ca, false, None));
     let get = |path: &'static str| {
         let config = config.clone();
-        async move {
-            let tcp = tokio::net::TcpStream::connect(srv.addr).await.unwrap();
-            let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
-            let mut tls = tokio_rustls::TlsConnector::from(config)
-                .connect(name, tcp)
-                .await
-                .unwrap();
-            let req = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
-            tls.write_all(req.as_bytes()).await.unwrap();
-            let mut buf = Vec::new();
-            tls.read_to_end(&mut buf).await.unwrap();
-            String::from_utf8(buf).unwrap()
-        }
+        async move { String::from_utf8(raw_tls::get(srv.addr, config, path).await.unwrap()).unwrap() }
     };
     let ready = get("/v1/ready").await;
     assert!(ready.starts_with("HTTP/1.1 200 OK\r\n"), "{ready}");

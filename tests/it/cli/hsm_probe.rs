@@ -9,20 +9,23 @@ fn hsm_probe_on_softhsm() {
     let module = token.module.display().to_string();
     let env = [("KESH_PROBE_PIN", pin.as_str())];
 
-    let run = kesh(
-        &env,
-        &[
-            "hsm",
-            "probe",
-            "--module",
-            &module,
-            "--token",
-            &token.label,
-            "--pin-env",
-            "KESH_PROBE_PIN",
-        ],
-    );
-    let out = run.ok();
+    // `kesh hsm probe` of one token, its PIN in KESH_PROBE_PIN.
+    let probe = |env: &[(&str, &str)], label: &str| {
+        kesh(
+            env,
+            &[
+                "hsm",
+                "probe",
+                "--module",
+                &module,
+                "--token",
+                label,
+                "--pin-env",
+                "KESH_PROBE_PIN",
+            ],
+        )
+    };
+    let out = probe(&env, &token.label).ok();
     for line in [
         "gcm        yes (CKM_AES_GCM)",
         "kwp        yes (CKM_AES_KEY_WRAP_PAD)",
@@ -100,32 +103,6 @@ fn hsm_probe_on_softhsm() {
         &["hsm", "probe", "--module", &module, "--token", &token.label],
     )
     .fails("--pin-env");
-    kesh(
-        &[("KESH_PROBE_PIN", "wrong-pin")],
-        &[
-            "hsm",
-            "probe",
-            "--module",
-            &module,
-            "--token",
-            &token.label,
-            "--pin-env",
-            "KESH_PROBE_PIN",
-        ],
-    )
-    .fails("check the PIN");
-    kesh(
-        &env,
-        &[
-            "hsm",
-            "probe",
-            "--module",
-            &module,
-            "--token",
-            "no-such-token",
-            "--pin-env",
-            "KESH_PROBE_PIN",
-        ],
-    )
-    .fails("no initialized token");
+    probe(&[("KESH_PROBE_PIN", "wrong-pin")], &token.label).fails("check the PIN");
+    probe(&env, "no-such-token").fails("no initialized token");
 }

@@ -146,11 +146,7 @@ fn error_log_follows_server_errors() {
     let kek = dir.path().join("kek");
     harness::write_private(&kek, hex::encode([7u8; 32]));
     let srv = server()
-        .keystore_yaml(&format!(
-            "  soft:\n    path: {}\n    kek_file: {}\n",
-            keys.display(),
-            kek.display()
-        ))
+        .keystore_yaml(&harness::soft_keystore_section(&keys, &kek))
         .spawn();
     srv.run(&["key", "create", &unique("before")]).ok();
     std::fs::remove_dir_all(&keys).unwrap();

@@ -105,17 +105,7 @@ fn migrate_from_kes_to_softhsm() {
         ("KESH_TEST_PIN", pin.as_str()),
         ("KES_TEST_KEY_DIR", key_dir_s.as_str()),
     ];
-    let migrate = |extra: &[&str]| {
-        let mut args = vec![
-            "migrate",
-            "--from",
-            kes_config.to_str().unwrap(),
-            "--to",
-            kesh_config.to_str().unwrap(),
-        ];
-        args.extend_from_slice(extra);
-        kesh(&env, &args)
-    };
+    let migrate = |extra: &[&str]| kesh_migrate(&env, &kes_config, &kesh_config, extra);
 
     // First run: three imported, the corrupt file and the bad name reported, exit non-zero.
     let run = migrate(&["--json"]);
@@ -284,14 +274,11 @@ fn migrate_from_kes_to_softhsm() {
     );
     let soft_config = chacha_dir.join("soft.yaml");
     harness::write_private(&chacha_dir.join("kek"), b64e(&[0x66u8; 32]));
-    std::fs::write(
+    harness::write_soft_keystore_config(
         &soft_config,
-        format!(
-            "keystore:\n  soft:\n    path: {0}/soft-keys\n    kek_file: {0}/kek\n",
-            chacha_dir.display()
-        ),
-    )
-    .unwrap();
+        &chacha_dir.join("soft-keys"),
+        &chacha_dir.join("kek"),
+    );
     let report = run_chacha(&soft_config).json();
     assert_eq!(outcome(&report, &chacha)["outcome"], "imported", "{report}");
     let store = kesh::keystore::soft::SoftKeyStore::open_dir(
@@ -328,41 +315,14 @@ fn migrate_from_kes_to_softhsm() {
         (&aws, "kesh migrate reads KES's `fs` and `vault` keystores"),
         (&vault, "export VAULT_TOKEN"),
     ] {
-        kesh(
-            &[("KESH_TEST_PIN", pin.as_str())],
-            &[
-                "migrate",
-                "--from",
-                from.to_str().unwrap(),
-                "--to",
-                kesh_config.to_str().unwrap(),
-            ],
-        )
-        .fails(needle);
+        kesh_migrate(&[("KESH_TEST_PIN", pin.as_str())], from, &kesh_config, &[]).fails(needle);
     }
-    kesh(
-        &[
-            ("KESH_TEST_PIN", pin.as_str()),
-            ("KES_TEST_KEY_DIR", "/nonexistent/kes"),
-        ],
-        &[
-            "migrate",
-            "--from",
-            kes_config.to_str().unwrap(),
-            "--to",
-            kesh_config.to_str().unwrap(),
-        ],
-    )
-    .fails("cannot read the KES key directory");
-    kesh(
-        &[("KES_TEST_KEY_DIR", key_dir_s.as_str())],
-        &[
-            "migrate",
-            "--from",
-            kes_config.to_str().unwrap(),
-            "--to",
-            kesh_config.to_str().unwrap(),
-        ],
-    )
-    .fails("KESH_TEST_PIN");
+    let no_key_dir = [
+        ("KESH_TEST_PIN", pin.as_str()),
+        ("KES_TEST_KEY_DIR", "/nonexistent/kes"),
+    ];
+    kesh_migrate(&no_key_dir, &kes_config, &kesh_config, &[])
+        .fails("cannot read the KES key directory");
+    let no_pin = [("KES_TEST_KEY_DIR", key_dir_s.as_str())];
+    kesh_migrate(&no_pin, &kes_config, &kesh_config, &[]).fails("KESH_TEST_PIN");
 }

@@ -1,6 +1,7 @@
 //! Runs the built `kesh` binary as an operator would, with exactly the client environment a
 //! test gives it. Starts no server ([`super::server`] does).
 
+use std::path::Path;
 use std::process::{Command, Output, Stdio};
 
 use serde_json::Value;
@@ -108,4 +109,17 @@ pub fn kesh(env: &[(&str, &str)], args: &[&str]) -> Run {
         out: cmd.output().expect("run kesh"),
         args: args.join(" "),
     }
+}
+
+/// `kesh migrate --from <from> --to <to> <extra>` with exactly the given client environment.
+pub fn kesh_migrate(env: &[(&str, &str)], from: &Path, to: &Path, extra: &[&str]) -> Run {
+    let mut args = vec![
+        "migrate",
+        "--from",
+        from.to_str().unwrap(),
+        "--to",
+        to.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    kesh(env, &args)
 }

@@ -13,12 +13,13 @@
 pub mod certs;
 pub mod command;
 pub mod http;
+pub mod raw_tls;
 pub mod server;
 pub mod shim;
 pub mod softhsm;
 
 pub use certs::{client_cert, ServerCerts};
-pub use command::{kesh, Run};
+pub use command::kesh;
 pub use http::{assert_empty_ok, assert_error, assert_request_error, json, send};
 pub use server::{server, ServerBuilder, ServerProcess, TestPolicy};
 
@@ -103,8 +104,7 @@ impl Store {
 
 /// How to get SoftHSM, for a test that finds it missing.
 const SOFTHSM_HINT: &str = "SoftHSM is required for this test: run softhsm-tests/run, which \
-    installs it and makes the suite's tokens (or install softhsm2 and point SOFTHSM2_CONF at a \
-    writable token directory: `export SOFTHSM2_CONF=$(softhsm-tests/softhsm-conf DIR)`)";
+    installs it and makes the suite's tokens (or `apt-get install softhsm2`)";
 
 fn token() -> EphemeralToken {
     EphemeralToken::create().unwrap_or_else(|e| panic!("{SOFTHSM_HINT}: {e}"))
@@ -329,6 +329,26 @@ pub fn report(line: &str) {
             let _ = writeln!(f, "{line}");
         }
     }
+}
+
+/// The lines of a `keystore:` section for the soft keystore in directory `path`, its keys
+/// sealed under the KEK in `kek_file`.
+pub fn soft_keystore_section(path: &std::path::Path, kek_file: &std::path::Path) -> String {
+    format!(
+        "  soft:\n    path: {}\n    kek_file: {}\n",
+        path.display(),
+        kek_file.display()
+    )
+}
+
+/// A config holding only that soft keystore: what `kesh migrate --to` takes.
+pub fn write_soft_keystore_config(
+    config: &std::path::Path,
+    path: &std::path::Path,
+    kek_file: &std::path::Path,
+) {
+    let section = soft_keystore_section(path, kek_file);
+    std::fs::write(config, format!("keystore:\n{section}")).unwrap();
 }
 
 /// Writes a file only its owner can read, as a KEK or PIN file must be.
