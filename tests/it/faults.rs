@@ -40,6 +40,17 @@ pub(crate) async fn wait_for_recovery(c: &Client, key: &str) -> Duration {
     }
 }
 
+/// A new key named after `hint`, and a DEK under it (empty context) made before any fault.
+async fn key_and_dek(
+    c: &Client,
+    hint: &str,
+) -> (kesh::name::KeyName, kesh::api::GenerateKeyResponse) {
+    let key = harness::name(hint);
+    c.create_key(key.as_str()).await.unwrap();
+    let dek = c.generate_key(key.as_str(), b"").await.unwrap();
+    (key, dek)
+}
+
 /// During an outage a request gets a clear 5xx, never a success or a client error.
 pub(crate) fn assert_server_error(e: &ClientError) {
     let api = e.api().unwrap_or_else(|| panic!("not an HTTP error: {e}"));
@@ -148,10 +159,8 @@ async fn token_not_present() {
 async fn initialize_fails_until_cleared() {
     let srv = faulty_server(2, "2s", "").spawn();
     let c = &srv.client();
-    let key = harness::name("fault-init");
+    let (key, before) = key_and_dek(c, "fault-init").await;
     let key = key.as_str();
-    c.create_key(key).await.unwrap();
-    let before = c.generate_key(key, b"").await.unwrap();
     srv.inject("fail CKR_DEVICE_ERROR C_Encrypt count=1\nfail CKR_GENERAL_ERROR C_Initialize\n");
     assert_server_error(&c.generate_key(key, b"").await.unwrap_err());
     for _ in 0..5 {
@@ -181,10 +190,8 @@ async fn initialize_fails_until_cleared() {
 async fn full_session_pool_answers_503_retry_after() {
     let srv = faulty_server(1, "100ms", "").spawn();
     let c = srv.client();
-    let key = harness::name("fault-busy");
+    let (key, before) = key_and_dek(&c, "fault-busy").await;
     let key = key.as_str().to_owned();
-    c.create_key(&key).await.unwrap();
-    let before = c.generate_key(&key, b"").await.unwrap();
     srv.inject("latency 400000 C_Encrypt\n");
     let body = bytes::Bytes::from_static(b"{}");
     let path = format!("/v1/key/generate/{key}");
@@ -229,11 +236,9 @@ async fn full_session_pool_answers_503_retry_after() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_module_asking_for_a_huge_output_buffer_is_refused_and_its_session_closed() {
     let mut srv = faulty_server(1, "2s", "").spawn();
-    let key = harness::name("fault-toosmall");
-    let key = key.as_str();
     let c = &srv.client();
-    c.create_key(key).await.unwrap();
-    let dek = c.generate_key(key, b"").await.unwrap();
+    let (key, dek) = key_and_dek(c, "fault-toosmall").await;
+    let key = key.as_str();
 
     srv.inject("toosmall 60 C_Encrypt count=1\n");
     let grown = c.generate_key(key, b"").await.unwrap();
@@ -289,10 +294,8 @@ async fn logins_settled(srv: &ServerProcess, at_least: u64) -> u64 {
 async fn a_refused_pin_is_never_retried_until_the_operator_reloads() {
     let srv = faulty_server(2, "2s", "").spawn();
     let c = &srv.client();
-    let key = harness::name("fault-pin");
+    let (key, dek) = key_and_dek(c, "fault-pin").await;
     let key = key.as_str();
-    c.create_key(key).await.unwrap();
-    let dek = c.generate_key(key, b"").await.unwrap();
     let at_start = srv.calls("C_Login").await;
     assert_eq!(at_start, 1, "one login at start");
 

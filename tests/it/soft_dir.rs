@@ -28,6 +28,16 @@ impl KeyDir {
         self.root.path().join("kek")
     }
 
+    /// Opens the directory in this process.
+    fn open(&self) -> Result<kesh::keystore::soft::SoftKeyStore, kesh::keystore::KeystoreError> {
+        kesh::keystore::soft::SoftKeyStore::open_dir(&self.keys(), &self.kek())
+    }
+
+    /// Why opening the directory fails.
+    fn open_error(&self) -> String {
+        self.open().unwrap_err().to_string()
+    }
+
     fn keystore(&self) -> String {
         crate::harness::soft_keystore_section(&self.keys(), &self.kek())
     }
@@ -82,13 +92,11 @@ fn mode(p: &Path) -> u32 {
 #[test]
 fn the_key_directory_is_private_and_the_kek_file_must_be() {
     let dir = KeyDir::new();
-    kesh::keystore::soft::SoftKeyStore::open_dir(&dir.keys(), &dir.kek()).unwrap();
+    dir.open().unwrap();
     assert_eq!(mode(&dir.keys()), 0o700);
     for open in [0o644, 0o604, 0o666] {
         std::fs::set_permissions(dir.kek(), std::fs::Permissions::from_mode(open)).unwrap();
-        let e = kesh::keystore::soft::SoftKeyStore::open_dir(&dir.keys(), &dir.kek())
-            .unwrap_err()
-            .to_string();
+        let e = dir.open_error();
         assert!(
             e.contains("open to other users") && e.contains("chmod 600"),
             "{e}"
@@ -96,7 +104,7 @@ fn the_key_directory_is_private_and_the_kek_file_must_be() {
     }
     // Group read is the documented `root:kesh 0640` layout.
     std::fs::set_permissions(dir.kek(), std::fs::Permissions::from_mode(0o640)).unwrap();
-    kesh::keystore::soft::SoftKeyStore::open_dir(&dir.keys(), &dir.kek()).unwrap();
+    dir.open().unwrap();
 }
 
 /// A bad key file (unreadable, corrupt, misnamed) is skipped, logged and counted; the other
@@ -169,15 +177,13 @@ async fn bad_key_files_are_skipped_and_counted_and_old_temp_files_removed() {
 fn a_wrong_kek_refuses_to_open_the_directory() {
     let dir = KeyDir::new();
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let store = kesh::keystore::soft::SoftKeyStore::open_dir(&dir.keys(), &dir.kek()).unwrap();
+    let store = dir.open().unwrap();
     let name = kesh::name::KeyName::new("k").unwrap();
     use kesh::keystore::KeyStore as _;
     rt.block_on(store.create(&name, crate::harness::who()))
         .unwrap();
     std::fs::write(dir.kek(), hex::encode([8u8; 32])).unwrap();
-    let e = kesh::keystore::soft::SoftKeyStore::open_dir(&dir.keys(), &dir.kek())
-        .unwrap_err()
-        .to_string();
+    let e = dir.open_error();
     assert!(
         e.contains("none of the 1 key files") && e.contains("kek_file"),
         "{e}"

@@ -139,13 +139,7 @@ fn policies_identities_status_metrics_logs() {
         srv.run(&["key", "create", &n]).ok();
         created.push(n);
     }
-    let out = json_child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let line = String::from_utf8(out.stdout).unwrap();
+    let line = wait_ok(json_child);
     let event: Value = serde_json::from_str(line.trim()).unwrap();
     let path = event["request"]["path"].as_str().unwrap();
     assert!(
@@ -157,13 +151,7 @@ fn policies_identities_status_metrics_logs() {
     assert_eq!(event["request"]["identity"], srv.admin.identity().as_str());
     assert_eq!(event["response"]["code"], 200);
     // Human: time, status, client address, identity, path, duration on one line.
-    let out = human_child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let line = String::from_utf8(out.stdout).unwrap();
+    let line = wait_ok(human_child);
     let fields: Vec<&str> = line.split_whitespace().collect();
     assert_eq!(fields.len(), 6, "{line}");
     assert_eq!(fields[1], "200", "{line}");

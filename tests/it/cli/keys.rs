@@ -160,13 +160,7 @@ fn error_log_follows_server_errors() {
             .fails("failed to create key");
     }
     for child in [json_child, human_child] {
-        let out = child.wait_with_output().unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let text = String::from_utf8(out.stdout).unwrap();
+        let text = wait_ok(child);
         assert!(
             text.contains("level=ERROR") && text.contains("failed to create key"),
             "{text}"

@@ -123,3 +123,14 @@ pub fn kesh_migrate(env: &[(&str, &str)], from: &Path, to: &Path, extra: &[&str]
     args.extend_from_slice(extra);
     kesh(env, &args)
 }
+
+/// Waits for a `kesh` child started in the background; asserts it succeeded, returns stdout.
+pub fn wait_ok(child: std::process::Child) -> String {
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
