@@ -21,7 +21,7 @@ use kesh::crypto::kes_key;
 
 use crate::cli::KES_VECTOR;
 use crate::harness;
-use crate::harness::command::kesh_migrate;
+use crate::harness::command::{kesh_migrate, migration_error, migration_outcome as outcome};
 use crate::harness::server;
 
 const INSTALL: &str =
@@ -311,16 +311,6 @@ fn vault_section(bao: &Bao, rest: &str) -> String {
         bao.addr,
         bao.ca.display()
     )
-}
-
-fn outcome(report: &Value, name: &str) -> Value {
-    report["keys"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|k| k["name"] == name)
-        .unwrap_or_else(|| panic!("{name} not in {report}"))
-        .clone()
 }
 
 /// Seals `plaintext` as KES did with the raw key.
@@ -664,11 +654,7 @@ fn vault_errors_name_the_cause() {
     let list_only = format!("path \"{mount}/kes\" {{ capabilities = [\"list\"] }}\n");
     let run = with_approle(&list_only, None);
     assert!(!run.out.status.success());
-    let report: Value = serde_json::from_str(run.stdout().trim()).unwrap();
-    let err = outcome(&report, &name)["error"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let err = migration_error(&run, &name);
     assert!(
         err.contains(&format!("permission denied reading '{mount}/kes/{name}'"))
             && err.contains("\"read\""),
@@ -677,11 +663,7 @@ fn vault_errors_name_the_cause() {
 
     // A transit key the policy may not use.
     let run = with_approle(&reader_policy(&mount, 1, "kes", None), None);
-    let report: Value = serde_json::from_str(run.stdout().trim()).unwrap();
-    let err = outcome(&report, &name)["error"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let err = migration_error(&run, &name);
     assert!(
         err.contains(&format!("permission denied using the transit key '{tk}'"))
             && err.contains(&format!("transit/decrypt/{tk}")),
@@ -698,11 +680,7 @@ fn vault_errors_name_the_cause() {
         ),
     );
     let run = kesh_migrate(&[], &from, &to, &["--json"]);
-    let report: Value = serde_json::from_str(run.stdout().trim()).unwrap();
-    let err = outcome(&report, &name)["error"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let err = migration_error(&run, &name);
     assert!(err.contains("vault.transit is not configured"), "{err}");
 }
 

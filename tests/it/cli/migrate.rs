@@ -118,15 +118,6 @@ fn migrate_from_kes_to_softhsm() {
     let report: Value = serde_json::from_str(run.stdout().trim()).unwrap();
     assert_eq!(report["imported"], 3, "{report}");
     assert_eq!(report["failed"], 2, "{report}");
-    let outcome = |r: &Value, name: &str| -> Value {
-        r["keys"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|k| k["name"] == name)
-            .unwrap_or_else(|| panic!("{name} not in {r}"))
-            .clone()
-    };
     for n in [&vector, &proto, &legacy] {
         assert_eq!(outcome(&report, n)["outcome"], "imported", "{report}");
     }

@@ -11,7 +11,7 @@ use kesh::crypto::kes::{self, Algorithm};
 use kesh::crypto::kes_key;
 use kesh::identity::ApiKey;
 
-use crate::harness::command::{join, kesh_migrate, wait_ok};
+use crate::harness::command::{join, kesh_migrate, migration_outcome as outcome, wait_ok};
 use crate::harness::{self, b64 as b64d, b64e, kesh, server, ServerCerts};
 
 mod admin;

@@ -134,3 +134,23 @@ pub fn wait_ok(child: std::process::Child) -> String {
     );
     String::from_utf8(out.stdout).unwrap()
 }
+
+/// The entry for key `name` in a `kesh migrate --json` report.
+pub fn migration_outcome(report: &Value, name: &str) -> Value {
+    report["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|k| k["name"] == name)
+        .unwrap_or_else(|| panic!("{name} not in {report}"))
+        .clone()
+}
+
+/// The error `kesh migrate --json` reported for key `name`.
+pub fn migration_error(run: &Run, name: &str) -> String {
+    let report: Value = serde_json::from_str(run.stdout().trim()).unwrap();
+    migration_outcome(&report, name)["error"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no error for {name} in {report}"))
+        .to_owned()
+}
