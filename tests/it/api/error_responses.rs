@@ -242,12 +242,7 @@ pub(super) async fn typed_errors_round_trip(store: Store) {
     let (creds, id) = client_cert(&rcgen::PKCS_ED25519);
     let srv = server()
         .store(store)
-        .policy(TestPolicy {
-            name: "none",
-            allow: vec![],
-            deny: vec![],
-            identities: vec![id],
-        })
+        .policy(TestPolicy::allowing("none", &[], [id]))
         .start()
         .await;
     let c = srv.admin();
@@ -540,19 +535,15 @@ impl KeyStore for Misbehaving {
 /// Past its deadline a request gets no status: the stream is reset, as in KES.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn route_deadline_aborts_the_request() {
-    let mut api = BTreeMap::new();
-    api.insert(
-        "/v1/key/generate/".to_owned(),
-        RouteOverride {
-            skip_auth: false,
-            timeout: Some(Duration::from_millis(300)),
-        },
-    );
     let ks = Arc::new(Misbehaving(
         kesh::keystore::soft::SoftKeyStore::in_memory(),
         OnGenerate::Sleep(Duration::from_secs(3)),
     ));
-    let srv = server().keystore(ks).routes(api).start().await;
+    let srv = server()
+        .keystore(ks)
+        .route("/v1/key/generate/", false, Some(Duration::from_millis(300)))
+        .start()
+        .await;
     let c = srv.admin();
     c.create_key("slow").await.unwrap();
     let start = Instant::now();

@@ -10,7 +10,7 @@ use bytes::Bytes;
 use http::Method;
 use kesh::api;
 use kesh::client::{errors, Client, ClientError, Credentials, KesError, ServerTrust};
-use kesh::config::server::{RouteOverride, ServerConfig};
+use kesh::config::server::ServerConfig;
 use kesh::identity::{ApiKey, Identity};
 use kesh::keystore::{DataKey, ImportKey, KeyInfo, KeyStore, KeystoreError, Provenance};
 use kesh::name::KeyName;
@@ -20,8 +20,8 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use time::OffsetDateTime;
 
 use crate::harness::{
-    self, assert_empty_ok, assert_error, assert_request_error, b64, b64e, client_cert, json,
-    raw_tls, send, server, Store, TestPolicy,
+    self, assert_empty_ok, assert_error, assert_not_allowed, assert_request_error, b64, b64e,
+    client_cert, json, raw_tls, send, server, Store, TestPolicy,
 };
 
 mod audit;

@@ -97,27 +97,14 @@ async fn tls_requires_client_certificates() {
 /// `api: {path: {skip_auth: true}}` makes certificates optional and skips the policy check.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn skip_auth_and_route_timeouts() {
-    let mut api = BTreeMap::new();
-    api.insert(
-        "/v1/status".to_owned(),
-        RouteOverride {
-            skip_auth: true,
-            timeout: Some(Duration::from_secs(3)),
-        },
-    );
     let (creds, _) = client_cert(&rcgen::PKCS_ED25519);
-    let srv = server().routes(api).start().await;
+    let srv = server()
+        .route("/v1/status", true, Some(Duration::from_secs(3)))
+        .start()
+        .await;
     let stranger = srv.client(creds);
     stranger.status().await.unwrap();
-    assert_request_error(
-        &stranger,
-        Method::GET,
-        "/v1/metrics",
-        None,
-        403,
-        "not authorized: insufficient permissions",
-    )
-    .await;
+    assert_not_allowed(&stranger, Method::GET, "/v1/metrics").await;
     let routes = srv.admin().api().await.unwrap();
     assert_eq!(
         routes
@@ -146,12 +133,11 @@ async fn tls_auth_on_verifies_client_chains() {
 
     let mut roots = rustls::RootCertStore::empty();
     roots.add(ca.der().clone()).unwrap();
-    let policies = [TestPolicy {
-        name: "p",
-        allow: vec!["/v1/status"],
-        deny: vec![],
-        identities: vec![id.clone(), self_id],
-    }];
+    let policies = [TestPolicy::allowing(
+        "p",
+        &["/v1/status"],
+        [id.clone(), self_id],
+    )];
     let srv = server()
         .policies(policies)
         .client_auth(ClientAuth::VerifyChain(Arc::new(roots)))
@@ -173,15 +159,7 @@ async fn tls_auth_on_verifies_client_chains() {
 /// one, every other route says 400 `tls: client certificate is required`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn skip_auth_makes_certificates_optional() {
-    let mut api = BTreeMap::new();
-    api.insert(
-        "/v1/ready".to_owned(),
-        RouteOverride {
-            skip_auth: true,
-            timeout: None,
-        },
-    );
-    let srv = server().routes(api).start().await;
+    let srv = server().route("/v1/ready", true, None).start().await;
     let config = Arc::new(raw_tls::client_config(&srv.certs.ca, false, None));
     let get = |path: &'static str| {
         let config = config.clone();
@@ -207,12 +185,7 @@ async fn identity_comes_from_the_single_end_entity_certificate() {
     let key = ApiKey::generate().unwrap();
     let (leaf, pkcs8) = key.certificate().unwrap();
     let (other, _) = ApiKey::generate().unwrap().certificate().unwrap();
-    let policies = [TestPolicy {
-        name: "p",
-        allow: vec!["/v1/status"],
-        deny: vec![],
-        identities: vec![key.identity()],
-    }];
+    let policies = [TestPolicy::allowing("p", &["/v1/status"], [key.identity()])];
     let srv = server().policies(policies).start().await;
     let creds = |chain: Vec<Vec<u8>>| Credentials::Certificate {
         chain: chain.into_iter().map(CertificateDer::from).collect(),

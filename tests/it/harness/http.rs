@@ -77,3 +77,16 @@ pub async fn assert_request_error(
     );
     assert_error(&r, status, message);
 }
+
+/// Sends one request and asserts KES's 403: the policy does not allow it.
+pub async fn assert_not_allowed(c: &Client, method: Method, path: &str) {
+    assert_request_error(
+        c,
+        method,
+        path,
+        None,
+        403,
+        "not authorized: insufficient permissions",
+    )
+    .await;
+}

@@ -20,7 +20,9 @@ pub mod softhsm;
 
 pub use certs::{client_cert, ServerCerts};
 pub use command::kesh;
-pub use http::{assert_empty_ok, assert_error, assert_request_error, json, send};
+pub use http::{
+    assert_empty_ok, assert_error, assert_not_allowed, assert_request_error, json, send,
+};
 pub use server::{server, ServerBuilder, ServerProcess, TestPolicy};
 
 use std::sync::Arc;

@@ -45,6 +45,22 @@ pub struct TestPolicy {
     pub identities: Vec<Identity>,
 }
 
+impl TestPolicy {
+    /// A policy allowing `allow` (denying nothing) to `identities`.
+    pub fn allowing(
+        name: &'static str,
+        allow: &[&'static str],
+        identities: impl IntoIterator<Item = Identity>,
+    ) -> Self {
+        TestPolicy {
+            name,
+            allow: allow.to_vec(),
+            deny: Vec::new(),
+            identities: identities.into_iter().collect(),
+        }
+    }
+}
+
 enum Keystore {
     /// In memory (in process), `soft: {}` (child).
     Soft,
@@ -175,15 +191,11 @@ impl ServerBuilder {
         self
     }
 
-    /// `api:` route overrides (in process).
-    pub fn routes(mut self, routes: BTreeMap<String, RouteOverride>) -> Self {
-        self.routes.extend(routes);
-        self
-    }
-
-    /// An `api:` route override (in process).
-    pub fn route(mut self, path: &str, settings: RouteOverride) -> Self {
-        self.routes.insert(path.to_owned(), settings);
+    /// An `api:` route override (in process): `skip_auth`, and a deadline other than the
+    /// default.
+    pub fn route(mut self, path: &str, skip_auth: bool, timeout: Option<Duration>) -> Self {
+        self.routes
+            .insert(path.to_owned(), RouteOverride { skip_auth, timeout });
         self
     }
 
