@@ -351,32 +351,33 @@ async fn keystore_failures_map_to_5xx_and_reach_the_error_log() {
     let r = send(&c, Method::POST, "/v1/key/generate/busy", Some(b"{}")).await;
     assert_error(&r, 503, "key store is busy");
     assert_eq!(r.headers["retry-after"], "1");
+    const EMPTY: Option<&[u8]> = Some(b"{}");
     for (method, path, body, status, message) in [
         (
             Method::POST,
             "/v1/key/generate/down",
-            Some(&b"{}"[..]),
+            EMPTY,
             504,
             "key store is not reachable",
         ),
         (
             Method::POST,
             "/v1/key/generate/k",
-            Some(&b"{}"[..]),
+            EMPTY,
             500,
             "failed to generate encryption key",
         ),
         (
             Method::POST,
             "/v1/key/encrypt/k",
-            Some(&b"{}"[..]),
+            EMPTY,
             500,
             "failed to encrypt plaintext",
         ),
         (
             Method::POST,
             "/v1/key/decrypt/k",
-            Some(&b"{}"[..]),
+            EMPTY,
             500,
             "failed to decrypt ciphertext",
         ),
@@ -411,7 +412,7 @@ async fn keystore_failures_map_to_5xx_and_reach_the_error_log() {
         (
             Method::PUT,
             "/v1/key/hmac/nohmac",
-            Some(&b"{}"[..]),
+            EMPTY,
             409,
             "key does not support HMAC",
         ),

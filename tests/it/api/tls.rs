@@ -120,15 +120,7 @@ async fn skip_auth_and_route_timeouts() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_auth_on_verifies_client_chains() {
     let (ca, ca_key) = harness::certs::ca("client CA");
-    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).unwrap();
-    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-    params
-        .distinguished_name
-        .push(rcgen::DnType::CommonName, "minio");
-    params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
-    let leaf = params.signed_by(&key, &ca, &ca_key).unwrap();
-    let id = Identity::from_certificate(leaf.der()).unwrap();
-    let issued = harness::certs::credentials(vec![leaf.der().clone()], &key);
+    let (issued, id) = harness::certs::client_cert_issued_by(&ca, &ca_key, "minio");
     let (self_signed, self_id) = client_cert(&rcgen::PKCS_ED25519);
 
     let mut roots = rustls::RootCertStore::empty();

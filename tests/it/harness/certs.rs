@@ -119,6 +119,24 @@ pub fn credentials(chain: Vec<CertificateDer<'static>>, key: &rcgen::KeyPair) ->
     }
 }
 
+/// An Ed25519 client certificate (extended key usage clientAuth) named `common_name`, issued
+/// by `ca`; its credentials and identity.
+pub fn client_cert_issued_by(
+    ca: &rcgen::Certificate,
+    ca_key: &rcgen::KeyPair,
+    common_name: &str,
+) -> (Credentials, Identity) {
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).unwrap();
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, common_name);
+    params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+    let leaf = params.signed_by(&key, ca, ca_key).unwrap();
+    let identity = Identity::from_certificate(leaf.der()).unwrap();
+    (credentials(vec![leaf.der().clone()], &key), identity)
+}
+
 /// A self-signed client certificate of the given algorithm; returns its credentials and
 /// identity.
 pub fn client_cert(alg: &'static rcgen::SignatureAlgorithm) -> (Credentials, Identity) {
