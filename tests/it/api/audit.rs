@@ -22,11 +22,7 @@ pub(super) async fn audit_stream_delivers(store: Store) {
     let _ = stranger.delete_key(&k).await;
     let mut events = Vec::new();
     for _ in 0..4 {
-        let line = tokio::time::timeout(Duration::from_secs(5), audit.next_line())
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap();
+        let line = harness::http::next_line(&mut audit).await;
         let text = String::from_utf8(line.to_vec()).unwrap();
         assert!(
             !text.contains(&b64e(&g.plaintext.0)),

@@ -447,11 +447,7 @@ async fn keystore_failures_map_to_5xx_and_reach_the_error_log() {
     assert_eq!(s["keystore_unreachable"], true);
     assert!(s.get("keystore_latency").is_none() && s.get("keystore_unavailable").is_none());
 
-    let line = tokio::time::timeout(Duration::from_secs(5), errors_stream.next_line())
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    let line = harness::http::next_line(&mut errors_stream).await;
     let e: api::ErrorEvent = serde_json::from_slice(&line).unwrap();
     assert!(
         e.message.contains("level=ERROR") && e.message.contains("key store is busy"),
@@ -561,11 +557,7 @@ async fn route_deadline_aborts_the_request() {
     c.describe_key("slow").await.unwrap();
     let mut audit = c.stream("/v1/log/audit").await.unwrap();
     let _ = c.generate_key("slow", b"").await;
-    let line = tokio::time::timeout(Duration::from_secs(5), audit.next_line())
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    let line = harness::http::next_line(&mut audit).await;
     let event: api::AuditEvent = serde_json::from_slice(&line).unwrap();
     assert_eq!(
         (event.request.path.as_str(), event.response.code),

@@ -90,3 +90,12 @@ pub async fn assert_not_allowed(c: &Client, method: Method, path: &str) {
     )
     .await;
 }
+
+/// The next line of a log stream (`/v1/log/audit`, `/v1/log/error`), within 5 s.
+pub async fn next_line(stream: &mut kesh::client::LineStream) -> Bytes {
+    tokio::time::timeout(std::time::Duration::from_secs(5), stream.next_line())
+        .await
+        .expect("a line within 5 s")
+        .unwrap()
+        .expect("the stream is open")
+}
