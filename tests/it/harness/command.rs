@@ -45,8 +45,9 @@ impl Run {
     pub fn ok(&self) -> String {
         assert!(
             self.out.status.success(),
-            "`kesh {}` failed: {}\nstdout: {}",
+            "`kesh {}` failed ({}): {}\nstdout: {}",
             self.args,
+            self.out.status,
             self.stderr(),
             self.stdout()
         );
