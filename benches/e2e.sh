@@ -56,9 +56,7 @@ export KESH_PIN=$PIN
 # another process writes, nor loads the 10,000-key token into its memory.
 conf() { echo "$work/softhsm-$1/softhsm2.conf"; }
 for t in hsm bulk lat sweep cnt; do
-  mkdir -p "$work/softhsm-$t/tokens"
-  printf 'directories.tokendir = %s\nobjectstore.backend = file\nlog.level = ERROR\nslots.removable = false\n' \
-    "$work/softhsm-$t/tokens" >"$(conf "$t")"
+  softhsm-tests/softhsm-conf "$work/softhsm-$t" >/dev/null
   SOFTHSM2_CONF=$(conf "$t") softhsm2-util --init-token --free --label "e2e-$t" \
     --so-pin "$PIN" --pin "$PIN" >/dev/null
 done

@@ -95,14 +95,8 @@ trap cleanup EXIT
 trap 'exit 130' INT TERM
 
 # --- 2. token -------------------------------------------------------------------------------
-mkdir -p "$work/tokens"
-cat >"$work/softhsm2.conf" <<CONF
-directories.tokendir = $work/tokens
-objectstore.backend = file
-log.level = ERROR
-slots.removable = false
-CONF
-export SOFTHSM2_CONF="$work/softhsm2.conf"
+SOFTHSM2_CONF=$(softhsm-tests/softhsm-conf "$work")
+export SOFTHSM2_CONF
 label="kesh-scale-out-$$"
 KESH_PIN=$(od -An -N8 -tx1 /dev/urandom | tr -d ' \n')
 export KESH_PIN

@@ -5,190 +5,54 @@
 //! Each test runs its own server process: recovery finalizes and re-initializes the module,
 //! which must not disturb the other tests' keystores in this process.
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
 
 use http::{Method, StatusCode};
-use kesh::client::{Client, ClientError, Credentials, ServerTrust};
-use kesh::identity::ApiKey;
+use kesh::client::{Client, ClientError};
 
-use crate::harness;
+use crate::harness::shim::now_ms;
+use crate::harness::{self, server, ServerBuilder, ServerProcess};
 
-/// The shim, built next to this test binary by `cargo build -p kesh-fault-shim`.
-pub(crate) fn shim_path() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let dir = exe.parent().and_then(Path::parent).unwrap();
-    let shim = dir.join("libkesh_fault_shim.so");
-    assert!(
-        shim.exists(),
-        "{} is missing: run `cargo build -p kesh-fault-shim` (softhsm-tests/run does)",
-        shim.display()
-    );
-    shim
+/// A `kesh server` on the faults token, loading SoftHSM through the shim, which applies
+/// `rules` from its first call and counts calls ([`ServerProcess::calls`]).
+pub(crate) fn faulty_server(sessions: u64, session_wait: &str, rules: &str) -> ServerBuilder {
+    server()
+        .pkcs11(&harness::tokens().faults)
+        .pkcs11_setting("sessions", sessions)
+        .pkcs11_setting("session_wait", session_wait)
+        .fault_shim(rules)
 }
 
-pub(crate) fn now_ms() -> u128 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_millis()
-}
-
-/// A `kesh server` on the faults token, loading SoftHSM through the shim, which counts its
-/// calls ([`FaultyServer::calls`]).
-pub(crate) struct FaultyServer {
-    pub(crate) child: Child,
-    control: PathBuf,
-    stats: PathBuf,
-    pub(crate) client: Client,
-    dir: tempfile::TempDir,
-}
-
-/// Writes the certificate, config and fault rules of a faulty server into `dir`; returns its
-/// admin key and the command that starts it.
-fn faulty_server_command(
-    dir: &Path,
-    sessions: usize,
-    session_wait: &str,
-    rules: &str,
-) -> (ApiKey, Command) {
-    let token = harness::tokens().faults.clone();
-    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
-    let cert = rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned()])
-        .unwrap()
-        .self_signed(&key)
-        .unwrap();
-    std::fs::write(dir.join("key.pem"), key.serialize_pem()).unwrap();
-    std::fs::write(dir.join("cert.pem"), cert.pem()).unwrap();
-    std::fs::write(dir.join("faults"), rules).unwrap();
-    let admin = ApiKey::generate().unwrap();
-    let config = dir.join("kesh.yaml");
-    std::fs::write(
-        &config,
-        format!(
-            "address: 127.0.0.1:0\nadmin:\n  identity: {id}\ntls:\n  key: {d}/key.pem\n  cert: {d}/cert.pem\n\
-             keystore:\n  pkcs11:\n    module: {shim}\n    token: {label}\n    pin_file: {d}/pin\n    \
-             sessions: {sessions}\n    session_wait: {session_wait}\n",
-            id = admin.identity(),
-            d = dir.display(),
-            shim = shim_path().display(),
-            label = token.label,
-        ),
-    )
-    .unwrap();
-    std::fs::write(dir.join("pin"), token.pin().expose()).unwrap();
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_kesh"));
-    cmd.args(["server", "--config", config.to_str().unwrap()])
-        .env("KESH_SHIM_CONTROL", dir.join("faults"))
-        .env("KESH_SHIM_STATS", dir.join("calls"))
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(std::fs::File::create(dir.join("stderr")).unwrap());
-    (admin, cmd)
-}
-
-impl FaultyServer {
-    pub(crate) fn start(sessions: usize, session_wait: &str) -> Self {
-        Self::start_with(sessions, session_wait, "")
-            .unwrap_or_else(|log| panic!("kesh server did not start:\n{log}"))
-    }
-
-    /// A server whose shim applies `rules` from its first call; `Err` holds the server's
-    /// stderr when it exits without serving.
-    pub(crate) fn start_with(
-        sessions: usize,
-        session_wait: &str,
-        rules: &str,
-    ) -> Result<Self, String> {
-        let dir = tempfile::tempdir().unwrap();
-        let (admin, mut cmd) = faulty_server_command(dir.path(), sessions, session_wait, rules);
-        let mut child = cmd.spawn().unwrap();
-        let Some(addr) = harness::try_wait_for_banner(&mut child) else {
-            let _ = child.wait();
-            return Err(std::fs::read_to_string(dir.path().join("stderr")).unwrap_or_default());
-        };
-        let client = Client::new(
-            &addr,
-            Credentials::ApiKey(admin),
-            ServerTrust::DangerInsecure,
-        )
-        .unwrap();
-        Ok(FaultyServer {
-            child,
-            control: dir.path().join("faults"),
-            stats: dir.path().join("calls"),
-            client,
-            dir,
-        })
-    }
-
-    /// What the server wrote to stderr so far.
-    pub(crate) fn stderr(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("stderr")).unwrap_or_default()
-    }
-
-    /// Calls of `function` that reached the shim so far (it writes its counts within 20 ms).
-    pub(crate) async fn calls(&self, function: &str) -> u64 {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        shim_calls(&self.stats, function)
-    }
-
-    /// Replaces the PIN the config's `pin_file:` names.
-    pub(crate) fn write_pin(&self, pin: &str) {
-        std::fs::write(self.dir.path().join("pin"), pin).unwrap();
-    }
-
-    pub(crate) fn inject(&self, rules: &str) {
-        std::fs::write(&self.control, rules).unwrap();
-    }
-
-    pub(crate) async fn status_unreachable(&self) -> bool {
-        let r = self
-            .client
-            .send(Method::GET, "/v1/status", None, None)
-            .await
-            .unwrap();
-        assert_eq!(r.status, StatusCode::OK);
-        let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
-        v["keystore_unreachable"] == serde_json::Value::Bool(true)
-    }
-
-    /// Generates until it works again; returns how long that took.
-    pub(crate) async fn wait_for_recovery(&self, key: &str) -> Duration {
-        let start = Instant::now();
-        loop {
-            match self.client.generate_key(key, b"probe").await {
-                Ok(_) => return start.elapsed(),
-                Err(e) if start.elapsed() < Duration::from_secs(20) => {
-                    assert_server_error(&e);
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-                Err(e) => panic!("kesh did not recover within 20 s: {e}"),
+/// Generates under `key` until it works again; returns how long that took. Every failure
+/// meanwhile is the outage's clear 5xx.
+pub(crate) async fn wait_for_recovery(c: &Client, key: &str) -> Duration {
+    let start = Instant::now();
+    loop {
+        match c.generate_key(key, b"probe").await {
+            Ok(_) => return start.elapsed(),
+            Err(e) if start.elapsed() < Duration::from_secs(20) => {
+                assert_server_error(&e);
+                tokio::time::sleep(Duration::from_millis(50)).await;
             }
+            Err(e) => panic!("kesh did not recover within 20 s: {e}"),
         }
     }
 }
 
-impl Drop for FaultyServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// The count of one function's calls in a shim stats file (0 before its first call).
-fn shim_calls(stats: &Path, function: &str) -> u64 {
-    std::fs::read_to_string(stats)
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| l.split_once(' '))
-        .find(|(f, _)| *f == function)
-        .map_or(0, |(_, n)| n.parse().unwrap())
+/// A new key named after `hint`, and a DEK under it (empty context) made before any fault.
+async fn key_and_dek(
+    c: &Client,
+    hint: &str,
+) -> (kesh::name::KeyName, kesh::api::GenerateKeyResponse) {
+    let key = harness::name(hint);
+    c.create_key(key.as_str()).await.unwrap();
+    let dek = c.generate_key(key.as_str(), b"").await.unwrap();
+    (key, dek)
 }
 
 /// During an outage a request gets a clear 5xx, never a success or a client error.
-fn assert_server_error(e: &ClientError) {
+pub(crate) fn assert_server_error(e: &ClientError) {
     let api = e.api().unwrap_or_else(|| panic!("not an HTTP error: {e}"));
     assert_eq!(
         (api.status, api.message.as_ref()),
@@ -201,8 +65,8 @@ fn assert_server_error(e: &ClientError) {
 /// fast and clearly, `/v1/status` says unreachable, kesh recovers by itself, the old DEK
 /// still decrypts, and no key was duplicated or lost.
 async fn outage(rv: &str) {
-    let srv = FaultyServer::start(2, "2s");
-    let c = &srv.client;
+    let srv = faulty_server(2, "2s", "").spawn();
+    let c = &srv.client();
     let key = harness::name(&format!("fault-{}", rv.to_lowercase().replace('_', "-")));
     let key = key.as_str();
     c.create_key(key).await.unwrap();
@@ -225,7 +89,7 @@ async fn outage(rv: &str) {
     );
     assert_server_error(&c.create_key(&format!("{key}-during")).await.unwrap_err());
 
-    let recovered = srv.wait_for_recovery(key).await;
+    let recovered = wait_for_recovery(c, key).await;
     let since_fault = t.elapsed();
     // Requests fail fast during the fault, and service is back within the recovery backoff
     // cap (plus a reconnect) of the fault's end.
@@ -293,12 +157,10 @@ async fn token_not_present() {
 /// failing keeps kesh out of service — answering, not hanging — until the HSM is back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn initialize_fails_until_cleared() {
-    let srv = FaultyServer::start(2, "2s");
-    let c = &srv.client;
-    let key = harness::name("fault-init");
+    let srv = faulty_server(2, "2s", "").spawn();
+    let c = &srv.client();
+    let (key, before) = key_and_dek(c, "fault-init").await;
     let key = key.as_str();
-    c.create_key(key).await.unwrap();
-    let before = c.generate_key(key, b"").await.unwrap();
     srv.inject("fail CKR_DEVICE_ERROR C_Encrypt count=1\nfail CKR_GENERAL_ERROR C_Initialize\n");
     assert_server_error(&c.generate_key(key, b"").await.unwrap_err());
     for _ in 0..5 {
@@ -310,7 +172,7 @@ async fn initialize_fails_until_cleared() {
         assert_server_error(&c.generate_key(key, b"").await.unwrap_err());
     }
     srv.inject("");
-    let recovered = srv.wait_for_recovery(key).await;
+    let recovered = wait_for_recovery(c, key).await;
     let plain = c.decrypt(key, &before.ciphertext.0, b"").await.unwrap();
     assert_eq!(&plain.0[..], &before.plaintext.0[..]);
     assert!(
@@ -326,17 +188,16 @@ async fn initialize_fails_until_cleared() {
 /// KES client retries 503), the others succeed, and nothing is lost.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn full_session_pool_answers_503_retry_after() {
-    let srv = FaultyServer::start(1, "100ms");
-    let key = harness::name("fault-busy");
+    let srv = faulty_server(1, "100ms", "").spawn();
+    let c = srv.client();
+    let (key, before) = key_and_dek(&c, "fault-busy").await;
     let key = key.as_str().to_owned();
-    srv.client.create_key(&key).await.unwrap();
-    let before = srv.client.generate_key(&key, b"").await.unwrap();
     srv.inject("latency 400000 C_Encrypt\n");
     let body = bytes::Bytes::from_static(b"{}");
     let path = format!("/v1/key/generate/{key}");
     let calls: Vec<_> = (0..4)
         .map(|_| {
-            srv.client.send(
+            c.send(
                 Method::POST,
                 &path,
                 Some(body.clone()),
@@ -363,12 +224,8 @@ async fn full_session_pool_answers_503_retry_after() {
         "four calls on one 400 ms session with a 100 ms wait: some must be refused"
     );
     srv.inject("");
-    srv.client.generate_key(&key, b"").await.unwrap();
-    let plain = srv
-        .client
-        .decrypt(&key, &before.ciphertext.0, b"")
-        .await
-        .unwrap();
+    c.generate_key(&key, b"").await.unwrap();
+    let plain = c.decrypt(&key, &before.ciphertext.0, b"").await.unwrap();
     assert_eq!(&plain.0[..], &before.plaintext.0[..]);
 }
 
@@ -378,12 +235,10 @@ async fn full_session_pool_answers_503_retry_after() {
 /// reused one). A modest extra length within the cap is still granted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_module_asking_for_a_huge_output_buffer_is_refused_and_its_session_closed() {
-    let mut srv = FaultyServer::start(1, "2s");
-    let key = harness::name("fault-toosmall");
+    let mut srv = faulty_server(1, "2s", "").spawn();
+    let c = &srv.client();
+    let (key, dek) = key_and_dek(c, "fault-toosmall").await;
     let key = key.as_str();
-    let c = &srv.client;
-    c.create_key(key).await.unwrap();
-    let dek = c.generate_key(key, b"").await.unwrap();
 
     srv.inject("toosmall 60 C_Encrypt count=1\n");
     let grown = c.generate_key(key, b"").await.unwrap();
@@ -413,12 +268,15 @@ async fn a_module_asking_for_a_huge_output_buffer_is_refused_and_its_session_clo
             assert_eq!(fresh.plaintext.0.len(), 32);
         }
     }
-    assert!(srv.child.try_wait().unwrap().is_none(), "the server lives");
+    assert!(
+        srv.child().try_wait().unwrap().is_none(),
+        "the server lives"
+    );
 }
 
 /// The shim's `C_Login` count once it has been steady for a moment (recovery runs in the
 /// background).
-async fn logins_settled(srv: &FaultyServer, at_least: u64) -> u64 {
+async fn logins_settled(srv: &ServerProcess, at_least: u64) -> u64 {
     let start = Instant::now();
     loop {
         let n = srv.calls("C_Login").await;
@@ -434,12 +292,10 @@ async fn logins_settled(srv: &FaultyServer, at_least: u64) -> u64 {
 /// serves again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_pin_is_never_retried_until_the_operator_reloads() {
-    let srv = FaultyServer::start(2, "2s");
-    let c = &srv.client;
-    let key = harness::name("fault-pin");
+    let srv = faulty_server(2, "2s", "").spawn();
+    let c = &srv.client();
+    let (key, dek) = key_and_dek(c, "fault-pin").await;
     let key = key.as_str();
-    c.create_key(key).await.unwrap();
-    let dek = c.generate_key(key, b"").await.unwrap();
     let at_start = srv.calls("C_Login").await;
     assert_eq!(at_start, 1, "one login at start");
 
@@ -469,7 +325,7 @@ async fn a_refused_pin_is_never_retried_until_the_operator_reloads() {
     assert!(log.contains("reload (SIGHUP"), "{log}");
 
     // A reload with the token still refusing: exactly one attempt, still out of service.
-    crate::api::signal(&srv.child, "-HUP");
+    srv.signal("-HUP");
     assert_eq!(logins_settled(&srv, 3).await, 3);
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(srv.calls("C_Login").await, 3, "one login per reload");
@@ -479,8 +335,8 @@ async fn a_refused_pin_is_never_retried_until_the_operator_reloads() {
     srv.inject("");
     srv.write_pin(harness::tokens().faults.pin().expose());
     let t = Instant::now();
-    crate::api::signal(&srv.child, "-HUP");
-    let back = srv.wait_for_recovery(key).await;
+    srv.signal("-HUP");
+    let back = wait_for_recovery(c, key).await;
     assert!(
         t.elapsed() < Duration::from_secs(5),
         "served {back:?} after the reload"
@@ -498,14 +354,12 @@ async fn a_refused_pin_is_never_retried_until_the_operator_reloads() {
 /// A start with a PIN the token refuses is one login attempt, then a clear error and exit.
 #[test]
 fn a_start_with_a_refused_pin_makes_one_login_attempt() {
-    let dir = tempfile::tempdir().unwrap();
-    let (_, mut cmd) =
-        faulty_server_command(dir.path(), 2, "2s", "fail CKR_PIN_INCORRECT C_Login\n");
-    let out = cmd.stdout(Stdio::null()).status().unwrap();
+    let srv = faulty_server(2, "2s", "fail CKR_PIN_INCORRECT C_Login\n").prepare();
+    let out = srv.command().stdout(Stdio::null()).status().unwrap();
     assert!(!out.success());
-    let log = std::fs::read_to_string(dir.path().join("stderr")).unwrap();
+    let log = srv.stderr();
     assert!(log.contains("refused the PIN"), "{log}");
-    assert_eq!(shim_calls(&dir.path().join("calls"), "C_Login"), 1, "{log}");
+    assert_eq!(srv.calls_now("C_Login"), 1, "{log}");
 }
 
 /// Round trips: once the HSM's random bytes are drawn in bulk, a generate is
@@ -513,10 +367,10 @@ fn a_start_with_a_refused_pin_makes_one_login_attempt() {
 /// `C_GenerateRandom` per 4 KiB (about 90 generates).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_generate_is_two_device_calls_with_the_random_pool_warm() {
-    let srv = FaultyServer::start(2, "2s");
+    let srv = faulty_server(2, "2s", "").spawn();
     let key = harness::name("fault-calls");
     let key = key.as_str();
-    let c = &srv.client;
+    let c = &srv.client();
     c.create_key(key).await.unwrap();
     for _ in 0..5 {
         c.generate_key(key, b"").await.unwrap();

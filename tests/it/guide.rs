@@ -7,8 +7,9 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
-use crate::cli::{CLIENT_VARS, KES_VECTOR};
+use crate::cli::KES_VECTOR;
 use crate::harness;
+use crate::harness::command::{kesh, kesh_cmd};
 
 const GUIDE: &str = include_str!("../../docs/minio.md");
 
@@ -133,16 +134,16 @@ impl Walk {
             .map(|(k, v)| format!("{k}={v}\n"))
             .collect();
         std::fs::write(etc.join("kesh.env"), env_file).unwrap();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_kesh"))
-            .args(["server", "--config"])
+        // The config is install.md's, where `kesh migrate --to` finds it: the one config
+        // a test writes itself.
+        let mut cmd = Command::new(harness::command::BIN);
+        cmd.args(["server", "--config"])
             .arg(etc.join("config.yaml"))
             .envs(&self.kesh_env)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .stdin(Stdio::null())
-            .spawn()
-            .unwrap();
-        let addr = harness::wait_for_banner(&mut child);
+            .stderr(Stdio::null());
+        let (child, banner) =
+            harness::server::start_child(&mut cmd).expect("the guide's server serves");
+        let addr = banner.addr;
         self.server = Some((child, addr.clone()));
         addr
     }
@@ -168,14 +169,8 @@ impl Walk {
         if words.get(first_cmd) != Some(&"kesh") {
             return; // chgrp, mc, …: not kesh's
         }
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_kesh"));
-        cmd.args(&words[first_cmd + 1..])
-            .current_dir(self.work())
-            .stdin(Stdio::null());
-        for v in CLIENT_VARS {
-            cmd.env_remove(v);
-        }
-        cmd.envs(&self.exported);
+        let mut cmd = kesh_cmd(&[], &words[first_cmd + 1..]);
+        cmd.current_dir(self.work()).envs(&self.exported);
         for pair in &words[..first_cmd] {
             let (k, v) = pair.split_once('=').unwrap();
             cmd.env(k, v);
@@ -264,8 +259,15 @@ fn minio_guide_step_by_step() {
     // The server knows the key `kesh migrate` wrote onto its token, under its KES name (a
     // listing would show it once the index is rescanned, within 5 s; a lookup at once).
     let addr = walk.server_addr();
-    let out = Command::new(env!("CARGO_BIN_EXE_kesh"))
-        .args([
+    let path = |p: &str| walk.path(p).display().to_string();
+    let (ca, cert, key) = (
+        path("etc/kesh/tls/server.crt"),
+        path("etc/kesh/tls/admin.crt"),
+        path("etc/kesh/tls/admin.key"),
+    );
+    let info = kesh(
+        &[("KES_CLIENT_CERT", &cert), ("KES_CLIENT_KEY", &key)],
+        &[
             "key",
             "info",
             "minio-from-kes",
@@ -273,18 +275,9 @@ fn minio_guide_step_by_step() {
             "-s",
             &addr,
             "--ca",
-        ])
-        .arg(walk.path("etc/kesh/tls/server.crt"))
-        .env("KES_CLIENT_CERT", walk.path("etc/kesh/tls/admin.crt"))
-        .env("KES_CLIENT_KEY", walk.path("etc/kesh/tls/admin.key"))
-        .env_remove("KES_API_KEY")
-        .env_remove("KES_SERVER")
-        .output()
-        .unwrap();
-    let info = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success() && info.contains("minio-from-kes"),
-        "{info}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+            &ca,
+        ],
+    )
+    .ok();
+    assert!(info.contains("minio-from-kes"), "{info}");
 }

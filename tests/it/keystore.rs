@@ -326,35 +326,28 @@ async fn has_kwp(ks: &Store) -> bool {
 
 async fn format_vectors(ks: Store) {
     let dek: Vec<u8> = (0x40..0x60).collect();
-    let gcm = harness::name("fmt-gcm");
-    ks.import(
-        &gcm,
-        import(FORMAT_KEY, Scheme::Gcm, HmacKeySource::Generate),
-    )
-    .await
-    .unwrap();
-    assert_eq!(
-        &ks.decrypt(&gcm, &b64(FORMAT_GCM), FORMAT_CONTEXT)
-            .await
-            .unwrap()[..],
-        &dek[..]
-    );
+    // The format key imported under `scheme` opens that scheme's vector.
+    let imported = |hint: &'static str, scheme: Scheme, vector: &'static str| {
+        let ks = &ks;
+        async move {
+            let name = harness::name(hint);
+            ks.import(&name, import(FORMAT_KEY, scheme, HmacKeySource::Generate))
+                .await
+                .unwrap();
+            let opened = ks
+                .decrypt(&name, &b64(vector), FORMAT_CONTEXT)
+                .await
+                .unwrap();
+            (name, opened)
+        }
+    };
+    let (_, opened) = imported("fmt-gcm", Scheme::Gcm, FORMAT_GCM).await;
+    assert_eq!(&opened[..], &dek[..]);
     if !has_kwp(&ks).await {
         return;
     }
-    let kwp = harness::name("fmt-kwp");
-    ks.import(
-        &kwp,
-        import(FORMAT_KEY, Scheme::Kwp, HmacKeySource::Generate),
-    )
-    .await
-    .unwrap();
-    assert_eq!(
-        &ks.decrypt(&kwp, &b64(FORMAT_KWP), FORMAT_CONTEXT)
-            .await
-            .unwrap()[..],
-        &dek[..]
-    );
+    let (kwp, opened) = imported("fmt-kwp", Scheme::Kwp, FORMAT_KWP).await;
+    assert_eq!(&opened[..], &dek[..]);
     assert_eq!(
         &ks.decrypt(&kwp, &b64(FORMAT_KWP_SHORT), FORMAT_CONTEXT)
             .await

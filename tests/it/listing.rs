@@ -5,19 +5,23 @@ use std::time::{Duration, Instant};
 
 use kesh::keystore::pkcs11::ephemeral::EphemeralToken;
 
-use crate::cli::Server;
-use crate::harness;
+use crate::harness::{self, server, ServerProcess};
 
 /// Two servers on `token`, with only module, token and PIN configured: the profile is the
 /// one detected from the module.
-fn two_servers(token: &EphemeralToken) -> (Server, Server) {
+fn two_servers(token: &EphemeralToken) -> (ServerProcess, ServerProcess) {
     let keystore = format!(
         "  pkcs11:\n    module: {}\n    token: {}\n    pin: ${{KESH_PIN}}\n",
         token.module.display(),
         token.label
     );
     let pin = token.pin().expose().to_owned();
-    let start = || Server::start_env("", &keystore, &[("KESH_PIN", pin.as_str())]);
+    let start = || {
+        server()
+            .keystore_yaml(&keystore)
+            .env("KESH_PIN", &pin)
+            .spawn()
+    };
     (start(), start())
 }
 

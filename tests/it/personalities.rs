@@ -7,15 +7,14 @@
 //! conformance matrix in the README cannot drift from what kesh does.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use kesh::client::{Client, Credentials, ServerTrust};
-use kesh::identity::ApiKey;
+use kesh::client::Client;
 use kesh::keystore::pkcs11::ephemeral::EphemeralToken;
 use kesh::keystore::Scheme;
 
-use crate::harness;
+use crate::harness::{self, server, ServerProcess};
 
 /// What the server's log must name when a create is refused by design: the call and code the
 /// vendor documents.
@@ -68,106 +67,46 @@ fn profile_keystore(profile: &str) -> serde_yaml::Mapping {
 /// restartable on the same token and configuration.
 struct Persona {
     profile: &'static str,
-    dir: tempfile::TempDir,
-    admin: ApiKey,
-    child: Option<Child>,
+    srv: ServerProcess,
 }
 
 impl Persona {
-    fn new(profile: &'static str, token: &EphemeralToken) -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let d = dir.path();
-        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
-        let cert = rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned()])
-            .unwrap()
-            .self_signed(&key)
-            .unwrap();
-        std::fs::write(d.join("key.pem"), key.serialize_pem()).unwrap();
-        std::fs::write(d.join("cert.pem"), cert.pem()).unwrap();
-        std::fs::write(d.join("faults"), "").unwrap();
-        harness::write_private(&d.join("pin"), token.pin().expose());
-        let mut ks = profile_keystore(profile);
-        ks.insert(
-            "module".into(),
-            crate::faults::shim_path().display().to_string().into(),
-        );
-        ks.insert("token".into(), token.label.clone().into());
-        ks.remove("pin");
-        ks.insert(
-            "pin_file".into(),
-            d.join("pin").display().to_string().into(),
-        );
-        let admin = ApiKey::generate().unwrap();
-        let config = format!(
-            "address: 127.0.0.1:0\nadmin:\n  identity: {id}\ntls:\n  key: {d}/key.pem\n  cert: {d}/cert.pem\n{ks}",
-            id = admin.identity(),
-            d = d.display(),
-            ks = serde_yaml::to_string(&serde_yaml::Mapping::from_iter([(
-                "keystore".into(),
-                serde_yaml::Mapping::from_iter([("pkcs11".into(), ks.into())]).into()
-            )]))
-            .unwrap(),
-        );
-        std::fs::write(d.join("kesh.yaml"), config).unwrap();
-        Persona {
-            profile,
-            dir,
-            admin,
-            child: None,
-        }
+    fn new(profile: &'static str, token: &Arc<EphemeralToken>) -> Self {
+        let srv = server()
+            .pkcs11(token)
+            .pkcs11_settings(profile_keystore(profile))
+            .fault_shim("")
+            .shim_personality(profile)
+            .prepare();
+        Persona { profile, srv }
     }
 
     /// Starts the server; `Err` holds its stderr when it exits without serving.
     fn start(&mut self) -> Result<Client, String> {
-        let d = self.dir.path();
-        let stderr = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(d.join("stderr"))
-            .unwrap();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_kesh"))
-            .args(["server", "--config", d.join("kesh.yaml").to_str().unwrap()])
-            .env("KESH_SHIM_PERSONALITY", self.profile)
-            .env("KESH_SHIM_CONTROL", d.join("faults"))
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(stderr)
-            .spawn()
-            .unwrap();
-        let Some((addr, keystore)) = banner(&mut child) else {
-            let _ = child.wait();
-            return Err(self.stderr());
-        };
+        self.srv.start()?;
         // The shim answered as the vendor's module: its C_GetInfo manufacturer is what kesh
         // names the keystore by.
         let maker = kesh_fault_shim_manufacturer(self.profile);
-        if !keystore.contains(maker) {
-            let _ = child.kill();
-            let _ = child.wait();
-            return Err(format!("banner keystore line {keystore:?} lacks {maker:?}"));
+        if !self.srv.keystore_line.contains(maker) {
+            self.srv.stop();
+            return Err(format!(
+                "banner keystore line {:?} lacks {maker:?}",
+                self.srv.keystore_line
+            ));
         }
-        self.child = Some(child);
-        Ok(Client::new(
-            &addr,
-            Credentials::ApiKey(ApiKey::parse(&self.admin.expose_text()).unwrap()),
-            ServerTrust::DangerInsecure,
-        )
-        .unwrap())
+        Ok(self.srv.client())
     }
 
     fn stop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        self.srv.stop();
     }
 
     fn stderr(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("stderr")).unwrap_or_default()
+        self.srv.stderr()
     }
 
     fn inject(&self, rules: &str) {
-        std::fs::write(self.dir.path().join("faults"), rules).unwrap();
+        self.srv.inject(rules);
     }
 }
 
@@ -180,32 +119,6 @@ fn kesh_fault_shim_manufacturer(profile: &str) -> &'static str {
         "yubihsm" => "Yubico (www.yubico.com)",
         "utimaco" => "Utimaco IS GmbH",
         other => panic!("no personality {other}"),
-    }
-}
-
-/// [`harness::try_wait_for_banner`], also returning the banner's keystore line.
-fn banner(child: &mut Child) -> Option<(String, String)> {
-    use std::io::{BufRead, BufReader};
-    let mut lines = BufReader::new(child.stdout.take()?).lines();
-    let (mut addr, mut keystore) = (None, String::new());
-    for line in lines.by_ref() {
-        let line = line.ok()?;
-        if let Some(rest) = line.strip_prefix("API         · https://") {
-            addr = Some(rest.trim().to_owned());
-        } else if line.starts_with("Keystore") {
-            keystore = line;
-        } else if line.contains("Server is up and running") {
-            break;
-        }
-    }
-    // Audit records follow on stdout: keep draining so the server never stalls on a full pipe.
-    std::thread::spawn(move || for _ in lines {});
-    Some((addr?, keystore))
-}
-
-impl Drop for Persona {
-    fn drop(&mut self) {
-        self.stop();
     }
 }
 

@@ -9,8 +9,9 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::faults::{now_ms, FaultyServer};
+use crate::faults::{faulty_server, wait_for_recovery};
 use crate::harness;
+use crate::harness::shim::now_ms;
 
 const CLIENTS: usize = 6;
 
@@ -42,8 +43,10 @@ async fn soak() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(8);
-    let srv = Arc::new(FaultyServer::start(4, "2s"));
-    let pid = srv.child.id();
+    let srv = faulty_server(4, "2s", "").spawn();
+    // One client, shared by every load task.
+    let shared = Arc::new(srv.client());
+    let pid = srv.pid();
     let started = Instant::now();
     let run_for = Duration::from_secs(secs);
     // The outage: from 40% of the run, for 1 s (or a tenth of a long run).
@@ -62,13 +65,14 @@ async fn soak() {
     };
 
     let base = harness::name("soak");
-    srv.client.create_key(base.as_str()).await.unwrap();
+    shared.create_key(base.as_str()).await.unwrap();
     let mut baseline = None;
     let mut tasks = Vec::new();
     for client in 0..CLIENTS {
-        let (srv, sealed, tally, base) = (srv.clone(), sealed.clone(), tally.clone(), base.clone());
+        let (shared, sealed, tally, base) =
+            (shared.clone(), sealed.clone(), tally.clone(), base.clone());
         tasks.push(tokio::spawn(async move {
-            let c = &srv.client;
+            let c = &*shared;
             let mut i = 0u64;
             while started.elapsed() < run_for {
                 i += 1;
@@ -166,14 +170,13 @@ async fn soak() {
         t.await.unwrap();
     }
     srv.inject("");
-    srv.wait_for_recovery(base.as_str()).await;
+    wait_for_recovery(&shared, base.as_str()).await;
 
     // Every DEK generated during the run, outage or not, still decrypts.
     let sealed = std::mem::take(&mut *sealed.lock().unwrap());
     for s in &sealed {
         let (name, ctx) = s.key.split_once('|').unwrap();
-        let got = srv
-            .client
+        let got = shared
             .decrypt(name, &s.ciphertext, ctx.as_bytes())
             .await
             .unwrap();

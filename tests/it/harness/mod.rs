@@ -1,10 +1,29 @@
-//! Builds the keystores the suites run against, and small helpers.
+//! Everything the suites share: the keystores they run against (here), the certificates
+//! ([`certs`]), every server a test starts ([`server`]: one builder for in-process servers and
+//! `kesh server` children), the `kesh` command runner ([`command`]), request-and-assert helpers
+//! ([`http`]), the fault shim ([`shim`]) and SoftHSM's configuration file ([`softhsm`]).
+//! Test modules must not write certificates, configurations or start servers themselves.
 //!
 //! Three backends: the soft keystore, SoftHSM and Kryoptic (a second, independent PKCS#11
 //! token). Both tokens are required: a missing module fails the test with the command that
 //! provides it, never a skip.
 
 #![allow(dead_code)]
+
+pub mod certs;
+pub mod command;
+pub mod http;
+pub mod raw_tls;
+pub mod server;
+pub mod shim;
+pub mod softhsm;
+
+pub use certs::{client_cert, ServerCerts};
+pub use command::kesh;
+pub use http::{
+    assert_empty_ok, assert_error, assert_not_allowed, assert_request_error, json, send,
+};
+pub use server::{server, ServerBuilder, ServerProcess, TestPolicy};
 
 use std::sync::Arc;
 
@@ -85,8 +104,12 @@ impl Store {
     }
 }
 
+/// How to get SoftHSM, for a test that finds it missing.
+const SOFTHSM_HINT: &str = "SoftHSM is required for this test: run softhsm-tests/run, which \
+    installs it and makes the suite's tokens (or `apt-get install softhsm2`)";
+
 fn token() -> EphemeralToken {
-    EphemeralToken::create().unwrap_or_else(|e| panic!("SoftHSM is required for this test: {e}"))
+    EphemeralToken::create().unwrap_or_else(|e| panic!("{SOFTHSM_HINT}: {e}"))
 }
 
 /// The suite's tokens, all made before any test touches one: SoftHSM grows its slot list
@@ -131,7 +154,7 @@ pub fn tokens() -> &'static Tokens {
             std::env::var("KESH_TEST_TOKEN_PIN"),
         ) {
             (Ok(label), Ok(pin)) => EphemeralToken::existing(label, kesh::secret::Pin::new(pin))
-                .unwrap_or_else(|e| panic!("SoftHSM is required for this test: {e}")),
+                .unwrap_or_else(|e| panic!("{SOFTHSM_HINT}: {e}")),
             _ => token(),
         };
         Tokens {
@@ -310,6 +333,26 @@ pub fn report(line: &str) {
     }
 }
 
+/// The lines of a `keystore:` section for the soft keystore in directory `path`, its keys
+/// sealed under the KEK in `kek_file`.
+pub fn soft_keystore_section(path: &std::path::Path, kek_file: &std::path::Path) -> String {
+    format!(
+        "  soft:\n    path: {}\n    kek_file: {}\n",
+        path.display(),
+        kek_file.display()
+    )
+}
+
+/// A config holding only that soft keystore: what `kesh migrate --to` takes.
+pub fn write_soft_keystore_config(
+    config: &std::path::Path,
+    path: &std::path::Path,
+    kek_file: &std::path::Path,
+) {
+    let section = soft_keystore_section(path, kek_file);
+    std::fs::write(config, format!("keystore:\n{section}")).unwrap();
+}
+
 /// Writes a file only its owner can read, as a KEK or PIN file must be.
 pub fn write_private(path: &std::path::Path, contents: impl AsRef<[u8]>) {
     use std::os::unix::fs::PermissionsExt;
@@ -363,28 +406,4 @@ macro_rules! on_every_keystore {
                async fn $case() { super::$case($crate::harness::kryoptic().await).await } )*
         }
     };
-}
-
-/// Reads a `kesh server` child's banner up to "Server is up and running" and returns the API
-/// address it printed. Keeps draining stdout afterwards: audit records go there, and a full
-/// pipe would stall the server.
-pub fn wait_for_banner(child: &mut std::process::Child) -> String {
-    try_wait_for_banner(child).expect("the server printed its address")
-}
-
-/// [`wait_for_banner`], `None` when the server exits without serving.
-pub fn try_wait_for_banner(child: &mut std::process::Child) -> Option<String> {
-    use std::io::{BufRead, BufReader};
-    let mut lines = BufReader::new(child.stdout.take().expect("stdout is piped")).lines();
-    let mut addr = None;
-    for line in lines.by_ref() {
-        let line = line.expect("banner line");
-        if let Some(rest) = line.strip_prefix("API         · https://") {
-            addr = Some(rest.trim().to_owned());
-        } else if line.contains("Server is up and running") {
-            break;
-        }
-    }
-    std::thread::spawn(move || for _ in lines {});
-    addr
 }
