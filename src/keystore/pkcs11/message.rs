@@ -182,18 +182,14 @@ impl MessageCalls {
     ) -> Result<Vec<u8>, CkError> {
         let mut out = vec![0u8; plaintext.len() + TAG_LEN];
         let mut tag = [0u8; TAG_LEN];
-        let body = &mut out[..plaintext.len()];
-        self.one_message(
-            s,
-            Side::Encrypt,
-            key,
-            nonce,
+        let message = Message {
             iv,
             aad,
-            plaintext,
-            body,
-            &mut tag,
-        )?;
+            input: plaintext,
+            output: &mut out[..plaintext.len()],
+            tag: &mut tag,
+        };
+        self.one_message(s, Side::Encrypt, key, nonce, message)?;
         out[plaintext.len()..].copy_from_slice(&tag);
         Ok(out)
     }
@@ -219,35 +215,27 @@ impl MessageCalls {
             CkError::Pkcs11(RvError::EncryptedDataLenRange, Function::DecryptMessage)
         })?;
         let mut out = Zeroizing::new(vec![0u8; body_len]);
-        self.one_message(
-            s,
-            Side::Decrypt,
-            key,
-            nonce,
+        let message = Message {
             iv,
             aad,
-            body,
-            &mut out,
-            &mut tag,
-        )?;
+            input: body,
+            output: &mut out,
+            tag: &mut tag,
+        };
+        self.one_message(s, Side::Decrypt, key, nonce, message)?;
         Ok(out)
     }
 
     /// Prepares the session for `key` if it is not, then makes the one message call. A session
     /// this map believes prepared but the module does not (its handle number was reused after
     /// a close) is prepared once more.
-    #[allow(clippy::too_many_arguments)]
     fn one_message(
         &self,
         s: &Session,
         side: Side,
         key: ObjectHandle,
         nonce: u64,
-        iv: &[u8; 12],
-        aad: &[u8],
-        input: &[u8],
-        output: &mut [u8],
-        tag: &mut [u8; TAG_LEN],
+        mut m: Message,
     ) -> Result<(), CkError> {
         let want = Prepared {
             key: key.handle(),
@@ -261,7 +249,7 @@ impl MessageCalls {
             if !was_prepared {
                 self.prepare(s, side, want)?;
             }
-            match self.message(s, side, iv, aad, input, output, tag) {
+            match self.message(s, side, &mut m) {
                 Err(CkError::Pkcs11(RvError::OperationNotInitialized, _)) if was_prepared => {
                     self.set_prepared(s, side, None);
                     was_prepared = false;
@@ -327,28 +315,18 @@ impl MessageCalls {
         self.calls.finals.fetch_add(1, Ordering::Relaxed);
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn message(
-        &self,
-        s: &Session,
-        side: Side,
-        iv: &[u8; 12],
-        aad: &[u8],
-        input: &[u8],
-        output: &mut [u8],
-        tag: &mut [u8; TAG_LEN],
-    ) -> Result<(), CkError> {
+    fn message(&self, s: &Session, side: Side, m: &mut Message) -> Result<(), CkError> {
         let d = self.direction(side);
-        let mut iv = *iv;
+        let mut iv = *m.iv;
         let mut params = CK_GCM_MESSAGE_PARAMS {
             pIv: iv.as_mut_ptr(),
             ulIvLen: iv.len() as CK_ULONG,
             ulIvFixedBits: 0,
             ivGenerator: CKG_NO_GENERATE,
-            pTag: tag.as_mut_ptr(),
+            pTag: m.tag.as_mut_ptr(),
             ulTagBits: (TAG_LEN * 8) as CK_ULONG,
         };
-        let mut out_len = CK_ULONG::try_from(output.len())?;
+        let mut out_len = CK_ULONG::try_from(m.output.len())?;
         // SAFETY: `params` (with the IV and tag buffers it points to) lives across the call;
         // `aad` and `input` are read-only inputs of the given lengths (PKCS#11 types them
         // non-const but does not write them); `output` is writable for `out_len` bytes, which
@@ -359,21 +337,31 @@ impl MessageCalls {
                 s.handle(),
                 std::ptr::addr_of_mut!(params).cast(),
                 std::mem::size_of::<CK_GCM_MESSAGE_PARAMS>() as CK_ULONG,
-                aad.as_ptr().cast_mut(),
-                CK_ULONG::try_from(aad.len())?,
-                input.as_ptr().cast_mut(),
-                CK_ULONG::try_from(input.len())?,
-                output.as_mut_ptr(),
+                m.aad.as_ptr().cast_mut(),
+                CK_ULONG::try_from(m.aad.len())?,
+                m.input.as_ptr().cast_mut(),
+                CK_ULONG::try_from(m.input.len())?,
+                m.output.as_mut_ptr(),
                 &mut out_len,
             )
         };
         self.calls.messages.fetch_add(1, Ordering::Relaxed);
         Rv::from(rv).into_result(d.names.1)?;
-        if usize::try_from(out_len).ok() != Some(output.len()) {
+        if usize::try_from(out_len).ok() != Some(m.output.len()) {
             return Err(CkError::Pkcs11(RvError::GeneralError, d.names.1));
         }
         Ok(())
     }
+}
+
+/// One message's buffers: the IV and AAD in, the data in and out, and the tag (out when
+/// sealing, in when opening).
+struct Message<'a> {
+    iv: &'a [u8; 12],
+    aad: &'a [u8],
+    input: &'a [u8],
+    output: &'a mut [u8],
+    tag: &'a mut [u8; TAG_LEN],
 }
 
 #[derive(Clone, Copy)]
