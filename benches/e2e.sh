@@ -226,6 +226,10 @@ stop lat
 ceiling=$(SOFTHSM2_CONF=$(conf lat) KESH_SHIM_CONTROL="$work/shim" KESH_CEILING_MODULE="$SHIM" \
   KESH_CEILING_LABEL=e2e-lat KESH_CEILING_PIN=$PIN KESH_CEILING_THREADS=32 \
   cargo run --release --quiet --example shim_ceiling | sed -n 's/^calls_per_sec=//p')
+# One thread: what one call through the shim takes here, the floor under a c=1 latency.
+one_call=$(SOFTHSM2_CONF=$(conf lat) KESH_SHIM_CONTROL="$work/shim" KESH_CEILING_MODULE="$SHIM" \
+  KESH_CEILING_LABEL=e2e-lat KESH_CEILING_PIN=$PIN KESH_CEILING_THREADS=1 \
+  cargo run --release --quiet --example shim_ceiling | sed -n 's/^calls_per_sec=//p')
 
 echo "e2e: Kryoptic, message-based AEAD (one call) vs two calls, c=16" >&2
 KRY_MODULE=$(softhsm-tests/kryoptic build)
@@ -318,7 +322,10 @@ out=benches/RESULTS.md
   done
   for op in generate decrypt; do
     p=$(echo "$(med ".tag==\"latc1\" and .op==\"$op\"" p50_us) / 1000" | bc -l)
-    echo "| $op p50 at c=1, 1 ms per PKCS#11 call: ≤ 2.4 ms | $(num "$p" 2) ms | $(calls_per_op lat "$op") calls/op | $(verdict "$p" '<=' 2.4) |"
+    calls=$(calls_per_op lat "$op")
+    call_ms=$(echo "1000 / $one_call" | bc -l)
+    floor=$(echo "$calls * $call_ms + $(med "$(tsel soft $op 1)" p50_us) / 1000" | bc -l)
+    echo "| $op p50 at c=1, 1 ms per PKCS#11 call: ≤ 2.4 ms | $(num "$p" 2) ms | $calls calls × $(num "$call_ms" 3) ms (one call through the shim, alone) + soft p50 $(num "$(echo "$(med "$(tsel soft $op 1)" p50_us) / 1000" | bc -l)" 3) ms = $(num "$floor" 2) ms | $(verdict "$p" '<=' 2.4) |"
   done
   for op in generate decrypt; do
     v=$(med "$(tsel hsm $op 16)" server.voluntary_switches_per_op)
