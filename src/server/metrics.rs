@@ -18,6 +18,8 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use crate::locks::IgnorePoison;
+
 /// The text exposition content type the reference negotiates by default.
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8; escaping=underscores";
 
@@ -80,12 +82,6 @@ impl Histogram {
         let _ = writeln!(out, "{name}_sum{braces} {sum}");
         let _ = writeln!(out, "{name}_count{braces} {n}");
     }
-}
-
-/// Locks a metrics map. A poisoned lock only means another thread panicked mid-increment;
-/// the counts are still usable.
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// The process-wide registry.
@@ -155,7 +151,7 @@ impl Metrics {
             500..=599 => &self.failure,
             _ => return,
         };
-        *lock(map).entry(status).or_default() += 1;
+        *map.lock().ignore_poison().entry(status).or_default() += 1;
         self.response_time.observe(elapsed);
     }
 
@@ -169,12 +165,19 @@ impl Metrics {
 
     /// One keystore call: its latency by operation and, on failure, its error kind.
     pub fn keystore_call(&self, op: &'static str, elapsed: Duration, error: Option<&'static str>) {
-        lock(&self.keystore_latency)
+        self.keystore_latency
+            .lock()
+            .ignore_poison()
             .entry(op)
             .or_insert_with(|| Histogram::new(&KEYSTORE_BUCKETS))
             .observe(elapsed);
         if let Some(kind) = error {
-            *lock(&self.keystore_errors).entry((op, kind)).or_default() += 1;
+            *self
+                .keystore_errors
+                .lock()
+                .ignore_poison()
+                .entry((op, kind))
+                .or_default() += 1;
             if kind == "busy" {
                 self.keystore_busy.fetch_add(1, Ordering::Relaxed);
             }
@@ -183,7 +186,12 @@ impl Metrics {
 
     /// A data key or plaintext sealed under `key` (the random-IV GCM bound is per key).
     pub fn sealed(&self, key: &str) {
-        *lock(&self.seals).entry(key.to_owned()).or_default() += 1;
+        *self
+            .seals
+            .lock()
+            .ignore_poison()
+            .entry(key.to_owned())
+            .or_default() += 1;
     }
 
     pub fn denied(&self) {
@@ -224,7 +232,7 @@ impl Metrics {
             ("kes_http_request_failure", "Number of request that failed due to some internal failure. (HTTP 5xx status code)", &self.failure),
             ("kes_http_request_success", "Number of requests that have been served successfully.", &self.success),
         ] {
-            let map = lock(map);
+            let map = map.lock().ignore_poison();
             if map.is_empty() {
                 continue;
             }
@@ -355,7 +363,7 @@ impl Metrics {
             self.keystore_busy.load(Ordering::Relaxed)
         );
         {
-            let errors = lock(&self.keystore_errors);
+            let errors = self.keystore_errors.lock().ignore_poison();
             if !errors.is_empty() {
                 family(
                     out,
@@ -372,7 +380,7 @@ impl Metrics {
             }
         }
         {
-            let lat = lock(&self.keystore_latency);
+            let lat = self.keystore_latency.lock().ignore_poison();
             if !lat.is_empty() {
                 family(
                     out,
@@ -410,7 +418,7 @@ impl Metrics {
             self.denials.load(Ordering::Relaxed)
         );
         {
-            let seals = lock(&self.seals);
+            let seals = self.seals.lock().ignore_poison();
             if !seals.is_empty() {
                 family(
                     out,

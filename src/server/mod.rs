@@ -36,6 +36,7 @@ use self::error::{ApiError, BodyKind};
 use self::routes::{Auth, Route, RouteId, RouteSettings};
 use crate::config::server::ServerConfig;
 use crate::identity::{identify_peer, Identity, PeerError};
+use crate::locks::IgnorePoison;
 use crate::name::KeyName;
 use crate::server::audit::{AuditLog, ErrorLog};
 use crate::server::policy::{Authorizer, Permit};
@@ -66,10 +67,7 @@ pub struct State {
 
 impl State {
     pub(crate) fn routes(&self) -> Arc<RouteSettings> {
-        self.routes
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        self.routes.read().ignore_poison().clone()
     }
 }
 
@@ -151,7 +149,7 @@ pub struct ServerHandle {
 impl ServerHandle {
     /// New TLS settings for connections accepted from now on.
     pub fn set_tls(&self, config: Arc<rustls::ServerConfig>) {
-        *self.state.tls.write().unwrap_or_else(|e| e.into_inner()) = TlsAcceptor::from(config);
+        *self.state.tls.write().ignore_poison() = TlsAcceptor::from(config);
     }
 
     /// A new admin and policy set for requests from now on.
@@ -184,7 +182,7 @@ impl ServerHandle {
             .map_err(|e| format!("creating the listed keys: {e}"))?;
         self.set_tls(tls);
         self.set_authorizer(authorizer);
-        *self.state.routes.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(routes);
+        *self.state.routes.write().ignore_poison() = Arc::new(routes);
         Ok(())
     }
 
@@ -254,7 +252,7 @@ impl Server {
                         continue;
                     };
                     let _ = tcp.set_nodelay(true);
-                    let acceptor = self.state.tls.read().unwrap_or_else(|e| e.into_inner()).clone();
+                    let acceptor = self.state.tls.read().ignore_poison().clone();
                     let state = self.state.clone();
                     let watcher = graceful.watcher();
                     tokio::spawn(async move {

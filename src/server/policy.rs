@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use time::OffsetDateTime;
 
 use crate::identity::Identity;
+use crate::locks::IgnorePoison;
 use crate::name::KeyName;
 
 /// Denial lines logged per second at most; the rest are summarised.
@@ -49,7 +50,7 @@ impl DenialLog {
     /// Whether this denial gets its own line; reports the ones that did not first.
     fn admit(&self, now: Instant) -> bool {
         // A poisoned lock holds counters only: keep using them.
-        let mut window = self.window.lock().unwrap_or_else(|e| e.into_inner());
+        let mut window = self.window.lock().ignore_poison();
         let w = window.get_or_insert(DenialWindow {
             started: now,
             logged: 0,

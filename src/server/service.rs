@@ -16,6 +16,7 @@ use crate::identity::Identity;
 use crate::keystore::{
     DataKey, HmacKeySource, ImportKey, KeyInfo, KeyStore, KeystoreError, Provenance, Scheme,
 };
+use crate::locks::IgnorePoison;
 use crate::name::{KeyName, Pattern};
 use crate::secret::{Key32, SecretBytes};
 use crate::server::metrics::Metrics;
@@ -191,15 +192,12 @@ impl Service {
     /// The authorization snapshot in force. The lock only guards the pointer swap; a poisoned
     /// lock still holds a complete snapshot.
     pub fn authorizer(&self) -> Arc<Authorizer> {
-        self.authorizer
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        self.authorizer.read().ignore_poison().clone()
     }
 
     /// Installs a new admin and policy set (SIGHUP). Requests in flight keep the old one.
     pub fn replace_authorizer(&self, authorizer: Authorizer) {
-        *self.authorizer.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(authorizer);
+        *self.authorizer.write().ignore_poison() = Arc::new(authorizer);
     }
 
     pub fn metrics(&self) -> &Arc<Metrics> {

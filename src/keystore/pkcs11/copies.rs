@@ -25,6 +25,7 @@ use cryptoki::session::Session;
 
 use super::error::{classify, Failure};
 use super::objects::Meta;
+use crate::locks::IgnorePoison;
 
 /// How long a copy is used before its token object is checked again.
 pub const RECHECK: Duration = Duration::from_secs(1);
@@ -99,7 +100,7 @@ impl SessionCopies {
 
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
         // Inserts and removes only: a panic elsewhere leaves the map whole.
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+        self.state.lock().ignore_poison()
     }
 
     /// The handle to operate with for the token object `token` of the create with `nonce`:

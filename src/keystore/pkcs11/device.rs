@@ -20,6 +20,7 @@ use super::profile::{self, Profile};
 use super::raw::RawCalls;
 use super::{Pkcs11Config, Settings, TokenSelector};
 use crate::keystore::{KeystoreError, Scheme};
+use crate::locks::IgnorePoison;
 use crate::secret::Pin;
 
 pub struct Device {
@@ -252,7 +253,7 @@ impl Device {
     /// A session for one operation: an idle one, or a new one.
     pub fn checkout(&self, ctx: &Pkcs11) -> Result<Session, CkError> {
         // A poisoned lock only means a panic while pushing or popping a Vec: it is intact.
-        let idle = self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop();
+        let idle = self.idle.lock().ignore_poison().pop();
         match idle {
             Some(s) => Ok(s),
             None => ctx.open_rw_session(self.slot),
@@ -261,9 +262,6 @@ impl Device {
 
     /// Returns a session after a call that left it in a known state.
     pub fn checkin(&self, session: Session) {
-        self.idle
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(session);
+        self.idle.lock().ignore_poison().push(session);
     }
 }

@@ -23,6 +23,7 @@ use super::seal::Key;
 use super::seam::{failure_to_error, OpError, OpResult};
 use super::{changes, Inner, NEGATIVE_TTL_MAX, NEGATIVE_TTL_MIN, TOKEN_WRITES};
 use crate::keystore::{KeyInfo, KeystoreError, Result};
+use crate::locks::IgnorePoison;
 use crate::name::KeyName;
 
 /// A key as the index knows it: handles valid for one device generation.
@@ -75,21 +76,12 @@ impl Inner {
     }
 
     pub(super) fn cached(&self, name: &KeyName) -> Option<Arc<Entry>> {
-        self.index
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .keys
-            .get(name)
-            .cloned()
+        self.index.read().ignore_poison().keys.get(name).cloned()
     }
 
     /// Drops a key from the index, and its session copies with it.
     pub(super) fn forget(&self, name: &KeyName) {
-        let gone = self
-            .index
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .learn(name, None);
+        let gone = self.index.write().ignore_poison().learn(name, None);
         if let (Some(e), Ok(device)) = (gone, self.current_device()) {
             for h in [Some(e.master), e.hmac].into_iter().flatten() {
                 device.copies.forget(h);
@@ -101,7 +93,7 @@ impl Inner {
         let entry = Arc::new(entry);
         self.index
             .write()
-            .unwrap_or_else(|e| e.into_inner())
+            .ignore_poison()
             .learn(&entry.info.name, Some(entry.clone()));
         entry
     }
@@ -204,10 +196,7 @@ impl Inner {
         let _writes = TOKEN_WRITES.lock().await;
         let prefix = self.cfg.prefix.clone();
         self.searches.fetch_add(1, Ordering::Relaxed);
-        self.index
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .learned_during_scan = Some(Vec::new());
+        self.index.write().ignore_poison().learned_during_scan = Some(Vec::new());
         let scanned = self
             .run(move |s, d| {
                 let keys = scan(s, &prefix, d.generation)?;
@@ -225,7 +214,7 @@ impl Inner {
             })
             .await
             .map_err(failure_to_error);
-        let mut index = self.index.write().unwrap_or_else(|e| e.into_inner());
+        let mut index = self.index.write().ignore_poison();
         let learned = index.learned_during_scan.take().unwrap_or_default();
         let mut keys = scanned?;
         for (name, entry) in learned {
@@ -257,15 +246,11 @@ impl Inner {
             let Ok(stamp) = inner.clone().poll_marker().await else {
                 continue;
             };
-            let seen = inner
-                .marker_seen
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .clone();
+            let seen = inner.marker_seen.lock().ignore_poison().clone();
             let old = inner
                 .index
                 .read()
-                .unwrap_or_else(|e| e.into_inner())
+                .ignore_poison()
                 .scanned_at
                 .is_none_or(|at| at.elapsed() > changes::FULL_RESCAN);
             if (seen.as_ref() == Some(&stamp) && !old) || Instant::now() < next_scan_after {
@@ -273,9 +258,7 @@ impl Inner {
             }
             let started = Instant::now();
             match inner.rescan().await {
-                Ok(()) => {
-                    *inner.marker_seen.lock().unwrap_or_else(|e| e.into_inner()) = Some(stamp)
-                }
+                Ok(()) => *inner.marker_seen.lock().ignore_poison() = Some(stamp),
                 Err(e) => {
                     tracing::debug!(error = %e, "rescan after a change marker failed; next poll retries")
                 }
@@ -300,7 +283,7 @@ impl Inner {
                 }
                 let _held = inner.hold_writes()?;
                 let (before, after) = changes::touch(s, &inner.cfg.prefix)?;
-                let mut seen = inner.marker_seen.lock().unwrap_or_else(|e| e.into_inner());
+                let mut seen = inner.marker_seen.lock().ignore_poison();
                 // Our own changes are in our index already; anyone else's are not.
                 if seen.as_ref() == Some(&before) {
                     *seen = Some(after.clone());

@@ -80,6 +80,7 @@ use super::{
     Provenance, Result,
 };
 use crate::crypto::kes::Algorithm;
+use crate::locks::IgnorePoison;
 use crate::name::KeyName;
 use crate::secret::{Pin, SecretBytes};
 
@@ -251,12 +252,7 @@ impl Pkcs11KeyStore {
 
     /// Keys currently in the index (for start-up reports and benchmarks).
     pub fn indexed_keys(&self) -> usize {
-        self.inner
-            .index
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .keys
-            .len()
+        self.inner.index.read().ignore_poison().keys.len()
     }
 
     /// Searches of the token so far, targeted or full (for tests and benchmarks).
@@ -330,7 +326,7 @@ impl KeyStore for Pkcs11KeyStore {
     async fn list(&self, prefix: &str) -> Result<Vec<KeyName>> {
         // From the index alone: the change-marker poll keeps it current ([`changes`]).
         self.inner.current_device()?;
-        let index = self.inner.index.read().unwrap_or_else(|e| e.into_inner());
+        let index = self.inner.index.read().ignore_poison();
         let mut names: Vec<KeyName> = index
             .keys
             .keys()

@@ -18,6 +18,7 @@ use super::index::{scan, Index};
 use super::workers::Outcome;
 use super::{raw, Inner, RECOVERY_BACKOFF_MAX};
 use crate::keystore::{KeystoreError, Result};
+use crate::locks::IgnorePoison;
 use crate::secret::Pin;
 
 /// Errors inside a blocking closure: a cryptoki code, or a verdict already made.
@@ -56,22 +57,14 @@ pub(super) fn failure_to_error(f: Failure) -> KeystoreError {
 
 impl Inner {
     pub(super) fn current_device(&self) -> Result<Arc<Device>> {
-        self.device
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
-            .ok_or_else(|| {
-                let why = self
-                    .last_failure
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .clone();
-                if self.login_refused.load(Ordering::Acquire) {
-                    KeystoreError::Unreachable(why)
-                } else {
-                    KeystoreError::Unreachable(format!("recovering from: {why}"))
-                }
-            })
+        self.device.read().ignore_poison().clone().ok_or_else(|| {
+            let why = self.last_failure.lock().ignore_poison().clone();
+            if self.login_refused.load(Ordering::Acquire) {
+                KeystoreError::Unreachable(why)
+            } else {
+                KeystoreError::Unreachable(format!("recovering from: {why}"))
+            }
+        })
     }
 
     /// The seam: one blocking closure on one pooled session, on a worker thread.
@@ -86,7 +79,7 @@ impl Inner {
         self.current_device().map_err(Failure::Request)?;
         let inner = self.clone();
         let call = move || {
-            let _calls = inner.calls.read().unwrap_or_else(|e| e.into_inner());
+            let _calls = inner.calls.read().ignore_poison();
             // Taken on the worker: recovery may have swapped the device since the queueing.
             let device = inner.current_device().map_err(OpError::Fail)?;
             let session = device.checkout(&inner.ctx).map_err(OpError::Ck)?;
@@ -132,12 +125,8 @@ impl Inner {
             return;
         }
         tracing::error!(reason = %why, "PKCS#11 device failure: taking the keystore out of service to recover");
-        *self.last_failure.lock().unwrap_or_else(|e| e.into_inner()) = why;
-        let old = self
-            .device
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .take();
+        *self.last_failure.lock().ignore_poison() = why;
+        let old = self.device.write().ignore_poison().take();
         let inner = self.clone();
         tokio::spawn(async move { inner.recover(old).await });
     }
@@ -161,7 +150,7 @@ impl Inner {
                 }
                 Err(ConnectError::Failed(why)) => {
                     tracing::warn!(reason = %why, retry_in_ms = backoff.as_millis() as u64, "PKCS#11 recovery attempt failed");
-                    *self.last_failure.lock().unwrap_or_else(|e| e.into_inner()) = why;
+                    *self.last_failure.lock().ignore_poison() = why;
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(RECOVERY_BACKOFF_MAX);
                 }
@@ -179,10 +168,10 @@ impl Inner {
         let inner = self.clone();
         let attempt = tokio::task::spawn_blocking(move || {
             // No call is in flight while the module is finalized.
-            let _all = inner.calls.write().unwrap_or_else(|e| e.into_inner());
+            let _all = inner.calls.write().ignore_poison();
             drop(stale); // closes the old sessions (errors are expected and ignored)
             let _ = inner.ctx.clone().finalize();
-            let pin = inner.pin.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            let pin = inner.pin.lock().ignore_poison().clone();
             let device =
                 Device::connect(&inner.ctx, &inner.cfg, &inner.settings, &pin, generation)?;
             let fail = |e: CkError| ConnectError::Failed(e.to_string());
@@ -195,10 +184,10 @@ impl Inner {
         .unwrap_or_else(|e| Err(ConnectError::Failed(e.to_string())));
         let (device, keys) = attempt?;
         let count = keys.len();
-        *self.index.write().unwrap_or_else(|e| e.into_inner()) = Index::scanned(keys);
+        *self.index.write().ignore_poison() = Index::scanned(keys);
         // Markers were not read with this scan: the next poll rescans.
-        *self.marker_seen.lock().unwrap_or_else(|e| e.into_inner()) = None;
-        *self.device.write().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(device));
+        *self.marker_seen.lock().ignore_poison() = None;
+        *self.device.write().ignore_poison() = Some(Arc::new(device));
         self.login_refused.store(false, Ordering::Release);
         self.recovering.store(false, Ordering::Release);
         Ok(count)
@@ -212,12 +201,12 @@ impl Inner {
              (SIGHUP, `systemctl reload kesh`) for one new attempt"
         );
         tracing::error!(reason = %why, "PKCS#11 login refused: waiting for the operator");
-        *self.last_failure.lock().unwrap_or_else(|e| e.into_inner()) = why;
+        *self.last_failure.lock().ignore_poison() = why;
         self.login_refused.store(true, Ordering::Release);
     }
 
     pub(super) async fn reload_pin(self: &Arc<Self>, pin: Pin) -> Result<()> {
-        *self.pin.lock().unwrap_or_else(|e| e.into_inner()) = pin;
+        *self.pin.lock().ignore_poison() = pin;
         if !self.login_refused.load(Ordering::Acquire) {
             return Ok(());
         }
@@ -238,7 +227,7 @@ impl Inner {
                 // Not the PIN: the device itself is away. Back to recovery's backoff, which
                 // logs in once when the device answers again.
                 self.login_refused.store(false, Ordering::Release);
-                *self.last_failure.lock().unwrap_or_else(|e| e.into_inner()) = why.clone();
+                *self.last_failure.lock().ignore_poison() = why.clone();
                 tokio::spawn(self.clone().recover(None));
                 Err(KeystoreError::Unreachable(why))
             }

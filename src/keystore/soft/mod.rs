@@ -29,6 +29,7 @@ use super::{
     Result, Scheme,
 };
 use crate::crypto::{self, kes, kes::Algorithm, native};
+use crate::locks::IgnorePoison;
 use crate::name::KeyName;
 use crate::secret::{self, Key32, SecretBytes};
 
@@ -112,11 +113,7 @@ impl SoftKeyStore {
 
     fn cached(&self, name: &KeyName) -> Option<Arc<SoftKey>> {
         // A poisoned lock means a panic mid-update of a map of Arcs: the map itself is intact.
-        self.keys
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(name)
-            .cloned()
+        self.keys.read().ignore_poison().get(name).cloned()
     }
 
     /// The key to use now. In a directory store the file decides: gone means gone (even if
@@ -138,7 +135,7 @@ impl SoftKeyStore {
                 let key = Arc::new(key);
                 self.keys
                     .write()
-                    .unwrap_or_else(|e| e.into_inner())
+                    .ignore_poison()
                     .insert(name.clone(), key.clone());
                 Ok(key)
             }
@@ -154,14 +151,11 @@ impl SoftKeyStore {
     }
 
     fn forget(&self, name: &KeyName) {
-        self.keys
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(name);
+        self.keys.write().ignore_poison().remove(name);
     }
 
     fn insert(&self, name: &KeyName, mut key: SoftKey) -> Result<()> {
-        let mut keys = self.keys.write().unwrap_or_else(|e| e.into_inner());
+        let mut keys = self.keys.write().ignore_poison();
         match &self.dir {
             // The link decides, across processes; the cache may hold a key deleted elsewhere.
             Some(dir) => key.file = Some(dir.store(name, &key)?),
@@ -273,7 +267,7 @@ impl KeyStore for SoftKeyStore {
             names.retain(|k| k.as_str().starts_with(prefix));
             return Ok(names);
         }
-        let keys = self.keys.read().unwrap_or_else(|e| e.into_inner());
+        let keys = self.keys.read().ignore_poison();
         Ok(keys
             .keys()
             .filter(|k| k.as_str().starts_with(prefix))
@@ -282,7 +276,7 @@ impl KeyStore for SoftKeyStore {
     }
 
     async fn delete(&self, name: &KeyName) -> Result<()> {
-        let mut keys = self.keys.write().unwrap_or_else(|e| e.into_inner());
+        let mut keys = self.keys.write().ignore_poison();
         let existed = match &self.dir {
             Some(dir) => dir.remove(name)?,
             None => keys.contains_key(name),
@@ -409,15 +403,12 @@ impl KeyDir {
     }
 
     fn unreadable(&self) -> u64 {
-        self.bad_files
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .len() as u64
+        self.bad_files.lock().ignore_poison().len() as u64
     }
 
     /// Records a file as unusable (logged the first time) or as fine again.
     fn mark(&self, file_name: &str, problem: Option<&KeystoreError>) {
-        let mut bad = self.bad_files.lock().unwrap_or_else(|e| e.into_inner());
+        let mut bad = self.bad_files.lock().ignore_poison();
         match problem {
             Some(e) => {
                 if bad.insert(file_name.to_owned()) {
@@ -479,7 +470,7 @@ impl KeyDir {
         // Files marked bad that are gone no longer count.
         self.bad_files
             .lock()
-            .unwrap_or_else(|e| e.into_inner())
+            .ignore_poison()
             .retain(|f| seen.contains(f));
         names.sort();
         Ok(names)
