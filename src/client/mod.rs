@@ -162,7 +162,7 @@ impl fmt::Debug for Client {
 
 /// Percent-escapes one path segment like Go's `url.PathEscape` for the characters that
 /// matter: names are ASCII `[0-9A-Za-z_-]`, patterns add `*`.
-fn escape_segment(s: &str) -> String {
+pub(crate) fn escape_segment(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     for b in s.bytes() {
         if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {

@@ -9,7 +9,7 @@ use axum::response::{IntoResponse, Response};
 use http::{header, HeaderValue, Method, StatusCode};
 
 use crate::api;
-use crate::server::service::{Op, ServiceError};
+use crate::server::service::{KeyOp, ServiceError};
 
 /// Which request body could not be decoded; import words it differently.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -43,25 +43,25 @@ impl From<ServiceError> for ApiError {
 }
 
 /// The message of a keystore failure, by operation (§2.6–2.14, §2.2).
-fn backend_failure(op: Op) -> (StatusCode, &'static str) {
+fn backend_failure(op: KeyOp) -> (StatusCode, &'static str) {
     match op {
-        Op::Create | Op::Import => (StatusCode::BAD_GATEWAY, "failed to create key"),
-        Op::Describe | Op::Hmac => (StatusCode::BAD_GATEWAY, "failed to read key"),
-        Op::List => (StatusCode::BAD_GATEWAY, "failed to list keys"),
-        Op::Delete => (StatusCode::BAD_GATEWAY, "failed to delete key"),
-        Op::Generate => (
+        KeyOp::Create | KeyOp::Import => (StatusCode::BAD_GATEWAY, "failed to create key"),
+        KeyOp::Describe | KeyOp::Hmac => (StatusCode::BAD_GATEWAY, "failed to read key"),
+        KeyOp::List => (StatusCode::BAD_GATEWAY, "failed to list keys"),
+        KeyOp::Delete => (StatusCode::BAD_GATEWAY, "failed to delete key"),
+        KeyOp::Generate => (
             StatusCode::INTERNAL_SERVER_ERROR,
             "failed to generate encryption key",
         ),
-        Op::Encrypt => (
+        KeyOp::Encrypt => (
             StatusCode::INTERNAL_SERVER_ERROR,
             "failed to encrypt plaintext",
         ),
-        Op::Decrypt => (
+        KeyOp::Decrypt => (
             StatusCode::INTERNAL_SERVER_ERROR,
             "failed to decrypt ciphertext",
         ),
-        Op::Ready => (StatusCode::BAD_GATEWAY, "key store is unavailable"),
+        KeyOp::Status => (StatusCode::BAD_GATEWAY, "key store is unavailable"),
     }
 }
 
@@ -127,7 +127,7 @@ impl ApiError {
                 ),
                 S::PolicyNotFound => fixed(StatusCode::NOT_FOUND, "policy does not exist"),
                 S::IdentityNotFound => fixed(StatusCode::NOT_FOUND, "identity does not exist"),
-                S::InvalidInput(Op::Import, _) => {
+                S::InvalidInput(KeyOp::Import, _) => {
                     fixed(StatusCode::BAD_REQUEST, "invalid import key request body")
                 }
                 S::InvalidInput(_, _) => fixed(StatusCode::BAD_REQUEST, "invalid request body"),

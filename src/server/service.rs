@@ -22,9 +22,10 @@ use crate::secret::{Key32, SecretBytes};
 use crate::server::metrics::Metrics;
 use crate::server::policy::{Authorizer, Denial, Permit, Policy, PolicyName};
 
-/// The operation a failure happened in; chooses the wire message for backend failures.
+/// The keystore call a request makes: names its latency and error metrics, and chooses the
+/// wire message of a backend failure.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Op {
+pub enum KeyOp {
     Create,
     Import,
     Describe,
@@ -34,27 +35,28 @@ pub enum Op {
     Encrypt,
     Decrypt,
     Hmac,
-    Ready,
+    /// [`KeyStore::status`], the probe behind `/v1/ready` and `/v1/status`.
+    Status,
 }
 
-impl Op {
+impl KeyOp {
     pub fn as_str(self) -> &'static str {
         match self {
-            Op::Create => "create",
-            Op::Import => "import",
-            Op::Describe => "describe",
-            Op::List => "list",
-            Op::Delete => "delete",
-            Op::Generate => "generate",
-            Op::Encrypt => "encrypt",
-            Op::Decrypt => "decrypt",
-            Op::Hmac => "hmac",
-            Op::Ready => "status",
+            KeyOp::Create => "create",
+            KeyOp::Import => "import",
+            KeyOp::Describe => "describe",
+            KeyOp::List => "list",
+            KeyOp::Delete => "delete",
+            KeyOp::Generate => "generate",
+            KeyOp::Encrypt => "encrypt",
+            KeyOp::Decrypt => "decrypt",
+            KeyOp::Hmac => "hmac",
+            KeyOp::Status => "status",
         }
     }
 }
 
-impl std::fmt::Display for Op {
+impl std::fmt::Display for KeyOp {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.as_str())
     }
@@ -86,17 +88,17 @@ pub enum ServiceError {
     IdentityNotFound,
     /// The keystore refused input that passed HTTP decoding (e.g. a size limit of the device).
     #[error("{0}: invalid input: {1}")]
-    InvalidInput(Op, String),
+    InvalidInput(KeyOp, String),
     #[error("keystore busy")]
     Busy,
     #[error("{0}: keystore unreachable: {1}")]
-    Unreachable(Op, String),
+    Unreachable(KeyOp, String),
     #[error("{0}: keystore failure: {1}")]
-    Backend(Op, String),
+    Backend(KeyOp, String),
 }
 
 impl ServiceError {
-    fn from_keystore(op: Op, e: KeystoreError) -> Self {
+    fn from_keystore(op: KeyOp, e: KeystoreError) -> Self {
         match e {
             KeystoreError::KeyExists => ServiceError::KeyExists,
             KeystoreError::KeyNotFound => ServiceError::KeyNotFound,
@@ -244,7 +246,7 @@ impl Service {
     /// Runs one keystore call, timing it and counting its failures.
     async fn call<T>(
         &self,
-        op: Op,
+        op: KeyOp,
         fut: impl std::future::Future<Output = Result<T, KeystoreError>>,
     ) -> Result<T, ServiceError> {
         let start = Instant::now();
@@ -266,7 +268,7 @@ impl Service {
 
     pub async fn create_key(&self, permit: &Permit, name: &KeyName) -> Result<(), ServiceError> {
         self.call(
-            Op::Create,
+            KeyOp::Create,
             self.keystore.create(name, Self::provenance(permit)),
         )
         .await
@@ -296,7 +298,7 @@ impl Service {
             provenance: Self::provenance(permit),
         };
         match self
-            .call(Op::Import, self.keystore.import(name, import))
+            .call(KeyOp::Import, self.keystore.import(name, import))
             .await
         {
             Err(ServiceError::AlgorithmUnsupported(_)) => {
@@ -311,7 +313,8 @@ impl Service {
         _permit: &Permit,
         name: &KeyName,
     ) -> Result<KeyInfo, ServiceError> {
-        self.call(Op::Describe, self.keystore.describe(name)).await
+        self.call(KeyOp::Describe, self.keystore.describe(name))
+            .await
     }
 
     /// Every key whose name starts with the pattern's prefix (`abc*` and `abc` alike; `*` and
@@ -321,12 +324,12 @@ impl Service {
         _permit: &Permit,
         pattern: &Pattern,
     ) -> Result<Vec<KeyName>, ServiceError> {
-        self.call(Op::List, self.keystore.list(pattern.prefix()))
+        self.call(KeyOp::List, self.keystore.list(pattern.prefix()))
             .await
     }
 
     pub async fn delete_key(&self, _permit: &Permit, name: &KeyName) -> Result<(), ServiceError> {
-        self.call(Op::Delete, self.keystore.delete(name)).await
+        self.call(KeyOp::Delete, self.keystore.delete(name)).await
     }
 
     pub async fn generate_key(
@@ -336,7 +339,7 @@ impl Service {
         context: &[u8],
     ) -> Result<DataKey, ServiceError> {
         let dek = self
-            .call(Op::Generate, self.keystore.generate(name, context))
+            .call(KeyOp::Generate, self.keystore.generate(name, context))
             .await?;
         self.metrics.sealed(name.as_str());
         Ok(dek)
@@ -350,7 +353,10 @@ impl Service {
         context: &[u8],
     ) -> Result<Vec<u8>, ServiceError> {
         let ct = self
-            .call(Op::Encrypt, self.keystore.encrypt(name, plaintext, context))
+            .call(
+                KeyOp::Encrypt,
+                self.keystore.encrypt(name, plaintext, context),
+            )
             .await?;
         self.metrics.sealed(name.as_str());
         Ok(ct)
@@ -365,7 +371,7 @@ impl Service {
     ) -> Result<SecretBytes, ServiceError> {
         match self
             .call(
-                Op::Decrypt,
+                KeyOp::Decrypt,
                 self.keystore.decrypt(name, ciphertext, context),
             )
             .await
@@ -382,12 +388,13 @@ impl Service {
         name: &KeyName,
         message: &[u8],
     ) -> Result<[u8; 32], ServiceError> {
-        self.call(Op::Hmac, self.keystore.hmac(name, message)).await
+        self.call(KeyOp::Hmac, self.keystore.hmac(name, message))
+            .await
     }
 
     /// `/v1/ready`: the keystore's probe, with its error.
     pub async fn ready(&self, _permit: &Permit) -> Result<Duration, ServiceError> {
-        self.call(Op::Ready, self.keystore.status()).await
+        self.call(KeyOp::Status, self.keystore.status()).await
     }
 
     /// `/v1/status`: any keystore error means unreachable.

@@ -206,7 +206,7 @@ impl Inner {
                         [Some(e.master), e.hmac]
                             .into_iter()
                             .flatten()
-                            .map(|h| copies::original(h, e.nonce))
+                            .map(|h| copies::Original::new(h, e.nonce))
                     })
                     .collect();
                 d.copies.retain(s, &live);
