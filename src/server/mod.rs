@@ -123,7 +123,7 @@ pub async fn create_keys(
     for name in keys {
         match service.create_key(&permit, name).await {
             Ok(()) => tracing::info!(key = %name, "created key listed in config"),
-            Err(crate::server::service::ServiceError::KeyExists) => {}
+            Err(e) if e.keystore() == Some(&crate::keystore::KeystoreError::KeyExists) => {}
             Err(e) => return Err(e),
         }
     }

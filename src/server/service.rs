@@ -62,21 +62,14 @@ impl std::fmt::Display for KeyOp {
     }
 }
 
-/// Errors of the service layer.
+/// Errors of the service layer: its own refusals, and the keystore's errors wrapped whole with
+/// the operation they happened in (which chooses the wire message of a backend failure).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ServiceError {
     #[error("not authorized")]
     NotAllowed,
     #[error("no client certificate")]
     NoCertificate,
-    #[error("key already exists")]
-    KeyExists,
-    #[error("key does not exist")]
-    KeyNotFound,
-    #[error("ciphertext is not authentic")]
-    NotAuthentic,
-    #[error("key does not support HMAC")]
-    HmacUnsupported,
     /// Import with a cipher name that is unknown or that the keystore cannot hold.
     #[error("algorithm '{0}' is not supported")]
     AlgorithmUnsupported(String),
@@ -86,46 +79,21 @@ pub enum ServiceError {
     PolicyNotFound,
     #[error("identity does not exist")]
     IdentityNotFound,
-    /// The keystore refused input that passed HTTP decoding (e.g. a size limit of the device).
-    #[error("{0}: invalid input: {1}")]
-    InvalidInput(KeyOp, String),
-    #[error("keystore busy")]
-    Busy,
-    #[error("{0}: keystore unreachable: {1}")]
-    Unreachable(KeyOp, String),
-    #[error("{0}: keystore failure: {1}")]
-    Backend(KeyOp, String),
+    #[error("{op}: {source}")]
+    Keystore {
+        op: KeyOp,
+        #[source]
+        source: KeystoreError,
+    },
 }
 
 impl ServiceError {
-    fn from_keystore(op: KeyOp, e: KeystoreError) -> Self {
-        match e {
-            KeystoreError::KeyExists => ServiceError::KeyExists,
-            KeystoreError::KeyNotFound => ServiceError::KeyNotFound,
-            KeystoreError::NotAuthentic => ServiceError::NotAuthentic,
-            KeystoreError::HmacUnsupported => ServiceError::HmacUnsupported,
-            KeystoreError::AlgorithmUnsupported(a) => {
-                ServiceError::AlgorithmUnsupported(a.to_owned())
-            }
-            KeystoreError::InvalidInput(m) => ServiceError::InvalidInput(op, m),
-            KeystoreError::Unreachable(m) => ServiceError::Unreachable(op, m),
-            KeystoreError::Busy(_) => ServiceError::Busy,
-            KeystoreError::Backend(m) => ServiceError::Backend(op, m),
+    /// The keystore's error, if this is one.
+    pub fn keystore(&self) -> Option<&KeystoreError> {
+        match self {
+            ServiceError::Keystore { source, .. } => Some(source),
+            _ => None,
         }
-    }
-}
-
-fn error_kind(e: &KeystoreError) -> &'static str {
-    match e {
-        KeystoreError::KeyExists => "key_exists",
-        KeystoreError::KeyNotFound => "key_not_found",
-        KeystoreError::NotAuthentic => "not_authentic",
-        KeystoreError::HmacUnsupported => "hmac_unsupported",
-        KeystoreError::AlgorithmUnsupported(_) => "algorithm_unsupported",
-        KeystoreError::InvalidInput(_) => "invalid_input",
-        KeystoreError::Unreachable(_) => "unreachable",
-        KeystoreError::Busy(_) => "busy",
-        KeystoreError::Backend(_) => "backend",
     }
 }
 
@@ -251,10 +219,10 @@ impl Service {
     ) -> Result<T, ServiceError> {
         let start = Instant::now();
         let res = fut.await;
-        let kind = res.as_ref().err().map(error_kind);
+        let kind = res.as_ref().err().map(KeystoreError::kind);
         self.metrics
             .keystore_call(op.as_str(), start.elapsed(), kind);
-        res.map_err(|e| ServiceError::from_keystore(op, e))
+        res.map_err(|source| ServiceError::Keystore { op, source })
     }
 
     fn provenance(permit: &Permit) -> Provenance {
@@ -301,9 +269,11 @@ impl Service {
             .call(KeyOp::Import, self.keystore.import(name, import))
             .await
         {
-            Err(ServiceError::AlgorithmUnsupported(_)) => {
-                Err(ServiceError::AlgorithmUnsupported(cipher.to_owned()))
-            }
+            // KES names the cipher the client sent.
+            Err(ServiceError::Keystore {
+                source: KeystoreError::AlgorithmUnsupported(_),
+                ..
+            }) => Err(ServiceError::AlgorithmUnsupported(cipher.to_owned())),
             other => other,
         }
     }
@@ -377,7 +347,13 @@ impl Service {
             .await
         {
             // A ciphertext the keystore cannot even parse is just not authentic.
-            Err(ServiceError::InvalidInput(..)) => Err(ServiceError::NotAuthentic),
+            Err(ServiceError::Keystore {
+                op,
+                source: KeystoreError::InvalidInput(_),
+            }) => Err(ServiceError::Keystore {
+                op,
+                source: KeystoreError::NotAuthentic,
+            }),
             other => other,
         }
     }

@@ -19,11 +19,10 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use cryptoki::error::Error as CkError;
 use cryptoki::object::{Attribute, AttributeType, ObjectHandle};
 use cryptoki::session::Session;
 
-use super::error::{classify, Failure};
+use super::error::Pkcs11Error;
 use super::objects::Meta;
 use crate::locks::IgnorePoison;
 
@@ -79,22 +78,6 @@ impl CopyMap {
     }
 }
 
-/// Why no handle could be given.
-pub enum CopyError {
-    /// The token object is gone, or the handle now names another object.
-    Stale,
-    Ck(CkError),
-}
-
-impl From<CkError> for CopyError {
-    fn from(e: CkError) -> Self {
-        match classify(&e) {
-            Failure::StaleHandle => CopyError::Stale,
-            _ => CopyError::Ck(e),
-        }
-    }
-}
-
 /// The copies of one device generation.
 pub struct SessionCopies {
     enabled: bool,
@@ -122,7 +105,7 @@ impl SessionCopies {
         s: &Session,
         token: ObjectHandle,
         nonce: u64,
-    ) -> Result<ObjectHandle, CopyError> {
+    ) -> Result<ObjectHandle, Pkcs11Error> {
         if !self.enabled {
             return Ok(token);
         }
@@ -159,7 +142,7 @@ impl SessionCopies {
                     return Ok(copy);
                 }
                 self.discard(s, token);
-                return Err(CopyError::Stale);
+                return Err(Pkcs11Error::Stale);
             }
             None => {}
         }
@@ -172,11 +155,11 @@ impl SessionCopies {
                 Attribute::Id(Vec::new()),
             ],
         );
-        let copy = match copied.map_err(CopyError::from) {
+        let copy = match copied.map_err(Pkcs11Error::from) {
             Ok(copy) => copy,
             // A device that will not copy this key (not copyable, or no C_CopyObject): the
             // key works as the token object, only without the speed-up.
-            Err(CopyError::Ck(e)) if matches!(classify(&e), Failure::Request(_)) => {
+            Err(e) if !e.needs_recovery() && !e.is_stale() => {
                 tracing::warn!(error = %e, "the HSM refused to copy a key into a session object; using the token object");
                 self.state().copies.insert(original, CopyState::Uncopyable);
                 return Ok(token);
@@ -186,7 +169,7 @@ impl SessionCopies {
         // The handle might have been reused for another object since the index was built.
         if !still_there(s, token, nonce)? {
             let _ = s.destroy_object(copy);
-            return Err(CopyError::Stale);
+            return Err(Pkcs11Error::Stale);
         }
         let theirs = match self.state().copies.entry(original) {
             std::collections::hash_map::Entry::Occupied(held) => match held.get() {
@@ -232,7 +215,7 @@ impl SessionCopies {
 }
 
 /// Whether `token` still names the object the create with `nonce` made.
-fn still_there(s: &Session, token: ObjectHandle, nonce: u64) -> Result<bool, CopyError> {
+fn still_there(s: &Session, token: ObjectHandle, nonce: u64) -> Result<bool, Pkcs11Error> {
     let attrs = s.get_attributes(token, &[AttributeType::Id])?;
     Ok(attrs.into_iter().any(|a| match a {
         Attribute::Id(id) => Meta::decode(&id).is_some_and(|m| nonce_value(&m.nonce) == nonce),

@@ -24,9 +24,13 @@ use std::time::{Duration, Instant, SystemTime};
 use time::OffsetDateTime;
 use zeroize::Zeroizing;
 
+pub use self::error::SoftError;
+
+mod error;
+
 use super::{
-    DataKey, HmacKeySource, ImportKey, KeyInfo, KeyStore, KeystoreError, KeystoreStats, Provenance,
-    Result, Scheme,
+    BackendError, DataKey, HmacKeySource, ImportKey, KeyInfo, KeyStore, KeystoreError,
+    KeystoreStats, Provenance, Result, Scheme,
 };
 use crate::crypto::{self, kes, kes::Algorithm, native};
 use crate::locks::IgnorePoison;
@@ -78,7 +82,7 @@ impl std::fmt::Debug for SoftKeyStore {
 }
 
 fn rng_error(e: getrandom::Error) -> KeystoreError {
-    KeystoreError::Backend(format!("random number generator failed: {e}"))
+    KeystoreError::Backend(BackendError::Random(e))
 }
 
 impl SoftKeyStore {
@@ -232,10 +236,9 @@ impl KeyStore for SoftKeyStore {
 
     async fn import(&self, name: &KeyName, import: ImportKey) -> Result<()> {
         if import.scheme != Scheme::Kes && import.algorithm != Algorithm::Aes256 {
-            return Err(KeystoreError::InvalidInput(format!(
-                "the {} scheme takes AES256 keys only",
-                import.scheme
-            )));
+            return Err(KeystoreError::InvalidInput(
+                SoftError::SchemeTakesAes256(import.scheme).into(),
+            ));
         }
         let hmac = match import.hmac {
             HmacKeySource::Generate => Some(secret::random::<32>().map_err(rng_error)?),
@@ -328,8 +331,14 @@ impl KeyStore for SoftKeyStore {
     async fn status(&self) -> Result<Duration> {
         let start = Instant::now();
         if let Some(dir) = &self.dir {
-            std::fs::metadata(&dir.path).map_err(|e| {
-                KeystoreError::Unreachable(format!("key directory {}: {e}", dir.path.display()))
+            std::fs::metadata(&dir.path).map_err(|source| {
+                KeystoreError::Unreachable(
+                    SoftError::Directory {
+                        path: dir.path.clone(),
+                        source,
+                    }
+                    .into(),
+                )
             })?;
         }
         Ok(start.elapsed())
@@ -352,8 +361,15 @@ const TEMP_PREFIX: &str = ".tmp-";
 const RECORD_VERSION: u8 = 1;
 const FILE_SUFFIX: &str = ".key";
 
-fn io_error(what: &str, path: &Path, e: std::io::Error) -> KeystoreError {
-    KeystoreError::Backend(format!("{what} {}: {e}", path.display()))
+fn io_error(what: &'static str, path: &Path, source: std::io::Error) -> KeystoreError {
+    KeystoreError::Backend(
+        SoftError::Io {
+            what,
+            path: path.to_owned(),
+            source,
+        }
+        .into(),
+    )
 }
 
 fn scheme_id(s: Scheme) -> u8 {
@@ -372,10 +388,7 @@ impl KeyDir {
                 .map_err(|e| io_error("cannot read KEK file", kek_file, e))?,
         );
         let kek = parse_kek(text.trim()).ok_or_else(|| {
-            KeystoreError::InvalidInput(format!(
-                "KEK file {} must hold 32 bytes as base64 (44 characters) or hex (64 characters)",
-                kek_file.display()
-            ))
+            KeystoreError::InvalidInput(SoftError::KekFormat(kek_file.to_owned()).into())
         })?;
         std::fs::DirBuilder::new()
             .recursive(true)
@@ -463,7 +476,7 @@ impl KeyDir {
                 Ok(name) => names.push(name),
                 Err(_) => self.mark(
                     file_name,
-                    Some(&KeystoreError::Backend("not a valid key name".into())),
+                    Some(&KeystoreError::Backend(SoftError::FileName.into())),
                 ),
             }
         }
@@ -490,10 +503,13 @@ impl KeyDir {
             }
         }
         if failures > 0 && keys.is_empty() {
-            return Err(KeystoreError::InvalidInput(format!(
-                "none of the {failures} key files in {} opens under the KEK: is `kek_file:` the right one?",
-                self.path.display()
-            )));
+            return Err(KeystoreError::InvalidInput(
+                SoftError::WrongKek {
+                    failures,
+                    dir: self.path.clone(),
+                }
+                .into(),
+            ));
         }
         Ok(keys)
     }
@@ -538,13 +554,10 @@ impl KeyDir {
             .map_err(|e| io_error("cannot read key file", &path, e))?;
         let kek = aes_kw::KekAes256::from(*self.kek);
         let record = Zeroizing::new(kek.unwrap_with_padding_vec(&wrapped).map_err(|_| {
-            KeystoreError::Backend(format!(
-                "key file {} does not open under the KEK (wrong KEK or corrupt file)",
-                path.display()
-            ))
+            KeystoreError::Backend(SoftError::KeyFileNotOpening(path.clone()).into())
         })?);
         let mut key = decode_record(&record, name).ok_or_else(|| {
-            KeystoreError::Backend(format!("key file {} is malformed", path.display()))
+            KeystoreError::Backend(SoftError::KeyFileMalformed(path.clone()).into())
         })?;
         key.file = Some(id);
         Ok(Some(key))
@@ -558,7 +571,7 @@ impl KeyDir {
         let kek = aes_kw::KekAes256::from(*self.kek);
         let wrapped = kek
             .wrap_with_padding_vec(&record)
-            .map_err(|e| KeystoreError::Backend(format!("cannot wrap key record: {e}")))?;
+            .map_err(|e| KeystoreError::Backend(SoftError::Wrap(e).into()))?;
         let suffix = hex::encode(*secret::random::<8>().map_err(rng_error)?);
         let tmp = self.path.join(format!("{TEMP_PREFIX}{name}-{suffix}"));
         let result = (|| {
@@ -629,10 +642,13 @@ fn check_kek_file_mode(kek_file: &Path) -> Result<()> {
         std::fs::metadata(kek_file).map_err(|e| io_error("cannot read KEK file", kek_file, e))?;
     let mode = m.permissions().mode() & 0o777;
     if mode & 0o007 != 0 {
-        return Err(KeystoreError::InvalidInput(format!(
-            "KEK file {} is open to other users (mode {mode:o}): `chmod 600` it, or 640 with the kesh group",
-            kek_file.display()
-        )));
+        return Err(KeystoreError::InvalidInput(
+            SoftError::KekMode {
+                path: kek_file.to_owned(),
+                mode,
+            }
+            .into(),
+        ));
     }
     if mode & 0o020 != 0 {
         tracing::warn!(file = %kek_file.display(), mode = format!("{mode:o}"), "the KEK file is writable by its group");
