@@ -19,6 +19,7 @@ use crate::name::KeyName;
 use crate::secret::{Key32, SecretBytes};
 
 pub mod pkcs11;
+pub mod settings;
 pub mod soft;
 
 /// How a key seals data keys; fixed when the key is made (DESIGN.md §3).
@@ -230,6 +231,25 @@ impl PartialEq for BackendError {
 }
 
 impl Eq for BackendError {}
+
+impl settings::KeystoreConfig {
+    /// Opens the configured keystore.
+    pub async fn open(&self) -> Result<Arc<dyn KeyStore>> {
+        Ok(match self {
+            settings::KeystoreConfig::Pkcs11(cfg) => {
+                Arc::new(pkcs11::Pkcs11KeyStore::open(cfg.clone()).await?)
+            }
+            settings::KeystoreConfig::Soft(cfg) => {
+                let scheme = cfg.scheme.unwrap_or(Scheme::Gcm);
+                let store = match &cfg.dir {
+                    Some(dir) => soft::SoftKeyStore::open_dir(&dir.path, &dir.kek_file)?,
+                    None => soft::SoftKeyStore::in_memory(),
+                };
+                Arc::new(store.with_scheme(scheme))
+            }
+        })
+    }
+}
 
 pub type Result<T, E = KeystoreError> = std::result::Result<T, E>;
 

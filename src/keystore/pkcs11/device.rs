@@ -14,9 +14,9 @@ use cryptoki::slot::Slot;
 use cryptoki::types::AuthPin;
 
 use super::copies::SessionCopies;
-use super::error::{GoneObjects, NextLogin, Pkcs11Error, TagFailures};
+use super::error::{NextLogin, Pkcs11Error};
 use super::objects::scheme_mechanism;
-use super::profile::{self, Profile};
+use super::profile::{self, GoneObjects, Profile, TagFailures};
 use super::raw::RawCalls;
 use super::{Pkcs11Config, Settings, TokenSelector};
 use crate::keystore::Scheme;

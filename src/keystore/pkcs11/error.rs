@@ -13,6 +13,7 @@ use std::time::Duration;
 use cryptoki::context::Function;
 use cryptoki::error::{Error as CkError, RvError};
 
+use super::profile::{GoneObjects, TagFailures};
 use crate::keystore::{KeystoreError, Scheme};
 use crate::name::KeyName;
 
@@ -314,28 +315,6 @@ impl From<Pkcs11Error> for KeystoreError {
             ) => KeystoreError::Backend(e.into()),
         }
     }
-}
-
-/// How a module reports a failed integrity check when unsealing (GCM tag, KWP check); each
-/// [`super::Profile`] says which.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum TagFailures {
-    /// `CKR_ENCRYPTED_DATA_INVALID` / `CKR_WRAPPED_KEY_INVALID`, as the standard says.
-    Standard,
-    /// `CKR_GENERAL_ERROR` (or `CKR_FUNCTION_FAILED`) from `C_Decrypt`/`C_UnwrapKey`.
-    GeneralError,
-}
-
-/// How a module reports a handle whose token object another process deleted; each
-/// [`super::Profile`] says which.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum GoneObjects {
-    /// `CKR_OBJECT_HANDLE_INVALID` / `CKR_KEY_HANDLE_INVALID`.
-    Standard,
-    /// The handle still names the object, whose row in a store shared with other processes
-    /// is gone, and the lookup fails as `CKR_GENERAL_ERROR`. Such an error from a call on a
-    /// key handle may mean the key is gone: kesh searches the token once more to tell.
-    GeneralError,
 }
 
 impl GoneObjects {
