@@ -430,6 +430,15 @@ impl Client {
         Ok(resp.body)
     }
 
+    /// `GET {route}{name}`, decoded: the shape of every describe, read and list call.
+    async fn get_named<T: serde::de::DeserializeOwned>(
+        &self,
+        route: &str,
+        name: &str,
+    ) -> Result<T, ClientError> {
+        self.call_json(Method::GET, &join(route, name), None).await
+    }
+
     async fn call_json<T: serde::de::DeserializeOwned>(
         &self,
         method: Method,
@@ -507,8 +516,7 @@ impl Client {
     }
 
     pub async fn describe_key(&self, name: &str) -> Result<api::DescribeKeyResponse, ClientError> {
-        self.call_json(Method::GET, &join("/v1/key/describe/", name), None)
-            .await
+        self.get_named("/v1/key/describe/", name).await
     }
 
     pub async fn delete_key(&self, name: &str) -> Result<(), ClientError> {
@@ -519,7 +527,7 @@ impl Client {
 
     pub async fn list_keys(&self, prefix: &str) -> Result<Vec<String>, ClientError> {
         Ok(self
-            .call_json::<api::ListKeysResponse>(Method::GET, &join("/v1/key/list/", prefix), None)
+            .get_named::<api::ListKeysResponse>("/v1/key/list/", prefix)
             .await?
             .names)
     }
@@ -603,22 +611,16 @@ impl Client {
         &self,
         name: &str,
     ) -> Result<api::DescribePolicyResponse, ClientError> {
-        self.call_json(Method::GET, &join("/v1/policy/describe/", name), None)
-            .await
+        self.get_named("/v1/policy/describe/", name).await
     }
 
     pub async fn read_policy(&self, name: &str) -> Result<api::ReadPolicyResponse, ClientError> {
-        self.call_json(Method::GET, &join("/v1/policy/read/", name), None)
-            .await
+        self.get_named("/v1/policy/read/", name).await
     }
 
     pub async fn list_policies(&self, pattern: &str) -> Result<Vec<String>, ClientError> {
         Ok(self
-            .call_json::<api::ListPoliciesResponse>(
-                Method::GET,
-                &join("/v1/policy/list/", pattern),
-                None,
-            )
+            .get_named::<api::ListPoliciesResponse>("/v1/policy/list/", pattern)
             .await?
             .names)
     }
@@ -627,17 +629,12 @@ impl Client {
         &self,
         identity: &str,
     ) -> Result<api::DescribeIdentityResponse, ClientError> {
-        self.call_json(Method::GET, &join("/v1/identity/describe/", identity), None)
-            .await
+        self.get_named("/v1/identity/describe/", identity).await
     }
 
     pub async fn list_identities(&self, pattern: &str) -> Result<Vec<String>, ClientError> {
         Ok(self
-            .call_json::<api::ListIdentitiesResponse>(
-                Method::GET,
-                &join("/v1/identity/list/", pattern),
-                None,
-            )
+            .get_named::<api::ListIdentitiesResponse>("/v1/identity/list/", pattern)
             .await?
             .identities)
     }

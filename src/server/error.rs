@@ -76,22 +76,13 @@ impl ApiError {
                 StatusCode::METHOD_NOT_ALLOWED,
                 format!("received method '{got}' expected '{want}'"),
             ),
-            ApiError::InvalidKeyName(n) => (
-                StatusCode::BAD_REQUEST,
-                format!("key name '{n}' is empty, too long or contains invalid characters"),
-            ),
+            ApiError::InvalidKeyName(n) => invalid_name("key name", n),
             ApiError::InvalidPattern(p) => (
                 StatusCode::BAD_REQUEST,
                 format!("listing pattern '{p}' is empty, too long or is invalid"),
             ),
-            ApiError::InvalidPolicyName(n) => (
-                StatusCode::BAD_REQUEST,
-                format!("policy name '{n}' is empty, too long or contains invalid characters"),
-            ),
-            ApiError::InvalidIdentity(i) => (
-                StatusCode::BAD_REQUEST,
-                format!("identity '{i}' is empty, too long or contains invalid characters"),
-            ),
+            ApiError::InvalidPolicyName(n) => invalid_name("policy name", n),
+            ApiError::InvalidIdentity(i) => invalid_name("identity", i),
             ApiError::InvalidBody(BodyKind::Import) => {
                 fixed(StatusCode::BAD_REQUEST, "invalid import key request body")
             }
@@ -122,6 +113,14 @@ impl ApiError {
             },
         }
     }
+}
+
+/// KES's words for a name that does not validate, the same for keys, policies and identities.
+fn invalid_name(what: &str, name: &str) -> (StatusCode, String) {
+    (
+        StatusCode::BAD_REQUEST,
+        format!("{what} '{name}' is empty, too long or contains invalid characters"),
+    )
 }
 
 fn unsupported(cipher: &str) -> (StatusCode, String) {

@@ -216,16 +216,12 @@ impl Metrics {
 
     fn render_kes_into(&self, out: &mut String) {
         let stats = ProcessStats::read();
-        family(
+        scalar(
             out,
             "kes_http_request_active",
             "gauge",
             "Number of active requests that are not finished, yet.",
-        );
-        let _ = writeln!(
-            out,
-            "kes_http_request_active {}",
-            self.active.load(Ordering::Relaxed)
+            self.active.load(Ordering::Relaxed),
         );
         for (name, help, map) in [
             ("kes_http_request_error", "Number of request that failed due to some error. (HTTP 4xx status code)", &self.error),
@@ -248,27 +244,19 @@ impl Metrics {
             "Histogram of request response times spawning from 10ms to 10s.",
         );
         self.response_time.render(out, "kes_http_response_time", "");
-        family(
+        scalar(
             out,
             "kes_log_audit_events",
             "counter",
             "Number of audit log events written to audit log targets.",
+            self.audit_events.load(Ordering::Relaxed),
         );
-        let _ = writeln!(
-            out,
-            "kes_log_audit_events {}",
-            self.audit_events.load(Ordering::Relaxed)
-        );
-        family(
+        scalar(
             out,
             "kes_log_error_events",
             "counter",
             "Number of error log events written to error log targets.",
-        );
-        let _ = writeln!(
-            out,
-            "kes_log_error_events {}",
-            self.error_events.load(Ordering::Relaxed)
+            self.error_events.load(Ordering::Relaxed),
         );
         let uptime = (self.started.elapsed().as_millis() / 10) as f64 / 100.0;
         let cpus = std::thread::available_parallelism()
@@ -351,16 +339,12 @@ impl Metrics {
             let _ = writeln!(out, "kesh_hsm_sessions{{state=\"in_use\"}} {}", pool.in_use);
             let _ = writeln!(out, "kesh_hsm_sessions{{state=\"size\"}} {}", pool.size);
         }
-        family(
+        scalar(
             out,
             "kesh_keystore_busy_total",
             "counter",
             "Keystore calls refused because no HSM session became free in time.",
-        );
-        let _ = writeln!(
-            out,
-            "kesh_keystore_busy_total {}",
-            self.keystore_busy.load(Ordering::Relaxed)
+            self.keystore_busy.load(Ordering::Relaxed),
         );
         {
             let errors = self.keystore_errors.lock().ignore_poison();
@@ -398,24 +382,20 @@ impl Metrics {
             }
         }
         if let Some(n) = keystore.unreadable_key_files {
-            family(
+            scalar(
                 out,
                 "kesh_keystore_unreadable_key_files",
                 "gauge",
                 "Key files of the soft keystore's directory skipped because they could not be read, opened or named.",
+                n,
             );
-            let _ = writeln!(out, "kesh_keystore_unreadable_key_files {n}");
         }
-        family(
+        scalar(
             out,
             "kesh_policy_denials_total",
             "counter",
             "Requests refused by authorization.",
-        );
-        let _ = writeln!(
-            out,
-            "kesh_policy_denials_total {}",
-            self.denials.load(Ordering::Relaxed)
+            self.denials.load(Ordering::Relaxed),
         );
         {
             let seals = self.seals.lock().ignore_poison();
@@ -432,6 +412,12 @@ impl Metrics {
             }
         }
     }
+}
+
+/// A family of one unlabelled sample.
+fn scalar(out: &mut String, name: &str, kind: &str, help: &str, value: impl std::fmt::Display) {
+    family(out, name, kind, help);
+    let _ = writeln!(out, "{name} {value}");
 }
 
 fn family(out: &mut String, name: &str, kind: &str, help: &str) {

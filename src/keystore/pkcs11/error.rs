@@ -289,31 +289,27 @@ impl From<Pkcs11Error> for KeystoreError {
             }
             (None, P::ConfiguredSchemeNotOffered(_)) => KeystoreError::InvalidInput(e.into()),
             (None, P::Busy(wait)) => KeystoreError::Busy(*wait),
-            (
-                None,
-                P::Load { .. }
-                | P::PinRefused { .. }
-                | P::TokenNotFound { .. }
-                | P::OutOfService
-                | P::Recovering(_)
-                | P::WriteLockOpen { .. }
-                | P::Workers(_),
-            ) => KeystoreError::Unreachable(e.into()),
-            (
-                None,
-                P::LayoutRefused { .. }
-                | P::CreateContended(_)
-                | P::NoIvReturned
-                | P::MacLength(_)
-                | P::ShortRandom(_)
-                | P::WriteLockFailed { .. }
-                | P::WriteLockBusy { .. }
-                | P::WorkerLost
-                | P::Join(_)
-                | P::Call { .. }
-                | P::Cryptoki(_),
-            ) => KeystoreError::Backend(e.into()),
+            (None, _) if e.keeps_device_away() => KeystoreError::Unreachable(e.into()),
+            // The create protocol, the host (write lock, workers) or a device breaking the
+            // rules of one call: this request failed, the device serves the next.
+            (None, _) => KeystoreError::Backend(e.into()),
         }
+    }
+}
+
+impl Pkcs11Error {
+    /// Whether no request can be served until the device, the module or the login is back.
+    fn keeps_device_away(&self) -> bool {
+        matches!(
+            self,
+            Pkcs11Error::Load { .. }
+                | Pkcs11Error::PinRefused { .. }
+                | Pkcs11Error::TokenNotFound { .. }
+                | Pkcs11Error::OutOfService
+                | Pkcs11Error::Recovering(_)
+                | Pkcs11Error::WriteLockOpen { .. }
+                | Pkcs11Error::Workers(_)
+        )
     }
 }
 
