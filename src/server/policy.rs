@@ -8,7 +8,6 @@
 //! request of an audited route, and `kesh_policy_denials_total` counts them all).
 
 use std::collections::{BTreeMap, HashMap};
-use std::fmt;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -110,17 +109,7 @@ impl PolicyName {
     }
 }
 
-impl fmt::Display for PolicyName {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl fmt::Debug for PolicyName {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "PolicyName({})", self.0)
-    }
-}
+crate::name::text_fmt!(PolicyName);
 
 /// Allow and deny rules over decoded URL paths.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
