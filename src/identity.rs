@@ -76,17 +76,7 @@ impl Identity {
     }
 }
 
-impl fmt::Display for Identity {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl fmt::Debug for Identity {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "Identity({})", self.0)
-    }
-}
+crate::name::text_fmt!(Identity);
 
 /// A certificate whose SubjectPublicKeyInfo could not be located.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

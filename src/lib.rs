@@ -44,6 +44,7 @@ pub mod config;
 pub mod crypto;
 pub mod identity;
 pub mod keystore;
+pub mod locks;
 pub mod migrate;
 pub mod name;
 pub mod secret;

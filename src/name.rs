@@ -4,8 +4,6 @@
 //! A [`KeyName`] proves its text is 1–80 bytes of `[0-9A-Za-z_-]`, not starting or ending with
 //! `-` and not `_` alone. A [`Pattern`] is the same with an optional trailing `*`, or empty.
 
-use std::fmt;
-
 const MAX_LEN: usize = 80;
 
 fn valid_chars(s: &str) -> bool {
@@ -47,17 +45,26 @@ impl KeyName {
     }
 }
 
-impl fmt::Display for KeyName {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
+/// `Display` as the text itself and `Debug` as `Type(text)`, for the validated-text newtypes
+/// (key names, identities, policy names), none of which is secret.
+macro_rules! text_fmt {
+    ($t:ident) => {
+        impl std::fmt::Display for $t {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
 
-impl fmt::Debug for KeyName {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "KeyName({})", self.0)
-    }
+        impl std::fmt::Debug for $t {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                write!(f, concat!(stringify!($t), "({})"), self.0)
+            }
+        }
+    };
 }
+pub(crate) use text_fmt;
+
+text_fmt!(KeyName);
 
 /// A listing pattern: empty, `*`, a name, or a name followed by one `*`.
 #[derive(Clone, Debug, PartialEq, Eq)]

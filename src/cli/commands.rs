@@ -15,15 +15,7 @@ use super::{
 
 pub(super) async fn key(cmd: KeyCommand) -> Result<(), Fatal> {
     match cmd {
-        KeyCommand::Create { opts, names } => {
-            let conn = Conn::new(&opts, None)?;
-            for name in &names {
-                conn.call(|c| async move { c.create_key(name).await })
-                    .await?;
-                done(&opts, name, "created")?;
-            }
-            Ok(())
-        }
+        KeyCommand::Create { opts, names } => change_keys(&opts, &names, KeyChange::Create).await,
         KeyCommand::Import {
             opts,
             name,
@@ -71,24 +63,13 @@ pub(super) async fn key(cmd: KeyCommand) -> Result<(), Fatal> {
             let names = list_keys(&conn, &pattern).await?;
             print_names(&opts, "Key", "names", &names)
         }
-        KeyCommand::Rm { opts, names } => {
-            let conn = Conn::new(&opts, None)?;
-            for name in &names {
-                conn.call(|c| async move { c.delete_key(name).await })
-                    .await?;
-                done(&opts, name, "deleted")?;
-            }
-            Ok(())
-        }
+        KeyCommand::Rm { opts, names } => change_keys(&opts, &names, KeyChange::Delete).await,
         KeyCommand::Dek {
             opts,
             name,
             context,
         } => {
-            let context = match &context {
-                Some(c) => unb64("the context", c)?,
-                None => Vec::new(),
-            };
+            let context = context_bytes(context.as_deref())?;
             let conn = Conn::new(&opts, None)?;
             let (n, ctx) = (&name, &context);
             let r = conn
@@ -107,10 +88,7 @@ pub(super) async fn key(cmd: KeyCommand) -> Result<(), Fatal> {
             message,
             context,
         } => {
-            let context = match &context {
-                Some(c) => unb64("the context", c)?,
-                None => Vec::new(),
-            };
+            let context = context_bytes(context.as_deref())?;
             let conn = Conn::new(&opts, None)?;
             let (n, m, ctx) = (&name, message.as_bytes(), &context);
             let ct = conn
@@ -129,10 +107,7 @@ pub(super) async fn key(cmd: KeyCommand) -> Result<(), Fatal> {
             context,
         } => {
             let ct = unb64("the ciphertext", &ciphertext)?;
-            let context = match &context {
-                Some(c) => unb64("the context", c)?,
-                None => Vec::new(),
-            };
+            let context = context_bytes(context.as_deref())?;
             let conn = Conn::new(&opts, None)?;
             let (n, ct, ctx) = (&name, &ct, &context);
             let pt = conn
@@ -149,6 +124,38 @@ pub(super) async fn key(cmd: KeyCommand) -> Result<(), Fatal> {
 }
 
 /// Confirms a change: a JSON line, or a sentence.
+/// The `--context` argument: base64, empty when left out.
+fn context_bytes(context: Option<&str>) -> Result<Vec<u8>, Fatal> {
+    context.map_or(Ok(Vec::new()), |c| unb64("the context", c))
+}
+
+/// What `kes key create` and `kes key rm` do to each named key.
+#[derive(Clone, Copy)]
+enum KeyChange {
+    Create,
+    Delete,
+}
+
+/// One call per named key, in order, each reported once it succeeded.
+async fn change_keys(opts: &ClientOpts, names: &[String], change: KeyChange) -> Result<(), Fatal> {
+    let conn = Conn::new(opts, None)?;
+    for name in names {
+        conn.call(|c| async move {
+            match change {
+                KeyChange::Create => c.create_key(name).await,
+                KeyChange::Delete => c.delete_key(name).await,
+            }
+        })
+        .await?;
+        let what = match change {
+            KeyChange::Create => "created",
+            KeyChange::Delete => "deleted",
+        };
+        done(opts, name, what)?;
+    }
+    Ok(())
+}
+
 fn done(opts: &ClientOpts, name: &str, what: &str) -> Result<(), Fatal> {
     if opts.json {
         output::json(&json!({ "name": name, "status": what }))

@@ -438,19 +438,6 @@ impl Target {
     }
 }
 
-/// A key name percent-escaped as one path segment (names are `[0-9A-Za-z_-]`).
-fn escape(name: &str) -> String {
-    let mut out = String::with_capacity(name.len());
-    for b in name.bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
-            out.push(char::from(b));
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
-}
-
 fn b64(bytes: &[u8]) -> String {
     base64::engine::general_purpose::STANDARD.encode(bytes)
 }
@@ -772,7 +759,7 @@ pub async fn run(client: &Client, settings: &Settings) -> Result<Report, BenchEr
     let target = Target {
         authority: addr.to_owned(),
         h2,
-        key_escaped: escape(&settings.key),
+        key_escaped: super::escape_segment(&settings.key),
     };
     let uris = Uris {
         generate: target.uri("/v1/key/generate/").map_err(BenchError::Setup)?,

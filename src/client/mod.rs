@@ -191,7 +191,7 @@ impl fmt::Debug for Client {
 
 /// Percent-escapes one path segment like Go's `url.PathEscape` for the characters that
 /// matter: names are ASCII `[0-9A-Za-z_-]`, patterns add `*`.
-fn escape_segment(s: &str) -> String {
+pub(crate) fn escape_segment(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     for b in s.bytes() {
         if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
@@ -459,6 +459,15 @@ impl Client {
         Ok(resp.body)
     }
 
+    /// `GET {route}{name}`, decoded: the shape of every describe, read and list call.
+    async fn get_named<T: serde::de::DeserializeOwned>(
+        &self,
+        route: &str,
+        name: &str,
+    ) -> Result<T, ClientError> {
+        self.call_json(Method::GET, &join(route, name), None).await
+    }
+
     async fn call_json<T: serde::de::DeserializeOwned>(
         &self,
         method: Method,
@@ -543,8 +552,7 @@ impl Client {
 
     /// `/v1/key/describe/{name}`.
     pub async fn describe_key(&self, name: &str) -> Result<api::DescribeKeyResponse, ClientError> {
-        self.call_json(Method::GET, &join("/v1/key/describe/", name), None)
-            .await
+        self.get_named("/v1/key/describe/", name).await
     }
 
     /// `/v1/key/delete/{name}`.
@@ -557,7 +565,7 @@ impl Client {
     /// `/v1/key/list/{pattern}`: the names of the first answer (kesh's holds every match).
     pub async fn list_keys(&self, prefix: &str) -> Result<Vec<String>, ClientError> {
         Ok(self
-            .call_json::<api::ListKeysResponse>(Method::GET, &join("/v1/key/list/", prefix), None)
+            .get_named::<api::ListKeysResponse>("/v1/key/list/", prefix)
             .await?
             .names)
     }
@@ -645,24 +653,18 @@ impl Client {
         &self,
         name: &str,
     ) -> Result<api::DescribePolicyResponse, ClientError> {
-        self.call_json(Method::GET, &join("/v1/policy/describe/", name), None)
-            .await
+        self.get_named("/v1/policy/describe/", name).await
     }
 
     /// `/v1/policy/read/{name}`.
     pub async fn read_policy(&self, name: &str) -> Result<api::ReadPolicyResponse, ClientError> {
-        self.call_json(Method::GET, &join("/v1/policy/read/", name), None)
-            .await
+        self.get_named("/v1/policy/read/", name).await
     }
 
     /// `/v1/policy/list/{pattern}`.
     pub async fn list_policies(&self, pattern: &str) -> Result<Vec<String>, ClientError> {
         Ok(self
-            .call_json::<api::ListPoliciesResponse>(
-                Method::GET,
-                &join("/v1/policy/list/", pattern),
-                None,
-            )
+            .get_named::<api::ListPoliciesResponse>("/v1/policy/list/", pattern)
             .await?
             .names)
     }
@@ -672,18 +674,13 @@ impl Client {
         &self,
         identity: &str,
     ) -> Result<api::DescribeIdentityResponse, ClientError> {
-        self.call_json(Method::GET, &join("/v1/identity/describe/", identity), None)
-            .await
+        self.get_named("/v1/identity/describe/", identity).await
     }
 
     /// `/v1/identity/list/{pattern}`.
     pub async fn list_identities(&self, pattern: &str) -> Result<Vec<String>, ClientError> {
         Ok(self
-            .call_json::<api::ListIdentitiesResponse>(
-                Method::GET,
-                &join("/v1/identity/list/", pattern),
-                None,
-            )
+            .get_named::<api::ListIdentitiesResponse>("/v1/identity/list/", pattern)
             .await?
             .identities)
     }

@@ -12,48 +12,22 @@
 //! ```
 
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Duration;
 
 use serde_yaml::Value;
 
 use super::ConfigError;
-use crate::keystore::pkcs11::{profile, IvSource, Pkcs11Config, Pkcs11KeyStore, TokenSelector};
-use crate::keystore::soft::SoftKeyStore;
-use crate::keystore::{KeyStore, KeystoreError, Scheme};
+// The backends' settings and profile tables, not the backends: config validates, never opens.
+use crate::keystore::pkcs11::profile;
+use crate::keystore::pkcs11::settings::{IvSource, Pkcs11Config, TokenSelector};
+pub use crate::keystore::settings::{KeystoreConfig, SoftConfig, SoftDir};
+use crate::keystore::Scheme;
 use crate::secret::Pin;
 
 /// KES backends kesh does not serve; named so the error can point at `kesh migrate`.
 const KES_BACKENDS: &[&str] = &[
     "fs", "vault", "aws", "azure", "gcp", "gemalto", "fortanix", "entrust", "kes",
 ];
-
-/// A validated keystore section.
-#[derive(Debug, Clone)]
-pub enum KeystoreConfig {
-    /// An HSM through its PKCS#11 module (`pkcs11:`).
-    Pkcs11(Pkcs11Config),
-    /// The embedded keystore (`soft:`).
-    Soft(SoftConfig),
-}
-
-/// The embedded keystore: in memory, or a directory of KEK-wrapped key files.
-#[derive(Debug, Clone, Default)]
-pub struct SoftConfig {
-    /// `dir:`: keep keys as wrapped files there; `None` keeps them in memory.
-    pub dir: Option<SoftDir>,
-    /// `scheme:` of created keys (default `gcm`).
-    pub scheme: Option<Scheme>,
-}
-
-#[derive(Debug, Clone)]
-/// `soft.dir:`: where the key files live and the file holding their KEK.
-pub struct SoftDir {
-    /// The key directory.
-    pub path: PathBuf,
-    /// The file holding the 32-byte KEK (base64 or hex).
-    pub kek_file: PathBuf,
-}
 
 impl KeystoreConfig {
     /// Validates the `keystore:` mapping (after `${VAR}` substitution).
@@ -95,30 +69,6 @@ impl KeystoreConfig {
                 "no keystore specified; add `pkcs11:` or `soft:`",
             )),
         }
-    }
-
-    /// The PIN the section names (read from `pin_file:` or substituted from the environment
-    /// when the file was loaded), for keystores that log in.
-    pub fn pin(&self) -> Option<&Pin> {
-        match self {
-            KeystoreConfig::Pkcs11(c) => Some(&c.pin),
-            KeystoreConfig::Soft(_) => None,
-        }
-    }
-
-    /// Opens the configured keystore.
-    pub async fn open(&self) -> Result<Arc<dyn KeyStore>, KeystoreError> {
-        Ok(match self {
-            KeystoreConfig::Pkcs11(cfg) => Arc::new(Pkcs11KeyStore::open(cfg.clone()).await?),
-            KeystoreConfig::Soft(cfg) => {
-                let scheme = cfg.scheme.unwrap_or(Scheme::Gcm);
-                let store = match &cfg.dir {
-                    Some(dir) => SoftKeyStore::open_dir(&dir.path, &dir.kek_file)?,
-                    None => SoftKeyStore::in_memory(),
-                };
-                Arc::new(store.with_scheme(scheme))
-            }
-        })
     }
 }
 

@@ -9,6 +9,7 @@
 //!   directory of KEK-wrapped files; same schemes, byte-identical ciphertexts.
 
 use std::fmt;
+use std::sync::Arc;
 use std::time::Duration;
 
 use time::OffsetDateTime;
@@ -18,6 +19,7 @@ use crate::name::KeyName;
 use crate::secret::{Key32, SecretBytes};
 
 pub mod pkcs11;
+pub mod settings;
 pub mod soft;
 
 /// How a key seals data keys; fixed when the key is made (docs/FORMAT.md §1).
@@ -148,8 +150,9 @@ impl fmt::Debug for DataKey {
     }
 }
 
-/// Errors of the keystore layer. Messages never carry secrets; the server maps each variant to
-/// its KES status and message.
+/// Errors of the keystore layer. The variant is all the server reads (it maps each to its KES
+/// status and message in `server::error`); the [`BackendError`] inside says why, typed, for
+/// logs and the CLI. Messages never carry secrets.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum KeystoreError {
     /// A key of that name exists (create, import).
@@ -167,23 +170,108 @@ pub enum KeystoreError {
     /// The backend cannot hold this kind of key (ChaCha20 keys on an HSM).
     #[error("algorithm '{0}' is not supported by this keystore")]
     AlgorithmUnsupported(&'static str),
-    /// The operation does not fit the key's scheme or the backend's limits.
+    /// The operation or the configuration does not fit the key's scheme or the backend's limits.
     #[error("invalid input: {0}")]
-    InvalidInput(String),
+    InvalidInput(#[source] BackendError),
     /// The device is down or being recovered; requests fail fast until it is back.
     #[error("keystore is unreachable: {0}")]
-    Unreachable(String),
+    Unreachable(#[source] BackendError),
     /// No HSM session became free within the configured wait.
     #[error("keystore is busy: no session free within {0:?}")]
     Busy(Duration),
     /// Any other backend failure (a PKCS#11 return code, an I/O error).
     #[error("keystore error: {0}")]
-    Backend(String),
+    Backend(#[source] BackendError),
+}
+
+impl KeystoreError {
+    /// The variant as a metric label (`kesh_keystore_errors_total{kind=...}`).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            KeystoreError::KeyExists => "key_exists",
+            KeystoreError::KeyNotFound => "key_not_found",
+            KeystoreError::NotAuthentic => "not_authentic",
+            KeystoreError::HmacUnsupported => "hmac_unsupported",
+            KeystoreError::AlgorithmUnsupported(_) => "algorithm_unsupported",
+            KeystoreError::InvalidInput(_) => "invalid_input",
+            KeystoreError::Unreachable(_) => "unreachable",
+            KeystoreError::Busy(_) => "busy",
+            KeystoreError::Backend(_) => "backend",
+        }
+    }
 }
 
 impl From<crate::crypto::NotAuthentic> for KeystoreError {
     fn from(_: crate::crypto::NotAuthentic) -> Self {
         KeystoreError::NotAuthentic
+    }
+}
+
+/// Why a backend failed: each backend's own error, wrapped whole. Cheap to clone.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum BackendError {
+    #[error(transparent)]
+    /// The pkcs11 backend's.
+    Pkcs11(#[from] pkcs11::Pkcs11Error),
+    #[error(transparent)]
+    /// The soft keystore's.
+    Soft(#[from] Arc<soft::SoftError>),
+    /// The host's random number generator (the soft keystore, `kesh migrate`'s checks).
+    #[error("random number generator failed: {0}")]
+    Random(getrandom::Error),
+    /// From a keystore or step outside the two backends (a test double, `kesh migrate`).
+    #[error(transparent)]
+    Other(Arc<dyn std::error::Error + Send + Sync>),
+}
+
+impl BackendError {
+    /// Wraps an error from outside the two backends.
+    pub fn other(e: impl std::error::Error + Send + Sync + 'static) -> Self {
+        BackendError::Other(Arc::new(e))
+    }
+}
+
+impl From<soft::SoftError> for BackendError {
+    fn from(e: soft::SoftError) -> Self {
+        BackendError::Soft(Arc::new(e))
+    }
+}
+
+/// For keystores that only have words for what went wrong (test doubles).
+impl From<&str> for BackendError {
+    fn from(why: &str) -> Self {
+        BackendError::Other(Arc::from(Box::<dyn std::error::Error + Send + Sync>::from(
+            why,
+        )))
+    }
+}
+
+/// Equal when they say the same: backend errors wrap I/O and library errors that have no
+/// equality of their own, and tests compare [`KeystoreError`]s whole.
+impl PartialEq for BackendError {
+    fn eq(&self, other: &Self) -> bool {
+        self.to_string() == other.to_string()
+    }
+}
+
+impl Eq for BackendError {}
+
+impl settings::KeystoreConfig {
+    /// Opens the configured keystore.
+    pub async fn open(&self) -> Result<Arc<dyn KeyStore>> {
+        Ok(match self {
+            settings::KeystoreConfig::Pkcs11(cfg) => {
+                Arc::new(pkcs11::Pkcs11KeyStore::open(cfg.clone()).await?)
+            }
+            settings::KeystoreConfig::Soft(cfg) => {
+                let scheme = cfg.scheme.unwrap_or(Scheme::Gcm);
+                let store = match &cfg.dir {
+                    Some(dir) => soft::SoftKeyStore::open_dir(&dir.path, &dir.kek_file)?,
+                    None => soft::SoftKeyStore::in_memory(),
+                };
+                Arc::new(store.with_scheme(scheme))
+            }
+        })
     }
 }
 

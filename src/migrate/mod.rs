@@ -24,7 +24,9 @@ use zeroize::Zeroizing;
 
 use crate::crypto::kes;
 use crate::crypto::kes_key::{self, StoredKey};
-use crate::keystore::{HmacKeySource, ImportKey, KeyStore, KeystoreError, Provenance, Scheme};
+use crate::keystore::{
+    BackendError, HmacKeySource, ImportKey, KeyStore, KeystoreError, Provenance, Scheme,
+};
 use crate::name::KeyName;
 
 /// What to do with a key name that already exists in the target.
@@ -350,10 +352,11 @@ async fn same_key(
     stored: &StoredKey,
 ) -> Result<bool, KeystoreError> {
     let iv = crate::secret::random::<{ kes::IV_LEN }>()
-        .map_err(|e| KeystoreError::Backend(e.to_string()))?;
+        .map_err(|e| KeystoreError::Backend(BackendError::Random(e)))?;
     let nonce = crate::secret::random::<{ kes::NONCE_LEN }>()
-        .map_err(|e| KeystoreError::Backend(e.to_string()))?;
-    let probe = crate::secret::random::<32>().map_err(|e| KeystoreError::Backend(e.to_string()))?;
+        .map_err(|e| KeystoreError::Backend(BackendError::Random(e)))?;
+    let probe = crate::secret::random::<32>()
+        .map_err(|e| KeystoreError::Backend(BackendError::Random(e)))?;
     let context = b"kesh migrate check";
     let derived = kes::derive_soft(stored.algorithm, &stored.key, &iv);
     let ct = kes::seal(

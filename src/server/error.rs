@@ -11,7 +11,8 @@ use axum::response::{IntoResponse, Response};
 use http::{header, HeaderValue, Method, StatusCode};
 
 use crate::api;
-use crate::server::service::{Op, ServiceError};
+use crate::keystore::KeystoreError;
+use crate::server::service::{KeyOp, ServiceError};
 
 /// Which request body could not be decoded; import words it differently.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -45,25 +46,25 @@ impl From<ServiceError> for ApiError {
 }
 
 /// The message of a keystore failure, by operation (docs/api.md, "Errors").
-fn backend_failure(op: Op) -> (StatusCode, &'static str) {
+fn backend_failure(op: KeyOp) -> (StatusCode, &'static str) {
     match op {
-        Op::Create | Op::Import => (StatusCode::BAD_GATEWAY, "failed to create key"),
-        Op::Describe | Op::Hmac => (StatusCode::BAD_GATEWAY, "failed to read key"),
-        Op::List => (StatusCode::BAD_GATEWAY, "failed to list keys"),
-        Op::Delete => (StatusCode::BAD_GATEWAY, "failed to delete key"),
-        Op::Generate => (
+        KeyOp::Create | KeyOp::Import => (StatusCode::BAD_GATEWAY, "failed to create key"),
+        KeyOp::Describe | KeyOp::Hmac => (StatusCode::BAD_GATEWAY, "failed to read key"),
+        KeyOp::List => (StatusCode::BAD_GATEWAY, "failed to list keys"),
+        KeyOp::Delete => (StatusCode::BAD_GATEWAY, "failed to delete key"),
+        KeyOp::Generate => (
             StatusCode::INTERNAL_SERVER_ERROR,
             "failed to generate encryption key",
         ),
-        Op::Encrypt => (
+        KeyOp::Encrypt => (
             StatusCode::INTERNAL_SERVER_ERROR,
             "failed to encrypt plaintext",
         ),
-        Op::Decrypt => (
+        KeyOp::Decrypt => (
             StatusCode::INTERNAL_SERVER_ERROR,
             "failed to decrypt ciphertext",
         ),
-        Op::Ready => (StatusCode::BAD_GATEWAY, "key store is unavailable"),
+        KeyOp::Status => (StatusCode::BAD_GATEWAY, "key store is unavailable"),
     }
 }
 
@@ -77,22 +78,13 @@ impl ApiError {
                 StatusCode::METHOD_NOT_ALLOWED,
                 format!("received method '{got}' expected '{want}'"),
             ),
-            ApiError::InvalidKeyName(n) => (
-                StatusCode::BAD_REQUEST,
-                format!("key name '{n}' is empty, too long or contains invalid characters"),
-            ),
+            ApiError::InvalidKeyName(n) => invalid_name("key name", n),
             ApiError::InvalidPattern(p) => (
                 StatusCode::BAD_REQUEST,
                 format!("listing pattern '{p}' is empty, too long or is invalid"),
             ),
-            ApiError::InvalidPolicyName(n) => (
-                StatusCode::BAD_REQUEST,
-                format!("policy name '{n}' is empty, too long or contains invalid characters"),
-            ),
-            ApiError::InvalidIdentity(i) => (
-                StatusCode::BAD_REQUEST,
-                format!("identity '{i}' is empty, too long or contains invalid characters"),
-            ),
+            ApiError::InvalidPolicyName(n) => invalid_name("policy name", n),
+            ApiError::InvalidIdentity(i) => invalid_name("identity", i),
             ApiError::InvalidBody(BodyKind::Import) => {
                 fixed(StatusCode::BAD_REQUEST, "invalid import key request body")
             }
@@ -112,39 +104,56 @@ impl ApiError {
                     StatusCode::BAD_REQUEST,
                     "tls: client certificate is required",
                 ),
-                S::KeyExists => fixed(StatusCode::BAD_REQUEST, "key already exists"),
-                S::KeyNotFound => fixed(StatusCode::NOT_FOUND, "key does not exist"),
-                S::NotAuthentic => fixed(
-                    StatusCode::BAD_REQUEST,
-                    "decryption failed: ciphertext is not authentic",
-                ),
-                S::HmacUnsupported => fixed(StatusCode::CONFLICT, "key does not support HMAC"),
-                S::AlgorithmUnsupported(c) => (
-                    StatusCode::NOT_ACCEPTABLE,
-                    format!("algorithm '{c}' is not supported"),
-                ),
+                S::AlgorithmUnsupported(c) => unsupported(c),
                 S::InvalidKeySize(c) => (
                     StatusCode::NOT_ACCEPTABLE,
                     format!("invalid key size for '{c}'"),
                 ),
                 S::PolicyNotFound => fixed(StatusCode::NOT_FOUND, "policy does not exist"),
                 S::IdentityNotFound => fixed(StatusCode::NOT_FOUND, "identity does not exist"),
-                S::InvalidInput(Op::Import, _) => {
-                    fixed(StatusCode::BAD_REQUEST, "invalid import key request body")
-                }
-                S::InvalidInput(_, _) => fixed(StatusCode::BAD_REQUEST, "invalid request body"),
-                // The only 503: kms-go retries it, which is what a full session pool wants.
-                S::Busy => fixed(StatusCode::SERVICE_UNAVAILABLE, "key store is busy"),
-                S::Unreachable(_, _) => {
-                    fixed(StatusCode::GATEWAY_TIMEOUT, "key store is not reachable")
-                }
-                S::Backend(op, _) => {
-                    let (status, msg) = backend_failure(*op);
-                    fixed(status, msg)
-                }
+                S::Keystore { op, source } => keystore_failure(*op, source),
             },
         }
     }
+}
+
+/// KES's words for a name that does not validate, the same for keys, policies and identities.
+fn invalid_name(what: &str, name: &str) -> (StatusCode, String) {
+    (
+        StatusCode::BAD_REQUEST,
+        format!("{what} '{name}' is empty, too long or contains invalid characters"),
+    )
+}
+
+fn unsupported(cipher: &str) -> (StatusCode, String) {
+    (
+        StatusCode::NOT_ACCEPTABLE,
+        format!("algorithm '{cipher}' is not supported"),
+    )
+}
+
+/// A keystore error on the wire: its variant decides, never its backend's words.
+fn keystore_failure(op: KeyOp, e: &KeystoreError) -> (StatusCode, String) {
+    use KeystoreError as K;
+    let (status, msg) = match e {
+        K::KeyExists => (StatusCode::BAD_REQUEST, "key already exists"),
+        K::KeyNotFound => (StatusCode::NOT_FOUND, "key does not exist"),
+        K::NotAuthentic => (
+            StatusCode::BAD_REQUEST,
+            "decryption failed: ciphertext is not authentic",
+        ),
+        K::HmacUnsupported => (StatusCode::CONFLICT, "key does not support HMAC"),
+        K::AlgorithmUnsupported(c) => return unsupported(c),
+        K::InvalidInput(_) if op == KeyOp::Import => {
+            (StatusCode::BAD_REQUEST, "invalid import key request body")
+        }
+        K::InvalidInput(_) => (StatusCode::BAD_REQUEST, "invalid request body"),
+        // The only 503: kms-go retries it, which is what a full session pool wants.
+        K::Busy(_) => (StatusCode::SERVICE_UNAVAILABLE, "key store is busy"),
+        K::Unreachable(_) => (StatusCode::GATEWAY_TIMEOUT, "key store is not reachable"),
+        K::Backend(_) => backend_failure(op),
+    };
+    (status, msg.to_owned())
 }
 
 /// A JSON error response: exact body, `Content-Type: application/json`, exact length.
@@ -171,7 +180,7 @@ impl IntoResponse for ApiError {
                     resp.headers_mut().insert(header::ALLOW, v);
                 }
             }
-            ApiError::Service(ServiceError::Busy) => {
+            ApiError::Service(e) if matches!(e.keystore(), Some(KeystoreError::Busy(_))) => {
                 resp.headers_mut()
                     .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
             }
@@ -188,12 +197,18 @@ mod tests {
 
     #[tokio::test]
     async fn exact_error_body() {
-        let resp = ApiError::Service(ServiceError::KeyExists).into_response();
+        let keystore = |source| {
+            ApiError::Service(ServiceError::Keystore {
+                op: KeyOp::Create,
+                source,
+            })
+        };
+        let resp = keystore(KeystoreError::KeyExists).into_response();
         assert_eq!(resp.status(), 400);
         assert_eq!(resp.headers()[header::CONTENT_TYPE], "application/json");
         let body = resp.into_body().collect().await.unwrap().to_bytes();
         assert_eq!(&body[..], b"{\"message\":\"key already exists\"\n}");
-        let resp = ApiError::Service(ServiceError::Busy).into_response();
+        let resp = keystore(KeystoreError::Busy(std::time::Duration::ZERO)).into_response();
         assert_eq!(resp.status(), 503);
         assert_eq!(resp.headers()[header::RETRY_AFTER], "1");
     }

@@ -10,8 +10,10 @@
 //! Owns the buffer, the flusher thread and the output; knows nothing of what the lines say.
 
 use std::io::Write;
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::Duration;
+
+use crate::locks::IgnorePoison;
 
 /// How long a line may wait for company before it is written.
 pub const FLUSH_DELAY: Duration = Duration::from_millis(2);
@@ -63,13 +65,9 @@ impl LineSink {
 
     /// Appends one line; `fill` writes it (without the newline) into the buffer.
     pub fn line(&self, fill: impl FnOnce(&mut Vec<u8>)) {
-        let mut pending = lock(&self.shared.pending);
+        let mut pending = self.shared.pending.lock().ignore_poison();
         while pending.len() >= MAX_BUFFERED {
-            pending = self
-                .shared
-                .changed
-                .wait(pending)
-                .unwrap_or_else(|e| e.into_inner());
+            pending = self.shared.changed.wait(pending).ignore_poison();
         }
         let was_empty = pending.is_empty();
         fill(&mut pending);
@@ -86,15 +84,10 @@ impl LineSink {
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    // The buffer and the writer stay usable after a panic elsewhere.
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
 fn write_out(shared: &Shared) {
     // Holding the output lock across the swap keeps lines in order between two flushers.
-    let mut out = lock(&shared.out);
-    let batch = std::mem::take(&mut *lock(&shared.pending));
+    let mut out = shared.out.lock().ignore_poison();
+    let batch = std::mem::take(&mut *shared.pending.lock().ignore_poison());
     shared.changed.notify_all();
     if !batch.is_empty() {
         // Nowhere to report a failing stdout; the lines are lost as a direct write's would be.
@@ -106,12 +99,9 @@ fn write_out(shared: &Shared) {
 fn flush_forever(shared: &Shared) {
     loop {
         {
-            let mut pending = lock(&shared.pending);
+            let mut pending = shared.pending.lock().ignore_poison();
             while pending.is_empty() {
-                pending = shared
-                    .changed
-                    .wait(pending)
-                    .unwrap_or_else(|e| e.into_inner());
+                pending = shared.changed.wait(pending).ignore_poison();
             }
         }
         std::thread::sleep(FLUSH_DELAY);
@@ -128,7 +118,7 @@ mod tests {
 
     impl Write for Capture {
         fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-            lock(&self.0).extend_from_slice(buf);
+            self.0.lock().ignore_poison().extend_from_slice(buf);
             Ok(buf.len())
         }
         fn flush(&mut self) -> std::io::Result<()> {
@@ -145,12 +135,15 @@ mod tests {
         }
         let want: String = (0..1000).map(|i| format!("line {i}\n")).collect();
         for _ in 0..500 {
-            if lock(&out.0).len() == want.len() {
+            if out.0.lock().ignore_poison().len() == want.len() {
                 break;
             }
             std::thread::sleep(Duration::from_millis(2));
         }
-        assert_eq!(String::from_utf8(lock(&out.0).clone()).unwrap(), want);
+        assert_eq!(
+            String::from_utf8(out.0.lock().ignore_poison().clone()).unwrap(),
+            want
+        );
     }
 
     #[test]
@@ -159,6 +152,6 @@ mod tests {
         let sink = LineSink::new(Box::new(out.clone()));
         sink.line(|b| b.extend_from_slice(b"last words"));
         sink.flush();
-        assert_eq!(&*lock(&out.0), b"last words\n");
+        assert_eq!(&*out.0.lock().ignore_poison(), b"last words\n");
     }
 }

@@ -18,6 +18,8 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use crate::locks::IgnorePoison;
+
 /// The text exposition content type the reference negotiates by default.
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8; escaping=underscores";
 
@@ -80,12 +82,6 @@ impl Histogram {
         let _ = writeln!(out, "{name}_sum{braces} {sum}");
         let _ = writeln!(out, "{name}_count{braces} {n}");
     }
-}
-
-/// Locks a metrics map. A poisoned lock only means another thread panicked mid-increment;
-/// the counts are still usable.
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// The process-wide registry.
@@ -156,7 +152,7 @@ impl Metrics {
             500..=599 => &self.failure,
             _ => return,
         };
-        *lock(map).entry(status).or_default() += 1;
+        *map.lock().ignore_poison().entry(status).or_default() += 1;
         self.response_time.observe(elapsed);
     }
 
@@ -172,12 +168,19 @@ impl Metrics {
 
     /// One keystore call: its latency by operation and, on failure, its error kind.
     pub fn keystore_call(&self, op: &'static str, elapsed: Duration, error: Option<&'static str>) {
-        lock(&self.keystore_latency)
+        self.keystore_latency
+            .lock()
+            .ignore_poison()
             .entry(op)
             .or_insert_with(|| Histogram::new(&KEYSTORE_BUCKETS))
             .observe(elapsed);
         if let Some(kind) = error {
-            *lock(&self.keystore_errors).entry((op, kind)).or_default() += 1;
+            *self
+                .keystore_errors
+                .lock()
+                .ignore_poison()
+                .entry((op, kind))
+                .or_default() += 1;
             if kind == "busy" {
                 self.keystore_busy.fetch_add(1, Ordering::Relaxed);
             }
@@ -186,7 +189,12 @@ impl Metrics {
 
     /// A data key or plaintext sealed under `key` (the random-IV GCM bound is per key).
     pub fn sealed(&self, key: &str) {
-        *lock(&self.seals).entry(key.to_owned()).or_default() += 1;
+        *self
+            .seals
+            .lock()
+            .ignore_poison()
+            .entry(key.to_owned())
+            .or_default() += 1;
     }
 
     /// A request was refused by the policy check.
@@ -212,23 +220,19 @@ impl Metrics {
 
     fn render_kes_into(&self, out: &mut String) {
         let stats = ProcessStats::read();
-        family(
+        scalar(
             out,
             "kes_http_request_active",
             "gauge",
             "Number of active requests that are not finished, yet.",
-        );
-        let _ = writeln!(
-            out,
-            "kes_http_request_active {}",
-            self.active.load(Ordering::Relaxed)
+            self.active.load(Ordering::Relaxed),
         );
         for (name, help, map) in [
             ("kes_http_request_error", "Number of request that failed due to some error. (HTTP 4xx status code)", &self.error),
             ("kes_http_request_failure", "Number of request that failed due to some internal failure. (HTTP 5xx status code)", &self.failure),
             ("kes_http_request_success", "Number of requests that have been served successfully.", &self.success),
         ] {
-            let map = lock(map);
+            let map = map.lock().ignore_poison();
             if map.is_empty() {
                 continue;
             }
@@ -244,27 +248,19 @@ impl Metrics {
             "Histogram of request response times spawning from 10ms to 10s.",
         );
         self.response_time.render(out, "kes_http_response_time", "");
-        family(
+        scalar(
             out,
             "kes_log_audit_events",
             "counter",
             "Number of audit log events written to audit log targets.",
+            self.audit_events.load(Ordering::Relaxed),
         );
-        let _ = writeln!(
-            out,
-            "kes_log_audit_events {}",
-            self.audit_events.load(Ordering::Relaxed)
-        );
-        family(
+        scalar(
             out,
             "kes_log_error_events",
             "counter",
             "Number of error log events written to error log targets.",
-        );
-        let _ = writeln!(
-            out,
-            "kes_log_error_events {}",
-            self.error_events.load(Ordering::Relaxed)
+            self.error_events.load(Ordering::Relaxed),
         );
         let uptime = (self.started.elapsed().as_millis() / 10) as f64 / 100.0;
         let cpus = std::thread::available_parallelism()
@@ -352,19 +348,15 @@ impl Metrics {
             let _ = writeln!(out, "kesh_hsm_sessions{{state=\"in_use\"}} {}", pool.in_use);
             let _ = writeln!(out, "kesh_hsm_sessions{{state=\"size\"}} {}", pool.size);
         }
-        family(
+        scalar(
             out,
             "kesh_keystore_busy_total",
             "counter",
             "Keystore calls refused because no HSM session became free in time.",
-        );
-        let _ = writeln!(
-            out,
-            "kesh_keystore_busy_total {}",
-            self.keystore_busy.load(Ordering::Relaxed)
+            self.keystore_busy.load(Ordering::Relaxed),
         );
         {
-            let errors = lock(&self.keystore_errors);
+            let errors = self.keystore_errors.lock().ignore_poison();
             if !errors.is_empty() {
                 family(
                     out,
@@ -381,7 +373,7 @@ impl Metrics {
             }
         }
         {
-            let lat = lock(&self.keystore_latency);
+            let lat = self.keystore_latency.lock().ignore_poison();
             if !lat.is_empty() {
                 family(
                     out,
@@ -399,27 +391,23 @@ impl Metrics {
             }
         }
         if let Some(n) = keystore.unreadable_key_files {
-            family(
+            scalar(
                 out,
                 "kesh_keystore_unreadable_key_files",
                 "gauge",
                 "Key files of the soft keystore's directory skipped because they could not be read, opened or named.",
+                n,
             );
-            let _ = writeln!(out, "kesh_keystore_unreadable_key_files {n}");
         }
-        family(
+        scalar(
             out,
             "kesh_policy_denials_total",
             "counter",
             "Requests refused by authorization.",
-        );
-        let _ = writeln!(
-            out,
-            "kesh_policy_denials_total {}",
-            self.denials.load(Ordering::Relaxed)
+            self.denials.load(Ordering::Relaxed),
         );
         {
-            let seals = lock(&self.seals);
+            let seals = self.seals.lock().ignore_poison();
             if !seals.is_empty() {
                 family(
                     out,
@@ -433,6 +421,12 @@ impl Metrics {
             }
         }
     }
+}
+
+/// A family of one unlabelled sample.
+fn scalar(out: &mut String, name: &str, kind: &str, help: &str, value: impl std::fmt::Display) {
+    family(out, name, kind, help);
+    let _ = writeln!(out, "{name} {value}");
 }
 
 fn family(out: &mut String, name: &str, kind: &str, help: &str) {

@@ -48,6 +48,7 @@ use self::error::{ApiError, BodyKind};
 use self::routes::{Auth, Route, RouteId, RouteSettings};
 use crate::config::server::ServerConfig;
 use crate::identity::{identify_peer, Identity, PeerError};
+use crate::locks::IgnorePoison;
 use crate::name::KeyName;
 use crate::server::audit::{AuditLog, ErrorLog};
 use crate::server::policy::{Authorizer, Permit};
@@ -78,10 +79,7 @@ pub struct State {
 
 impl State {
     pub(crate) fn routes(&self) -> Arc<RouteSettings> {
-        self.routes
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        self.routes.read().ignore_poison().clone()
     }
 }
 
@@ -142,7 +140,7 @@ pub async fn create_keys(
     for name in keys {
         match service.create_key(&permit, name).await {
             Ok(()) => tracing::info!(key = %name, "created key listed in config"),
-            Err(crate::server::service::ServiceError::KeyExists) => {}
+            Err(e) if e.keystore() == Some(&crate::keystore::KeystoreError::KeyExists) => {}
             Err(e) => return Err(e),
         }
     }
@@ -168,7 +166,7 @@ pub struct ServerHandle {
 impl ServerHandle {
     /// New TLS settings for connections accepted from now on.
     pub fn set_tls(&self, config: Arc<rustls::ServerConfig>) {
-        *self.state.tls.write().unwrap_or_else(|e| e.into_inner()) = TlsAcceptor::from(config);
+        *self.state.tls.write().ignore_poison() = TlsAcceptor::from(config);
     }
 
     /// A new admin and policy set for requests from now on.
@@ -202,7 +200,7 @@ impl ServerHandle {
             .map_err(|e| format!("creating the listed keys: {e}"))?;
         self.set_tls(tls);
         self.set_authorizer(authorizer);
-        *self.state.routes.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(routes);
+        *self.state.routes.write().ignore_poison() = Arc::new(routes);
         Ok(())
     }
 
@@ -275,7 +273,7 @@ impl Server {
                         continue;
                     };
                     let _ = tcp.set_nodelay(true);
-                    let acceptor = self.state.tls.read().unwrap_or_else(|e| e.into_inner()).clone();
+                    let acceptor = self.state.tls.read().ignore_poison().clone();
                     let state = self.state.clone();
                     let watcher = graceful.watcher();
                     tokio::spawn(async move {

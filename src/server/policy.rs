@@ -9,13 +9,13 @@
 //! request of an audited route, and `kesh_policy_denials_total` counts them all).
 
 use std::collections::{BTreeMap, HashMap};
-use std::fmt;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use time::OffsetDateTime;
 
 use crate::identity::Identity;
+use crate::locks::IgnorePoison;
 use crate::name::KeyName;
 
 /// Denial lines logged per second at most; the rest are summarised.
@@ -50,7 +50,7 @@ impl DenialLog {
     /// Whether this denial gets its own line; reports the ones that did not first.
     fn admit(&self, now: Instant) -> bool {
         // A poisoned lock holds counters only: keep using them.
-        let mut window = self.window.lock().unwrap_or_else(|e| e.into_inner());
+        let mut window = self.window.lock().ignore_poison();
         let w = window.get_or_insert(DenialWindow {
             started: now,
             logged: 0,
@@ -112,17 +112,7 @@ impl PolicyName {
     }
 }
 
-impl fmt::Display for PolicyName {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl fmt::Debug for PolicyName {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "PolicyName({})", self.0)
-    }
-}
+crate::name::text_fmt!(PolicyName);
 
 /// Allow and deny rules over decoded URL paths.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

@@ -16,14 +16,16 @@ use crate::identity::Identity;
 use crate::keystore::{
     DataKey, HmacKeySource, ImportKey, KeyInfo, KeyStore, KeystoreError, Provenance, Scheme,
 };
+use crate::locks::IgnorePoison;
 use crate::name::{KeyName, Pattern};
 use crate::secret::{Key32, SecretBytes};
 use crate::server::metrics::Metrics;
 use crate::server::policy::{Authorizer, Denial, Permit, Policy, PolicyName};
 
-/// The operation a failure happened in; chooses the wire message for backend failures.
+/// The keystore call a request makes: names its latency and error metrics, and chooses the
+/// wire message of a backend failure.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Op {
+pub enum KeyOp {
     Create,
     Import,
     Describe,
@@ -33,47 +35,41 @@ pub enum Op {
     Encrypt,
     Decrypt,
     Hmac,
-    Ready,
+    /// [`KeyStore::status`], the probe behind `/v1/ready` and `/v1/status`.
+    Status,
 }
 
-impl Op {
+impl KeyOp {
     pub fn as_str(self) -> &'static str {
         match self {
-            Op::Create => "create",
-            Op::Import => "import",
-            Op::Describe => "describe",
-            Op::List => "list",
-            Op::Delete => "delete",
-            Op::Generate => "generate",
-            Op::Encrypt => "encrypt",
-            Op::Decrypt => "decrypt",
-            Op::Hmac => "hmac",
-            Op::Ready => "status",
+            KeyOp::Create => "create",
+            KeyOp::Import => "import",
+            KeyOp::Describe => "describe",
+            KeyOp::List => "list",
+            KeyOp::Delete => "delete",
+            KeyOp::Generate => "generate",
+            KeyOp::Encrypt => "encrypt",
+            KeyOp::Decrypt => "decrypt",
+            KeyOp::Hmac => "hmac",
+            KeyOp::Status => "status",
         }
     }
 }
 
-impl std::fmt::Display for Op {
+impl std::fmt::Display for KeyOp {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.as_str())
     }
 }
 
-/// Errors of the service layer.
+/// Errors of the service layer: its own refusals, and the keystore's errors wrapped whole with
+/// the operation they happened in (which chooses the wire message of a backend failure).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ServiceError {
     #[error("not authorized")]
     NotAllowed,
     #[error("no client certificate")]
     NoCertificate,
-    #[error("key already exists")]
-    KeyExists,
-    #[error("key does not exist")]
-    KeyNotFound,
-    #[error("ciphertext is not authentic")]
-    NotAuthentic,
-    #[error("key does not support HMAC")]
-    HmacUnsupported,
     /// Import with a cipher name that is unknown or that the keystore cannot hold.
     #[error("algorithm '{0}' is not supported")]
     AlgorithmUnsupported(String),
@@ -83,46 +79,21 @@ pub enum ServiceError {
     PolicyNotFound,
     #[error("identity does not exist")]
     IdentityNotFound,
-    /// The keystore refused input that passed HTTP decoding (e.g. a size limit of the device).
-    #[error("{0}: invalid input: {1}")]
-    InvalidInput(Op, String),
-    #[error("keystore busy")]
-    Busy,
-    #[error("{0}: keystore unreachable: {1}")]
-    Unreachable(Op, String),
-    #[error("{0}: keystore failure: {1}")]
-    Backend(Op, String),
+    #[error("{op}: {source}")]
+    Keystore {
+        op: KeyOp,
+        #[source]
+        source: KeystoreError,
+    },
 }
 
 impl ServiceError {
-    fn from_keystore(op: Op, e: KeystoreError) -> Self {
-        match e {
-            KeystoreError::KeyExists => ServiceError::KeyExists,
-            KeystoreError::KeyNotFound => ServiceError::KeyNotFound,
-            KeystoreError::NotAuthentic => ServiceError::NotAuthentic,
-            KeystoreError::HmacUnsupported => ServiceError::HmacUnsupported,
-            KeystoreError::AlgorithmUnsupported(a) => {
-                ServiceError::AlgorithmUnsupported(a.to_owned())
-            }
-            KeystoreError::InvalidInput(m) => ServiceError::InvalidInput(op, m),
-            KeystoreError::Unreachable(m) => ServiceError::Unreachable(op, m),
-            KeystoreError::Busy(_) => ServiceError::Busy,
-            KeystoreError::Backend(m) => ServiceError::Backend(op, m),
+    /// The keystore's error, if this is one.
+    pub fn keystore(&self) -> Option<&KeystoreError> {
+        match self {
+            ServiceError::Keystore { source, .. } => Some(source),
+            _ => None,
         }
-    }
-}
-
-fn error_kind(e: &KeystoreError) -> &'static str {
-    match e {
-        KeystoreError::KeyExists => "key_exists",
-        KeystoreError::KeyNotFound => "key_not_found",
-        KeystoreError::NotAuthentic => "not_authentic",
-        KeystoreError::HmacUnsupported => "hmac_unsupported",
-        KeystoreError::AlgorithmUnsupported(_) => "algorithm_unsupported",
-        KeystoreError::InvalidInput(_) => "invalid_input",
-        KeystoreError::Unreachable(_) => "unreachable",
-        KeystoreError::Busy(_) => "busy",
-        KeystoreError::Backend(_) => "backend",
     }
 }
 
@@ -191,15 +162,12 @@ impl Service {
     /// The authorization snapshot in force. The lock only guards the pointer swap; a poisoned
     /// lock still holds a complete snapshot.
     pub fn authorizer(&self) -> Arc<Authorizer> {
-        self.authorizer
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        self.authorizer.read().ignore_poison().clone()
     }
 
     /// Installs a new admin and policy set (SIGHUP). Requests in flight keep the old one.
     pub fn replace_authorizer(&self, authorizer: Authorizer) {
-        *self.authorizer.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(authorizer);
+        *self.authorizer.write().ignore_poison() = Arc::new(authorizer);
     }
 
     pub fn metrics(&self) -> &Arc<Metrics> {
@@ -246,15 +214,15 @@ impl Service {
     /// Runs one keystore call, timing it and counting its failures.
     async fn call<T>(
         &self,
-        op: Op,
+        op: KeyOp,
         fut: impl std::future::Future<Output = Result<T, KeystoreError>>,
     ) -> Result<T, ServiceError> {
         let start = Instant::now();
         let res = fut.await;
-        let kind = res.as_ref().err().map(error_kind);
+        let kind = res.as_ref().err().map(KeystoreError::kind);
         self.metrics
             .keystore_call(op.as_str(), start.elapsed(), kind);
-        res.map_err(|e| ServiceError::from_keystore(op, e))
+        res.map_err(|source| ServiceError::Keystore { op, source })
     }
 
     fn provenance(permit: &Permit) -> Provenance {
@@ -268,7 +236,7 @@ impl Service {
 
     pub async fn create_key(&self, permit: &Permit, name: &KeyName) -> Result<(), ServiceError> {
         self.call(
-            Op::Create,
+            KeyOp::Create,
             self.keystore.create(name, Self::provenance(permit)),
         )
         .await
@@ -298,12 +266,14 @@ impl Service {
             provenance: Self::provenance(permit),
         };
         match self
-            .call(Op::Import, self.keystore.import(name, import))
+            .call(KeyOp::Import, self.keystore.import(name, import))
             .await
         {
-            Err(ServiceError::AlgorithmUnsupported(_)) => {
-                Err(ServiceError::AlgorithmUnsupported(cipher.to_owned()))
-            }
+            // KES names the cipher the client sent.
+            Err(ServiceError::Keystore {
+                source: KeystoreError::AlgorithmUnsupported(_),
+                ..
+            }) => Err(ServiceError::AlgorithmUnsupported(cipher.to_owned())),
             other => other,
         }
     }
@@ -313,7 +283,8 @@ impl Service {
         _permit: &Permit,
         name: &KeyName,
     ) -> Result<KeyInfo, ServiceError> {
-        self.call(Op::Describe, self.keystore.describe(name)).await
+        self.call(KeyOp::Describe, self.keystore.describe(name))
+            .await
     }
 
     /// Every key whose name starts with the pattern's prefix (`abc*` and `abc` alike; `*` and
@@ -323,12 +294,12 @@ impl Service {
         _permit: &Permit,
         pattern: &Pattern,
     ) -> Result<Vec<KeyName>, ServiceError> {
-        self.call(Op::List, self.keystore.list(pattern.prefix()))
+        self.call(KeyOp::List, self.keystore.list(pattern.prefix()))
             .await
     }
 
     pub async fn delete_key(&self, _permit: &Permit, name: &KeyName) -> Result<(), ServiceError> {
-        self.call(Op::Delete, self.keystore.delete(name)).await
+        self.call(KeyOp::Delete, self.keystore.delete(name)).await
     }
 
     pub async fn generate_key(
@@ -338,7 +309,7 @@ impl Service {
         context: &[u8],
     ) -> Result<DataKey, ServiceError> {
         let dek = self
-            .call(Op::Generate, self.keystore.generate(name, context))
+            .call(KeyOp::Generate, self.keystore.generate(name, context))
             .await?;
         self.metrics.sealed(name.as_str());
         Ok(dek)
@@ -352,7 +323,10 @@ impl Service {
         context: &[u8],
     ) -> Result<Vec<u8>, ServiceError> {
         let ct = self
-            .call(Op::Encrypt, self.keystore.encrypt(name, plaintext, context))
+            .call(
+                KeyOp::Encrypt,
+                self.keystore.encrypt(name, plaintext, context),
+            )
             .await?;
         self.metrics.sealed(name.as_str());
         Ok(ct)
@@ -367,13 +341,19 @@ impl Service {
     ) -> Result<SecretBytes, ServiceError> {
         match self
             .call(
-                Op::Decrypt,
+                KeyOp::Decrypt,
                 self.keystore.decrypt(name, ciphertext, context),
             )
             .await
         {
             // A ciphertext the keystore cannot even parse is just not authentic.
-            Err(ServiceError::InvalidInput(..)) => Err(ServiceError::NotAuthentic),
+            Err(ServiceError::Keystore {
+                op,
+                source: KeystoreError::InvalidInput(_),
+            }) => Err(ServiceError::Keystore {
+                op,
+                source: KeystoreError::NotAuthentic,
+            }),
             other => other,
         }
     }
@@ -384,12 +364,13 @@ impl Service {
         name: &KeyName,
         message: &[u8],
     ) -> Result<[u8; 32], ServiceError> {
-        self.call(Op::Hmac, self.keystore.hmac(name, message)).await
+        self.call(KeyOp::Hmac, self.keystore.hmac(name, message))
+            .await
     }
 
     /// `/v1/ready`: the keystore's probe, with its error.
     pub async fn ready(&self, _permit: &Permit) -> Result<Duration, ServiceError> {
-        self.call(Op::Ready, self.keystore.status()).await
+        self.call(KeyOp::Status, self.keystore.status()).await
     }
 
     /// `/v1/status`: any keystore error means unreachable.

@@ -316,6 +316,7 @@ async fn has_kwp(ks: &Store) -> bool {
     cfg.scheme = Some(Scheme::Kwp);
     match kesh::keystore::pkcs11::Pkcs11KeyStore::open(cfg).await {
         Err(KeystoreError::InvalidInput(why)) => {
+            let why = why.to_string();
             assert!(why.contains("`scheme: kwp`: "), "{why}");
             assert!(why.contains("CKM_AES_KEY_WRAP_PAD"), "{why}");
         }
@@ -837,7 +838,9 @@ mod pkcs11_only {
         store.create(&n, harness::who()).await.unwrap();
         for _ in 0..2 {
             match store.generate(&n, b"ctx").await {
-                Err(KeystoreError::Backend(why)) => assert!(why.contains("iv: caller"), "{why}"),
+                Err(KeystoreError::Backend(why)) => {
+                    assert!(why.to_string().contains("iv: caller"), "{why}")
+                }
                 other => panic!("a seal under an all-zero IV was not refused: {other:?}"),
             }
         }

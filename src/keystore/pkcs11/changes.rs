@@ -12,11 +12,10 @@
 
 use std::time::Duration;
 
-use cryptoki::error::Error as CkError;
 use cryptoki::object::{Attribute, AttributeType, ObjectClass, ObjectHandle};
 use cryptoki::session::Session;
 
-use super::error::{classify, Failure};
+use super::error::Pkcs11Error;
 
 /// How often each instance reads the marker.
 pub const POLL: Duration = Duration::from_millis(250);
@@ -29,24 +28,27 @@ pub const FULL_RESCAN: Duration = Duration::from_secs(60);
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Stamp(Vec<Vec<u8>>);
 
-fn find(s: &Session, prefix: &str) -> Result<Vec<ObjectHandle>, CkError> {
-    s.find_objects(&[
+fn find(s: &Session, prefix: &str) -> Result<Vec<ObjectHandle>, Pkcs11Error> {
+    Ok(s.find_objects(&[
         Attribute::Class(ObjectClass::DATA),
         Attribute::Token(true),
         Attribute::Label(prefix.as_bytes().to_vec()),
-    ])
+    ])?)
 }
 
-fn values(s: &Session, handles: &[ObjectHandle]) -> Result<Stamp, CkError> {
+fn values(s: &Session, handles: &[ObjectHandle]) -> Result<Stamp, Pkcs11Error> {
     let mut values = Vec::with_capacity(handles.len());
     for &h in handles {
-        match s.get_attributes(h, &[AttributeType::Value]) {
+        match s
+            .get_attributes(h, &[AttributeType::Value])
+            .map_err(Pkcs11Error::from)
+        {
             Ok(attrs) => values.extend(attrs.into_iter().filter_map(|a| match a {
                 Attribute::Value(v) => Some(v),
                 _ => None,
             })),
             // Replaced by another writer between the search and the read.
-            Err(e) if matches!(classify(&e), Failure::StaleHandle) => {}
+            Err(e) if e.is_stale() => {}
             Err(e) => return Err(e),
         }
     }
@@ -55,14 +57,14 @@ fn values(s: &Session, handles: &[ObjectHandle]) -> Result<Stamp, CkError> {
 }
 
 /// The markers as they are now.
-pub fn read(s: &Session, prefix: &str) -> Result<Stamp, CkError> {
+pub fn read(s: &Session, prefix: &str) -> Result<Stamp, Pkcs11Error> {
     values(s, &find(s, prefix)?)
 }
 
 /// Replaces the markers with a fresh one. Returns the stamp before and after: when `before`
 /// is what this instance last saw, nobody else changed the token in between, and `after` is
 /// what the instance has now seen.
-pub fn touch(s: &Session, prefix: &str) -> Result<(Stamp, Stamp), CkError> {
+pub fn touch(s: &Session, prefix: &str) -> Result<(Stamp, Stamp), Pkcs11Error> {
     let old = find(s, prefix)?;
     let before = values(s, &old)?;
     let mut value = [0u8; 16];

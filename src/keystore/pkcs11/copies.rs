@@ -19,27 +19,38 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use cryptoki::error::Error as CkError;
 use cryptoki::object::{Attribute, AttributeType, ObjectHandle};
 use cryptoki::session::Session;
 
-use super::error::{classify, Failure};
+use super::error::Pkcs11Error;
 use super::objects::Meta;
+use crate::locks::IgnorePoison;
 
 /// How long a copy is used before its token object is checked again.
 pub const RECHECK: Duration = Duration::from_secs(1);
 
-/// A token object as the copy map knows it: its raw handle and the nonce of the create that
-/// made it.
-pub type Original = (std::ffi::c_ulong, u64);
+/// A token object as the copy map knows it: the handle alone could be reused for another
+/// object, the handle with its create's nonce cannot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Original {
+    /// The token object's raw handle.
+    pub handle: std::ffi::c_ulong,
+    /// The nonce of the create that made it ([`nonce_value`]).
+    pub nonce: u64,
+}
 
-pub fn original(token: ObjectHandle, nonce: u64) -> Original {
-    (token.handle(), nonce)
+impl Original {
+    pub fn new(token: ObjectHandle, nonce: u64) -> Self {
+        Original {
+            handle: token.handle(),
+            nonce,
+        }
+    }
 }
 
 /// What the map holds for a token object.
-enum Slot {
-    Copy {
+enum CopyState {
+    Copied {
         handle: ObjectHandle,
         checked: Instant,
     },
@@ -48,58 +59,42 @@ enum Slot {
 }
 
 #[derive(Default)]
-struct State {
-    slots: HashMap<Original, Slot>,
+struct CopyMap {
+    copies: HashMap<Original, CopyState>,
     /// Copies of keys found gone without a session at hand: destroyed by the next call.
     doomed: Vec<ObjectHandle>,
 }
 
-impl State {
-    /// Removes the slots `gone` picks; returns the copies among them, to be destroyed.
+impl CopyMap {
+    /// Removes the entries `gone` picks; returns the copies among them, to be destroyed.
     fn take(&mut self, gone: impl Fn(&Original) -> bool) -> Vec<ObjectHandle> {
-        let keys: Vec<Original> = self.slots.keys().filter(|k| gone(k)).copied().collect();
+        let keys: Vec<Original> = self.copies.keys().filter(|k| gone(k)).copied().collect();
         keys.iter()
-            .filter_map(|k| match self.slots.remove(k) {
-                Some(Slot::Copy { handle, .. }) => Some(handle),
+            .filter_map(|k| match self.copies.remove(k) {
+                Some(CopyState::Copied { handle, .. }) => Some(handle),
                 _ => None,
             })
             .collect()
     }
 }
 
-/// Why no handle could be given.
-pub enum CopyError {
-    /// The token object is gone, or the handle now names another object.
-    Stale,
-    Ck(CkError),
-}
-
-impl From<CkError> for CopyError {
-    fn from(e: CkError) -> Self {
-        match classify(&e) {
-            Failure::StaleHandle => CopyError::Stale,
-            _ => CopyError::Ck(e),
-        }
-    }
-}
-
 /// The copies of one device generation.
 pub struct SessionCopies {
     enabled: bool,
-    state: Mutex<State>,
+    state: Mutex<CopyMap>,
 }
 
 impl SessionCopies {
     pub fn new(enabled: bool) -> Self {
         SessionCopies {
             enabled,
-            state: Mutex::new(State::default()),
+            state: Mutex::new(CopyMap::default()),
         }
     }
 
-    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+    fn state(&self) -> std::sync::MutexGuard<'_, CopyMap> {
         // Inserts and removes only: a panic elsewhere leaves the map whole.
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+        self.state.lock().ignore_poison()
     }
 
     /// The handle to operate with for the token object `token` of the create with `nonce`:
@@ -110,22 +105,24 @@ impl SessionCopies {
         s: &Session,
         token: ObjectHandle,
         nonce: u64,
-    ) -> Result<ObjectHandle, CopyError> {
+    ) -> Result<ObjectHandle, Pkcs11Error> {
         if !self.enabled {
             return Ok(token);
         }
-        let original = original(token, nonce);
+        let original = Original::new(token, nonce);
         let now = Instant::now();
         // One lock per call: the lookup, and any copies left to destroy.
         let (due, doomed) = {
             let mut state = self.state();
             let doomed = std::mem::take(&mut state.doomed);
-            let due = match state.slots.get_mut(&original) {
-                Some(Slot::Uncopyable) => Some(None),
-                Some(Slot::Copy { handle, checked }) if now.duration_since(*checked) < RECHECK => {
+            let due = match state.copies.get_mut(&original) {
+                Some(CopyState::Uncopyable) => Some(None),
+                Some(CopyState::Copied { handle, checked })
+                    if now.duration_since(*checked) < RECHECK =>
+                {
                     Some(Some((*handle, false)))
                 }
-                Some(Slot::Copy { handle, checked }) => {
+                Some(CopyState::Copied { handle, checked }) => {
                     // This caller rechecks; others keep using the copy meanwhile.
                     *checked = now;
                     Some(Some((*handle, true)))
@@ -145,7 +142,7 @@ impl SessionCopies {
                     return Ok(copy);
                 }
                 self.discard(s, token);
-                return Err(CopyError::Stale);
+                return Err(Pkcs11Error::Stale);
             }
             None => {}
         }
@@ -158,13 +155,13 @@ impl SessionCopies {
                 Attribute::Id(Vec::new()),
             ],
         );
-        let copy = match copied.map_err(CopyError::from) {
+        let copy = match copied.map_err(Pkcs11Error::from) {
             Ok(copy) => copy,
             // A device that will not copy this key (not copyable, or no C_CopyObject): the
             // key works as the token object, only without the speed-up.
-            Err(CopyError::Ck(e)) if matches!(classify(&e), Failure::Request(_)) => {
+            Err(e) if !e.needs_recovery() && !e.is_stale() => {
                 tracing::warn!(error = %e, "the HSM refused to copy a key into a session object; using the token object");
-                self.state().slots.insert(original, Slot::Uncopyable);
+                self.state().copies.insert(original, CopyState::Uncopyable);
                 return Ok(token);
             }
             Err(e) => return Err(e),
@@ -172,15 +169,15 @@ impl SessionCopies {
         // The handle might have been reused for another object since the index was built.
         if !still_there(s, token, nonce)? {
             let _ = s.destroy_object(copy);
-            return Err(CopyError::Stale);
+            return Err(Pkcs11Error::Stale);
         }
-        let theirs = match self.state().slots.entry(original) {
-            std::collections::hash_map::Entry::Occupied(slot) => match slot.get() {
-                Slot::Copy { handle, .. } => *handle,
-                Slot::Uncopyable => token,
+        let theirs = match self.state().copies.entry(original) {
+            std::collections::hash_map::Entry::Occupied(held) => match held.get() {
+                CopyState::Copied { handle, .. } => *handle,
+                CopyState::Uncopyable => token,
             },
-            std::collections::hash_map::Entry::Vacant(slot) => {
-                slot.insert(Slot::Copy {
+            std::collections::hash_map::Entry::Vacant(free) => {
+                free.insert(CopyState::Copied {
                     handle: copy,
                     checked: now,
                 });
@@ -194,7 +191,7 @@ impl SessionCopies {
 
     /// Destroys the copies of a token object (deleted, or found gone).
     pub fn discard(&self, s: &Session, token: ObjectHandle) {
-        let gone = self.state().take(|k| k.0 == token.handle());
+        let gone = self.state().take(|k| k.handle == token.handle());
         for h in gone {
             let _ = s.destroy_object(h);
         }
@@ -204,7 +201,7 @@ impl SessionCopies {
     /// call that has a session.
     pub fn forget(&self, token: ObjectHandle) {
         let mut state = self.state();
-        let gone = state.take(|k| k.0 == token.handle());
+        let gone = state.take(|k| k.handle == token.handle());
         state.doomed.extend(gone);
     }
 
@@ -218,7 +215,7 @@ impl SessionCopies {
 }
 
 /// Whether `token` still names the object the create with `nonce` made.
-fn still_there(s: &Session, token: ObjectHandle, nonce: u64) -> Result<bool, CopyError> {
+fn still_there(s: &Session, token: ObjectHandle, nonce: u64) -> Result<bool, Pkcs11Error> {
     let attrs = s.get_attributes(token, &[AttributeType::Id])?;
     Ok(attrs.into_iter().any(|a| match a {
         Attribute::Id(id) => Meta::decode(&id).is_some_and(|m| nonce_value(&m.nonce) == nonce),

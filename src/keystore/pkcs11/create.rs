@@ -8,17 +8,16 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use cryptoki::error::Error as CkError;
 use cryptoki::mechanism::Mechanism;
 use cryptoki::object::{Attribute, ObjectHandle};
 use cryptoki::session::Session;
 use zeroize::Zeroizing;
 
 use super::copies::nonce_value;
-use super::error;
-use super::index::{has_ready_master, survey, Entry, Found};
+use super::error::Pkcs11Error;
+use super::index::{has_ready_master, survey, IndexedKey, LabelledObject};
 use super::objects::{self, Meta, Role, State};
-use super::seam::{failure_to_error, OpError, OpResult};
+use super::seam::CallResult;
 use super::writelock::Held;
 use super::{Inner, CREATE_CONTENTION_LIMIT, TOKEN_WRITES};
 use crate::crypto::kes::Algorithm;
@@ -43,12 +42,11 @@ pub(super) enum NewHmac {
 
 impl Inner {
     /// The host-wide token write lock, when configured; taken on a worker thread.
-    pub(super) fn hold_writes(&self) -> OpResult<Option<Held<'_>>> {
+    pub(super) fn hold_writes(&self) -> CallResult<Option<Held<'_>>> {
         self.write_lock
             .as_ref()
             .map(|l| l.hold(CREATE_CONTENTION_LIMIT))
             .transpose()
-            .map_err(|why| OpError::Fail(KeystoreError::Backend(why)))
     }
 
     /// Creates a key's objects through the on-token protocol.
@@ -59,22 +57,21 @@ impl Inner {
         let inner = self.clone();
         let created = self
             .run(move |s, d| {
-                d.offers(spec.scheme).map_err(OpError::Fail)?;
+                d.offers(spec.scheme)?;
                 let _held = inner.hold_writes()?;
                 // A device that refuses kesh's layout gets a log line saying so (not just a 502).
-                create_on_token(s, &label, &key_name, spec, d.generation).map_err(|e| match e {
-                    OpError::Ck(ck) => match error::create_refusal(&ck) {
-                        Some(why) => {
-                            tracing::error!(error = %ck, "{why}");
-                            OpError::Fail(KeystoreError::Backend(why))
+                create_on_token(s, &label, &key_name, spec, d.generation).map_err(|e| {
+                    match e.refuses_layout() {
+                        Some(refusal) => {
+                            tracing::error!("{refusal}");
+                            refusal
                         }
-                        None => OpError::Ck(ck),
-                    },
-                    other => other,
+                        None => e,
+                    }
                 })
             })
             .await
-            .map_err(failure_to_error);
+            .map_err(KeystoreError::from);
         self.misses.lock().await.remove(name);
         match created {
             Ok(entry) => {
@@ -85,7 +82,7 @@ impl Inner {
             Err(KeystoreError::KeyExists) => {
                 // Another instance made it: this one now knows, and lists it.
                 drop(_writes);
-                let _ = self.entry(name, true).await;
+                let _ = self.indexed_key(name, true).await;
                 Err(KeystoreError::KeyExists)
             }
             Err(e) => Err(e),
@@ -96,12 +93,12 @@ impl Inner {
         let _writes = TOKEN_WRITES.lock().await;
         let inner = self.clone();
         let result = self
-            .with_entry(name, move |s, d, e| {
+            .with_indexed_key(name, move |s, d, key| {
                 let _held = inner.hold_writes()?;
                 // The master goes first: that is the commit point of a delete.
-                s.destroy_object(e.master)?;
-                d.copies.discard(s, e.master);
-                if let Some(h) = e.hmac {
+                s.destroy_object(key.master)?;
+                d.copies.discard(s, key.master);
+                if let Some(h) = key.hmac {
                     let _ = s.destroy_object(h);
                     d.copies.discard(s, h);
                 }
@@ -116,7 +113,7 @@ impl Inner {
     }
 }
 
-pub(super) fn random_nonce(s: &Session) -> std::result::Result<String, CkError> {
+pub(super) fn random_nonce(s: &Session) -> CallResult<String> {
     let mut n = [0u8; 8];
     s.generate_random_slice(&mut n)?;
     Ok(hex::encode(n))
@@ -145,13 +142,13 @@ pub(super) fn create_on_token(
     name: &KeyName,
     spec: NewKey,
     generation: u64,
-) -> OpResult<Entry> {
+) -> CallResult<IndexedKey> {
     let deadline = Instant::now() + CREATE_CONTENTION_LIMIT;
     let mut backoff_ms = 2u64;
     loop {
         let found = survey(s, label)?;
         if has_ready_master(&found) {
-            return Err(OpError::Fail(KeystoreError::KeyExists));
+            return Err(Pkcs11Error::KeyExists);
         }
         let now = unix_now();
         let mut contended = false;
@@ -176,18 +173,16 @@ pub(super) fn create_on_token(
                 })
             });
             if !others_live {
-                return commit(s, written, name, generation).map_err(OpError::Ck);
+                return commit(s, written, name, generation);
             }
             let exists = has_ready_master(&found);
             written.destroy(s);
             if exists {
-                return Err(OpError::Fail(KeystoreError::KeyExists));
+                return Err(Pkcs11Error::KeyExists);
             }
         }
         if Instant::now() > deadline {
-            return Err(OpError::Fail(KeystoreError::Backend(format!(
-                "another instance keeps creating '{name}' at the same time; try again"
-            ))));
+            return Err(Pkcs11Error::CreateContended(name.clone()));
         }
         // Random jitter breaks ties between instances that back off together.
         let mut jitter = [0u8; 1];
@@ -198,7 +193,7 @@ pub(super) fn create_on_token(
 }
 
 /// A ready HMAC key without its master: what a delete that stopped half-way leaves.
-pub(super) fn orphan(found: &[Found], m: &Meta) -> bool {
+pub(super) fn orphan(found: &[LabelledObject], m: &Meta) -> bool {
     m.role == Role::Hmac
         && m.state == State::Ready
         && !found.iter().any(|f| {
@@ -229,7 +224,7 @@ pub(super) fn write_pending(
     label: &str,
     nonce: &str,
     spec: &NewKey,
-) -> OpResult<Written> {
+) -> CallResult<Written> {
     let hmac_meta = Meta::new(
         Role::Hmac,
         nonce,
@@ -292,8 +287,8 @@ pub(super) fn commit(
     w: Written,
     name: &KeyName,
     generation: u64,
-) -> std::result::Result<Entry, CkError> {
-    let result = (|| {
+) -> CallResult<IndexedKey> {
+    let result = (|| -> std::result::Result<Meta, cryptoki::error::Error> {
         if let Some((h, meta)) = &w.hmac {
             s.update_attributes(*h, &[Attribute::Id(meta.clone().ready().encode())])?;
         }
@@ -310,7 +305,7 @@ pub(super) fn commit(
                 created_at: meta.created_at,
                 created_by: meta.created_by.clone(),
             });
-            Ok(Entry {
+            Ok(IndexedKey {
                 master: w.master,
                 hmac: w.hmac.map(|(h, _)| h),
                 info,
@@ -320,7 +315,7 @@ pub(super) fn commit(
         }
         Err(e) => {
             w.destroy(s);
-            Err(e)
+            Err(e.into())
         }
     }
 }

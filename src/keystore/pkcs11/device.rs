@@ -14,13 +14,14 @@ use cryptoki::slot::Slot;
 use cryptoki::types::AuthPin;
 
 use super::copies::SessionCopies;
-use super::error::{GoneObjects, TagFailures};
+use super::error::{NextLogin, Pkcs11Error};
 use super::message::MessageCalls;
 use super::objects::scheme_mechanism;
-use super::profile::{self, Profile};
+use super::profile::{self, GoneObjects, Profile, TagFailures};
 use super::raw::RawCalls;
 use super::{Pkcs11Config, Settings, TokenSelector};
-use crate::keystore::{KeystoreError, Scheme};
+use crate::keystore::Scheme;
+use crate::locks::IgnorePoison;
 use crate::secret::Pin;
 
 /// One connection to the token: its slot, login and the pool of open sessions.
@@ -50,32 +51,9 @@ pub struct Device {
     _login: Mutex<Session>,
 }
 
-/// Why connecting failed.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ConnectError {
-    /// The token refused the PIN. Never retried by kesh on its own: HSMs count failed logins
-    /// per partition and lock it (for every application on it) past a limit.
-    PinRefused(RvError),
-    /// Anything else (module, slot, session), with the function and code; worth retrying.
-    Failed(String),
-}
-
-impl std::fmt::Display for ConnectError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            ConnectError::PinRefused(rv) => write!(f, "C_Login: the token refused the PIN ({rv})"),
-            ConnectError::Failed(why) => f.write_str(why),
-        }
-    }
-}
-
-fn ck(what: &str) -> impl Fn(CkError) -> ConnectError + '_ {
-    move |e| ConnectError::Failed(format!("{what}: {e}"))
-}
-
 /// One `C_Login` as the user. The codes that mean "this PIN is wrong" (or can no longer be
-/// used) come back as [`ConnectError::PinRefused`]; a session already logged in is fine.
-pub fn login(session: &Session, pin: &Pin) -> Result<(), ConnectError> {
+/// used) come back as [`Pkcs11Error::PinRefused`]; a session already logged in is fine.
+pub fn login(session: &Session, pin: &Pin) -> Result<(), Pkcs11Error> {
     let pin = AuthPin::new(pin.expose().into());
     match session.login(UserType::User, Some(&pin)) {
         Ok(()) | Err(CkError::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => Ok(()),
@@ -86,21 +64,24 @@ pub fn login(session: &Session, pin: &Pin) -> Result<(), ConnectError> {
             | RvError::PinExpired
             | RvError::PinLocked),
             _,
-        )) => Err(ConnectError::PinRefused(rv)),
-        Err(e) => Err(ck("C_Login")(e)),
+        )) => Err(Pkcs11Error::PinRefused {
+            rv,
+            next: NextLogin::Unsaid,
+        }),
+        Err(e) => Err(e.into()),
     }
 }
 
 /// Initializes the module for multi-threaded use; "already initialized" is fine.
-pub fn initialize(ctx: &Pkcs11) -> Result<(), ConnectError> {
+pub fn initialize(ctx: &Pkcs11) -> Result<(), Pkcs11Error> {
     match ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)) {
         Ok(()) | Err(CkError::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) => Ok(()),
-        Err(e) => Err(ck("C_Initialize")(e)),
+        Err(e) => Err(e.into()),
     }
 }
 
 /// Finds the configured token among the slots that hold one.
-pub fn find_slot(ctx: &Pkcs11, token: &TokenSelector) -> Result<Slot, ConnectError> {
+pub fn find_slot(ctx: &Pkcs11, token: &TokenSelector) -> Result<Slot, Pkcs11Error> {
     find_slot_with(ctx, token, false)
 }
 
@@ -115,7 +96,7 @@ fn find_slot_with(
     ctx: &Pkcs11,
     token: &TokenSelector,
     reinitialize: bool,
-) -> Result<Slot, ConnectError> {
+) -> Result<Slot, Pkcs11Error> {
     let mut attempt = 0;
     loop {
         match find_slot_once(ctx, token) {
@@ -140,12 +121,10 @@ fn find_slot_with(
 }
 
 /// One pass over the slots; the flag says whether some token could not be read.
-fn find_slot_once(ctx: &Pkcs11, token: &TokenSelector) -> Result<Slot, (ConnectError, bool)> {
+fn find_slot_once(ctx: &Pkcs11, token: &TokenSelector) -> Result<Slot, (Pkcs11Error, bool)> {
     // Not `get_slots_with_initialized_token`: it fails as a whole when any one token cannot
     // be read (e.g. one another process is writing to), where ours may be fine.
-    let slots = ctx
-        .get_slots_with_token()
-        .map_err(|e| (ck("C_GetSlotList")(e), true))?;
+    let slots = ctx.get_slots_with_token().map_err(|e| (e.into(), true))?;
     let mut seen = Vec::new();
     let mut unreadable = false;
     for slot in slots {
@@ -177,14 +156,10 @@ fn find_slot_once(ctx: &Pkcs11, token: &TokenSelector) -> Result<Slot, (ConnectE
         seen.push(format!("'{label}' (serial {serial})"));
     }
     Err((
-        ConnectError::Failed(format!(
-            "no initialized token with {token}; tokens present: {}",
-            if seen.is_empty() {
-                "none".to_owned()
-            } else {
-                seen.join(", ")
-            }
-        )),
+        Pkcs11Error::TokenNotFound {
+            token: token.to_string(),
+            present: seen,
+        },
         unreadable,
     ))
 }
@@ -219,15 +194,11 @@ fn lacking(ctx: &Pkcs11, slot: Slot) -> Vec<Scheme> {
 
 impl Device {
     /// Refuses a scheme the token lacks: a key of it could be made but never used.
-    pub fn offers(&self, scheme: Scheme) -> Result<(), KeystoreError> {
-        if !self.lacking.contains(&scheme) {
-            return Ok(());
+    pub fn offers(&self, scheme: Scheme) -> Result<(), Pkcs11Error> {
+        if self.lacking.contains(&scheme) {
+            return Err(Pkcs11Error::SchemeNotOffered(scheme));
         }
-        Err(KeystoreError::AlgorithmUnsupported(match scheme {
-            Scheme::Gcm => "gcm (CKM_AES_GCM, which this token does not offer)",
-            Scheme::Kwp => "kwp (CKM_AES_KEY_WRAP_PAD, which this token does not offer)",
-            Scheme::Kes => "kes (CKM_SHA256_HMAC, which this token does not offer)",
-        }))
+        Ok(())
     }
 
     /// Opens the login session and logs in as the user with `pin`: exactly one `C_Login`.
@@ -237,11 +208,11 @@ impl Device {
         settings: &Settings,
         pin: &Pin,
         generation: u64,
-    ) -> Result<Self, ConnectError> {
+    ) -> Result<Self, Pkcs11Error> {
         initialize(ctx)?;
         let reinitialize = settings.profile.reinit_on_unreadable_slots;
         let slot = find_slot_with(ctx, &cfg.token, reinitialize)?;
-        let session = ctx.open_rw_session(slot).map_err(ck("C_OpenSession"))?;
+        let session = ctx.open_rw_session(slot)?;
         login(&session, pin)?;
         Ok(Device {
             slot,
@@ -265,7 +236,7 @@ impl Device {
     /// A session for one operation: an idle one, or a new one.
     pub fn checkout(&self, ctx: &Pkcs11) -> Result<Session, CkError> {
         // A poisoned lock only means a panic while pushing or popping a Vec: it is intact.
-        let idle = self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop();
+        let idle = self.idle.lock().ignore_poison().pop();
         match idle {
             Some(s) => Ok(s),
             None => ctx.open_rw_session(self.slot),
@@ -274,9 +245,6 @@ impl Device {
 
     /// Returns a session after a call that left it in a known state.
     pub fn checkin(&self, session: Session) {
-        self.idle
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(session);
+        self.idle.lock().ignore_poison().push(session);
     }
 }

@@ -10,24 +10,24 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
-use cryptoki::error::Error as CkError;
 use cryptoki::object::{Attribute, AttributeType, ObjectClass, ObjectHandle};
 use cryptoki::session::Session;
 
 use super::copies::{self, nonce_value};
 use super::device::Device;
-use super::error::{classify, Failure};
+use super::error::Pkcs11Error;
 use super::objects::{Meta, Role, State};
-use super::seal::working_handle;
 use super::seal::Key;
-use super::seam::{failure_to_error, OpError, OpResult};
+use super::seam::CallResult;
 use super::{changes, Inner, NEGATIVE_TTL_MAX, NEGATIVE_TTL_MIN, TOKEN_WRITES};
 use crate::keystore::{KeyInfo, KeystoreError, Result};
+use crate::locks::IgnorePoison;
 use crate::name::KeyName;
 
-/// A key as the index knows it: handles valid for one device generation.
+/// A key as the index knows it: the token objects that hold it, their handles valid for one
+/// device generation.
 #[derive(Debug)]
-pub(super) struct Entry {
+pub(super) struct IndexedKey {
     pub(super) master: ObjectHandle,
     pub(super) hmac: Option<ObjectHandle>,
     pub(super) info: KeyInfo,
@@ -38,15 +38,15 @@ pub(super) struct Entry {
 
 #[derive(Default)]
 pub(super) struct Index {
-    pub(super) keys: HashMap<KeyName, Arc<Entry>>,
+    pub(super) keys: HashMap<KeyName, Arc<IndexedKey>>,
     pub(super) scanned_at: Option<Instant>,
     /// While a scan runs: what the instance learned meanwhile (an entry, or `None` for gone),
     /// applied over the scan's result so the older scan cannot undo it.
-    pub(super) learned_during_scan: Option<Vec<(KeyName, Option<Arc<Entry>>)>>,
+    pub(super) learned_during_scan: Option<Vec<(KeyName, Option<Arc<IndexedKey>>)>>,
 }
 
 impl Index {
-    pub(super) fn scanned(keys: HashMap<KeyName, Arc<Entry>>) -> Self {
+    pub(super) fn scanned(keys: HashMap<KeyName, Arc<IndexedKey>>) -> Self {
         Index {
             keys,
             scanned_at: Some(Instant::now()),
@@ -57,8 +57,8 @@ impl Index {
     pub(super) fn learn(
         &mut self,
         name: &KeyName,
-        entry: Option<Arc<Entry>>,
-    ) -> Option<Arc<Entry>> {
+        entry: Option<Arc<IndexedKey>>,
+    ) -> Option<Arc<IndexedKey>> {
         if let Some(learned) = &mut self.learned_during_scan {
             learned.push((name.clone(), entry.clone()));
         }
@@ -74,22 +74,13 @@ impl Inner {
         format!("{}{}", self.cfg.prefix, name)
     }
 
-    pub(super) fn cached(&self, name: &KeyName) -> Option<Arc<Entry>> {
-        self.index
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .keys
-            .get(name)
-            .cloned()
+    pub(super) fn cached(&self, name: &KeyName) -> Option<Arc<IndexedKey>> {
+        self.index.read().ignore_poison().keys.get(name).cloned()
     }
 
     /// Drops a key from the index, and its session copies with it.
     pub(super) fn forget(&self, name: &KeyName) {
-        let gone = self
-            .index
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .learn(name, None);
+        let gone = self.index.write().ignore_poison().learn(name, None);
         if let (Some(e), Ok(device)) = (gone, self.current_device()) {
             for h in [Some(e.master), e.hmac].into_iter().flatten() {
                 device.copies.forget(h);
@@ -97,17 +88,21 @@ impl Inner {
         }
     }
 
-    pub(super) fn remember(&self, entry: Entry) -> Arc<Entry> {
+    pub(super) fn remember(&self, entry: IndexedKey) -> Arc<IndexedKey> {
         let entry = Arc::new(entry);
         self.index
             .write()
-            .unwrap_or_else(|e| e.into_inner())
+            .ignore_poison()
             .learn(&entry.info.name, Some(entry.clone()));
         entry
     }
 
-    /// The index entry for `name`, searching the token on a miss.
-    pub(super) async fn entry(self: &Arc<Self>, name: &KeyName, force: bool) -> Result<Arc<Entry>> {
+    /// The indexed key `name`, searching the token on a miss.
+    pub(super) async fn indexed_key(
+        self: &Arc<Self>,
+        name: &KeyName,
+        force: bool,
+    ) -> Result<Arc<IndexedKey>> {
         if !force {
             if let Some(e) = self.cached(name) {
                 return Ok(e);
@@ -125,14 +120,13 @@ impl Inner {
         let label = self.label(name);
         let wanted = name.clone();
         self.searches.fetch_add(1, Ordering::Relaxed);
-        let (found, generation) = self
-            .run(move |s, d| Ok((find_ready(s, &label, &wanted)?, d.generation)))
-            .await
-            .map_err(failure_to_error)?;
+        let found = self
+            .run(move |s, d| find_ready(s, &label, &wanted, d.generation))
+            .await?;
         match found {
-            Some(located) => {
+            Some(key) => {
                 misses.remove(name);
-                Ok(self.remember(located.entry(generation)))
+                Ok(self.remember(key))
             }
             None => {
                 let ttl = (now.elapsed() * 10).clamp(NEGATIVE_TTL_MIN, NEGATIVE_TTL_MAX);
@@ -147,41 +141,41 @@ impl Inner {
     pub(super) async fn with_key<T, F>(self: &Arc<Self>, name: &KeyName, op: F) -> Result<T>
     where
         T: Send + 'static,
-        F: Fn(&Session, &Key) -> OpResult<T> + Clone + Send + Sync + 'static,
+        F: Fn(&Session, &Key) -> CallResult<T> + Clone + Send + Sync + 'static,
     {
-        self.with_entry(name, move |s, d, e| {
+        self.with_indexed_key(name, move |s, d, indexed| {
             let key = Key {
-                master: working_handle(d, s, e.master, e.nonce)?,
+                master: d.copies.working(s, indexed.master, indexed.nonce)?,
                 device: d,
-                entry: e,
+                indexed,
             };
             op(s, &key)
         })
         .await
     }
 
-    /// Runs `op` against a key's index entry (its token objects), retrying once through a
-    /// fresh search when the handles turn out stale (deleted by another instance, or from
-    /// before a recovery).
-    pub(super) async fn with_entry<T, F>(self: &Arc<Self>, name: &KeyName, op: F) -> Result<T>
+    /// Runs `op` against an indexed key (its token objects), retrying once through a fresh
+    /// search when the handles turn out stale (deleted by another instance, or from before a
+    /// recovery).
+    pub(super) async fn with_indexed_key<T, F>(self: &Arc<Self>, name: &KeyName, op: F) -> Result<T>
     where
         T: Send + 'static,
-        F: Fn(&Session, &Device, &Entry) -> OpResult<T> + Clone + Send + Sync + 'static,
+        F: Fn(&Session, &Device, &IndexedKey) -> CallResult<T> + Clone + Send + Sync + 'static,
     {
         let mut force = false;
         for _ in 0..2 {
-            let entry = self.entry(name, force).await?;
+            let indexed = self.indexed_key(name, force).await?;
             let op = op.clone();
             let outcome = self
                 .run(move |s, d| {
-                    if d.generation != entry.generation {
-                        return Err(OpError::Stale);
+                    if d.generation != indexed.generation {
+                        return Err(Pkcs11Error::Stale);
                     }
-                    match op(s, d, &entry) {
+                    match op(s, d, &indexed) {
                         // The module's way of saying the key may be gone: search once more
                         // (a key still there then fails with the error itself).
-                        Err(OpError::Ck(e)) if !force && d.gone_objects.maybe_gone(&e) => {
-                            Err(OpError::Stale)
+                        Err(e) if !force && d.gone_objects.maybe_gone(&e) => {
+                            Err(Pkcs11Error::Stale)
                         }
                         other => other,
                     }
@@ -189,11 +183,11 @@ impl Inner {
                 .await;
             match outcome {
                 Ok(v) => return Ok(v),
-                Err(Failure::StaleHandle) => {
+                Err(e) if e.is_stale() => {
                     self.forget(name);
                     force = true;
                 }
-                Err(f) => return Err(failure_to_error(f)),
+                Err(e) => return Err(e.into()),
             }
         }
         self.forget(name);
@@ -204,10 +198,7 @@ impl Inner {
         let _writes = TOKEN_WRITES.lock().await;
         let prefix = self.cfg.prefix.clone();
         self.searches.fetch_add(1, Ordering::Relaxed);
-        self.index
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .learned_during_scan = Some(Vec::new());
+        self.index.write().ignore_poison().learned_during_scan = Some(Vec::new());
         let scanned = self
             .run(move |s, d| {
                 let keys = scan(s, &prefix, d.generation)?;
@@ -217,15 +208,15 @@ impl Inner {
                         [Some(e.master), e.hmac]
                             .into_iter()
                             .flatten()
-                            .map(|h| copies::original(h, e.nonce))
+                            .map(|h| copies::Original::new(h, e.nonce))
                     })
                     .collect();
                 d.copies.retain(s, &live);
                 Ok(keys)
             })
             .await
-            .map_err(failure_to_error);
-        let mut index = self.index.write().unwrap_or_else(|e| e.into_inner());
+            .map_err(KeystoreError::from);
+        let mut index = self.index.write().ignore_poison();
         let learned = index.learned_during_scan.take().unwrap_or_default();
         let mut keys = scanned?;
         for (name, entry) in learned {
@@ -257,15 +248,11 @@ impl Inner {
             let Ok(stamp) = inner.clone().poll_marker().await else {
                 continue;
             };
-            let seen = inner
-                .marker_seen
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .clone();
+            let seen = inner.marker_seen.lock().ignore_poison().clone();
             let old = inner
                 .index
                 .read()
-                .unwrap_or_else(|e| e.into_inner())
+                .ignore_poison()
                 .scanned_at
                 .is_none_or(|at| at.elapsed() > changes::FULL_RESCAN);
             if (seen.as_ref() == Some(&stamp) && !old) || Instant::now() < next_scan_after {
@@ -273,9 +260,7 @@ impl Inner {
             }
             let started = Instant::now();
             match inner.rescan().await {
-                Ok(()) => {
-                    *inner.marker_seen.lock().unwrap_or_else(|e| e.into_inner()) = Some(stamp)
-                }
+                Ok(()) => *inner.marker_seen.lock().ignore_poison() = Some(stamp),
                 Err(e) => {
                     tracing::debug!(error = %e, "rescan after a change marker failed; next poll retries")
                 }
@@ -286,9 +271,7 @@ impl Inner {
 
     /// Replaces the marker when this instance's own changes are due, then returns the marker
     /// as it is now.
-    pub(super) async fn poll_marker(
-        self: Arc<Self>,
-    ) -> std::result::Result<changes::Stamp, Failure> {
+    pub(super) async fn poll_marker(self: Arc<Self>) -> CallResult<changes::Stamp> {
         // Not beside this process's own writes and scans (see TOKEN_WRITES).
         let _writes = TOKEN_WRITES.lock().await;
         let due = self.marker_due.swap(false, Ordering::AcqRel);
@@ -296,11 +279,11 @@ impl Inner {
         let polled = self
             .run(move |s, _| {
                 if !due {
-                    return Ok(changes::read(s, &inner.cfg.prefix)?);
+                    return changes::read(s, &inner.cfg.prefix);
                 }
                 let _held = inner.hold_writes()?;
                 let (before, after) = changes::touch(s, &inner.cfg.prefix)?;
-                let mut seen = inner.marker_seen.lock().unwrap_or_else(|e| e.into_inner());
+                let mut seen = inner.marker_seen.lock().ignore_poison();
                 // Our own changes are in our index already; anyone else's are not.
                 if seen.as_ref() == Some(&before) {
                     *seen = Some(after.clone());
@@ -315,13 +298,14 @@ impl Inner {
     }
 }
 
-/// An object found under a key's label, with its decoded metadata.
-pub(super) struct Found {
+/// One object found under a key's label, with its decoded metadata: a master or HMAC key,
+/// pending or ready, or a foreign object (no metadata).
+pub(super) struct LabelledObject {
     pub(super) handle: ObjectHandle,
     pub(super) meta: Option<Meta>,
 }
 
-pub(super) fn survey(s: &Session, label: &str) -> std::result::Result<Vec<Found>, CkError> {
+pub(super) fn survey(s: &Session, label: &str) -> CallResult<Vec<LabelledObject>> {
     // Token objects only: never a session copy ([`copies`]) or a `kwp` transient.
     let handles = s.find_objects(&[
         Attribute::Class(ObjectClass::SECRET_KEY),
@@ -330,38 +314,21 @@ pub(super) fn survey(s: &Session, label: &str) -> std::result::Result<Vec<Found>
     ])?;
     let mut out = Vec::with_capacity(handles.len());
     for handle in handles {
-        let meta = match s.get_attributes(handle, &[AttributeType::Id]) {
+        let meta = match s
+            .get_attributes(handle, &[AttributeType::Id])
+            .map_err(Pkcs11Error::from)
+        {
             Ok(attrs) => attrs.into_iter().find_map(|a| match a {
                 Attribute::Id(id) => Meta::decode(&id),
                 _ => None,
             }),
             // Deleted between the search and the read: not there.
-            Err(e) if matches!(classify(&e), Failure::StaleHandle) => continue,
+            Err(e) if e.is_stale() => continue,
             Err(e) => return Err(e),
         };
-        out.push(Found { handle, meta });
+        out.push(LabelledObject { handle, meta });
     }
     Ok(out)
-}
-
-/// A ready key found on the token.
-pub(super) struct Located {
-    pub(super) master: ObjectHandle,
-    pub(super) hmac: Option<ObjectHandle>,
-    pub(super) info: KeyInfo,
-    pub(super) nonce: u64,
-}
-
-impl Located {
-    fn entry(self, generation: u64) -> Entry {
-        Entry {
-            master: self.master,
-            hmac: self.hmac,
-            info: self.info,
-            nonce: self.nonce,
-            generation,
-        }
-    }
 }
 
 /// The ready key under `label`, if any.
@@ -369,14 +336,15 @@ pub(super) fn find_ready(
     s: &Session,
     label: &str,
     name: &KeyName,
-) -> std::result::Result<Option<Located>, CkError> {
+    generation: u64,
+) -> CallResult<Option<IndexedKey>> {
     let found = survey(s, label)?;
-    Ok(pick_ready(&found, name))
+    Ok(pick_ready(&found, name, generation))
 }
 
 /// Whether a committed master key is under the label, readable by this version or not: a
 /// create must never remove one (a newer kesh may have written a scheme this one can't name).
-pub(super) fn has_ready_master(found: &[Found]) -> bool {
+pub(super) fn has_ready_master(found: &[LabelledObject]) -> bool {
     found.iter().any(|f| {
         f.meta
             .as_ref()
@@ -384,7 +352,12 @@ pub(super) fn has_ready_master(found: &[Found]) -> bool {
     })
 }
 
-pub(super) fn pick_ready(found: &[Found], name: &KeyName) -> Option<Located> {
+/// The ready key among the objects under one label, as the index holds it.
+pub(super) fn pick_ready(
+    found: &[LabelledObject],
+    name: &KeyName,
+    generation: u64,
+) -> Option<IndexedKey> {
     // Two ready masters cannot come out of the create protocol; if a foreign tool made them,
     // the smallest nonce wins on every instance alike.
     let master = found
@@ -402,11 +375,12 @@ pub(super) fn pick_ready(found: &[Found], name: &KeyName) -> Option<Located> {
             })
         })
         .map(|f| f.handle);
-    Some(Located {
+    Some(IndexedKey {
         master: master.0.handle,
         hmac,
         info,
         nonce,
+        generation,
     })
 }
 
@@ -415,16 +389,19 @@ pub(super) fn scan(
     s: &Session,
     prefix: &str,
     generation: u64,
-) -> std::result::Result<HashMap<KeyName, Arc<Entry>>, CkError> {
+) -> CallResult<HashMap<KeyName, Arc<IndexedKey>>> {
     let handles = s.find_objects(&[
         Attribute::Class(ObjectClass::SECRET_KEY),
         Attribute::Token(true),
     ])?;
-    let mut by_name: HashMap<KeyName, Vec<Found>> = HashMap::new();
+    let mut by_name: HashMap<KeyName, Vec<LabelledObject>> = HashMap::new();
     for handle in handles {
-        let attrs = match s.get_attributes(handle, &[AttributeType::Label, AttributeType::Id]) {
+        let attrs = match s
+            .get_attributes(handle, &[AttributeType::Label, AttributeType::Id])
+            .map_err(Pkcs11Error::from)
+        {
             Ok(a) => a,
-            Err(e) if matches!(classify(&e), Failure::StaleHandle) => continue,
+            Err(e) if e.is_stale() => continue,
             Err(e) => return Err(e),
         };
         let (mut label, mut meta) = (None, None);
@@ -446,14 +423,14 @@ pub(super) fn scan(
             by_name
                 .entry(name)
                 .or_default()
-                .push(Found { handle, meta });
+                .push(LabelledObject { handle, meta });
         }
     }
     Ok(by_name
         .into_iter()
         .filter_map(|(name, found)| {
-            let located = pick_ready(&found, &name)?;
-            Some((name, Arc::new(located.entry(generation))))
+            let key = pick_ready(&found, &name, generation)?;
+            Some((name, Arc::new(key)))
         })
         .collect())
 }

@@ -29,10 +29,10 @@
 //! [`changes::POLL`]: a changed marker rescans the token, so listings, which read the index
 //! alone, follow other instances within the poll plus one scan.
 //!
-//! Recovery: a device-level return code (see [`error::classify`]) takes the device out of
+//! Recovery: a device-level return code (see [`error::meaning`]) takes the device out of
 //! service at once (requests fail fast with `Unreachable`), waits for in-flight calls, then
 //! finalizes, re-initializes, logs in and rebuilds the index, retrying with backoff capped at
-//! [`RECOVERY_BACKOFF_MAX`]. A login the token refuses ([`ConnectError::PinRefused`]) is never
+//! [`RECOVERY_BACKOFF_MAX`]. A login the token refuses ([`Pkcs11Error::PinRefused`]) is never
 //! retried: HSMs lock a partition after a few bad PINs, for every application on it. kesh
 //! then waits for the operator, whose reload ([`KeyStore::reload_pin`]) makes exactly one
 //! attempt.
@@ -79,12 +79,12 @@ pub mod settings;
 pub mod workers;
 pub mod writelock;
 
+pub use error::Pkcs11Error;
 pub use profile::{ephemeral, Profile};
 pub use settings::{IvSource, Pkcs11Config, Settings, TokenSelector};
 
 use self::create::{NewHmac, NewKey};
 use self::index::{scan, Index};
-use self::seam::{failure_to_error, join_error};
 
 use std::collections::HashMap;
 use std::fmt;
@@ -93,11 +93,11 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use cryptoki::context::Pkcs11;
-use cryptoki::error::Error as CkError;
 use cryptoki::object::AttributeType;
 use zeroize::Zeroizing;
 
-use self::device::{ConnectError, Device};
+use self::device::Device;
+use self::error::NextLogin;
 use self::workers::Workers;
 use self::writelock::WriteLock;
 use super::{
@@ -105,6 +105,7 @@ use super::{
     Provenance, Result,
 };
 use crate::crypto::kes::Algorithm;
+use crate::locks::IgnorePoison;
 use crate::name::KeyName;
 use crate::secret::{Pin, SecretBytes};
 
@@ -144,7 +145,8 @@ struct Inner {
     /// Set when the token refused the PIN: no login is attempted until a reload
     /// ([`KeyStore::reload_pin`]).
     login_refused: AtomicBool,
-    last_failure: Mutex<String>,
+    /// Why the device is out of service, for requests refused meanwhile.
+    last_failure: Mutex<Option<Pkcs11Error>>,
     /// Serialises index misses and remembers recent ones, each until its expiry.
     misses: tokio::sync::Mutex<HashMap<KeyName, Instant>>,
     token_description: String,
@@ -173,31 +175,26 @@ impl Pkcs11KeyStore {
     pub async fn open(cfg: Pkcs11Config) -> Result<Self> {
         let started = Instant::now();
         let _writes = TOKEN_WRITES.lock().await;
-        let opened = tokio::task::spawn_blocking(move || -> Result<_> {
-            let ctx = Pkcs11::new(&cfg.module).map_err(|e| {
-                KeystoreError::Unreachable(format!(
-                    "cannot load PKCS#11 module {}: {e}",
-                    cfg.module.display()
-                ))
+        let opened = tokio::task::spawn_blocking(move || -> Result<_, Pkcs11Error> {
+            let ctx = Pkcs11::new(&cfg.module).map_err(|e| Pkcs11Error::Load {
+                path: cfg.module.clone(),
+                source: Arc::new(e),
             })?;
-            device::initialize(&ctx).map_err(|e| KeystoreError::Unreachable(e.to_string()))?;
+            device::initialize(&ctx)?;
             raw::CallGuard::install_exit_hook(&cfg.module);
             let settings = Settings::resolve(&cfg, device::detect_profile(&ctx, &cfg.token));
             let device =
                 Device::connect(&ctx, &cfg, &settings, &cfg.pin, 0).map_err(|e| match e {
-                    ConnectError::PinRefused(_) => KeystoreError::Unreachable(format!(
-                        "{e}: check `pin:` or `pin_file:`; kesh tried once and will not try again \
-                     (HSMs lock a partition after repeated bad PINs)"
-                    )),
-                    ConnectError::Failed(why) => KeystoreError::Unreachable(why),
+                    Pkcs11Error::PinRefused { rv, .. } => Pkcs11Error::PinRefused {
+                        rv,
+                        next: NextLogin::Never,
+                    },
+                    other => other,
                 })?;
             // A server whose creates would all fail does not start.
-            device.offers(settings.scheme).map_err(|e| {
-                KeystoreError::InvalidInput(format!(
-                    "`scheme: {}`: {e}; `kesh hsm probe` shows the schemes it supports",
-                    settings.scheme
-                ))
-            })?;
+            device
+                .offers(settings.scheme)
+                .map_err(|_| Pkcs11Error::ConfiguredSchemeNotOffered(settings.scheme))?;
             let info = ctx.get_library_info().ok();
             let token_description = format!(
                 "PKCS#11 token {} via {}{}",
@@ -206,31 +203,28 @@ impl Pkcs11KeyStore {
                 info.map(|i| format!(" ({})", i.manufacturer_id().trim_end()))
                     .unwrap_or_default()
             );
-            let session = device
-                .checkout(&ctx)
-                .map_err(|e| KeystoreError::Unreachable(e.to_string()))?;
-            let unreachable = |e: CkError| KeystoreError::Unreachable(e.to_string());
+            let session = device.checkout(&ctx)?;
             // Read before the scan: a change after it shows as a new marker.
-            let stamp = changes::read(&session, &cfg.prefix).map_err(unreachable)?;
-            let keys = scan(&session, &cfg.prefix, 0).map_err(unreachable)?;
+            let stamp = changes::read(&session, &cfg.prefix)?;
+            let keys = scan(&session, &cfg.prefix, 0)?;
             device.checkin(session);
             Ok((ctx, cfg, settings, device, keys, stamp, token_description))
         })
         .await
-        .map_err(join_error)??;
+        .map_err(|e| Pkcs11Error::Join(Arc::new(e)))?
+        .map_err(opening)?;
         let (ctx, cfg, settings, device, keys, stamp, token_description) = opened;
         let write_lock = match &settings.write_lock {
-            Some(path) => Some(WriteLock::open(path).map_err(|e| {
-                KeystoreError::Unreachable(format!(
-                    "cannot open the token write lock {} (`write_lock:`): {e}",
-                    path.display()
-                ))
-            })?),
+            Some(path) => Some(
+                WriteLock::open(path).map_err(|e| Pkcs11Error::WriteLockOpen {
+                    path: path.clone(),
+                    source: Arc::new(e),
+                })?,
+            ),
             None => None,
         };
-        let workers = Workers::start(settings.sessions).map_err(|e| {
-            KeystoreError::Unreachable(format!("cannot start the PKCS#11 worker threads: {e}"))
-        })?;
+        let workers =
+            Workers::start(settings.sessions).map_err(|e| Pkcs11Error::Workers(Arc::new(e)))?;
         tracing::info!(
             keys = keys.len(),
             elapsed_ms = started.elapsed().as_millis() as u64,
@@ -259,7 +253,7 @@ impl Pkcs11KeyStore {
             recovering: AtomicBool::new(false),
             pin,
             login_refused: AtomicBool::new(false),
-            last_failure: Mutex::new(String::new()),
+            last_failure: Mutex::new(None),
             misses: tokio::sync::Mutex::new(HashMap::new()),
             token_description,
             write_lock,
@@ -279,12 +273,7 @@ impl Pkcs11KeyStore {
 
     /// Keys currently in the index (for start-up reports and benchmarks).
     pub fn indexed_keys(&self) -> usize {
-        self.inner
-            .index
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .keys
-            .len()
+        self.inner.index.read().ignore_poison().keys.len()
     }
 
     /// Message-based AEAD calls (prepares, messages, finals) since the device connected;
@@ -306,6 +295,17 @@ impl Pkcs11KeyStore {
         let started = Instant::now();
         self.inner.rescan().await?;
         Ok(started.elapsed())
+    }
+}
+
+/// At start every failure means the token cannot be used: a device code or a stale handle
+/// from the first scan is not about any one request.
+fn opening(e: Pkcs11Error) -> KeystoreError {
+    match KeystoreError::from(e.clone()) {
+        KeystoreError::Backend(_) | KeystoreError::KeyNotFound | KeystoreError::Busy(_) => {
+            KeystoreError::Unreachable(e.into())
+        }
+        other => other,
     }
 }
 
@@ -357,9 +357,9 @@ impl KeyStore for Pkcs11KeyStore {
         // One cheap read proves the handle still names a live object, so a key deleted by
         // another instance is reported gone at once.
         self.inner
-            .with_entry(name, |s, _, e| {
-                s.get_attributes(e.master, &[AttributeType::Class])?;
-                Ok(e.info.clone())
+            .with_indexed_key(name, |s, _, key| {
+                s.get_attributes(key.master, &[AttributeType::Class])?;
+                Ok(key.info.clone())
             })
             .await
     }
@@ -367,7 +367,7 @@ impl KeyStore for Pkcs11KeyStore {
     async fn list(&self, prefix: &str) -> Result<Vec<KeyName>> {
         // From the index alone: the change-marker poll keeps it current ([`changes`]).
         self.inner.current_device()?;
-        let index = self.inner.index.read().unwrap_or_else(|e| e.into_inner());
+        let index = self.inner.index.read().ignore_poison();
         let mut names: Vec<KeyName> = index
             .keys
             .keys()
@@ -426,8 +426,7 @@ impl KeyStore for Pkcs11KeyStore {
         let started = Instant::now();
         self.inner
             .run(|s, _| Ok(s.get_session_info().map(|_| ())?))
-            .await
-            .map_err(failure_to_error)?;
+            .await?;
         Ok(started.elapsed())
     }
 }

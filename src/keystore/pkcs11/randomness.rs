@@ -15,6 +15,8 @@ use std::sync::Mutex;
 
 use zeroize::{Zeroize, Zeroizing};
 
+use crate::locks::IgnorePoison;
+
 /// Bytes one refill draws: 93 generates' DEKs and IVs.
 pub const POOL_BYTES: usize = 4096;
 /// A refill starts when fewer bytes than this are left.
@@ -40,7 +42,7 @@ impl RandomPool {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Zeroizing<Vec<u8>>> {
         // Taking and adding bytes leave the Vec whole even if a holder panicked.
-        self.bytes.lock().unwrap_or_else(|e| e.into_inner())
+        self.bytes.lock().ignore_poison()
     }
 
     /// Fills `out` from the pool, wiping what it hands out; `false` (nothing taken) when the

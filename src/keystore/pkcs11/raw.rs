@@ -29,6 +29,8 @@ use cryptoki::session::Session;
 use cryptoki_sys::{CK_FUNCTION_LIST, CK_RV, CK_SESSION_HANDLE, CK_ULONG};
 use zeroize::Zeroizing;
 
+use super::error::Pkcs11Error;
+
 /// How much longer than its input an output may be: a GCM tag (16) and a block of padding.
 /// A module that claims to need more is wrong, and kesh will not allocate what it says.
 pub const MAX_EXPANSION: usize = 32;
@@ -36,10 +38,13 @@ pub const MAX_EXPANSION: usize = 32;
 /// Whether a failed call may have left an encrypt or decrypt operation active on its session
 /// (PKCS#11 ends it on every other error). Such a session is closed, not reused: 2.40 has no
 /// call that cancels an operation.
-pub fn leaves_operation_active(e: &CkError) -> bool {
+pub fn leaves_operation_active(e: &Pkcs11Error) -> bool {
     matches!(
         e,
-        CkError::Pkcs11(RvError::BufferTooSmall | RvError::OperationActive, _)
+        Pkcs11Error::Call {
+            rv: RvError::BufferTooSmall | RvError::OperationActive,
+            ..
+        }
     )
 }
 

@@ -6,22 +6,20 @@
 
 use std::sync::Arc;
 
-use cryptoki::error::Error as CkError;
 use cryptoki::mechanism::aead::GcmParams;
 use cryptoki::mechanism::Mechanism;
 use cryptoki::object::{Attribute, AttributeType, ObjectHandle};
 use cryptoki::session::Session;
 use zeroize::Zeroizing;
 
-use super::copies::CopyError;
 use super::device::Device;
-use super::error::{classify_unseal, Failure};
-use super::index::Entry;
+use super::error::Pkcs11Error;
+use super::index::IndexedKey;
 use super::objects;
-use super::seam::{OpError, OpResult};
+use super::seam::CallResult;
 use super::{randomness, Inner, IvSource};
 use crate::crypto::{kes, native};
-use crate::keystore::{DataKey, KeyInfo, KeystoreError, Result, Scheme};
+use crate::keystore::{DataKey, KeyInfo, Result, Scheme};
 use crate::name::KeyName;
 use crate::secret::SecretBytes;
 
@@ -35,8 +33,8 @@ impl Inner {
         let iv_source = self.settings.iv;
         let inner = self.clone();
         let (plaintext, ciphertext) = self
-            .with_key(name, move |s, e| {
-                let extra = seal_random_len(e.info().scheme, iv_source);
+            .with_key(name, move |s, key| {
+                let extra = seal_random_len(key.info().scheme, iv_source);
                 // The DEK and the IV from the pool: no C_GenerateRandom on this request.
                 let mut rnd = Zeroizing::new([0u8; 32 + kes::TRAILER_LEN]);
                 inner.draw(s, &mut rnd[..32 + extra])?;
@@ -44,7 +42,7 @@ impl Inner {
                 dek.copy_from_slice(&rnd[..32]);
                 let ct = seal_on_device(
                     s,
-                    e,
+                    key,
                     iv_source,
                     &rnd[32..32 + extra],
                     dek.as_ref(),
@@ -71,11 +69,11 @@ impl Inner {
         let iv_source = self.settings.iv;
         let inner = self.clone();
         let ct = self
-            .with_key(name, move |s, e| {
+            .with_key(name, move |s, key| {
                 let mut rnd = [0u8; kes::TRAILER_LEN];
-                let extra = seal_random_len(e.info().scheme, iv_source);
+                let extra = seal_random_len(key.info().scheme, iv_source);
                 inner.draw(s, &mut rnd[..extra])?;
-                seal_on_device(s, e, iv_source, &rnd[..extra], &plaintext, &context)
+                seal_on_device(s, key, iv_source, &rnd[..extra], &plaintext, &context)
             })
             .await?;
         self.top_up_randomness();
@@ -83,7 +81,7 @@ impl Inner {
     }
 
     /// Fills `out` with the HSM's random bytes: from the pool, else drawn now.
-    fn draw(&self, s: &Session, out: &mut [u8]) -> OpResult<()> {
+    fn draw(&self, s: &Session, out: &mut [u8]) -> CallResult<()> {
         if !self.randomness.take(out) {
             s.generate_random_slice(out)?;
         }
@@ -119,21 +117,18 @@ impl Inner {
     ) -> Result<SecretBytes> {
         let ciphertext = Arc::new(ciphertext.to_vec());
         let context = Arc::new(context.to_vec());
-        self.with_key(name, move |s, e| {
-            open_on_device(s, e, &ciphertext, &context)
+        self.with_key(name, move |s, key| {
+            open_on_device(s, key, &ciphertext, &context)
         })
         .await
     }
 
     pub(super) async fn hmac(self: &Arc<Self>, name: &KeyName, message: &[u8]) -> Result<[u8; 32]> {
         let message = Arc::new(message.to_vec());
-        self.with_key(name, move |s, e| {
-            let mac = s.sign(&Mechanism::Sha256Hmac, e.hmac(s)?, &message)?;
-            mac.try_into().map_err(|_| {
-                OpError::Fail(KeystoreError::Backend(
-                    "CKM_SHA256_HMAC returned a short MAC".into(),
-                ))
-            })
+        self.with_key(name, move |s, key| {
+            let mac = s.sign(&Mechanism::Sha256Hmac, key.hmac(s)?, &message)?;
+            let len = mac.len();
+            mac.try_into().map_err(|_| Pkcs11Error::MacLength(len))
         })
         .await
     }
@@ -143,88 +138,65 @@ impl Inner {
 pub(super) struct Key<'a> {
     pub(super) master: ObjectHandle,
     pub(super) device: &'a Device,
-    pub(super) entry: &'a Entry,
+    pub(super) indexed: &'a IndexedKey,
 }
 
 impl Key<'_> {
     fn info(&self) -> &KeyInfo {
-        &self.entry.info
+        &self.indexed.info
     }
 
     /// The HMAC key's handle to use; resolved only by the operation that needs it.
-    fn hmac(&self, s: &Session) -> OpResult<ObjectHandle> {
-        let h = self
-            .entry
-            .hmac
-            .ok_or(OpError::Fail(KeystoreError::HmacUnsupported))?;
-        working_handle(self.device, s, h, self.entry.nonce)
-    }
-}
-
-/// The handle to operate with for the token object `h`: its session copy, or `h` itself.
-pub(super) fn working_handle(
-    d: &Device,
-    s: &Session,
-    h: ObjectHandle,
-    nonce: u64,
-) -> OpResult<ObjectHandle> {
-    match d.copies.working(s, h, nonce) {
-        Ok(h) => Ok(h),
-        Err(CopyError::Stale) => Err(OpError::Stale),
-        Err(CopyError::Ck(c)) => Err(OpError::Ck(c)),
+    fn hmac(&self, s: &Session) -> CallResult<ObjectHandle> {
+        let h = self.indexed.hmac.ok_or(Pkcs11Error::HmacUnsupported)?;
+        self.device.copies.working(s, h, self.indexed.nonce)
     }
 }
 
 /// An unsealing call's error: "not authentic" in the module's own words, or the error.
-pub(super) fn unseal_error(e: CkError, key: &Key) -> OpError {
-    match classify_unseal(&e, key.device.tag_failures) {
-        Failure::Request(KeystoreError::NotAuthentic) => OpError::Fail(KeystoreError::NotAuthentic),
-        _ => OpError::Ck(e),
-    }
+pub(super) fn unseal_error(e: cryptoki::error::Error, key: &Key) -> Pkcs11Error {
+    Pkcs11Error::from(e).unsealing(key.device.tag_failures)
 }
 
 /// Seals `plaintext` on the device with the key's scheme. `rnd` holds fresh random bytes
 /// for the IV (and nonce): 12 for `gcm`, 28 for `kes`, none for `kwp`.
 pub(super) fn seal_on_device(
     s: &Session,
-    e: &Key,
+    key: &Key,
     iv_source: IvSource,
     rnd: &[u8],
     plaintext: &[u8],
     context: &[u8],
-) -> OpResult<Vec<u8>> {
-    match e.info().scheme {
+) -> CallResult<Vec<u8>> {
+    match key.info().scheme {
         Scheme::Gcm => {
             let mut iv = [0u8; native::GCM_IV_LEN];
             if iv_source == IvSource::Caller {
                 iv.copy_from_slice(&rnd[..native::GCM_IV_LEN]);
             }
-            let sealed = if let (Some(message), IvSource::Caller) = (&e.device.message, iv_source) {
-                message.seal(s, e.master, e.entry.nonce, &iv, context, plaintext)?
+            let sealed = if let (Some(message), IvSource::Caller) = (&key.device.message, iv_source)
+            {
+                message.seal(s, key.master, key.indexed.nonce, &iv, context, plaintext)?
             } else {
                 let params =
                     GcmParams::new(&mut iv, context, (native::GCM_TAG_LEN as u64 * 8).into())?;
                 let gcm = Mechanism::AesGcm(params);
-                match e.device.raw.as_ref() {
+                match key.device.raw.as_ref() {
                     Some(raw) => raw.encrypt(
                         s,
                         &gcm,
-                        e.master,
+                        key.master,
                         plaintext,
                         plaintext.len() + native::GCM_TAG_LEN,
                     )?,
-                    None => s.encrypt(&gcm, e.master, plaintext)?,
+                    None => s.encrypt(&gcm, key.master, plaintext)?,
                 }
             };
             // The buffer now holds the IV the device used: ours, or one it drew itself. A
             // device that neither took ours nor wrote one back sealed under the all-zero IV
             // we handed it, and every such seal would reuse that nonce: refuse.
             if iv_source == IvSource::Device && iv == [0u8; native::GCM_IV_LEN] {
-                return Err(OpError::Fail(KeystoreError::Backend(
-                    "the HSM wrote no GCM IV back (iv: device); this device uses the IV it is \
-                     given: set `iv: caller` (see `kesh hsm probe`)"
-                        .into(),
-                )));
+                return Err(Pkcs11Error::NoIvReturned);
             }
             Ok(native::encode_gcm(&iv, &sealed))
         }
@@ -234,20 +206,19 @@ pub(super) fn seal_on_device(
             let obj = s.create_object(&t);
             objects::wipe(&mut t);
             let obj = obj?;
-            let wrapped = s.wrap_key(&Mechanism::AesKeyWrapPad, e.master, obj);
+            let wrapped = s.wrap_key(&Mechanism::AesKeyWrapPad, key.master, obj);
             let _ = s.destroy_object(obj);
             Ok(native::encode_kwp(pad, &wrapped?))
         }
         Scheme::Kes => {
-            let iv: [u8; kes::IV_LEN] = rnd[..kes::IV_LEN]
-                .try_into()
-                .map_err(|_| OpError::Fail(KeystoreError::Backend("short random".into())))?;
+            let short = |_| Pkcs11Error::ShortRandom(rnd.len());
+            let iv: [u8; kes::IV_LEN] = rnd[..kes::IV_LEN].try_into().map_err(short)?;
             let nonce: [u8; kes::NONCE_LEN] = rnd[kes::IV_LEN..kes::TRAILER_LEN]
                 .try_into()
-                .map_err(|_| OpError::Fail(KeystoreError::Backend("short random".into())))?;
-            let derived = derive_on_device(s, e, &iv)?;
+                .map_err(short)?;
+            let derived = derive_on_device(s, key, &iv)?;
             Ok(kes::seal(
-                e.info().algorithm,
+                key.info().algorithm,
                 &derived,
                 &iv,
                 &nonce,
@@ -261,16 +232,13 @@ pub(super) fn seal_on_device(
 /// The `kes` scheme's per-message key, HMAC-SHA256(master, iv), computed on the device.
 pub(super) fn derive_on_device(
     s: &Session,
-    e: &Key,
+    key: &Key,
     iv: &[u8; kes::IV_LEN],
-) -> OpResult<Zeroizing<[u8; 32]>> {
-    let mac = Zeroizing::new(s.sign(&Mechanism::Sha256Hmac, e.master, iv)?);
+) -> CallResult<Zeroizing<[u8; 32]>> {
+    let mac = Zeroizing::new(s.sign(&Mechanism::Sha256Hmac, key.master, iv)?);
     let mut out = Zeroizing::new([0u8; 32]);
     if mac.len() != 32 {
-        return Err(OpError::Fail(KeystoreError::Backend(format!(
-            "CKM_SHA256_HMAC returned {} bytes",
-            mac.len()
-        ))));
+        return Err(Pkcs11Error::MacLength(mac.len()));
     }
     out.copy_from_slice(&mac);
     Ok(out)
@@ -278,36 +246,36 @@ pub(super) fn derive_on_device(
 
 pub(super) fn open_on_device(
     s: &Session,
-    e: &Key,
+    key: &Key,
     ciphertext: &[u8],
     context: &[u8],
-) -> OpResult<SecretBytes> {
-    match e.info().scheme {
+) -> CallResult<SecretBytes> {
+    match key.info().scheme {
         Scheme::Gcm => {
             let (mut iv, sealed) = native::parse_gcm(ciphertext)?;
-            if let Some(message) = &e.device.message {
+            if let Some(message) = &key.device.message {
                 return message
-                    .open(s, e.master, e.entry.nonce, &iv, context, sealed)
-                    .map_err(|err| unseal_error(err, e));
+                    .open(s, key.master, key.indexed.nonce, &iv, context, sealed)
+                    .map_err(|err| unseal_error(err, key));
             }
             let params = GcmParams::new(&mut iv, context, (native::GCM_TAG_LEN as u64 * 8).into())?;
             let gcm = Mechanism::AesGcm(params);
-            match e.device.raw.as_ref() {
-                Some(raw) => raw.decrypt(s, &gcm, e.master, sealed),
-                None => s.decrypt(&gcm, e.master, sealed).map(Zeroizing::new),
+            match key.device.raw.as_ref() {
+                Some(raw) => raw.decrypt(s, &gcm, key.master, sealed),
+                None => s.decrypt(&gcm, key.master, sealed).map(Zeroizing::new),
             }
-            .map_err(|err| unseal_error(err, e))
+            .map_err(|err| unseal_error(err, key))
         }
         Scheme::Kwp => {
             let (pad, wrapped) = native::parse_kwp(ciphertext)?;
             let obj = match s.unwrap_key(
                 &Mechanism::AesKeyWrapPad,
-                e.master,
+                key.master,
                 wrapped,
                 &objects::transient_unwrap_template(),
             ) {
                 Ok(obj) => obj,
-                Err(err) => return Err(unseal_error(err, e)),
+                Err(err) => return Err(unseal_error(err, key)),
             };
             let value = s.get_attributes(obj, &[AttributeType::Value]);
             let _ = s.destroy_object(obj);
@@ -317,13 +285,13 @@ pub(super) fn open_on_device(
                     Attribute::Value(v) => Some(Zeroizing::new(v)),
                     _ => None,
                 })
-                .ok_or(OpError::Fail(KeystoreError::NotAuthentic))?;
+                .ok_or(Pkcs11Error::NotAuthentic)?;
             Ok(native::kwp_open(&inner, pad, context)?)
         }
         Scheme::Kes => {
             let parts = kes::parse(ciphertext)?;
-            let derived = derive_on_device(s, e, &parts.iv)?;
-            Ok(kes::open(e.info().algorithm, &derived, &parts, context)?)
+            let derived = derive_on_device(s, key, &parts.iv)?;
+            Ok(kes::open(key.info().algorithm, &derived, &parts, context)?)
         }
     }
 }

@@ -9,96 +9,57 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use cryptoki::error::Error as CkError;
 use cryptoki::session::Session;
 
-use super::device::{ConnectError, Device};
-use super::error::{classify, Failure};
+use super::device::Device;
+use super::error::{NextLogin, Pkcs11Error};
 use super::index::{scan, Index};
 use super::workers::Outcome;
 use super::{raw, Inner, RECOVERY_BACKOFF_MAX};
-use crate::keystore::{KeystoreError, Result};
+use crate::keystore::Result;
+use crate::locks::IgnorePoison;
 use crate::secret::Pin;
 
-/// Errors inside a blocking closure: a cryptoki code, or a verdict already made.
-pub(super) enum OpError {
-    Ck(CkError),
-    Fail(KeystoreError),
-    /// An index entry from another device generation: search again.
-    Stale,
-}
-
-impl From<CkError> for OpError {
-    fn from(e: CkError) -> Self {
-        OpError::Ck(e)
-    }
-}
-
-impl From<crate::crypto::NotAuthentic> for OpError {
-    fn from(_: crate::crypto::NotAuthentic) -> Self {
-        OpError::Fail(KeystoreError::NotAuthentic)
-    }
-}
-
-pub(super) type OpResult<T> = std::result::Result<T, OpError>;
-
-pub(super) fn join_error(e: tokio::task::JoinError) -> KeystoreError {
-    KeystoreError::Backend(format!("PKCS#11 worker failed: {e}"))
-}
-
-pub(super) fn failure_to_error(f: Failure) -> KeystoreError {
-    match f {
-        Failure::Device(why) => KeystoreError::Unreachable(why),
-        Failure::StaleHandle => KeystoreError::KeyNotFound,
-        Failure::Request(e) => e,
-    }
-}
+/// What the calls of one request return: the pkcs11 backend's own error, turned into a
+/// [`crate::keystore::KeystoreError`] at the keystore boundary.
+pub(super) type CallResult<T> = std::result::Result<T, Pkcs11Error>;
 
 impl Inner {
-    pub(super) fn current_device(&self) -> Result<Arc<Device>> {
-        self.device
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
-            .ok_or_else(|| {
-                let why = self
-                    .last_failure
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .clone();
-                if self.login_refused.load(Ordering::Acquire) {
-                    KeystoreError::Unreachable(why)
-                } else {
-                    KeystoreError::Unreachable(format!("recovering from: {why}"))
-                }
-            })
+    pub(super) fn current_device(&self) -> CallResult<Arc<Device>> {
+        self.device.read().ignore_poison().clone().ok_or_else(|| {
+            let why = self.last_failure.lock().ignore_poison().clone();
+            let why = why.unwrap_or(Pkcs11Error::OutOfService);
+            if self.login_refused.load(Ordering::Acquire) {
+                why
+            } else {
+                Pkcs11Error::Recovering(Box::new(why))
+            }
+        })
     }
 
     /// The seam: one blocking closure on one pooled session, on a worker thread.
     /// The closure gets the device, whose generation lets it refuse handles from another
     /// generation before they are used (a re-initialized module may reuse handle numbers).
-    pub(super) async fn run<T, F>(self: &Arc<Self>, f: F) -> std::result::Result<T, Failure>
+    pub(super) async fn run<T, F>(self: &Arc<Self>, f: F) -> CallResult<T>
     where
         T: Send + 'static,
-        F: FnOnce(&Session, &Device) -> OpResult<T> + Send + 'static,
+        F: FnOnce(&Session, &Device) -> CallResult<T> + Send + 'static,
     {
         // Fail fast while down, before queueing.
-        self.current_device().map_err(Failure::Request)?;
+        self.current_device()?;
         let inner = self.clone();
         let call = move || {
-            let _live = raw::CallGuard::enter().ok_or_else(|| {
-                OpError::Fail(KeystoreError::Unreachable("the process is exiting".into()))
-            })?;
-            let _calls = inner.calls.read().unwrap_or_else(|e| e.into_inner());
+            let _live = raw::CallGuard::enter().ok_or(Pkcs11Error::Exiting)?;
+            let _calls = inner.calls.read().ignore_poison();
             // Taken on the worker: recovery may have swapped the device since the queueing.
-            let device = inner.current_device().map_err(OpError::Fail)?;
-            let session = device.checkout(&inner.ctx).map_err(OpError::Ck)?;
+            let device = inner.current_device()?;
+            let session = device.checkout(&inner.ctx)?;
             let result = f(&session, &device);
             match &result {
-                Err(OpError::Ck(e)) if matches!(classify(e), Failure::Device(_)) => drop(session),
+                Err(e) if e.needs_recovery() => drop(session),
                 // Closing it ends the operation; any session copies it made go with it, and
                 // their next use is a stale handle, retried through a fresh search.
-                Err(OpError::Ck(e)) if raw::leaves_operation_active(e) => {
+                Err(e) if raw::leaves_operation_active(e) => {
                     tracing::warn!(error = %e, "closing an HSM session whose operation may still be active");
                     drop(session)
                 }
@@ -109,38 +70,24 @@ impl Inner {
         let wait = self.cfg.session_wait;
         let outcome = match self.workers.call(wait, call).await {
             Outcome::Done(outcome) => outcome,
-            Outcome::Busy => return Err(Failure::Request(KeystoreError::Busy(wait))),
-            Outcome::Lost => {
-                return Err(Failure::Request(KeystoreError::Backend(
-                    "a PKCS#11 worker failed during the call".into(),
-                )))
-            }
+            Outcome::Busy => return Err(Pkcs11Error::Busy(wait)),
+            Outcome::Lost => return Err(Pkcs11Error::WorkerLost),
         };
-        match outcome {
-            Ok(v) => Ok(v),
-            Err(OpError::Fail(e)) => Err(Failure::Request(e)),
-            Err(OpError::Stale) => Err(Failure::StaleHandle),
-            Err(OpError::Ck(e)) => {
-                let failure = classify(&e);
-                if let Failure::Device(why) = &failure {
-                    self.begin_recovery(why.clone());
-                }
-                Err(failure)
+        if let Err(e) = &outcome {
+            if e.needs_recovery() {
+                self.begin_recovery(e.clone());
             }
         }
+        outcome
     }
 
-    pub(super) fn begin_recovery(self: &Arc<Self>, why: String) {
+    pub(super) fn begin_recovery(self: &Arc<Self>, why: Pkcs11Error) {
         if self.recovering.swap(true, Ordering::AcqRel) {
             return;
         }
         tracing::error!(reason = %why, "PKCS#11 device failure: taking the keystore out of service to recover");
-        *self.last_failure.lock().unwrap_or_else(|e| e.into_inner()) = why;
-        let old = self
-            .device
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .take();
+        *self.last_failure.lock().ignore_poison() = Some(why);
+        let old = self.device.write().ignore_poison().take();
         let inner = self.clone();
         tokio::spawn(async move { inner.recover(old).await });
     }
@@ -158,13 +105,13 @@ impl Inner {
                     );
                     return;
                 }
-                Err(e @ ConnectError::PinRefused(_)) => {
-                    self.refuse_logins(&e);
+                Err(Pkcs11Error::PinRefused { rv, .. }) => {
+                    self.refuse_logins(rv);
                     return;
                 }
-                Err(ConnectError::Failed(why)) => {
+                Err(why) => {
                     tracing::warn!(reason = %why, retry_in_ms = backoff.as_millis() as u64, "PKCS#11 recovery attempt failed");
-                    *self.last_failure.lock().unwrap_or_else(|e| e.into_inner()) = why;
+                    *self.last_failure.lock().ignore_poison() = Some(why);
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(RECOVERY_BACKOFF_MAX);
                 }
@@ -177,33 +124,31 @@ impl Inner {
     pub(super) async fn reconnect(
         self: Arc<Self>,
         stale: Option<Arc<Device>>,
-    ) -> std::result::Result<usize, ConnectError> {
+    ) -> CallResult<usize> {
         let generation = self.generation.fetch_add(1, Ordering::AcqRel) + 1;
         let inner = self.clone();
         let attempt = tokio::task::spawn_blocking(move || {
-            let _live = raw::CallGuard::enter()
-                .ok_or_else(|| ConnectError::Failed("the process is exiting".into()))?;
+            let _live = raw::CallGuard::enter().ok_or(Pkcs11Error::Exiting)?;
             // No call is in flight while the module is finalized.
-            let _all = inner.calls.write().unwrap_or_else(|e| e.into_inner());
+            let _all = inner.calls.write().ignore_poison();
             drop(stale); // closes the old sessions (errors are expected and ignored)
             let _ = inner.ctx.clone().finalize();
-            let pin = inner.pin.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            let pin = inner.pin.lock().ignore_poison().clone();
             let device =
                 Device::connect(&inner.ctx, &inner.cfg, &inner.settings, &pin, generation)?;
-            let fail = |e: CkError| ConnectError::Failed(e.to_string());
-            let session = device.checkout(&inner.ctx).map_err(fail)?;
-            let keys = scan(&session, &inner.cfg.prefix, generation).map_err(fail)?;
+            let session = device.checkout(&inner.ctx)?;
+            let keys = scan(&session, &inner.cfg.prefix, generation)?;
             device.checkin(session);
             Ok((device, keys))
         })
         .await
-        .unwrap_or_else(|e| Err(ConnectError::Failed(e.to_string())));
+        .unwrap_or_else(|e| Err(Pkcs11Error::Join(Arc::new(e))));
         let (device, keys) = attempt?;
         let count = keys.len();
-        *self.index.write().unwrap_or_else(|e| e.into_inner()) = Index::scanned(keys);
+        *self.index.write().ignore_poison() = Index::scanned(keys);
         // Markers were not read with this scan: the next poll rescans.
-        *self.marker_seen.lock().unwrap_or_else(|e| e.into_inner()) = None;
-        *self.device.write().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(device));
+        *self.marker_seen.lock().ignore_poison() = None;
+        *self.device.write().ignore_poison() = Some(Arc::new(device));
         self.login_refused.store(false, Ordering::Release);
         self.recovering.store(false, Ordering::Release);
         Ok(count)
@@ -211,18 +156,18 @@ impl Inner {
 
     /// Stops trying: the keystore stays out of service (requests fail fast) until the
     /// operator reloads. Logged once, with what to do.
-    pub(super) fn refuse_logins(&self, e: &ConnectError) {
-        let why = format!(
-            "{e}: kesh will not log in again on its own; fix `pin:`/`pin_file:`, then reload \
-             (SIGHUP, `systemctl reload kesh`) for one new attempt"
-        );
+    pub(super) fn refuse_logins(&self, rv: cryptoki::error::RvError) {
+        let why = Pkcs11Error::PinRefused {
+            rv,
+            next: NextLogin::OnReload,
+        };
         tracing::error!(reason = %why, "PKCS#11 login refused: waiting for the operator");
-        *self.last_failure.lock().unwrap_or_else(|e| e.into_inner()) = why;
+        *self.last_failure.lock().ignore_poison() = Some(why);
         self.login_refused.store(true, Ordering::Release);
     }
 
     pub(super) async fn reload_pin(self: &Arc<Self>, pin: Pin) -> Result<()> {
-        *self.pin.lock().unwrap_or_else(|e| e.into_inner()) = pin;
+        *self.pin.lock().ignore_poison() = pin;
         if !self.login_refused.load(Ordering::Acquire) {
             return Ok(());
         }
@@ -235,17 +180,17 @@ impl Inner {
                 );
                 Ok(())
             }
-            Err(e @ ConnectError::PinRefused(_)) => {
-                self.refuse_logins(&e);
-                Err(KeystoreError::Unreachable(e.to_string()))
+            Err(e @ Pkcs11Error::PinRefused { rv, .. }) => {
+                self.refuse_logins(rv);
+                Err(e.into())
             }
-            Err(ConnectError::Failed(why)) => {
+            Err(why) => {
                 // Not the PIN: the device itself is away. Back to recovery's backoff, which
                 // logs in once when the device answers again.
                 self.login_refused.store(false, Ordering::Release);
-                *self.last_failure.lock().unwrap_or_else(|e| e.into_inner()) = why.clone();
+                *self.last_failure.lock().ignore_poison() = Some(why.clone());
                 tokio::spawn(self.clone().recover(None));
-                Err(KeystoreError::Unreachable(why))
+                Err(Pkcs11Error::Recovering(Box::new(why)).into())
             }
         }
     }

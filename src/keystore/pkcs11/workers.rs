@@ -27,6 +27,8 @@ use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::locks::IgnorePoison;
+
 const QUEUED: u8 = 0;
 const RUNNING: u8 = 1;
 const WITHDRAWN: u8 = 2;
@@ -106,7 +108,7 @@ impl Default for Queue {
 impl Queue {
     fn lock(&self) -> std::sync::MutexGuard<'_, Pending> {
         // Only pushes and pops happen under the lock; a panic there leaves a valid queue.
-        self.pending.lock().unwrap_or_else(|e| e.into_inner())
+        self.pending.lock().ignore_poison()
     }
 
     fn push(&self, job: Job) -> bool {
@@ -148,7 +150,7 @@ impl Queue {
                 return Some(job);
             }
             p.idle += 1;
-            p = self.ready.wait(p).unwrap_or_else(|e| e.into_inner());
+            p = self.ready.wait(p).ignore_poison();
             p.idle -= 1;
         }
     }

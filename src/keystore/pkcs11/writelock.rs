@@ -20,7 +20,10 @@
 
 use std::fs::{File, OpenOptions, TryLockError};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+use super::error::Pkcs11Error;
 
 /// The lock file, opened once per keystore.
 #[derive(Debug)]
@@ -58,7 +61,7 @@ impl WriteLock {
     }
 
     /// Takes the lock, waiting at most `limit` for another process to release it.
-    pub fn hold(&self, limit: Duration) -> Result<Held<'_>, String> {
+    pub fn hold(&self, limit: Duration) -> Result<Held<'_>, Pkcs11Error> {
         let deadline = Instant::now() + limit;
         loop {
             match self.file.try_lock() {
@@ -67,16 +70,16 @@ impl WriteLock {
                     std::thread::sleep(Duration::from_millis(2));
                 }
                 Err(TryLockError::WouldBlock) => {
-                    return Err(format!(
-                        "another process held the token write lock {} for over {limit:?}",
-                        self.path.display()
-                    ))
+                    return Err(Pkcs11Error::WriteLockBusy {
+                        path: self.path.clone(),
+                        limit,
+                    })
                 }
                 Err(TryLockError::Error(e)) => {
-                    return Err(format!(
-                        "cannot lock the token write lock {}: {e}",
-                        self.path.display()
-                    ))
+                    return Err(Pkcs11Error::WriteLockFailed {
+                        path: self.path.clone(),
+                        source: Arc::new(e),
+                    })
                 }
             }
         }
@@ -97,7 +100,7 @@ mod tests {
             WriteLock::open(&path).unwrap(),
         );
         let held = a.hold(Duration::from_secs(1)).unwrap();
-        let refused = b.hold(Duration::from_millis(20)).err().unwrap();
+        let refused = b.hold(Duration::from_millis(20)).err().unwrap().to_string();
         assert!(refused.contains("held the token write lock"), "{refused}");
         drop(held);
         b.hold(Duration::from_secs(1)).unwrap();

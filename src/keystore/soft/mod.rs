@@ -24,11 +24,16 @@ use std::time::{Duration, Instant, SystemTime};
 use time::OffsetDateTime;
 use zeroize::Zeroizing;
 
+pub use self::error::SoftError;
+
+mod error;
+
 use super::{
-    DataKey, HmacKeySource, ImportKey, KeyInfo, KeyStore, KeystoreError, KeystoreStats, Provenance,
-    Result, Scheme,
+    BackendError, DataKey, HmacKeySource, ImportKey, KeyInfo, KeyStore, KeystoreError,
+    KeystoreStats, Provenance, Result, Scheme,
 };
 use crate::crypto::{self, kes, kes::Algorithm, native};
+use crate::locks::IgnorePoison;
 use crate::name::KeyName;
 use crate::secret::{self, Key32, SecretBytes};
 
@@ -78,7 +83,7 @@ impl std::fmt::Debug for SoftKeyStore {
 }
 
 fn rng_error(e: getrandom::Error) -> KeystoreError {
-    KeystoreError::Backend(format!("random number generator failed: {e}"))
+    KeystoreError::Backend(BackendError::Random(e))
 }
 
 impl SoftKeyStore {
@@ -113,11 +118,7 @@ impl SoftKeyStore {
 
     fn cached(&self, name: &KeyName) -> Option<Arc<SoftKey>> {
         // A poisoned lock means a panic mid-update of a map of Arcs: the map itself is intact.
-        self.keys
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(name)
-            .cloned()
+        self.keys.read().ignore_poison().get(name).cloned()
     }
 
     /// The key to use now. In a directory store the file decides: gone means gone (even if
@@ -139,7 +140,7 @@ impl SoftKeyStore {
                 let key = Arc::new(key);
                 self.keys
                     .write()
-                    .unwrap_or_else(|e| e.into_inner())
+                    .ignore_poison()
                     .insert(name.clone(), key.clone());
                 Ok(key)
             }
@@ -155,14 +156,11 @@ impl SoftKeyStore {
     }
 
     fn forget(&self, name: &KeyName) {
-        self.keys
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(name);
+        self.keys.write().ignore_poison().remove(name);
     }
 
     fn insert(&self, name: &KeyName, mut key: SoftKey) -> Result<()> {
-        let mut keys = self.keys.write().unwrap_or_else(|e| e.into_inner());
+        let mut keys = self.keys.write().ignore_poison();
         match &self.dir {
             // The link decides, across processes; the cache may hold a key deleted elsewhere.
             Some(dir) => key.file = Some(dir.store(name, &key)?),
@@ -239,10 +237,9 @@ impl KeyStore for SoftKeyStore {
 
     async fn import(&self, name: &KeyName, import: ImportKey) -> Result<()> {
         if import.scheme != Scheme::Kes && import.algorithm != Algorithm::Aes256 {
-            return Err(KeystoreError::InvalidInput(format!(
-                "the {} scheme takes AES256 keys only",
-                import.scheme
-            )));
+            return Err(KeystoreError::InvalidInput(
+                SoftError::SchemeTakesAes256(import.scheme).into(),
+            ));
         }
         let hmac = match import.hmac {
             HmacKeySource::Generate => Some(secret::random::<32>().map_err(rng_error)?),
@@ -274,7 +271,7 @@ impl KeyStore for SoftKeyStore {
             names.retain(|k| k.as_str().starts_with(prefix));
             return Ok(names);
         }
-        let keys = self.keys.read().unwrap_or_else(|e| e.into_inner());
+        let keys = self.keys.read().ignore_poison();
         Ok(keys
             .keys()
             .filter(|k| k.as_str().starts_with(prefix))
@@ -283,7 +280,7 @@ impl KeyStore for SoftKeyStore {
     }
 
     async fn delete(&self, name: &KeyName) -> Result<()> {
-        let mut keys = self.keys.write().unwrap_or_else(|e| e.into_inner());
+        let mut keys = self.keys.write().ignore_poison();
         let existed = match &self.dir {
             Some(dir) => dir.remove(name)?,
             None => keys.contains_key(name),
@@ -335,8 +332,14 @@ impl KeyStore for SoftKeyStore {
     async fn status(&self) -> Result<Duration> {
         let start = Instant::now();
         if let Some(dir) = &self.dir {
-            std::fs::metadata(&dir.path).map_err(|e| {
-                KeystoreError::Unreachable(format!("key directory {}: {e}", dir.path.display()))
+            std::fs::metadata(&dir.path).map_err(|source| {
+                KeystoreError::Unreachable(
+                    SoftError::Directory {
+                        path: dir.path.clone(),
+                        source,
+                    }
+                    .into(),
+                )
             })?;
         }
         Ok(start.elapsed())
@@ -359,8 +362,15 @@ const TEMP_PREFIX: &str = ".tmp-";
 const RECORD_VERSION: u8 = 1;
 const FILE_SUFFIX: &str = ".key";
 
-fn io_error(what: &str, path: &Path, e: std::io::Error) -> KeystoreError {
-    KeystoreError::Backend(format!("{what} {}: {e}", path.display()))
+fn io_error(what: &'static str, path: &Path, source: std::io::Error) -> KeystoreError {
+    KeystoreError::Backend(
+        SoftError::Io {
+            what,
+            path: path.to_owned(),
+            source,
+        }
+        .into(),
+    )
 }
 
 fn scheme_id(s: Scheme) -> u8 {
@@ -379,10 +389,7 @@ impl KeyDir {
                 .map_err(|e| io_error("cannot read KEK file", kek_file, e))?,
         );
         let kek = parse_kek(text.trim()).ok_or_else(|| {
-            KeystoreError::InvalidInput(format!(
-                "KEK file {} must hold 32 bytes as base64 (44 characters) or hex (64 characters)",
-                kek_file.display()
-            ))
+            KeystoreError::InvalidInput(SoftError::KekFormat(kek_file.to_owned()).into())
         })?;
         std::fs::DirBuilder::new()
             .recursive(true)
@@ -410,15 +417,12 @@ impl KeyDir {
     }
 
     fn unreadable(&self) -> u64 {
-        self.bad_files
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .len() as u64
+        self.bad_files.lock().ignore_poison().len() as u64
     }
 
     /// Records a file as unusable (logged the first time) or as fine again.
     fn mark(&self, file_name: &str, problem: Option<&KeystoreError>) {
-        let mut bad = self.bad_files.lock().unwrap_or_else(|e| e.into_inner());
+        let mut bad = self.bad_files.lock().ignore_poison();
         match problem {
             Some(e) => {
                 if bad.insert(file_name.to_owned()) {
@@ -473,14 +477,14 @@ impl KeyDir {
                 Ok(name) => names.push(name),
                 Err(_) => self.mark(
                     file_name,
-                    Some(&KeystoreError::Backend("not a valid key name".into())),
+                    Some(&KeystoreError::Backend(SoftError::FileName.into())),
                 ),
             }
         }
         // Files marked bad that are gone no longer count.
         self.bad_files
             .lock()
-            .unwrap_or_else(|e| e.into_inner())
+            .ignore_poison()
             .retain(|f| seen.contains(f));
         names.sort();
         Ok(names)
@@ -500,10 +504,13 @@ impl KeyDir {
             }
         }
         if failures > 0 && keys.is_empty() {
-            return Err(KeystoreError::InvalidInput(format!(
-                "none of the {failures} key files in {} opens under the KEK: is `kek_file:` the right one?",
-                self.path.display()
-            )));
+            return Err(KeystoreError::InvalidInput(
+                SoftError::WrongKek {
+                    failures,
+                    dir: self.path.clone(),
+                }
+                .into(),
+            ));
         }
         Ok(keys)
     }
@@ -548,13 +555,10 @@ impl KeyDir {
             .map_err(|e| io_error("cannot read key file", &path, e))?;
         let kek = aes_kw::KekAes256::from(*self.kek);
         let record = Zeroizing::new(kek.unwrap_with_padding_vec(&wrapped).map_err(|_| {
-            KeystoreError::Backend(format!(
-                "key file {} does not open under the KEK (wrong KEK or corrupt file)",
-                path.display()
-            ))
+            KeystoreError::Backend(SoftError::KeyFileNotOpening(path.clone()).into())
         })?);
         let mut key = decode_record(&record, name).ok_or_else(|| {
-            KeystoreError::Backend(format!("key file {} is malformed", path.display()))
+            KeystoreError::Backend(SoftError::KeyFileMalformed(path.clone()).into())
         })?;
         key.file = Some(id);
         Ok(Some(key))
@@ -568,7 +572,7 @@ impl KeyDir {
         let kek = aes_kw::KekAes256::from(*self.kek);
         let wrapped = kek
             .wrap_with_padding_vec(&record)
-            .map_err(|e| KeystoreError::Backend(format!("cannot wrap key record: {e}")))?;
+            .map_err(|e| KeystoreError::Backend(SoftError::Wrap(e).into()))?;
         let suffix = hex::encode(*secret::random::<8>().map_err(rng_error)?);
         let tmp = self.path.join(format!("{TEMP_PREFIX}{name}-{suffix}"));
         let result = (|| {
@@ -639,10 +643,13 @@ fn check_kek_file_mode(kek_file: &Path) -> Result<()> {
         std::fs::metadata(kek_file).map_err(|e| io_error("cannot read KEK file", kek_file, e))?;
     let mode = m.permissions().mode() & 0o777;
     if mode & 0o007 != 0 {
-        return Err(KeystoreError::InvalidInput(format!(
-            "KEK file {} is open to other users (mode {mode:o}): `chmod 600` it, or 640 with the kesh group",
-            kek_file.display()
-        )));
+        return Err(KeystoreError::InvalidInput(
+            SoftError::KekMode {
+                path: kek_file.to_owned(),
+                mode,
+            }
+            .into(),
+        ));
     }
     if mode & 0o020 != 0 {
         tracing::warn!(file = %kek_file.display(), mode = format!("{mode:o}"), "the KEK file is writable by its group");

@@ -14,6 +14,7 @@ use cryptoki::session::UserType;
 use cryptoki::types::AuthPin;
 
 use super::super::{device, profile, Pkcs11Config, TokenSelector};
+use crate::locks::IgnorePoison;
 use crate::secret::Pin;
 
 /// The SoftHSM module, if installed (`KESH_SOFTHSM_MODULE` overrides the search).
@@ -80,7 +81,7 @@ impl EphemeralToken {
     pub fn create() -> Result<Self, SoftHsmError> {
         static LOCK: Mutex<()> = Mutex::new(());
         // One initializer at a time: SoftHSM hands out "the" free slot.
-        let _guard = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+        let _guard = LOCK.lock().ignore_poison();
         let module = module_path().ok_or_else(|| {
             SoftHsmError(
                 "libsofthsm2.so not found; install it with `apt-get install softhsm2`".into(),

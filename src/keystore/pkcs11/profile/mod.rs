@@ -11,8 +11,7 @@ pub mod ephemeral;
 
 use std::path::PathBuf;
 
-use super::error::{GoneObjects, TagFailures};
-use super::IvSource;
+use super::settings::IvSource;
 use crate::keystore::Scheme;
 
 /// What kesh assumes of one family of PKCS#11 modules.
@@ -183,6 +182,28 @@ pub fn softhsm_write_lock_path() -> Option<PathBuf> {
 pub fn kryoptic_write_lock_path() -> Option<PathBuf> {
     let conf = PathBuf::from(std::env::var_os("KRYOPTIC_CONF")?);
     Some(conf.parent()?.join(".kesh-writes.lock"))
+}
+
+/// How a module reports a failed integrity check when unsealing (GCM tag, KWP check); each
+/// [`Profile`] says which.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TagFailures {
+    /// `CKR_ENCRYPTED_DATA_INVALID` / `CKR_WRAPPED_KEY_INVALID`, as the standard says.
+    Standard,
+    /// `CKR_GENERAL_ERROR` (or `CKR_FUNCTION_FAILED`) from `C_Decrypt`/`C_UnwrapKey`.
+    GeneralError,
+}
+
+/// How a module reports a handle whose token object another process deleted; each
+/// [`Profile`] says which.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GoneObjects {
+    /// `CKR_OBJECT_HANDLE_INVALID` / `CKR_KEY_HANDLE_INVALID`.
+    Standard,
+    /// The handle still names the object, whose row in a store shared with other processes
+    /// is gone, and the lookup fails as `CKR_GENERAL_ERROR`. Such an error from a call on a
+    /// key handle may mean the key is gone: kesh searches the token once more to tell.
+    GeneralError,
 }
 
 #[cfg(test)]
