@@ -62,6 +62,9 @@ fn backend_failure(op: Op) -> (StatusCode, &'static str) {
             "failed to decrypt ciphertext",
         ),
         Op::Ready => (StatusCode::BAD_GATEWAY, "key store is unavailable"),
+        Op::Rotate => (StatusCode::BAD_GATEWAY, "failed to rotate key"),
+        Op::Versions => (StatusCode::BAD_GATEWAY, "failed to read key"),
+        Op::DestroyVersion => (StatusCode::BAD_GATEWAY, "failed to delete key version"),
     }
 }
 
@@ -140,6 +143,13 @@ impl ApiError {
                     let (status, msg) = backend_failure(*op);
                     fixed(status, msg)
                 }
+                // kesh's extensions (key versions): no KES message to match.
+                S::VersionNotFound => fixed(StatusCode::NOT_FOUND, "key version does not exist"),
+                S::VersionRefused(why) => fixed(StatusCode::CONFLICT, why),
+                S::Unsupported(what) => (
+                    StatusCode::NOT_IMPLEMENTED,
+                    format!("{what} is not supported by this keystore"),
+                ),
             },
         }
     }

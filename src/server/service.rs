@@ -34,6 +34,9 @@ pub enum Op {
     Decrypt,
     Hmac,
     Ready,
+    Rotate,
+    Versions,
+    DestroyVersion,
 }
 
 impl Op {
@@ -49,6 +52,9 @@ impl Op {
             Op::Decrypt => "decrypt",
             Op::Hmac => "hmac",
             Op::Ready => "status",
+            Op::Rotate => "rotate",
+            Op::Versions => "versions",
+            Op::DestroyVersion => "destroy_version",
         }
     }
 }
@@ -92,6 +98,13 @@ pub enum ServiceError {
     Unreachable(Op, String),
     #[error("{0}: keystore failure: {1}")]
     Backend(Op, String),
+    #[error("key version does not exist")]
+    VersionNotFound,
+    /// A version that must not be destroyed now; the message says why.
+    #[error("{0}")]
+    VersionRefused(&'static str),
+    #[error("{0} is not supported by this keystore")]
+    Unsupported(&'static str),
 }
 
 impl ServiceError {
@@ -108,6 +121,9 @@ impl ServiceError {
             KeystoreError::Unreachable(m) => ServiceError::Unreachable(op, m),
             KeystoreError::Busy(_) => ServiceError::Busy,
             KeystoreError::Backend(m) => ServiceError::Backend(op, m),
+            KeystoreError::VersionNotFound => ServiceError::VersionNotFound,
+            KeystoreError::VersionRefused(m) => ServiceError::VersionRefused(m),
+            KeystoreError::Unsupported(m) => ServiceError::Unsupported(m),
         }
     }
 }
@@ -123,6 +139,9 @@ fn error_kind(e: &KeystoreError) -> &'static str {
         KeystoreError::Unreachable(_) => "unreachable",
         KeystoreError::Busy(_) => "busy",
         KeystoreError::Backend(_) => "backend",
+        KeystoreError::VersionNotFound => "version_not_found",
+        KeystoreError::VersionRefused(_) => "version_refused",
+        KeystoreError::Unsupported(_) => "unsupported",
     }
 }
 
@@ -385,6 +404,57 @@ impl Service {
         message: &[u8],
     ) -> Result<[u8; 32], ServiceError> {
         self.call(Op::Hmac, self.keystore.hmac(name, message)).await
+    }
+
+    /// kesh's extension: a new key version that seals from now on; returns its number.
+    pub async fn rotate_key(&self, permit: &Permit, name: &KeyName) -> Result<u32, ServiceError> {
+        self.call(
+            Op::Rotate,
+            self.keystore.rotate(name, Self::provenance(permit)),
+        )
+        .await
+    }
+
+    /// kesh's extension: the key's versions with their use since start.
+    pub async fn key_versions(
+        &self,
+        _permit: &Permit,
+        name: &KeyName,
+    ) -> Result<Vec<crate::keystore::VersionInfo>, ServiceError> {
+        self.call(Op::Versions, self.keystore.versions(name)).await
+    }
+
+    /// kesh's extension: destroys an old key version (refused for the sealing one).
+    pub async fn destroy_key_version(
+        &self,
+        _permit: &Permit,
+        name: &KeyName,
+        version: u32,
+    ) -> Result<(), ServiceError> {
+        self.call(
+            Op::DestroyVersion,
+            self.keystore.destroy_version(name, version),
+        )
+        .await
+    }
+
+    /// Seals and unseals per key version since start, for `/v1/metrics/kesh`.
+    pub fn version_usage(&self) -> Vec<crate::keystore::usage::VersionUsage> {
+        self.keystore.version_usage()
+    }
+
+    /// The scheduler's call: rotates `name` if its newest version is older than `period`.
+    pub async fn rotate_if_due(
+        &self,
+        name: &KeyName,
+        period: Duration,
+    ) -> Result<crate::keystore::ScheduledRotation, ServiceError> {
+        self.call(
+            Op::Rotate,
+            self.keystore
+                .rotate_if_due(name, period, Provenance::now("kesh:rotate_after")),
+        )
+        .await
     }
 
     /// `/v1/ready`: the keystore's probe, with its error.

@@ -16,7 +16,7 @@ use zeroize::Zeroizing;
 
 use super::copies::nonce_value;
 use super::error;
-use super::index::{has_ready_master, survey, Entry, Found};
+use super::index::{has_ready_master, pick_ready, survey, Entry, Found};
 use super::objects::{self, Meta, Role, State};
 use super::seam::{failure_to_error, OpError, OpResult};
 use super::writelock::Held;
@@ -98,9 +98,15 @@ impl Inner {
         let result = self
             .with_entry(name, move |s, d, e| {
                 let _held = inner.hold_writes()?;
-                // The master goes first: that is the commit point of a delete.
+                // The master goes first: that is the commit point of a delete. Versions left
+                // by a delete that stopped after it name a base that is gone: a later create
+                // removes them and no lookup takes them for a key.
                 s.destroy_object(e.master)?;
                 d.copies.discard(s, e.master);
+                for v in &e.versions {
+                    let _ = s.destroy_object(v.master);
+                    d.copies.discard(s, v.master);
+                }
                 if let Some(h) = e.hmac {
                     let _ = s.destroy_object(h);
                     d.copies.discard(s, h);
@@ -110,9 +116,174 @@ impl Inner {
             .await;
         self.forget(name);
         if result.is_ok() {
+            self.usage.forget(name);
             self.marker_due.store(true, Ordering::Release);
         }
         result
+    }
+
+    /// Makes the key's next version on the token ([`rotate_on_token`]); with `due`, only when
+    /// the newest version is that old and still the newest at commit (`None` otherwise).
+    pub(super) async fn rotate_key(
+        self: &Arc<Self>,
+        name: &KeyName,
+        due: Option<Duration>,
+        provenance: Provenance,
+    ) -> Result<Option<u32>> {
+        let _writes = TOKEN_WRITES.lock().await;
+        let label = self.label(name);
+        let key_name = name.clone();
+        let inner = self.clone();
+        let made = self
+            .run(move |s, d| {
+                let _held = inner.hold_writes()?;
+                rotate_on_token(s, &label, &key_name, due, &provenance, d.generation)
+            })
+            .await
+            .map_err(failure_to_error);
+        drop(_writes);
+        match made {
+            Ok(Some((version, entry))) => {
+                self.remember(entry);
+                self.marker_due.store(true, Ordering::Release);
+                Ok(Some(version))
+            }
+            Ok(None) => {
+                // Another instance rotated (or it is not due): learn its versions now.
+                let _ = self.entry(name, true).await;
+                Ok(None)
+            }
+            Err(KeystoreError::KeyNotFound) => {
+                self.forget(name);
+                Err(KeystoreError::KeyNotFound)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Destroys one old version's master object, after checking against the token (not the
+    /// index) that it may go.
+    pub(super) async fn destroy_version(
+        self: &Arc<Self>,
+        name: &KeyName,
+        version: u32,
+    ) -> Result<()> {
+        let _writes = TOKEN_WRITES.lock().await;
+        let fresh = self.entry(name, true).await?;
+        crate::keystore::check_destroy(&fresh.version_times(), version)?;
+        let inner = self.clone();
+        self.with_entry(name, move |s, d, e| {
+            let v = e
+                .versions
+                .iter()
+                .find(|v| v.version == version)
+                .ok_or(OpError::Fail(KeystoreError::VersionNotFound))?;
+            let _held = inner.hold_writes()?;
+            s.destroy_object(v.master)?;
+            d.copies.discard(s, v.master);
+            Ok(())
+        })
+        .await?;
+        drop(_writes);
+        let _ = self.entry(name, true).await;
+        self.marker_due.store(true, Ordering::Release);
+        Ok(())
+    }
+}
+
+/// Makes version N+1 of a key, N the newest ready version, with the create protocol's
+/// guarantees across processes: write the version's master `pending`, look again, commit
+/// (`ready`) only if no other live object claims N+1. Two rotations at once never make one
+/// version twice: whoever looks second sees the first and backs off, then (manual) takes the
+/// next number, or (scheduled, `due`) stops, since someone else rotated. Returns the version
+/// made and the key's fresh index entry.
+pub(super) fn rotate_on_token(
+    s: &Session,
+    label: &str,
+    name: &KeyName,
+    due: Option<Duration>,
+    provenance: &Provenance,
+    generation: u64,
+) -> OpResult<Option<(u32, Entry)>> {
+    let deadline = Instant::now() + CREATE_CONTENTION_LIMIT;
+    let mut backoff_ms = 2u64;
+    loop {
+        let found = survey(s, label)?;
+        let located = pick_ready(&found, name).ok_or(OpError::Fail(KeystoreError::KeyNotFound))?;
+        let (newest, newest_at) = located.newest();
+        if let Some(period) = due {
+            if time::OffsetDateTime::now_utc() - newest_at < period {
+                return Ok(None);
+            }
+        }
+        let target = newest + 1;
+        let base = located.nonce_text.clone();
+        let claims = |found: &[Found], ours: Option<&str>, ready_only: bool| {
+            found.iter().any(|f| {
+                f.meta.as_ref().is_some_and(|m| {
+                    Some(m.nonce.as_str()) != ours
+                        && m.role == Role::Key
+                        && m.version == target
+                        && m.base == base
+                        && (m.state == State::Ready
+                            || (!ready_only && unix_now() - m.ts <= objects::STALE_PENDING_SECS))
+                })
+            })
+        };
+        // Leftovers: pending versions of crashed rotations, versions of a deleted key.
+        let now = unix_now();
+        for f in &found {
+            if let Some(m) = &f.meta {
+                let leftover = m.role == Role::Key
+                    && m.version >= 2
+                    && (m.base != base || m.is_stale_pending(now));
+                if leftover {
+                    let _ = s.destroy_object(f.handle);
+                }
+            }
+        }
+        if !claims(&found, None, false) {
+            let nonce = random_nonce(s)?;
+            let meta = Meta::new(
+                Role::Key,
+                &nonce,
+                located.info.scheme,
+                located.info.algorithm,
+                provenance,
+            )
+            .of_version(target, &base);
+            let t = objects::master_template(label, &meta, located.info.scheme, None);
+            let handle = s.generate_key(&objects::keygen_mechanism(located.info.scheme), &t)?;
+            let found = survey(s, label)?;
+            if !claims(&found, Some(&nonce), false) {
+                if let Err(e) = s.update_attributes(handle, &[Attribute::Id(meta.ready().encode())])
+                {
+                    let _ = s.destroy_object(handle);
+                    return Err(e.into());
+                }
+                let found = survey(s, label)?;
+                let located =
+                    pick_ready(&found, name).ok_or(OpError::Fail(KeystoreError::KeyNotFound))?;
+                return Ok(Some((target, located.entry(generation))));
+            }
+            let _ = s.destroy_object(handle);
+            if claims(&found, Some(&nonce), true) {
+                if due.is_some() {
+                    return Ok(None);
+                }
+                // Someone committed this number: take the next one at once.
+                continue;
+            }
+        }
+        if Instant::now() > deadline {
+            return Err(OpError::Fail(KeystoreError::Backend(format!(
+                "another instance keeps rotating '{name}' at the same time; try again"
+            ))));
+        }
+        let mut jitter = [0u8; 1];
+        let _ = s.generate_random_slice(&mut jitter);
+        std::thread::sleep(Duration::from_millis(backoff_ms + u64::from(jitter[0] % 8)));
+        backoff_ms = (backoff_ms * 2).min(64);
     }
 }
 
@@ -197,14 +368,19 @@ pub(super) fn create_on_token(
     }
 }
 
-/// A ready HMAC key without its master: what a delete that stopped half-way leaves.
+/// A ready HMAC key or key version without its version-1 master: what a delete that stopped
+/// half-way leaves.
 pub(super) fn orphan(found: &[Found], m: &Meta) -> bool {
-    m.role == Role::Hmac
-        && m.state == State::Ready
+    let anchor = match (m.role, m.version) {
+        (Role::Hmac, _) => &m.nonce,
+        (Role::Key, v) if v >= 2 => &m.base,
+        _ => return false,
+    };
+    m.state == State::Ready
         && !found.iter().any(|f| {
-            f.meta
-                .as_ref()
-                .is_some_and(|k| k.role == Role::Key && k.nonce == m.nonce)
+            f.meta.as_ref().is_some_and(|k| {
+                k.role == Role::Key && k.version == 1 && &k.nonce == anchor
+            })
         })
 }
 
@@ -309,6 +485,7 @@ pub(super) fn commit(
                 algorithm: Algorithm::Aes256,
                 created_at: meta.created_at,
                 created_by: meta.created_by.clone(),
+                version: 1,
             });
             Ok(Entry {
                 master: w.master,
@@ -316,6 +493,7 @@ pub(super) fn commit(
                 info,
                 nonce: nonce_value(&meta.nonce),
                 generation,
+                versions: Vec::new(),
             })
         }
         Err(e) => {

@@ -16,7 +16,7 @@ use zeroize::Zeroizing;
 use super::copies::CopyError;
 use super::device::Device;
 use super::error::{classify_unseal, Failure};
-use super::index::Entry;
+use super::index::{Entry, Pick};
 use super::objects;
 use super::seam::{OpError, OpResult};
 use super::{randomness, Inner, IvSource};
@@ -34,8 +34,8 @@ impl Inner {
         let context = Arc::new(context.to_vec());
         let iv_source = self.settings.iv;
         let inner = self.clone();
-        let (plaintext, ciphertext) = self
-            .with_key(name, move |s, e| {
+        let (plaintext, ciphertext, version) = self
+            .with_key(name, Pick::Sealing, move |s, e| {
                 let extra = seal_random_len(e.info().scheme, iv_source);
                 // The DEK and the IV from the pool: no C_GenerateRandom on this request.
                 let mut rnd = Zeroizing::new([0u8; 32 + kes::TRAILER_LEN]);
@@ -50,9 +50,10 @@ impl Inner {
                     dek.as_ref(),
                     &context,
                 )?;
-                Ok((dek, ct))
+                Ok((dek, ct, e.version))
             })
             .await?;
+        self.usage.sealed(name, version);
         self.top_up_randomness();
         Ok(DataKey {
             plaintext,
@@ -70,14 +71,16 @@ impl Inner {
         let context = Arc::new(context.to_vec());
         let iv_source = self.settings.iv;
         let inner = self.clone();
-        let ct = self
-            .with_key(name, move |s, e| {
+        let (ct, version) = self
+            .with_key(name, Pick::Sealing, move |s, e| {
                 let mut rnd = [0u8; kes::TRAILER_LEN];
                 let extra = seal_random_len(e.info().scheme, iv_source);
                 inner.draw(s, &mut rnd[..extra])?;
-                seal_on_device(s, e, iv_source, &rnd[..extra], &plaintext, &context)
+                let ct = seal_on_device(s, e, iv_source, &rnd[..extra], &plaintext, &context)?;
+                Ok((ct, e.version))
             })
             .await?;
+        self.usage.sealed(name, version);
         self.top_up_randomness();
         Ok(ct)
     }
@@ -117,17 +120,31 @@ impl Inner {
         ciphertext: &[u8],
         context: &[u8],
     ) -> Result<SecretBytes> {
-        let ciphertext = Arc::new(ciphertext.to_vec());
         let context = Arc::new(context.to_vec());
-        self.with_key(name, move |s, e| {
-            open_on_device(s, e, &ciphertext, &context)
-        })
-        .await
+        // The version the ciphertext names, then (for `kes` look-alikes) version 1.
+        for (version, inner) in crate::crypto::versioned::readings(ciphertext) {
+            let inner = Arc::new(inner.to_vec());
+            let context = context.clone();
+            let opened = self
+                .with_version(name, version, move |s, e| {
+                    open_on_device(s, e, &inner, &context)
+                })
+                .await;
+            match opened {
+                Ok(pt) => {
+                    self.usage.unsealed(name, version);
+                    return Ok(pt);
+                }
+                Err(KeystoreError::NotAuthentic | KeystoreError::VersionNotFound) => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        Err(KeystoreError::NotAuthentic)
     }
 
     pub(super) async fn hmac(self: &Arc<Self>, name: &KeyName, message: &[u8]) -> Result<[u8; 32]> {
         let message = Arc::new(message.to_vec());
-        self.with_key(name, move |s, e| {
+        self.with_key(name, Pick::Sealing, move |s, e| {
             let mac = s.sign(&Mechanism::Sha256Hmac, e.hmac(s)?, &message)?;
             mac.try_into().map_err(|_| {
                 OpError::Fail(KeystoreError::Backend(
@@ -141,9 +158,11 @@ impl Inner {
 
 /// A key for one operation: the master handle to use, and what the index and the device know.
 pub(super) struct Key<'a> {
+    /// The handle of the version in use.
     pub(super) master: ObjectHandle,
     pub(super) device: &'a Device,
     pub(super) entry: &'a Entry,
+    pub(super) version: u32,
 }
 
 impl Key<'_> {
@@ -183,9 +202,22 @@ pub(super) fn unseal_error(e: CkError, key: &Key) -> OpError {
     }
 }
 
-/// Seals `plaintext` on the device with the key's scheme. `rnd` holds fresh random bytes
-/// for the IV (and nonce): 12 for `gcm`, 28 for `kes`, none for `kwp`.
+/// Seals `plaintext` on the device with the key version's scheme, in the ciphertext format
+/// that names the version. `rnd` holds fresh random bytes for the IV (and nonce): 12 for
+/// `gcm`, 28 for `kes`, none for `kwp`.
 pub(super) fn seal_on_device(
+    s: &Session,
+    e: &Key,
+    iv_source: IvSource,
+    rnd: &[u8],
+    plaintext: &[u8],
+    context: &[u8],
+) -> OpResult<Vec<u8>> {
+    let inner = seal_version_one_format(s, e, iv_source, rnd, plaintext, context)?;
+    Ok(crate::crypto::versioned::wrap(e.version, inner))
+}
+
+fn seal_version_one_format(
     s: &Session,
     e: &Key,
     iv_source: IvSource,
