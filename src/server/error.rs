@@ -31,6 +31,8 @@ pub enum ApiError {
     InvalidPolicyName(String),
     InvalidIdentity(String),
     InvalidBody(BodyKind),
+    /// kesh's `/v1/key/destroy-version/<name>/<version>` without a valid `<version>`.
+    InvalidKeyVersion(String),
     /// The client sent more than one end-entity certificate.
     MultipleCertificates,
     Service(ServiceError),
@@ -93,6 +95,10 @@ impl ApiError {
             ApiError::InvalidIdentity(i) => (
                 StatusCode::BAD_REQUEST,
                 format!("identity '{i}' is empty, too long or contains invalid characters"),
+            ),
+            ApiError::InvalidKeyVersion(r) => (
+                StatusCode::BAD_REQUEST,
+                format!("'{r}' is not <key name>/<key version>"),
             ),
             ApiError::InvalidBody(BodyKind::Import) => {
                 fixed(StatusCode::BAD_REQUEST, "invalid import key request body")
