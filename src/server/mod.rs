@@ -12,6 +12,7 @@ pub mod hardening;
 pub mod logsink;
 pub mod metrics;
 pub mod policy;
+pub mod rotation;
 pub mod routes;
 pub mod service;
 pub mod tls;
@@ -182,6 +183,9 @@ impl ServerHandle {
         create_keys(&self.state.service, &cfg.keys)
             .await
             .map_err(|e| format!("creating the listed keys: {e}"))?;
+        self.state
+            .service
+            .set_rotation_schedule(cfg.rotate_after.clone());
         self.set_tls(tls);
         self.set_authorizer(authorizer);
         *self.state.routes.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(routes);
@@ -197,6 +201,7 @@ impl ServerHandle {
 impl Server {
     pub async fn bind(addr: SocketAddr, parts: ServerParts) -> std::io::Result<Server> {
         let listener = TcpListener::bind(addr).await?;
+        rotation::spawn(&parts.service);
         let state = Arc::new(State {
             service: parts.service,
             audit: parts.audit,

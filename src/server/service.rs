@@ -6,6 +6,7 @@
 //! (`server::error`). The audit event for each request is written by the server's dispatcher,
 //! which alone knows the final status code.
 
+use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
@@ -187,6 +188,8 @@ pub struct Service {
     authorizer: RwLock<Arc<Authorizer>>,
     metrics: Arc<Metrics>,
     started: Instant,
+    /// `keys[].rotate_after`, replaced on reload ([`crate::server::rotation`]).
+    rotation_schedule: RwLock<Arc<BTreeMap<KeyName, Duration>>>,
 }
 
 impl std::fmt::Debug for Service {
@@ -204,7 +207,23 @@ impl Service {
             authorizer: RwLock::new(Arc::new(authorizer)),
             metrics,
             started: Instant::now(),
+            rotation_schedule: RwLock::new(Arc::new(BTreeMap::new())),
         }
+    }
+
+    /// The keys rotated on a schedule, with their periods.
+    pub fn rotation_schedule(&self) -> Arc<BTreeMap<KeyName, Duration>> {
+        self.rotation_schedule
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    pub fn set_rotation_schedule(&self, schedule: BTreeMap<KeyName, Duration>) {
+        *self
+            .rotation_schedule
+            .write()
+            .unwrap_or_else(|e| e.into_inner()) = Arc::new(schedule);
     }
 
     /// The authorization snapshot in force. The lock only guards the pointer swap; a poisoned
