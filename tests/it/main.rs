@@ -12,6 +12,7 @@ mod keystore;
 mod listing;
 mod packaging;
 mod personalities;
+mod rotation;
 mod soak;
 mod soft_dir;
 mod vault;

@@ -164,7 +164,8 @@ impl Inner {
             }
         }
         let mut misses = self.misses.lock().await;
-        if let Some(e) = self.cached(name) {
+        // Another miss of this name may have just found it; a forced search looks anyway.
+        if let Some(e) = self.cached(name).filter(|_| !force) {
             return Ok(e);
         }
         let now = Instant::now();

@@ -218,9 +218,7 @@ impl SoftKeyStore {
             return Ok(fresh);
         }
         match dir.load(name) {
-            Ok(Some(mut key)) => {
-                let versions = dir.load_versions(name, &key)?;
-                key.set_versions(versions);
+            Ok(Some(key)) => {
                 let key = Arc::new(key);
                 self.keys
                     .write()
@@ -775,10 +773,18 @@ impl KeyDir {
         }
     }
 
-    /// Reads and opens one key file; problems are marked against the file and returned.
+    /// Reads and opens one key file and its versions' files; problems with the key file are
+    /// marked against it and returned.
     fn load(&self, name: &KeyName) -> Result<Option<SoftKey>> {
         let file_name = format!("{name}{FILE_SUFFIX}");
-        let loaded = self.read_key(name);
+        let loaded = self.read_key(name).and_then(|key| match key {
+            Some(mut key) => {
+                let versions = self.load_versions(name, &key)?;
+                key.set_versions(versions);
+                Ok(Some(key))
+            }
+            None => Ok(None),
+        });
         match &loaded {
             Ok(Some(_)) => self.mark(&file_name, None),
             Ok(None) => {}
