@@ -63,4 +63,31 @@ mod tests {
         assert_eq!(split(&[b'k', 2, 0, 0, 0, 1, 9]), None);
         assert_eq!(split(&[b'k', 2, 0, 0]), None);
     }
+
+    /// docs/FORMAT.md §8's vectors, computed independently with Python `cryptography`.
+    #[test]
+    fn format_vectors_of_version_two() {
+        use base64::Engine;
+        let b64 = |s: &str| base64::engine::general_purpose::STANDARD.decode(s).unwrap();
+        let key2: [u8; 32] = std::array::from_fn(|i| 0x80 + i as u8);
+        let ctx = br#"{"bucket":"bucket/object"}"#;
+        let pt: [u8; 32] = std::array::from_fn(|i| 0x40 + i as u8);
+        let iv: [u8; 12] = std::array::from_fn(|i| 0xa0 + i as u8);
+        let gcm = wrap(2, crate::crypto::native::seal_gcm_soft(&key2, &iv, &pt, ctx));
+        assert_eq!(gcm, b64("awIAAAACawEBoKGio6SlpqeoqaqrQE4ycxjl1Xc2Jkz9yEzEyf17VOJ73dR6mPncYFyLj4PpqyvXEQ1BGRXUmO59CouK"));
+        let kwp = wrap(2, crate::crypto::native::seal_kwp_soft(&key2, &pt, ctx));
+        assert_eq!(kwp, b64("awIAAAACawECAMrS9OqBRRF+JD01IXLYCtODzJSFS/A0sxPeAUuEOK8+nz7tlRlrASyoDTQc9IX0Xvp7K/GeeNeDXP+NPvq1G9LUgCBKUL/BtA=="));
+        let kiv: [u8; 16] = std::array::from_fn(|i| 0xb0 + i as u8);
+        let nonce: [u8; 12] = std::array::from_fn(|i| 0xc0 + i as u8);
+        let alg = crate::crypto::kes::Algorithm::Aes256;
+        let derived = crate::crypto::kes::derive_soft(alg, &key2, &kiv);
+        let kes = wrap(
+            2,
+            crate::crypto::kes::seal(alg, &derived, &kiv, &nonce, &pt, ctx),
+        );
+        assert_eq!(kes, b64("awIAAAAC1VFW+QHA5covOxtPw8cKRzLI4G6bFXWzocpjxB2ZcxT7+Xf7ctk2KHFrmw30DN1asLGys7S1tre4ubq7vL2+v8DBwsPExcbHyMnKyw=="));
+        for ct in [&gcm, &kwp, &kes] {
+            assert_eq!(split(ct).map(|(v, _)| v), Some(2));
+        }
+    }
 }

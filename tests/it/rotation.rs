@@ -14,6 +14,7 @@ use zeroize::Zeroizing;
 
 use crate::cli::Server;
 use crate::harness::{self, Store};
+use kesh::identity::ApiKey;
 
 crate::on_every_keystore!(
     every_version_decrypts_after_rotations,
@@ -438,5 +439,236 @@ mod soft_dir {
         let fresh = SoftKeyStore::open_dir(&keys, &root.path().join("kek")).unwrap();
         assert_eq!(fresh.describe(&n).await.unwrap().version, 1);
         assert_eq!(fresh.rotate(&n, harness::who()).await.unwrap(), 2);
+    }
+}
+
+fn api_error(e: kesh::client::ClientError) -> (u16, String) {
+    let api = e.api().unwrap_or_else(|| panic!("not an API error: {e}"));
+    (api.status, api.message.to_string())
+}
+
+/// The routes on a server: answers, errors, policy, `/v1/api`, metrics.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routes_answer_and_are_policy_checked() {
+    let ops = ApiKey::generate().unwrap();
+    let app = ApiKey::generate().unwrap();
+    let policy = format!(
+        "policy:\n  ops:\n    allow:\n    - /v1/key/rotate/app-*\n    - /v1/key/versions/app-*\n    - /v1/key/destroy-version/app-*\n    identities: [{}]\n  app:\n    allow:\n    - /v1/key/generate/*\n    - /v1/key/decrypt/*\n    - /v1/key/describe/*\n    identities: [{}]\n",
+        ops.identity(),
+        app.identity()
+    );
+    let srv = Server::start(&policy, "  soft: {}\n");
+    let admin = srv.client();
+    let as_key = |k: &ApiKey| {
+        srv.client_as(kesh::client::Credentials::ApiKey(
+            ApiKey::parse(&k.expose_text()).unwrap(),
+        ))
+    };
+    let (ops_c, app_c) = (as_key(&ops), as_key(&app));
+    admin.create_key("app-key").await.unwrap();
+
+    // MinIO's identity seals and unseals across a rotation, and may not rotate.
+    let before = app_c.generate_key("app-key", b"ctx").await.unwrap();
+    assert_eq!(
+        api_error(app_c.rotate_key("app-key").await.unwrap_err()),
+        (403, "not authorized: insufficient permissions".into())
+    );
+    assert_eq!(
+        api_error(app_c.key_versions("app-key").await.unwrap_err()).0,
+        403
+    );
+    let r = ops_c.rotate_key("app-key").await.unwrap();
+    assert_eq!(
+        r,
+        kesh::api::RotateKeyResponse {
+            name: "app-key".into(),
+            version: 2
+        }
+    );
+    // POST as well as PUT, as for every KES PUT route.
+    let raw = admin
+        .send(http::Method::POST, "/v1/key/rotate/app-key", None, None)
+        .await
+        .unwrap();
+    assert_eq!(raw.status, 200);
+    assert_eq!(&raw.body[..], b"{\"name\":\"app-key\",\"version\":3}\n");
+    assert_eq!(app_c.describe_key("app-key").await.unwrap().version, 3);
+    let after = app_c.generate_key("app-key", b"ctx").await.unwrap();
+    assert_eq!(version_of(&after.ciphertext.0), 3);
+    for dk in [&before, &after] {
+        assert_eq!(
+            &app_c
+                .decrypt("app-key", &dk.ciphertext.0, b"ctx")
+                .await
+                .unwrap()
+                .0[..],
+            &dk.plaintext.0[..]
+        );
+    }
+
+    // The listing: states and use since start.
+    let v = ops_c.key_versions("app-key").await.unwrap();
+    assert_eq!(v.name, "app-key");
+    let rows: Vec<_> = v
+        .versions
+        .iter()
+        .map(|v| (v.version, v.state.as_str(), v.seals, v.unseals))
+        .collect();
+    assert_eq!(
+        rows,
+        vec![(1, "active", 1, 1), (2, "active", 0, 0), (3, "sealing", 1, 1)]
+    );
+    assert!(v.versions[0].last_used.is_some() && v.versions[1].last_used.is_none());
+
+    // Destroy: refused while sealing (409), then the old version's ciphertexts are "not
+    // authentic", KES's answer for any ciphertext that does not open.
+    assert_eq!(
+        api_error(ops_c.destroy_key_version("app-key", 3).await.unwrap_err()),
+        (409, REFUSE_SEALING.into())
+    );
+    assert_eq!(
+        api_error(ops_c.destroy_key_version("app-key", 1).await.unwrap_err()),
+        (409, REFUSE_FIRST.into())
+    );
+    tokio::time::sleep(SEALING_GRACE).await;
+    ops_c.destroy_key_version("app-key", 2).await.unwrap();
+    assert_eq!(
+        api_error(ops_c.destroy_key_version("app-key", 2).await.unwrap_err()),
+        (404, "key version does not exist".into())
+    );
+    let moved = {
+        let mut ct = after.ciphertext.0.clone();
+        ct[5] = 2;
+        ct
+    };
+    assert_eq!(
+        api_error(app_c.decrypt("app-key", &moved, b"ctx").await.unwrap_err()),
+        (400, "decryption failed: ciphertext is not authentic".into())
+    );
+    let raw = admin
+        .send(
+            http::Method::DELETE,
+            "/v1/key/destroy-version/app-key/two",
+            None,
+            None,
+        )
+        .await
+        .unwrap();
+    assert_eq!(raw.status, 400);
+
+    // A missing key: KES's exact 404.
+    for e in [
+        admin.rotate_key("app-none").await.map(drop).unwrap_err(),
+        admin.key_versions("app-none").await.map(drop).unwrap_err(),
+        admin.destroy_key_version("app-none", 2).await.unwrap_err(),
+    ] {
+        assert_eq!(api_error(e), (404, "key does not exist".into()));
+    }
+
+    // Listed in /v1/api; labelled per-version counters on /v1/metrics/kesh only.
+    let routes = admin.api().await.unwrap();
+    assert_eq!(routes.len(), 26);
+    for (method, path) in [
+        ("PUT", "/v1/key/rotate/"),
+        ("GET", "/v1/key/versions/"),
+        ("DELETE", "/v1/key/destroy-version/"),
+    ] {
+        assert!(
+            routes.iter().any(|r| r.method == method && r.path == path),
+            "{method} {path}"
+        );
+    }
+    let kesh_metrics = admin.kesh_metrics().await.unwrap();
+    assert!(
+        kesh_metrics.contains("kesh_key_version_seals_total{key=\"app-key\",version=\"3\"} 1\n"),
+        "{kesh_metrics}"
+    );
+    assert!(kesh_metrics
+        .contains("kesh_key_version_unseals_total{key=\"app-key\",version=\"1\"} 1\n"));
+    assert!(!admin.metrics().await.unwrap().contains("kesh_key_version"));
+}
+
+#[test]
+fn cli_rotate_versions_destroy_version() {
+    let srv = Server::start("", "  soft: {}\n");
+    let k = harness::name("cli-rot").to_string();
+    srv.run(&["key", "create", &k]).ok();
+    assert_eq!(
+        srv.run(&["key", "rotate", &k]).ok().trim(),
+        format!("rotated key '{k}': version 2 seals from now on")
+    );
+    assert_eq!(
+        srv.run(&["key", "rotate", "--json", &k]).json(),
+        serde_json::json!({"name": k, "version": 3})
+    );
+    let out = srv.run(&["key", "versions", &k]).ok();
+    let lines: Vec<&str> = out.lines().collect();
+    assert!(lines[0].starts_with("Version") && lines[0].contains("Last Used"), "{out}");
+    assert_eq!(lines.len(), 4, "{out}");
+    assert!(lines[3].starts_with('3') && lines[3].contains("sealing"), "{out}");
+    let v = srv.run(&["key", "versions", "--json", &k]).json();
+    assert_eq!(v["versions"].as_array().unwrap().len(), 3, "{v}");
+    assert_eq!(v["versions"][0]["state"], "active");
+    assert_eq!(srv.run(&["key", "info", "--json", &k]).json()["version"], 3);
+    srv.run(&["key", "destroy-version", &k, "3"])
+        .fails("rotate the key first");
+    std::thread::sleep(SEALING_GRACE);
+    assert_eq!(
+        srv.run(&["key", "destroy-version", &k, "2"]).ok().trim(),
+        format!("destroyed version 2 of key '{k}'")
+    );
+    assert_eq!(
+        srv.run(&["key", "destroy-version", "--json", &k, "2"])
+            .fails("key version does not exist")
+            .lines()
+            .count(),
+        1
+    );
+    srv.run(&["key", "rotate", "no-such-key"])
+        .fails("key does not exist");
+}
+
+/// Two `kesh server` processes on one SoftHSM token with `rotate_after: 2s` make exactly one
+/// version per period between them: consecutive versions are one period apart (plus the
+/// check interval), never closer and never a period skipped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scheduled_rotation_across_two_servers_makes_one_version_per_period() {
+    let token = &harness::tokens().rotation;
+    let keystore = format!(
+        "  pkcs11:\n    module: {}\n    token: {}\n    pin: ${{KESH_PIN}}\n",
+        token.module.display(),
+        token.label
+    );
+    let name = harness::name("sched-srv").to_string();
+    let period = Duration::from_secs(2);
+    let extra = format!("keys:\n  - name: {name}\n    rotate_after: 2s\n");
+    let pin = token.pin().expose().to_owned();
+    let start = || Server::start_env(&extra, &keystore, &[("KESH_PIN", pin.as_str())]);
+    let (a, b) = (start(), start());
+    tokio::time::sleep(Duration::from_secs(9)).await;
+    let versions = a.client().key_versions(&name).await.unwrap().versions;
+    let numbers: Vec<u32> = versions.iter().map(|v| v.version).collect();
+    let expected: Vec<u32> = (1..=numbers.len() as u32).collect();
+    assert_eq!(numbers, expected, "no version lost or made twice");
+    assert!(
+        (4..=6).contains(&numbers.len()),
+        "about one version per 2 s over 9 s: {numbers:?}"
+    );
+    let gaps: Vec<Duration> = versions
+        .windows(2)
+        .map(|w| (w[1].created_at - w[0].created_at).unsigned_abs())
+        .collect();
+    for gap in &gaps {
+        assert!(
+            *gap >= period && *gap < period + Duration::from_millis(900),
+            "versions {gaps:?} apart; the period is {period:?}"
+        );
+    }
+    // Both servers seal with the newest at once (within the change-marker poll).
+    let newest = *numbers.last().unwrap();
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    for srv in [&a, &b] {
+        let described = srv.client().describe_key(&name).await.unwrap().version;
+        assert!(described >= newest, "{described} < {newest}");
     }
 }
