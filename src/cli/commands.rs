@@ -71,9 +71,7 @@ pub async fn key(cmd: KeyCommand) -> Result<(), Fatal> {
         KeyCommand::Rotate { opts, name } => {
             let conn = Conn::new(&opts, None)?;
             let n = &name;
-            let r = conn
-                .call(|c| async move { c.rotate_key(n).await })
-                .await?;
+            let r = conn.call(|c| async move { c.rotate_key(n).await }).await?;
             if opts.json {
                 output::json(&r)
             } else {

@@ -518,10 +518,7 @@ impl Client {
     }
 
     /// kesh's extension: the key's versions, with the answering server's use of each.
-    pub async fn key_versions(
-        &self,
-        name: &str,
-    ) -> Result<api::KeyVersionsResponse, ClientError> {
+    pub async fn key_versions(&self, name: &str) -> Result<api::KeyVersionsResponse, ClientError> {
         self.call_json(Method::GET, &join("/v1/key/versions/", name), None)
             .await
     }

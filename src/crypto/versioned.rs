@@ -73,7 +73,10 @@ mod tests {
         let ctx = br#"{"bucket":"bucket/object"}"#;
         let pt: [u8; 32] = std::array::from_fn(|i| 0x40 + i as u8);
         let iv: [u8; 12] = std::array::from_fn(|i| 0xa0 + i as u8);
-        let gcm = wrap(2, crate::crypto::native::seal_gcm_soft(&key2, &iv, &pt, ctx));
+        let gcm = wrap(
+            2,
+            crate::crypto::native::seal_gcm_soft(&key2, &iv, &pt, ctx),
+        );
         assert_eq!(gcm, b64("awIAAAACawEBoKGio6SlpqeoqaqrQE4ycxjl1Xc2Jkz9yEzEyf17VOJ73dR6mPncYFyLj4PpqyvXEQ1BGRXUmO59CouK"));
         let kwp = wrap(2, crate::crypto::native::seal_kwp_soft(&key2, &pt, ctx));
         assert_eq!(kwp, b64("awIAAAACawECAMrS9OqBRRF+JD01IXLYCtODzJSFS/A0sxPeAUuEOK8+nz7tlRlrASyoDTQc9IX0Xvp7K/GeeNeDXP+NPvq1G9LUgCBKUL/BtA=="));

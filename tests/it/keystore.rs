@@ -708,7 +708,10 @@ mod pkcs11_only {
                 .map(|h| meta(&s, *h).version)
                 .collect();
             assert_eq!(versions.len(), 2);
-            assert!(versions.contains(&1) && versions.contains(&2), "{versions:?}");
+            assert!(
+                versions.contains(&1) && versions.contains(&2),
+                "{versions:?}"
+            );
             for h in handles {
                 let wraps = scheme == Scheme::Kwp && role(&s, h) == objects::Role::Key;
                 for (t, want) in [

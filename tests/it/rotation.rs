@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use kesh::crypto::kes::{self, Algorithm};
 use kesh::keystore::{
-    HmacKeySource, ImportKey, KeystoreError, ScheduledRotation, Scheme, VersionState,
-    REFUSE_FIRST, REFUSE_SEALING, SEALING_GRACE,
+    HmacKeySource, ImportKey, KeystoreError, ScheduledRotation, Scheme, VersionState, REFUSE_FIRST,
+    REFUSE_SEALING, SEALING_GRACE,
 };
 use kesh::name::KeyName;
 use zeroize::Zeroizing;
@@ -53,7 +53,11 @@ async fn every_version_decrypts_after_rotations(ks: Store) {
         assert_eq!(ks.describe(&n).await.unwrap().version, expected);
         let dk = ks.generate(&n, ctx).await.unwrap();
         assert_eq!(version_of(&dk.ciphertext), expected);
-        assert_eq!(dk.ciphertext.len(), 69, "6-byte envelope + the version-1 format");
+        assert_eq!(
+            dk.ciphertext.len(),
+            69,
+            "6-byte envelope + the version-1 format"
+        );
         assert_eq!(&dk.ciphertext[..2], b"k\x02");
         assert_eq!(&dk.ciphertext[6..9], b"k\x01\x01");
         deks.push(dk);
@@ -82,10 +86,15 @@ async fn every_version_decrypts_after_rotations(ks: Store) {
         vec![1, 2, 3, 4]
     );
     assert_eq!(versions[3].state, VersionState::Sealing);
-    assert!(versions[..3].iter().all(|v| v.state == VersionState::Active));
+    assert!(versions[..3]
+        .iter()
+        .all(|v| v.state == VersionState::Active));
     // Seals: one generate per version, plus the encrypt under 4; unseals: one each.
     assert_eq!(
-        versions.iter().map(|v| (v.seals, v.unseals)).collect::<Vec<_>>(),
+        versions
+            .iter()
+            .map(|v| (v.seals, v.unseals))
+            .collect::<Vec<_>>(),
         vec![(1, 1), (1, 1), (1, 1), (2, 1)]
     );
     assert!(versions.iter().all(|v| v.last_used.is_some()));
@@ -406,8 +415,8 @@ mod soft_dir {
             Err(KeystoreError::NotAuthentic)
         );
         // A fresh open reads the same versions.
-        let c = SoftKeyStore::open_dir(&root.path().join("keys"), &root.path().join("kek"))
-            .unwrap();
+        let c =
+            SoftKeyStore::open_dir(&root.path().join("keys"), &root.path().join("kek")).unwrap();
         assert_eq!(c.describe(&n).await.unwrap().version, 3);
         assert_eq!(
             &c.decrypt(&n, &d3.ciphertext, b"c").await.unwrap()[..],
@@ -516,7 +525,11 @@ async fn routes_answer_and_are_policy_checked() {
         .collect();
     assert_eq!(
         rows,
-        vec![(1, "active", 1, 1), (2, "active", 0, 0), (3, "sealing", 1, 1)]
+        vec![
+            (1, "active", 1, 1),
+            (2, "active", 0, 0),
+            (3, "sealing", 1, 1)
+        ]
     );
     assert!(v.versions[0].last_used.is_some() && v.versions[1].last_used.is_none());
 
@@ -583,8 +596,9 @@ async fn routes_answer_and_are_policy_checked() {
         kesh_metrics.contains("kesh_key_version_seals_total{key=\"app-key\",version=\"3\"} 1\n"),
         "{kesh_metrics}"
     );
-    assert!(kesh_metrics
-        .contains("kesh_key_version_unseals_total{key=\"app-key\",version=\"1\"} 1\n"));
+    assert!(
+        kesh_metrics.contains("kesh_key_version_unseals_total{key=\"app-key\",version=\"1\"} 1\n")
+    );
     assert!(!admin.metrics().await.unwrap().contains("kesh_key_version"));
 }
 
@@ -603,9 +617,15 @@ fn cli_rotate_versions_destroy_version() {
     );
     let out = srv.run(&["key", "versions", &k]).ok();
     let lines: Vec<&str> = out.lines().collect();
-    assert!(lines[0].starts_with("Version") && lines[0].contains("Last Used"), "{out}");
+    assert!(
+        lines[0].starts_with("Version") && lines[0].contains("Last Used"),
+        "{out}"
+    );
     assert_eq!(lines.len(), 4, "{out}");
-    assert!(lines[3].starts_with('3') && lines[3].contains("sealing"), "{out}");
+    assert!(
+        lines[3].starts_with('3') && lines[3].contains("sealing"),
+        "{out}"
+    );
     let v = srv.run(&["key", "versions", "--json", &k]).json();
     assert_eq!(v["versions"].as_array().unwrap().len(), 3, "{v}");
     assert_eq!(v["versions"][0]["state"], "active");

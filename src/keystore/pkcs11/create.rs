@@ -386,9 +386,9 @@ pub(super) fn orphan(found: &[Found], m: &Meta) -> bool {
     };
     m.state == State::Ready
         && !found.iter().any(|f| {
-            f.meta.as_ref().is_some_and(|k| {
-                k.role == Role::Key && k.version == 1 && &k.nonce == anchor
-            })
+            f.meta
+                .as_ref()
+                .is_some_and(|k| k.role == Role::Key && k.version == 1 && &k.nonce == anchor)
         })
 }
 

@@ -234,7 +234,10 @@ impl Inner {
         T: Send + 'static,
         F: Fn(&Session, &Key) -> OpResult<T> + Clone + Send + Sync + 'static,
     {
-        match self.with_key(name, Pick::Version(version), op.clone()).await {
+        match self
+            .with_key(name, Pick::Version(version), op.clone())
+            .await
+        {
             Err(KeystoreError::VersionNotFound) if self.may_look_up_versions(name) => {
                 self.entry(name, true).await?;
                 self.with_key(name, Pick::Version(version), op).await
@@ -490,9 +493,9 @@ pub(super) fn find_ready(
 /// create must never remove one (a newer kesh may have written a scheme this one can't name).
 pub(super) fn has_ready_master(found: &[Found]) -> bool {
     found.iter().any(|f| {
-        f.meta.as_ref().is_some_and(|m| {
-            m.role == Role::Key && m.state == State::Ready && m.version == 1
-        })
+        f.meta
+            .as_ref()
+            .is_some_and(|m| m.role == Role::Key && m.state == State::Ready && m.version == 1)
     })
 }
 

@@ -405,7 +405,11 @@ impl KeyStore for Pkcs11KeyStore {
         provenance: Provenance,
     ) -> Result<ScheduledRotation> {
         Ok(
-            match self.inner.rotate_key(name, Some(period), provenance).await? {
+            match self
+                .inner
+                .rotate_key(name, Some(period), provenance)
+                .await?
+            {
                 Some(v) => ScheduledRotation::Rotated(v),
                 None => ScheduledRotation::NotDue,
             },

@@ -35,7 +35,7 @@ use zeroize::Zeroizing;
 
 use super::{
     DataKey, HmacKeySource, ImportKey, KeyInfo, KeyStore, KeystoreError, KeystoreStats, Provenance,
-    Result, Scheme, ScheduledRotation, VersionInfo, VersionState,
+    Result, ScheduledRotation, Scheme, VersionInfo, VersionState,
 };
 use crate::crypto::{self, kes, kes::Algorithm, native};
 use crate::name::KeyName;
@@ -1161,7 +1161,8 @@ fn decode_version_record(rec: &[u8], expected: &KeyName) -> Option<(OffsetDateTi
     if name != expected.as_str().as_bytes() {
         return None;
     }
-    let time = |b: &[u8; 16]| OffsetDateTime::from_unix_timestamp_nanos(i128::from_be_bytes(*b)).ok();
+    let time =
+        |b: &[u8; 16]| OffsetDateTime::from_unix_timestamp_nanos(i128::from_be_bytes(*b)).ok();
     Some((
         time(key_created)?,
         SoftVersion {
