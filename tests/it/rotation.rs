@@ -692,3 +692,109 @@ async fn scheduled_rotation_across_two_servers_makes_one_version_per_period() {
         assert!(described >= newest, "{described} < {newest}");
     }
 }
+
+mod token_vectors {
+    //! FORMAT.md §8's vectors through the pkcs11 keystore: a version 2 with known material is
+    //! written to the token in kesh's layout (as a rotation would, but with a chosen value).
+
+    use super::*;
+    use cryptoki::object::{Attribute, AttributeType, ObjectClass};
+    use kesh::keystore::pkcs11::objects;
+
+    const CONTEXT: &[u8] = br#"{"bucket":"bucket/object"}"#;
+    const GCM_V2: &str = "awIAAAACawEBoKGio6SlpqeoqaqrQE4ycxjl1Xc2Jkz9yEzEyf17VOJ73dR6mPncYFyLj4PpqyvXEQ1BGRXUmO59CouK";
+    const KWP_V2: &str = "awIAAAACawECAMrS9OqBRRF+JD01IXLYCtODzJSFS/A0sxPeAUuEOK8+nz7tlRlrASyoDTQc9IX0Xvp7K/GeeNeDXP+NPvq1G9LUgCBKUL/BtA==";
+    const KES_V2: &str = "awIAAAAC1VFW+QHA5covOxtPw8cKRzLI4G6bFXWzocpjxB2ZcxT7+Xf7ctk2KHFrmw30DN1asLGys7S1tre4ubq7vL2+v8DBwsPExcbHyMnKyw==";
+
+    /// Writes version 2 of `name` with key bytes `80 81 … 9f` straight to the token.
+    fn write_version_two(store: &Store, name: &KeyName, scheme: Scheme) {
+        let (_, token) = store.pkcs11.as_ref().unwrap();
+        let (_ctx, s) = harness::raw_session(token);
+        let label = format!("kesh/{name}");
+        let handles = s
+            .find_objects(&[
+                Attribute::Class(ObjectClass::SECRET_KEY),
+                Attribute::Label(label.clone().into_bytes()),
+            ])
+            .unwrap();
+        let base = handles
+            .iter()
+            .filter_map(
+                |h| match s.get_attributes(*h, &[AttributeType::Id]).ok()?.pop() {
+                    Some(Attribute::Id(id)) => objects::Meta::decode(&id),
+                    _ => None,
+                },
+            )
+            .find(|m| m.role == objects::Role::Key && m.version == 1)
+            .expect("version 1's master")
+            .nonce;
+        let meta = objects::Meta::new(
+            objects::Role::Key,
+            "00000000000000f2",
+            scheme,
+            Algorithm::Aes256,
+            &harness::who(),
+        )
+        .of_version(2, &base)
+        .ready();
+        let key2: Vec<u8> = (0x80..0xa0).collect();
+        s.create_object(&objects::master_template(&label, &meta, scheme, Some(key2)))
+            .unwrap();
+    }
+
+    async fn vectors(store: Store) {
+        let dek: Vec<u8> = (0x40..0x60).collect();
+        let mut cases = vec![(Scheme::Gcm, GCM_V2), (Scheme::Kes, KES_V2)];
+        if store.backend.kwp() {
+            cases.push((Scheme::Kwp, KWP_V2));
+        }
+        for (scheme, vector) in cases {
+            let n = harness::name(&format!("vec2-{scheme}"));
+            store
+                .import(
+                    &n,
+                    ImportKey {
+                        key: Zeroizing::new([0u8; 32]),
+                        algorithm: Algorithm::Aes256,
+                        scheme,
+                        hmac: HmacKeySource::None,
+                        provenance: harness::who(),
+                    },
+                )
+                .await
+                .unwrap();
+            write_version_two(&store, &n, scheme);
+            // This instance has not seen version 2: the ciphertext's version makes it look.
+            let pt = store
+                .decrypt(&n, &harness::b64(vector), CONTEXT)
+                .await
+                .unwrap();
+            assert_eq!(&pt[..], &dek[..], "{scheme}");
+            // A fresh instance finds it in its scan, and seals with it.
+            let fresh = harness::pkcs11_on(store.pkcs11.as_ref().unwrap().1.clone()).await;
+            assert_eq!(fresh.describe(&n).await.unwrap().version, 2);
+            let pt = fresh
+                .decrypt(&n, &harness::b64(vector), CONTEXT)
+                .await
+                .unwrap();
+            assert_eq!(&pt[..], &dek[..], "{scheme}");
+            if scheme == Scheme::Kwp {
+                // KWP is deterministic: version 2 seals the DEK to the vector.
+                assert_eq!(
+                    fresh.encrypt(&n, &dek, CONTEXT).await.unwrap(),
+                    harness::b64(vector)
+                );
+            }
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn version_two_vectors_on_softhsm() {
+        vectors(harness::pkcs11().await).await
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn version_two_vectors_on_kryoptic() {
+        vectors(harness::kryoptic().await).await
+    }
+}
