@@ -84,6 +84,7 @@ fn versions(c: &mut Criterion) {
                 },
             );
         }
+        interleaved_ratio(&rt, ks, backend, &one, &ten);
         let (twin, dk) = &oldest;
         g.bench_function(
             BenchmarkId::new(format!("decrypt-version-1/{backend}"), "10-versions"),
@@ -101,6 +102,61 @@ fn versions(c: &mut Criterion) {
     g.finish();
     drop(hsm);
     drop(token);
+}
+
+/// The 10-version/1-version ratio of generate and of decrypt (newest version), from rounds
+/// that alternate the two keys, so load from other processes (which drifts over seconds)
+/// falls on both alike; the median of the per-round ratios is printed.
+fn interleaved_ratio(
+    rt: &Runtime,
+    ks: &Arc<dyn KeyStore>,
+    backend: &str,
+    one: &KeyName,
+    ten: &KeyName,
+) {
+    let measuring = std::env::args().any(|a| a == "--bench");
+    let (rounds, batch) = if measuring { (41, 300) } else { (1, 1) };
+    let cts = rt
+        .block_on(async {
+            Ok::<_, kesh::keystore::KeystoreError>((
+                ks.generate(one, CONTEXT).await?.ciphertext,
+                ks.generate(ten, CONTEXT).await?.ciphertext,
+            ))
+        })
+        .expect("generate");
+    let time = |name: &KeyName, ct: &[u8], decrypt: bool| {
+        let start = std::time::Instant::now();
+        rt.block_on(async {
+            for _ in 0..batch {
+                if decrypt {
+                    ks.decrypt(name, ct, CONTEXT).await.expect("decrypt");
+                } else {
+                    ks.generate(name, CONTEXT).await.expect("generate");
+                }
+            }
+        });
+        start.elapsed().as_secs_f64()
+    };
+    for (op, decrypt) in [("generate", false), ("decrypt", true)] {
+        let mut ratios: Vec<f64> = (0..rounds)
+            .map(|i| {
+                // Alternate which key goes first, so neither always runs warm.
+                let (t1, t10) = if i % 2 == 0 {
+                    let t1 = time(one, &cts.0, decrypt);
+                    (t1, time(ten, &cts.1, decrypt))
+                } else {
+                    let t10 = time(ten, &cts.1, decrypt);
+                    (time(one, &cts.0, decrypt), t10)
+                };
+                t10 / t1
+            })
+            .collect();
+        ratios.sort_by(f64::total_cmp);
+        println!(
+            "versions: {op} on {backend}, 10 versions / 1 version = {:.3} (median of {rounds} alternating rounds of {batch})",
+            ratios[ratios.len() / 2]
+        );
+    }
 }
 
 criterion_group! {
