@@ -468,12 +468,18 @@ impl Service {
         name: &KeyName,
         period: Duration,
     ) -> Result<crate::keystore::ScheduledRotation, ServiceError> {
-        self.call(
-            Op::Rotate,
-            self.keystore
-                .rotate_if_due(name, period, Provenance::now("kesh:rotate_after")),
-        )
-        .await
+        let start = Instant::now();
+        let res = self
+            .keystore
+            .rotate_if_due(name, period, Provenance::now("kesh:rotate_after"))
+            .await;
+        // Checks that find nothing due are not keystore calls worth a metric.
+        if res != Ok(crate::keystore::ScheduledRotation::NotDue) {
+            let kind = res.as_ref().err().map(error_kind);
+            self.metrics
+                .keystore_call(Op::Rotate.as_str(), start.elapsed(), kind);
+        }
+        res.map_err(|e| ServiceError::from_keystore(Op::Rotate, e))
     }
 
     /// `/v1/ready`: the keystore's probe, with its error.

@@ -209,7 +209,7 @@ impl SoftKeyStore {
                 return Ok(key);
             }
             let mut fresh = (*key).clone();
-            fresh.set_versions(dir.load_versions(name, &fresh)?);
+            fresh.set_versions(dir.load_versions(name, &fresh, dir.version_numbers(name)?)?);
             let fresh = Arc::new(fresh);
             self.keys
                 .write()
@@ -743,10 +743,13 @@ impl KeyDir {
 
     fn load_all(&self) -> Result<BTreeMap<KeyName, Arc<SoftKey>>> {
         let names = self.names()?;
+        // One pass over the directory for every key's versions, not one per key.
+        let mut versions = self.all_version_numbers()?;
         let mut keys = BTreeMap::new();
         let mut failures = 0usize;
         for name in names {
-            match self.load(&name) {
+            let numbers = versions.remove(name.as_str()).unwrap_or_default();
+            match self.load_with(&name, Some(numbers)) {
                 Ok(Some(key)) => {
                     keys.insert(name, Arc::new(key));
                 }
@@ -776,10 +779,19 @@ impl KeyDir {
     /// Reads and opens one key file and its versions' files; problems with the key file are
     /// marked against it and returned.
     fn load(&self, name: &KeyName) -> Result<Option<SoftKey>> {
+        self.load_with(name, None)
+    }
+
+    /// [`Self::load`] with the key's version numbers when already known.
+    fn load_with(&self, name: &KeyName, numbers: Option<Vec<u32>>) -> Result<Option<SoftKey>> {
         let file_name = format!("{name}{FILE_SUFFIX}");
         let loaded = self.read_key(name).and_then(|key| match key {
             Some(mut key) => {
-                let versions = self.load_versions(name, &key)?;
+                let numbers = match numbers {
+                    Some(n) => n,
+                    None => self.version_numbers(name)?,
+                };
+                let versions = self.load_versions(name, &key, numbers)?;
                 key.set_versions(versions);
                 Ok(Some(key))
             }
@@ -881,33 +893,47 @@ impl KeyDir {
 
     /// The version numbers (2 and up) that have a file for `name`.
     fn version_numbers(&self, name: &KeyName) -> Result<Vec<u32>> {
-        let prefix = format!("{name}{VERSION_INFIX}");
+        Ok(self
+            .all_version_numbers()?
+            .remove(name.as_str())
+            .unwrap_or_default())
+    }
+
+    /// Every version file in the directory: key name → version numbers (2 and up), sorted.
+    fn all_version_numbers(&self) -> Result<std::collections::HashMap<String, Vec<u32>>> {
         let entries = std::fs::read_dir(&self.path)
             .map_err(|e| io_error("cannot read key directory", &self.path, e))?;
-        let mut out = Vec::new();
+        let mut out: std::collections::HashMap<String, Vec<u32>> = Default::default();
         for entry in entries.flatten() {
             let file_name = entry.file_name();
-            let Some(n) = file_name
+            let Some((name, n)) = file_name
                 .to_str()
-                .and_then(|f| f.strip_prefix(&prefix))
-                .filter(|n| n.bytes().all(|b| b.is_ascii_digit()))
-                .and_then(|n| n.parse::<u32>().ok())
+                .and_then(|f| f.rsplit_once(VERSION_INFIX))
+                .filter(|(_, n)| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+                .and_then(|(name, n)| Some((name, n.parse::<u32>().ok()?)))
             else {
                 continue;
             };
-            if n >= 2 {
-                out.push(n);
+            if n >= 2 && !name.starts_with(TEMP_PREFIX) {
+                out.entry(name.to_owned()).or_default().push(n);
             }
         }
-        out.sort_unstable();
+        for numbers in out.values_mut() {
+            numbers.sort_unstable();
+        }
         Ok(out)
     }
 
     /// Reads the key's version files. A file of an older key of the same name (an
     /// interrupted delete's) is removed; one that cannot be read is logged and skipped.
-    fn load_versions(&self, name: &KeyName, base: &SoftKey) -> Result<Vec<SoftVersion>> {
+    fn load_versions(
+        &self,
+        name: &KeyName,
+        base: &SoftKey,
+        numbers: Vec<u32>,
+    ) -> Result<Vec<SoftVersion>> {
         let mut out = Vec::new();
-        for n in self.version_numbers(name)? {
+        for n in numbers {
             let path = self.version_file(name, n);
             match self.read_version(&path, name, base, n) {
                 Ok(Some(v)) => out.push(v),
