@@ -158,7 +158,7 @@ impl Inner {
             }
             Ok(None) => {
                 // Another instance rotated (or it is not due): learn its versions now.
-                let _ = self.entry(name, true).await;
+                let _ = self.refresh(name).await;
                 Ok(None)
             }
             Err(KeystoreError::KeyNotFound) => {
@@ -177,7 +177,7 @@ impl Inner {
         version: u32,
     ) -> Result<()> {
         let _writes = TOKEN_WRITES.lock().await;
-        let fresh = self.entry(name, true).await?;
+        let fresh = self.refresh(name).await?;
         crate::keystore::check_destroy(&fresh.version_times(), version)?;
         let inner = self.clone();
         self.with_entry(name, move |s, d, e| {
@@ -193,7 +193,7 @@ impl Inner {
         })
         .await?;
         drop(_writes);
-        let _ = self.entry(name, true).await;
+        let _ = self.refresh(name).await;
         self.marker_due.store(true, Ordering::Release);
         Ok(())
     }

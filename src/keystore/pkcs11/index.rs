@@ -164,8 +164,7 @@ impl Inner {
             }
         }
         let mut misses = self.misses.lock().await;
-        // Another miss of this name may have just found it; a forced search looks anyway.
-        if let Some(e) = self.cached(name).filter(|_| !force) {
+        if let Some(e) = self.cached(name) {
             return Ok(e);
         }
         let now = Instant::now();
@@ -188,6 +187,26 @@ impl Inner {
             None => {
                 let ttl = (now.elapsed() * 10).clamp(NEGATIVE_TTL_MIN, NEGATIVE_TTL_MAX);
                 misses.insert(name.clone(), Instant::now() + ttl);
+                Err(KeystoreError::KeyNotFound)
+            }
+        }
+    }
+
+    /// Searches the token for `name` now, even when it is indexed, and indexes what it finds:
+    /// for versions another instance made or destroyed. Serialised with misses.
+    pub(super) async fn refresh(self: &Arc<Self>, name: &KeyName) -> Result<Arc<Entry>> {
+        let _misses = self.misses.lock().await;
+        let label = self.label(name);
+        let wanted = name.clone();
+        self.searches.fetch_add(1, Ordering::Relaxed);
+        let (found, generation) = self
+            .run(move |s, d| Ok((find_ready(s, &label, &wanted)?, d.generation)))
+            .await
+            .map_err(failure_to_error)?;
+        match found {
+            Some(located) => Ok(self.remember(located.entry(generation))),
+            None => {
+                self.forget(name);
                 Err(KeystoreError::KeyNotFound)
             }
         }
@@ -239,7 +258,7 @@ impl Inner {
             .await
         {
             Err(KeystoreError::VersionNotFound) if self.may_look_up_versions(name) => {
-                self.entry(name, true).await?;
+                self.refresh(name).await?;
                 self.with_key(name, Pick::Version(version), op).await
             }
             other => other,
