@@ -671,19 +671,26 @@ async fn scheduled_rotation_across_two_servers_makes_one_version_per_period() {
     let expected: Vec<u32> = (1..=numbers.len() as u32).collect();
     assert_eq!(numbers, expected, "no version lost or made twice");
     assert!(
-        (4..=6).contains(&numbers.len()),
-        "about one version per 2 s over 9 s: {numbers:?}"
+        numbers.len() >= 4,
+        "one version per 2 s over 9 s: {numbers:?}"
     );
+    // Never two in one period (the compare-and-rotate), never a period skipped: each version
+    // follows the previous one by the period plus at most the check interval (200 ms) and
+    // what a loaded test machine adds to it.
+    let slack = Duration::from_millis(1500);
     let gaps: Vec<Duration> = versions
         .windows(2)
         .map(|w| (w[1].created_at - w[0].created_at).unsigned_abs())
         .collect();
     for gap in &gaps {
         assert!(
-            *gap >= period && *gap < period + Duration::from_millis(900),
+            *gap >= period && *gap < period + slack,
             "versions {gaps:?} apart; the period is {period:?}"
         );
     }
+    let newest_age =
+        (time::OffsetDateTime::now_utc() - versions.last().unwrap().created_at).unsigned_abs();
+    assert!(newest_age < period + slack, "newest is {newest_age:?} old");
     // Both servers seal with the newest at once (within the change-marker poll).
     let newest = *numbers.last().unwrap();
     tokio::time::sleep(Duration::from_millis(600)).await;
