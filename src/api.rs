@@ -440,6 +440,46 @@ pub struct DescribeKeyResponse {
     #[serde(default, skip_serializing_if = "String::is_empty")]
     /// Who created it; omitted when unknown.
     pub created_by: String,
+    /// kesh's extension: the key version that seals (0 from servers without versions).
+    #[serde(default)]
+    pub version: u32,
+}
+
+/// kesh's extension: `/v1/key/rotate/<name>`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RotateKeyResponse {
+    /// The key.
+    pub name: String,
+    /// The version just made, which seals from now on.
+    pub version: u32,
+}
+
+/// kesh's extension: one entry of `/v1/key/versions/<name>`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyVersion {
+    /// The version's number, from 1.
+    pub version: u32,
+    /// When the version was made.
+    #[serde(with = "rfc3339", default = "zero_time")]
+    pub created_at: OffsetDateTime,
+    /// `sealing` (the newest) or `active` (unseals only).
+    pub state: String,
+    /// Seals and unseals with this version by the answering server since it started.
+    pub seals: u64,
+    /// Unseals, likewise.
+    pub unseals: u64,
+    /// RFC 3339; absent when the answering server has not used the version since it started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_used: Option<String>,
+}
+
+/// kesh's extension: `/v1/key/versions/<name>`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyVersionsResponse {
+    /// The key.
+    pub name: String,
+    /// Its versions, oldest first.
+    pub versions: Vec<KeyVersion>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]

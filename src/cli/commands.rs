@@ -37,7 +37,8 @@ pub(super) async fn key(cmd: KeyCommand) -> Result<(), Fatal> {
         }
         KeyCommand::Info { opts, names } => {
             let conn = Conn::new(&opts, None)?;
-            let mut table = Table::new(&["Name", "Algorithm", "Created At", "Created By"]);
+            let mut table =
+                Table::new(&["Name", "Algorithm", "Version", "Created At", "Created By"]);
             for name in &names {
                 let d = conn
                     .call(|c| async move { c.describe_key(name).await })
@@ -48,6 +49,7 @@ pub(super) async fn key(cmd: KeyCommand) -> Result<(), Fatal> {
                     table.row(vec![
                         d.name,
                         d.algorithm,
+                        d.version.to_string(),
                         output::time(&d.created_at),
                         d.created_by,
                     ]);
@@ -57,6 +59,63 @@ pub(super) async fn key(cmd: KeyCommand) -> Result<(), Fatal> {
                 table.print()?;
             }
             Ok(())
+        }
+        KeyCommand::Rotate { opts, name } => {
+            let conn = Conn::new(&opts, None)?;
+            let n = &name;
+            let r = conn.call(|c| async move { c.rotate_key(n).await }).await?;
+            if opts.json {
+                output::json(&r)
+            } else {
+                output::line(&format!(
+                    "rotated key '{}': version {} seals from now on",
+                    r.name, r.version
+                ))
+            }
+        }
+        KeyCommand::Versions { opts, name } => {
+            let conn = Conn::new(&opts, None)?;
+            let n = &name;
+            let r = conn
+                .call(|c| async move { c.key_versions(n).await })
+                .await?;
+            if opts.json {
+                return output::json(&r);
+            }
+            let mut table = Table::new(&[
+                "Version",
+                "State",
+                "Created At",
+                "Seals",
+                "Unseals",
+                "Last Used",
+            ]);
+            for v in r.versions {
+                table.row(vec![
+                    v.version.to_string(),
+                    v.state,
+                    output::time(&v.created_at),
+                    v.seals.to_string(),
+                    v.unseals.to_string(),
+                    v.last_used.unwrap_or_else(|| "-".into()),
+                ]);
+            }
+            table.print()
+        }
+        KeyCommand::DestroyVersion {
+            opts,
+            name,
+            version,
+        } => {
+            let conn = Conn::new(&opts, None)?;
+            let n = &name;
+            conn.call(|c| async move { c.destroy_key_version(n, version).await })
+                .await?;
+            if opts.json {
+                output::json(&json!({ "name": name, "version": version, "status": "destroyed" }))
+            } else {
+                output::line(&format!("destroyed version {version} of key '{name}'"))
+            }
         }
         KeyCommand::Ls { opts, pattern } => {
             let conn = Conn::new(&opts, None)?;

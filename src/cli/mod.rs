@@ -177,6 +177,28 @@ pub(crate) enum KeyCommand {
         /// The context it was encrypted with (base64).
         context: Option<String>,
     },
+    /// Make a new version of a key: it seals from now on, older versions keep decrypting
+    /// (kesh only; not in `kes`).
+    Rotate {
+        #[command(flatten)]
+        opts: ClientOpts,
+        name: String,
+    },
+    /// List a key's versions: creation time, state, and the server's use of each since it
+    /// started (kesh only).
+    Versions {
+        #[command(flatten)]
+        opts: ClientOpts,
+        name: String,
+    },
+    /// Destroy an old key version: ciphertexts of that version no longer decrypt. Refused for
+    /// the sealing version and version 1 (kesh only).
+    DestroyVersion {
+        #[command(flatten)]
+        opts: ClientOpts,
+        name: String,
+        version: u32,
+    },
 }
 
 #[derive(Subcommand, Debug)]

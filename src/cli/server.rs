@@ -77,6 +77,7 @@ pub(super) async fn run(args: ServerArgs) -> Result<(), Fatal> {
     server::create_keys(&service, &cfg.keys)
         .await
         .map_err(|e| Fatal(format!("keys: {e}")))?;
+    service.set_rotation_schedule(cfg.rotate_after.clone());
     let parts = ServerParts {
         service: service.clone(),
         tls: server::tls_from_config(&cfg)?,

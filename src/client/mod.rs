@@ -555,6 +555,26 @@ impl Client {
         self.get_named("/v1/key/describe/", name).await
     }
 
+    /// kesh's extension: a new version of the key, which seals from now on.
+    pub async fn rotate_key(&self, name: &str) -> Result<api::RotateKeyResponse, ClientError> {
+        self.call_json(Method::PUT, &join("/v1/key/rotate/", name), None)
+            .await
+    }
+
+    /// kesh's extension: the key's versions, with the answering server's use of each.
+    pub async fn key_versions(&self, name: &str) -> Result<api::KeyVersionsResponse, ClientError> {
+        self.call_json(Method::GET, &join("/v1/key/versions/", name), None)
+            .await
+    }
+
+    /// kesh's extension: destroys an old key version; its ciphertexts stop opening.
+    pub async fn destroy_key_version(&self, name: &str, version: u32) -> Result<(), ClientError> {
+        let path = format!("{}/{version}", join("/v1/key/destroy-version/", name));
+        self.call(Method::DELETE, &path, None, false)
+            .await
+            .map(drop)
+    }
+
     /// `/v1/key/delete/{name}`.
     pub async fn delete_key(&self, name: &str) -> Result<(), ClientError> {
         self.call(Method::DELETE, &join("/v1/key/delete/", name), None, false)

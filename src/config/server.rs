@@ -42,6 +42,9 @@ pub struct ServerConfig {
     pub log: LogConfig,
     /// `keys:` created at start (existing ones are fine).
     pub keys: Vec<KeyName>,
+    /// `keys[].rotate_after:` (kesh's extension): a key whose newest version is older than
+    /// this gets a new version ([`crate::server::rotation`]).
+    pub rotate_after: BTreeMap<KeyName, std::time::Duration>,
     /// `keystore:`.
     pub keystore: KeystoreConfig,
 }
@@ -375,6 +378,7 @@ impl ServerConfig {
         };
 
         let mut keys = Vec::new();
+        let mut rotate_after = BTreeMap::new();
         let mut seen = BTreeSet::new();
         match get(root, "keys") {
             None => {}
@@ -388,6 +392,18 @@ impl ServerConfig {
                         .map_err(|e| err(&field, format!("key name {e}")))?;
                     if !seen.insert(name.clone()) {
                         return Err(err(&field, format!("key '{name}' is listed twice")));
+                    }
+                    let period_field = format!("keys[{i}].rotate_after");
+                    if let Some(text) = opt_string(m, "rotate_after", &period_field)? {
+                        let period = crate::config::parse_duration(&text)
+                            .filter(|d| !d.is_zero())
+                            .ok_or_else(|| {
+                                err(
+                                    &period_field,
+                                    "expected a positive duration such as 2160h (90 days)",
+                                )
+                            })?;
+                        rotate_after.insert(name.clone(), period);
                     }
                     keys.push(name);
                 }
@@ -411,6 +427,7 @@ impl ServerConfig {
             api,
             log,
             keys,
+            rotate_after,
             keystore,
         };
         // Catch policy conflicts (one policy per identity, admin in no policy) at load time.
@@ -487,6 +504,14 @@ mod tests {
             "version"
         );
         assert_eq!(bad("keys:\n - name: a.b\n").field, "keys[0].name");
+        assert_eq!(
+            bad("keys:\n - name: a\n   rotate_after: soon\n").field,
+            "keys[0].rotate_after"
+        );
+        assert_eq!(
+            bad("keys:\n - name: a\n   rotate_after: 0s\n").field,
+            "keys[0].rotate_after"
+        );
         assert_eq!(bad("keys:\n - name: a\n - name: a\n").field, "keys[1].name");
         assert_eq!(
             bad("api:\n  /v1/status:\n    timeout: 10\n").field,

@@ -8,6 +8,7 @@
 pub mod kes;
 pub mod kes_key;
 pub mod native;
+pub mod versioned;
 
 /// A ciphertext failed authentication or was malformed. Deliberately carries no detail: the
 /// wire answer is the same for a wrong key, a wrong context, tampering and truncation.

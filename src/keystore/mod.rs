@@ -21,6 +21,7 @@ use crate::secret::{Key32, SecretBytes};
 pub mod pkcs11;
 pub mod settings;
 pub mod soft;
+pub mod usage;
 
 /// How a key seals data keys; fixed when the key is made (docs/FORMAT.md §1).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -73,7 +74,58 @@ pub struct KeyInfo {
     pub created_at: OffsetDateTime,
     /// The identity that created the key; empty when unknown (legacy keys, skip_auth routes).
     pub created_by: String,
+    /// The key version that seals: the newest. Keys start at 1; each rotation adds one.
+    pub version: u32,
 }
+
+/// Whether a key version seals or only unseals.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VersionState {
+    /// The newest version: new ciphertexts are sealed with it.
+    Sealing,
+    /// An older version: it opens its ciphertexts and seals nothing.
+    Active,
+}
+
+impl VersionState {
+    /// The state as the versions listing names it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            VersionState::Sealing => "sealing",
+            VersionState::Active => "active",
+        }
+    }
+}
+
+/// One version of a key, as `versions` lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VersionInfo {
+    /// The version's number, from 1.
+    pub version: u32,
+    /// When the version was made.
+    pub created_at: OffsetDateTime,
+    /// Whether it seals.
+    pub state: VersionState,
+    /// Seals and unseals by this process since it started ([`usage`]).
+    pub seals: u64,
+    /// Unseals, likewise.
+    pub unseals: u64,
+    /// This process's last seal or unseal with the version, since it started.
+    pub last_used: Option<OffsetDateTime>,
+}
+
+/// The outcome of a scheduled rotation ([`KeyStore::rotate_if_due`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ScheduledRotation {
+    /// This call made the version.
+    Rotated(u32),
+    /// The newest version is younger than the period, or another instance just rotated.
+    NotDue,
+}
+
+/// How long a version stays "sealing" after a newer one is made, for [`KeyStore::destroy_version`]:
+/// other instances may not have seen the new version yet (they do within about a second).
+pub const SEALING_GRACE: Duration = Duration::from_secs(3);
 
 /// Who and when, recorded with a new key.
 #[derive(Debug, Clone)]
@@ -182,6 +234,15 @@ pub enum KeystoreError {
     /// Any other backend failure (a PKCS#11 return code, an I/O error).
     #[error("keystore error: {0}")]
     Backend(#[source] BackendError),
+    /// The key has no such version (never made, or destroyed).
+    #[error("key version does not exist")]
+    VersionNotFound,
+    /// A version that must not be destroyed now; the message says why.
+    #[error("{0}")]
+    VersionRefused(&'static str),
+    /// The backend does not offer this operation.
+    #[error("{0} is not supported by this keystore")]
+    Unsupported(&'static str),
 }
 
 impl KeystoreError {
@@ -197,8 +258,39 @@ impl KeystoreError {
             KeystoreError::Unreachable(_) => "unreachable",
             KeystoreError::Busy(_) => "busy",
             KeystoreError::Backend(_) => "backend",
+            KeystoreError::VersionNotFound => "version_not_found",
+            KeystoreError::VersionRefused(_) => "version_refused",
+            KeystoreError::Unsupported(_) => "unsupported",
         }
     }
+}
+
+/// Refusal message of [`KeyStore::destroy_version`] for the sealing version.
+pub const REFUSE_SEALING: &str =
+    "key version seals new data: rotate the key first (and wait a few seconds)";
+/// Refusal message of [`KeyStore::destroy_version`] for version 1.
+pub const REFUSE_FIRST: &str =
+    "key version 1 holds the key's identity and HMAC key and cannot be destroyed; delete the key instead";
+
+/// Checks a destroy of `version` against the key's versions `(number, created_at)`, sorted.
+pub fn check_destroy(versions: &[(u32, OffsetDateTime)], version: u32) -> Result<()> {
+    if !versions.iter().any(|(v, _)| *v == version) {
+        return Err(KeystoreError::VersionNotFound);
+    }
+    if version == 1 {
+        return Err(KeystoreError::VersionRefused(REFUSE_FIRST));
+    }
+    // A version is sealing while it is the newest, and for SEALING_GRACE after a newer one
+    // appeared: other instances may still seal with it until they see the newer one.
+    let newer = versions.iter().find(|(v, _)| *v > version);
+    let sealing = match newer {
+        None => true,
+        Some((_, at)) => OffsetDateTime::now_utc() - *at < SEALING_GRACE,
+    };
+    if sealing {
+        return Err(KeystoreError::VersionRefused(REFUSE_SEALING));
+    }
+    Ok(())
 }
 
 impl From<crate::crypto::NotAuthentic> for KeystoreError {
@@ -386,5 +478,38 @@ pub trait KeyStore: Send + Sync + 'static {
     /// Pool, login and storage figures; empty by default.
     fn stats(&self) -> KeystoreStats {
         KeystoreStats::default()
+    }
+
+    /// Makes a new version of the key, which seals from now on; older versions keep
+    /// unsealing. Concurrent rotations (in any process) each make their own version.
+    async fn rotate(&self, _name: &KeyName, _provenance: Provenance) -> Result<u32> {
+        Err(KeystoreError::Unsupported("key rotation"))
+    }
+
+    /// Makes version N+1 only if the newest version N is older than `period` and still the
+    /// newest when the new one commits: across processes, exactly one rotation per period.
+    async fn rotate_if_due(
+        &self,
+        _name: &KeyName,
+        _period: Duration,
+        _provenance: Provenance,
+    ) -> Result<ScheduledRotation> {
+        Err(KeystoreError::Unsupported("key rotation"))
+    }
+
+    /// The key's versions, oldest first, with this process's use of each.
+    async fn versions(&self, _name: &KeyName) -> Result<Vec<VersionInfo>> {
+        Err(KeystoreError::Unsupported("key versions"))
+    }
+
+    /// Destroys one old version: its ciphertexts no longer open. Refused for the sealing
+    /// version and for version 1 ([`check_destroy`]).
+    async fn destroy_version(&self, _name: &KeyName, _version: u32) -> Result<()> {
+        Err(KeystoreError::Unsupported("key versions"))
+    }
+
+    /// Seals and unseals per key version since start, for `/v1/metrics/kesh`.
+    fn version_usage(&self) -> Vec<usage::VersionUsage> {
+        Vec::new()
     }
 }

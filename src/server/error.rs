@@ -34,6 +34,8 @@ pub enum ApiError {
     InvalidPolicyName(String),
     InvalidIdentity(String),
     InvalidBody(BodyKind),
+    /// kesh's `/v1/key/destroy-version/<name>/<version>` without a valid `<version>`.
+    InvalidKeyVersion(String),
     /// The client sent more than one end-entity certificate.
     MultipleCertificates,
     Service(ServiceError),
@@ -65,6 +67,9 @@ fn backend_failure(op: KeyOp) -> (StatusCode, &'static str) {
             "failed to decrypt ciphertext",
         ),
         KeyOp::Status => (StatusCode::BAD_GATEWAY, "key store is unavailable"),
+        KeyOp::Rotate => (StatusCode::BAD_GATEWAY, "failed to rotate key"),
+        KeyOp::Versions => (StatusCode::BAD_GATEWAY, "failed to read key"),
+        KeyOp::DestroyVersion => (StatusCode::BAD_GATEWAY, "failed to delete key version"),
     }
 }
 
@@ -85,6 +90,10 @@ impl ApiError {
             ),
             ApiError::InvalidPolicyName(n) => invalid_name("policy name", n),
             ApiError::InvalidIdentity(i) => invalid_name("identity", i),
+            ApiError::InvalidKeyVersion(r) => (
+                StatusCode::BAD_REQUEST,
+                format!("'{r}' is not <key name>/<key version>"),
+            ),
             ApiError::InvalidBody(BodyKind::Import) => {
                 fixed(StatusCode::BAD_REQUEST, "invalid import key request body")
             }
@@ -152,6 +161,15 @@ fn keystore_failure(op: KeyOp, e: &KeystoreError) -> (StatusCode, String) {
         K::Busy(_) => (StatusCode::SERVICE_UNAVAILABLE, "key store is busy"),
         K::Unreachable(_) => (StatusCode::GATEWAY_TIMEOUT, "key store is not reachable"),
         K::Backend(_) => backend_failure(op),
+        // kesh's extensions (key versions): no KES message to match.
+        K::VersionNotFound => (StatusCode::NOT_FOUND, "key version does not exist"),
+        K::VersionRefused(why) => (StatusCode::CONFLICT, *why),
+        K::Unsupported(what) => {
+            return (
+                StatusCode::NOT_IMPLEMENTED,
+                format!("{what} is not supported by this keystore"),
+            )
+        }
     };
     (status, msg.to_owned())
 }

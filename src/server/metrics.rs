@@ -429,6 +429,42 @@ fn scalar(out: &mut String, name: &str, kind: &str, help: &str, value: impl std:
     let _ = writeln!(out, "{name} {value}");
 }
 
+/// kesh's per-key-version families for `/v1/metrics/kesh` (never `/v1/metrics`): seals and
+/// unseals per key version by this process since start.
+pub fn render_version_usage(usage: &[crate::keystore::usage::VersionUsage]) -> String {
+    let mut out = String::new();
+    if usage.is_empty() {
+        return out;
+    }
+    family(
+        &mut out,
+        "kesh_key_version_seals_total",
+        "counter",
+        "Seals (generate and encrypt) per key version by this process.",
+    );
+    for u in usage {
+        let _ = writeln!(
+            out,
+            "kesh_key_version_seals_total{{key=\"{}\",version=\"{}\"}} {}",
+            u.key, u.version, u.seals
+        );
+    }
+    family(
+        &mut out,
+        "kesh_key_version_unseals_total",
+        "counter",
+        "Unseals (decrypt) per key version by this process: a version at zero everywhere for a cryptoperiod is a candidate for destroy-version.",
+    );
+    for u in usage {
+        let _ = writeln!(
+            out,
+            "kesh_key_version_unseals_total{{key=\"{}\",version=\"{}\"}} {}",
+            u.key, u.version, u.unseals
+        );
+    }
+    out
+}
+
 fn family(out: &mut String, name: &str, kind: &str, help: &str) {
     let _ = writeln!(out, "# HELP {name} {help}");
     let _ = writeln!(out, "# TYPE {name} {kind}");

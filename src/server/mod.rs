@@ -20,6 +20,7 @@ pub mod hardening;
 pub mod logsink;
 pub mod metrics;
 pub mod policy;
+pub mod rotation;
 pub mod routes;
 #[allow(
     missing_docs,
@@ -198,6 +199,9 @@ impl ServerHandle {
         create_keys(&self.state.service, &cfg.keys)
             .await
             .map_err(|e| format!("creating the listed keys: {e}"))?;
+        self.state
+            .service
+            .set_rotation_schedule(cfg.rotate_after.clone());
         self.set_tls(tls);
         self.set_authorizer(authorizer);
         *self.state.routes.write().ignore_poison() = Arc::new(routes);
@@ -214,6 +218,7 @@ impl Server {
     /// Listens on `addr` (port 0: any free port); serving starts with [`Server::run`].
     pub async fn bind(addr: SocketAddr, parts: ServerParts) -> std::io::Result<Server> {
         let listener = TcpListener::bind(addr).await?;
+        rotation::spawn(&parts.service);
         let state = Arc::new(State {
             service: parts.service,
             audit: parts.audit,

@@ -73,6 +73,12 @@ pub enum RouteId {
     LogError,
     /// `GET /v1/log/audit` (a stream).
     LogAudit,
+    /// `PUT`/`POST /v1/key/rotate/<name>` (kesh's extension).
+    KeyRotate,
+    /// `GET /v1/key/versions/<name>` (kesh's extension).
+    KeyVersions,
+    /// `DELETE /v1/key/destroy-version/<name>/<N>` (kesh's extension).
+    KeyDestroyVersion,
 }
 
 /// How a route authenticates its caller (docs/api.md, "Authentication and authorization").
@@ -129,8 +135,8 @@ const fn route(
     }
 }
 
-/// The route table (`kes:api_test.go` `testListAPIDefaults`).
-pub static ROUTES: [Route; 23] = {
+/// The route table (`kes:api_test.go` `testListAPIDefaults`), then kesh's extensions.
+pub static ROUTES: [Route; 26] = {
     use Auth::*;
     use RouteId::*;
     [
@@ -285,6 +291,33 @@ pub static ROUTES: [Route; 23] = {
             Verify,
             false,
         ),
+        route(
+            KeyRotate,
+            Method::PUT,
+            "/v1/key/rotate/",
+            0,
+            S15,
+            Verify,
+            true,
+        ),
+        route(
+            KeyVersions,
+            Method::GET,
+            "/v1/key/versions/",
+            0,
+            S15,
+            Verify,
+            true,
+        ),
+        route(
+            KeyDestroyVersion,
+            Method::DELETE,
+            "/v1/key/destroy-version/",
+            0,
+            S15,
+            Verify,
+            true,
+        ),
     ]
 };
 
@@ -408,6 +441,19 @@ fn key_name(resource: &str) -> Result<KeyName, ApiError> {
     KeyName::new(resource).map_err(|_| ApiError::InvalidKeyName(resource.to_owned()))
 }
 
+/// `<name>/<version>`, the resource of `/v1/key/destroy-version/`.
+fn key_and_version(resource: &str) -> Result<(KeyName, u32), ApiError> {
+    let (name, version) = resource
+        .rsplit_once('/')
+        .ok_or_else(|| ApiError::InvalidKeyVersion(resource.to_owned()))?;
+    let version = version
+        .parse::<u32>()
+        .ok()
+        .filter(|v| *v >= 1 && version.bytes().all(|b| b.is_ascii_digit()))
+        .ok_or_else(|| ApiError::InvalidKeyVersion(resource.to_owned()))?;
+    Ok((key_name(name)?, version))
+}
+
 fn pattern(resource: &str) -> Result<Pattern, ApiError> {
     Pattern::new(resource).map_err(|_| ApiError::InvalidPattern(resource.to_owned()))
 }
@@ -479,10 +525,13 @@ pub async fn handle(
             svc.metrics().render_kes().into_bytes(),
             crate::server::metrics::CONTENT_TYPE,
         ),
-        RouteId::KeshMetrics => with_type(
-            svc.metrics().render_all(&svc.keystore_stats()).into_bytes(),
-            crate::server::metrics::CONTENT_TYPE,
-        ),
+        RouteId::KeshMetrics => {
+            let mut text = svc.metrics().render_all(&svc.keystore_stats());
+            text.push_str(&crate::server::metrics::render_version_usage(
+                &svc.version_usage(),
+            ));
+            with_type(text.into_bytes(), crate::server::metrics::CONTENT_TYPE)
+        }
         RouteId::Api => {
             let settings = st.routes();
             let list: Vec<api::ApiRoute> = ROUTES
@@ -514,6 +563,7 @@ pub async fn handle(
                 algorithm: info.algorithm.as_str().to_owned(),
                 created_at: info.created_at,
                 created_by: info.created_by,
+                version: info.version,
             })
         }
         RouteId::KeyList => {
@@ -628,6 +678,37 @@ pub async fn handle(
                 created_by: view.created_by.map(|i| i.to_string()).unwrap_or_default(),
             })
         }
+        RouteId::KeyRotate => {
+            let name = key_name(res)?;
+            let version = svc.rotate_key(permit, &name).await?;
+            json(&api::RotateKeyResponse {
+                name: name.to_string(),
+                version,
+            })
+        }
+        RouteId::KeyVersions => {
+            let name = key_name(res)?;
+            let versions = svc.key_versions(permit, &name).await?;
+            json(&api::KeyVersionsResponse {
+                name: name.to_string(),
+                versions: versions
+                    .into_iter()
+                    .map(|v| api::KeyVersion {
+                        version: v.version,
+                        created_at: v.created_at,
+                        state: v.state.as_str().to_owned(),
+                        seals: v.seals,
+                        unseals: v.unseals,
+                        last_used: v.last_used.as_ref().map(api::rfc3339::format),
+                    })
+                    .collect(),
+            })
+        }
+        RouteId::KeyDestroyVersion => {
+            let (name, version) = key_and_version(res)?;
+            svc.destroy_key_version(permit, &name, version).await?;
+            empty()
+        }
         RouteId::LogError => stream(st.errors.subscribe()),
         RouteId::LogAudit => stream(st.audit.subscribe()),
     })
@@ -667,7 +748,21 @@ mod tests {
         assert!(lookup("/v1/unknown").is_none());
         let mut paths: Vec<_> = ROUTES.iter().map(|r| r.path).collect();
         paths.dedup();
-        assert_eq!(paths.len(), 23, "KES's 22 and /v1/metrics/kesh");
+        assert_eq!(
+            paths.len(),
+            26,
+            "KES's 22, /v1/metrics/kesh and the three key-version routes"
+        );
+        assert_eq!(lookup("/v1/key/rotate/k").unwrap().0.id, RouteId::KeyRotate);
+        let (r, res) = lookup("/v1/key/destroy-version/k/2").unwrap();
+        assert_eq!((r.id, res), (RouteId::KeyDestroyVersion, "k/2"));
+        assert_eq!(
+            key_and_version("k/2").unwrap(),
+            (KeyName::new("k").unwrap(), 2)
+        );
+        for bad in ["k", "k/", "k/0", "k/+2", "k/x", "/2", "a/b/2"] {
+            assert!(key_and_version(bad).is_err(), "{bad}");
+        }
         assert_eq!(
             lookup("/v1/metrics/kesh").unwrap().0.id,
             RouteId::KeshMetrics

@@ -6,6 +6,7 @@
 //! (`server::error`). The audit event for each request is written by the server's dispatcher,
 //! which alone knows the final status code.
 
+use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
@@ -37,6 +38,12 @@ pub enum KeyOp {
     Hmac,
     /// [`KeyStore::status`], the probe behind `/v1/ready` and `/v1/status`.
     Status,
+    /// [`KeyStore::rotate`] (kesh's extension).
+    Rotate,
+    /// [`KeyStore::versions`] (kesh's extension).
+    Versions,
+    /// [`KeyStore::destroy_version`] (kesh's extension).
+    DestroyVersion,
 }
 
 impl KeyOp {
@@ -52,6 +59,9 @@ impl KeyOp {
             KeyOp::Decrypt => "decrypt",
             KeyOp::Hmac => "hmac",
             KeyOp::Status => "status",
+            KeyOp::Rotate => "rotate",
+            KeyOp::Versions => "versions",
+            KeyOp::DestroyVersion => "destroy_version",
         }
     }
 }
@@ -139,6 +149,8 @@ pub struct Service {
     authorizer: RwLock<Arc<Authorizer>>,
     metrics: Arc<Metrics>,
     started: Instant,
+    /// `keys[].rotate_after`, replaced on reload ([`crate::server::rotation`]).
+    rotation_schedule: RwLock<Arc<BTreeMap<KeyName, Duration>>>,
 }
 
 impl std::fmt::Debug for Service {
@@ -156,7 +168,17 @@ impl Service {
             authorizer: RwLock::new(Arc::new(authorizer)),
             metrics,
             started: Instant::now(),
+            rotation_schedule: RwLock::new(Arc::new(BTreeMap::new())),
         }
+    }
+
+    /// The keys rotated on a schedule, with their periods.
+    pub fn rotation_schedule(&self) -> Arc<BTreeMap<KeyName, Duration>> {
+        self.rotation_schedule.read().ignore_poison().clone()
+    }
+
+    pub fn set_rotation_schedule(&self, schedule: BTreeMap<KeyName, Duration>) {
+        *self.rotation_schedule.write().ignore_poison() = Arc::new(schedule);
     }
 
     /// The authorization snapshot in force. The lock only guards the pointer swap; a poisoned
@@ -366,6 +388,67 @@ impl Service {
     ) -> Result<[u8; 32], ServiceError> {
         self.call(KeyOp::Hmac, self.keystore.hmac(name, message))
             .await
+    }
+
+    /// kesh's extension: a new key version that seals from now on; returns its number.
+    pub async fn rotate_key(&self, permit: &Permit, name: &KeyName) -> Result<u32, ServiceError> {
+        self.call(
+            KeyOp::Rotate,
+            self.keystore.rotate(name, Self::provenance(permit)),
+        )
+        .await
+    }
+
+    /// kesh's extension: the key's versions with their use since start.
+    pub async fn key_versions(
+        &self,
+        _permit: &Permit,
+        name: &KeyName,
+    ) -> Result<Vec<crate::keystore::VersionInfo>, ServiceError> {
+        self.call(KeyOp::Versions, self.keystore.versions(name))
+            .await
+    }
+
+    /// kesh's extension: destroys an old key version (refused for the sealing one).
+    pub async fn destroy_key_version(
+        &self,
+        _permit: &Permit,
+        name: &KeyName,
+        version: u32,
+    ) -> Result<(), ServiceError> {
+        self.call(
+            KeyOp::DestroyVersion,
+            self.keystore.destroy_version(name, version),
+        )
+        .await
+    }
+
+    /// Seals and unseals per key version since start, for `/v1/metrics/kesh`.
+    pub fn version_usage(&self) -> Vec<crate::keystore::usage::VersionUsage> {
+        self.keystore.version_usage()
+    }
+
+    /// The scheduler's call: rotates `name` if its newest version is older than `period`.
+    pub async fn rotate_if_due(
+        &self,
+        name: &KeyName,
+        period: Duration,
+    ) -> Result<crate::keystore::ScheduledRotation, ServiceError> {
+        let start = Instant::now();
+        let res = self
+            .keystore
+            .rotate_if_due(name, period, Provenance::now("kesh:rotate_after"))
+            .await;
+        // Checks that find nothing due are not keystore calls worth a metric.
+        if res != Ok(crate::keystore::ScheduledRotation::NotDue) {
+            let kind = res.as_ref().err().map(KeystoreError::kind);
+            self.metrics
+                .keystore_call(KeyOp::Rotate.as_str(), start.elapsed(), kind);
+        }
+        res.map_err(|source| ServiceError::Keystore {
+            op: KeyOp::Rotate,
+            source,
+        })
     }
 
     /// `/v1/ready`: the keystore's probe, with its error.

@@ -643,11 +643,15 @@ mod pkcs11_only {
         }
     }
 
-    fn role(s: &Session, h: ObjectHandle) -> objects::Role {
+    fn meta(s: &Session, h: ObjectHandle) -> objects::Meta {
         match s.get_attributes(h, &[AttributeType::Id]).unwrap().pop() {
-            Some(Attribute::Id(id)) => objects::Meta::decode(&id).expect("kesh metadata").role,
+            Some(Attribute::Id(id)) => objects::Meta::decode(&id).expect("kesh metadata"),
             other => panic!("{other:?}"),
         }
+    }
+
+    fn role(s: &Session, h: ObjectHandle) -> objects::Role {
+        meta(s, h).role
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -676,15 +680,32 @@ mod pkcs11_only {
             schemes.push((&kwp, Scheme::Kwp));
         }
         let schemes = schemes;
-        // Use each key and its HMAC key, so the session copies exist too.
+        // Use each key and its HMAC key, so the session copies exist too; then rotate it and
+        // use version 2, whose master object must be made to the same template.
         for &(name, _) in &schemes {
             store.generate(name, b"ctx").await.unwrap();
             store.hmac(name, b"msg").await.unwrap();
+            assert_eq!(store.rotate(name, harness::who()).await.unwrap(), 2);
+            store.generate(name, b"ctx").await.unwrap();
         }
         let (_ctx, s) = harness::raw_session(token);
         for &(name, scheme) in &schemes {
             let handles = objects_labelled(&s, &format!("kesh/{name}"));
-            assert_eq!(handles.len(), 2, "a master key and an HMAC key");
+            assert_eq!(
+                handles.len(),
+                3,
+                "version 1's master key, its HMAC key, version 2's master key"
+            );
+            let versions: Vec<u32> = handles
+                .iter()
+                .filter(|h| role(&s, **h) == objects::Role::Key)
+                .map(|h| meta(&s, *h).version)
+                .collect();
+            assert_eq!(versions.len(), 2);
+            assert!(
+                versions.contains(&1) && versions.contains(&2),
+                "{versions:?}"
+            );
             for h in handles {
                 let wraps = scheme == Scheme::Kwp && role(&s, h) == objects::Role::Key;
                 for (t, want) in [
@@ -707,10 +728,11 @@ mod pkcs11_only {
                             bool_attr(&s, h, AttributeType::Encrypt),
                             scheme == Scheme::Gcm
                         );
-                        // Generated keys were never extractable; imported ones came from outside.
+                        // Generated keys were never extractable; imported ones came from
+                        // outside. Versions ≥ 2 are always generated on the device.
                         assert_eq!(
                             bool_attr(&s, h, AttributeType::NeverExtractable),
-                            scheme == Scheme::Gcm
+                            scheme == Scheme::Gcm || meta(&s, h).version >= 2
                         );
                         assert!(
                             s.get_attributes(h, &[AttributeType::Value])

@@ -18,6 +18,7 @@ mod listing;
 mod message_aead;
 mod packaging;
 mod personalities;
+mod rotation;
 mod soak;
 mod soft_dir;
 mod vault;

@@ -15,7 +15,7 @@ use zeroize::Zeroizing;
 
 use super::copies::nonce_value;
 use super::error::Pkcs11Error;
-use super::index::{has_ready_master, survey, IndexedKey, LabelledObject};
+use super::index::{has_ready_master, pick_ready, survey, IndexedKey, LabelledObject};
 use super::objects::{self, Meta, Role, State};
 use super::seam::CallResult;
 use super::writelock::Held;
@@ -95,9 +95,15 @@ impl Inner {
         let result = self
             .with_indexed_key(name, move |s, d, key| {
                 let _held = inner.hold_writes()?;
-                // The master goes first: that is the commit point of a delete.
+                // The master goes first: that is the commit point of a delete. Versions left
+                // by a delete that stopped after it name a base that is gone: a later create
+                // removes them and no lookup takes them for a key.
                 s.destroy_object(key.master)?;
                 d.copies.discard(s, key.master);
+                for v in &key.versions {
+                    let _ = s.destroy_object(v.master);
+                    d.copies.discard(s, v.master);
+                }
                 if let Some(h) = key.hmac {
                     let _ = s.destroy_object(h);
                     d.copies.discard(s, h);
@@ -107,9 +113,180 @@ impl Inner {
             .await;
         self.forget(name);
         if result.is_ok() {
+            self.usage.forget(name);
             self.marker_due.store(true, Ordering::Release);
         }
         result
+    }
+
+    /// Makes the key's next version on the token ([`rotate_on_token`]); with `due`, only when
+    /// the newest version is that old and still the newest at commit (`None` otherwise).
+    pub(super) async fn rotate_key(
+        self: &Arc<Self>,
+        name: &KeyName,
+        due: Option<Duration>,
+        provenance: Provenance,
+    ) -> Result<Option<u32>> {
+        // The index never knows a newer version than the token, so a version young enough
+        // here is young enough there: scheduled checks of keys not due cost no token call.
+        if let (Some(period), Some(e)) = (due, self.cached(name)) {
+            let newest = e.version_times().last().map(|(_, at)| *at);
+            if newest.is_some_and(|at| time::OffsetDateTime::now_utc() - at < period) {
+                return Ok(None);
+            }
+        }
+        let _writes = TOKEN_WRITES.lock().await;
+        let label = self.label(name);
+        let key_name = name.clone();
+        let inner = self.clone();
+        let made = self
+            .run(move |s, d| {
+                let _held = inner.hold_writes()?;
+                rotate_on_token(s, &label, &key_name, due, &provenance, d.generation)
+            })
+            .await
+            .map_err(KeystoreError::from);
+        drop(_writes);
+        match made {
+            Ok(Some((version, entry))) => {
+                self.remember(entry);
+                self.marker_due.store(true, Ordering::Release);
+                Ok(Some(version))
+            }
+            Ok(None) => {
+                // Another instance rotated (or it is not due): learn its versions now.
+                let _ = self.refresh(name).await;
+                Ok(None)
+            }
+            Err(KeystoreError::KeyNotFound) => {
+                self.forget(name);
+                Err(KeystoreError::KeyNotFound)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Destroys one old version's master object, after checking against the token (not the
+    /// index) that it may go.
+    pub(super) async fn destroy_version(
+        self: &Arc<Self>,
+        name: &KeyName,
+        version: u32,
+    ) -> Result<()> {
+        let _writes = TOKEN_WRITES.lock().await;
+        let fresh = self.refresh(name).await?;
+        crate::keystore::check_destroy(&fresh.version_times(), version)?;
+        let inner = self.clone();
+        self.with_indexed_key(name, move |s, d, indexed| {
+            let v = indexed
+                .versions
+                .iter()
+                .find(|v| v.version == version)
+                .ok_or(Pkcs11Error::VersionNotFound)?;
+            let _held = inner.hold_writes()?;
+            s.destroy_object(v.master)?;
+            d.copies.discard(s, v.master);
+            Ok(())
+        })
+        .await?;
+        drop(_writes);
+        let _ = self.refresh(name).await;
+        self.marker_due.store(true, Ordering::Release);
+        Ok(())
+    }
+}
+
+/// Makes version N+1 of a key, N the newest ready version, with the create protocol's
+/// guarantees across processes: write the version's master `pending`, look again, commit
+/// (`ready`) only if no other live object claims N+1. Two rotations at once never make one
+/// version twice: whoever looks second sees the first and backs off, then (manual) takes the
+/// next number, or (scheduled, `due`) stops, since someone else rotated. Returns the version
+/// made and the key's fresh index entry.
+pub(super) fn rotate_on_token(
+    s: &Session,
+    label: &str,
+    name: &KeyName,
+    due: Option<Duration>,
+    provenance: &Provenance,
+    generation: u64,
+) -> CallResult<Option<(u32, IndexedKey)>> {
+    let deadline = Instant::now() + CREATE_CONTENTION_LIMIT;
+    let mut backoff_ms = 2u64;
+    loop {
+        let found = survey(s, label)?;
+        let located = pick_ready(&found, name, generation).ok_or(Pkcs11Error::KeyNotFound)?;
+        let (newest, newest_at) = located.newest();
+        if let Some(period) = due {
+            if time::OffsetDateTime::now_utc() - newest_at < period {
+                return Ok(None);
+            }
+        }
+        let target = newest + 1;
+        let base = located.nonce_text.clone();
+        let claims = |found: &[LabelledObject], ours: Option<&str>, ready_only: bool| {
+            found.iter().any(|f| {
+                f.meta.as_ref().is_some_and(|m| {
+                    Some(m.nonce.as_str()) != ours
+                        && m.role == Role::Key
+                        && m.version == target
+                        && m.base == base
+                        && (m.state == State::Ready
+                            || (!ready_only && unix_now() - m.ts <= objects::STALE_PENDING_SECS))
+                })
+            })
+        };
+        // Leftovers: pending versions of crashed rotations, versions of a deleted key.
+        let now = unix_now();
+        for f in &found {
+            if let Some(m) = &f.meta {
+                let leftover = m.role == Role::Key
+                    && m.version >= 2
+                    && (m.base != base || m.is_stale_pending(now));
+                if leftover {
+                    let _ = s.destroy_object(f.handle);
+                }
+            }
+        }
+        if !claims(&found, None, false) {
+            let nonce = random_nonce(s)?;
+            let meta = Meta::new(
+                Role::Key,
+                &nonce,
+                located.info.scheme,
+                located.info.algorithm,
+                provenance,
+            )
+            .of_version(target, &base);
+            let t = objects::master_template(label, &meta, located.info.scheme, None);
+            let handle = s.generate_key(&objects::keygen_mechanism(located.info.scheme), &t)?;
+            let found = survey(s, label)?;
+            if !claims(&found, Some(&nonce), false) {
+                if let Err(e) = s.update_attributes(handle, &[Attribute::Id(meta.ready().encode())])
+                {
+                    let _ = s.destroy_object(handle);
+                    return Err(e.into());
+                }
+                let found = survey(s, label)?;
+                let located =
+                    pick_ready(&found, name, generation).ok_or(Pkcs11Error::KeyNotFound)?;
+                return Ok(Some((target, located)));
+            }
+            let _ = s.destroy_object(handle);
+            if claims(&found, Some(&nonce), true) {
+                if due.is_some() {
+                    return Ok(None);
+                }
+                // Someone committed this number: take the next one at once.
+                continue;
+            }
+        }
+        if Instant::now() > deadline {
+            return Err(Pkcs11Error::RotateContended(name.clone()));
+        }
+        let mut jitter = [0u8; 1];
+        let _ = s.generate_random_slice(&mut jitter);
+        std::thread::sleep(Duration::from_millis(backoff_ms + u64::from(jitter[0] % 8)));
+        backoff_ms = (backoff_ms * 2).min(64);
     }
 }
 
@@ -192,14 +369,19 @@ pub(super) fn create_on_token(
     }
 }
 
-/// A ready HMAC key without its master: what a delete that stopped half-way leaves.
+/// A ready HMAC key or key version without its version-1 master: what a delete that stopped
+/// half-way leaves.
 pub(super) fn orphan(found: &[LabelledObject], m: &Meta) -> bool {
-    m.role == Role::Hmac
-        && m.state == State::Ready
+    let anchor = match (m.role, m.version) {
+        (Role::Hmac, _) => &m.nonce,
+        (Role::Key, v) if v >= 2 => &m.base,
+        _ => return false,
+    };
+    m.state == State::Ready
         && !found.iter().any(|f| {
             f.meta
                 .as_ref()
-                .is_some_and(|k| k.role == Role::Key && k.nonce == m.nonce)
+                .is_some_and(|k| k.role == Role::Key && k.version == 1 && &k.nonce == anchor)
         })
 }
 
@@ -304,6 +486,7 @@ pub(super) fn commit(
                 algorithm: Algorithm::Aes256,
                 created_at: meta.created_at,
                 created_by: meta.created_by.clone(),
+                version: 1,
             });
             Ok(IndexedKey {
                 master: w.master,
@@ -311,6 +494,8 @@ pub(super) fn commit(
                 info,
                 nonce: nonce_value(&meta.nonce),
                 generation,
+                nonce_text: meta.nonce.clone(),
+                versions: Vec::new(),
             })
         }
         Err(e) => {

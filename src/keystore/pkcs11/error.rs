@@ -110,6 +110,10 @@ pub enum Pkcs11Error {
     Stale,
     #[error("key already exists")]
     KeyExists,
+    #[error("key does not exist")]
+    KeyNotFound,
+    #[error("key version does not exist")]
+    VersionNotFound,
     #[error("ciphertext is not authentic")]
     NotAuthentic,
     #[error("key does not support HMAC")]
@@ -134,6 +138,8 @@ pub enum Pkcs11Error {
     LayoutRefused { function: Function, rv: RvError },
     #[error("another instance keeps creating '{0}' at the same time; try again")]
     CreateContended(KeyName),
+    #[error("another instance keeps rotating '{0}' at the same time; try again")]
+    RotateContended(KeyName),
     /// With `iv: device`, a device that used the zeroed IV it was handed instead of its own.
     #[error(
         "the HSM wrote no GCM IV back (iv: device); this device uses the IV it is given: set \
@@ -290,6 +296,8 @@ impl From<Pkcs11Error> for KeystoreError {
             (Some(Meaning::NoSession), _) => KeystoreError::Busy(Duration::ZERO),
             (Some(Meaning::Request), _) => KeystoreError::Backend(e.into()),
             (None, P::KeyExists) => KeystoreError::KeyExists,
+            (None, P::VersionNotFound) => KeystoreError::VersionNotFound,
+            (None, P::KeyNotFound) => KeystoreError::KeyNotFound,
             (None, P::HmacUnsupported) => KeystoreError::HmacUnsupported,
             (None, P::SchemeNotOffered(scheme)) => {
                 KeystoreError::AlgorithmUnsupported(scheme_not_offered(*scheme))

@@ -34,6 +34,65 @@ pub(super) struct IndexedKey {
     /// The creation nonce linking the key's objects ([`objects::Meta`]).
     pub(super) nonce: u64,
     pub(super) generation: u64,
+    /// The creation nonce as recorded: what versions 2 and up name as their `base`.
+    pub(super) nonce_text: String,
+    /// Versions 2 and up, oldest first (version 1 is `master`).
+    pub(super) versions: Vec<VersionObject>,
+}
+
+/// One master object of a key version ≥ 2.
+#[derive(Debug, Clone)]
+pub(super) struct VersionObject {
+    pub(super) version: u32,
+    pub(super) master: ObjectHandle,
+    pub(super) nonce: u64,
+    pub(super) created_at: time::OffsetDateTime,
+}
+
+/// Which version of a key an operation uses.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum Pick {
+    /// The newest: what seals.
+    Sealing,
+    Version(u32),
+}
+
+impl IndexedKey {
+    /// The newest version's number and creation time.
+    pub(super) fn newest(&self) -> (u32, time::OffsetDateTime) {
+        self.versions
+            .last()
+            .map_or((1, self.info.created_at), |v| (v.version, v.created_at))
+    }
+
+    /// The version's number, token handle and creation nonce.
+    pub(super) fn resolve(&self, pick: Pick) -> Option<(u32, ObjectHandle, u64)> {
+        let wanted = match pick {
+            Pick::Sealing => self.info.version,
+            Pick::Version(v) => v,
+        };
+        if wanted == 1 {
+            return Some((1, self.master, self.nonce));
+        }
+        self.versions
+            .iter()
+            .find(|v| v.version == wanted)
+            .map(|v| (v.version, v.master, v.nonce))
+    }
+
+    /// Every version's number and creation time, oldest first.
+    pub(super) fn version_times(&self) -> Vec<(u32, time::OffsetDateTime)> {
+        std::iter::once((1, self.info.created_at))
+            .chain(self.versions.iter().map(|v| (v.version, v.created_at)))
+            .collect()
+    }
+
+    /// Every token object of the key with its nonce: masters of all versions, then HMAC.
+    pub(super) fn objects(&self) -> impl Iterator<Item = (ObjectHandle, u64)> + '_ {
+        std::iter::once((self.master, self.nonce))
+            .chain(self.versions.iter().map(|v| (v.master, v.nonce)))
+            .chain(self.hmac.map(|h| (h, self.nonce)))
+    }
 }
 
 #[derive(Default)]
@@ -82,7 +141,7 @@ impl Inner {
     pub(super) fn forget(&self, name: &KeyName) {
         let gone = self.index.write().ignore_poison().learn(name, None);
         if let (Some(e), Ok(device)) = (gone, self.current_device()) {
-            for h in [Some(e.master), e.hmac].into_iter().flatten() {
+            for (h, _) in e.objects() {
                 device.copies.forget(h);
             }
         }
@@ -136,22 +195,91 @@ impl Inner {
         }
     }
 
-    /// Runs `op` with the handles to use a key by (its session copies when `session_keys` is
-    /// on), retrying once through a fresh search when they turn out stale.
-    pub(super) async fn with_key<T, F>(self: &Arc<Self>, name: &KeyName, op: F) -> Result<T>
+    /// Searches the token for `name` now, even when it is indexed, and indexes what it finds:
+    /// for versions another instance made or destroyed. Serialised with misses.
+    pub(super) async fn refresh(self: &Arc<Self>, name: &KeyName) -> Result<Arc<IndexedKey>> {
+        let _misses = self.misses.lock().await;
+        let label = self.label(name);
+        let wanted = name.clone();
+        self.searches.fetch_add(1, Ordering::Relaxed);
+        let found = self
+            .run(move |s, d| find_ready(s, &label, &wanted, d.generation))
+            .await?;
+        match found {
+            Some(key) => Ok(self.remember(key)),
+            None => {
+                self.forget(name);
+                Err(KeystoreError::KeyNotFound)
+            }
+        }
+    }
+
+    /// Runs `op` with the handles to use a key version by (its session copies when
+    /// `session_keys` is on), retrying once through a fresh search when they turn out stale.
+    /// A version the entry lacks fails with `VersionNotFound`.
+    pub(super) async fn with_key<T, F>(
+        self: &Arc<Self>,
+        name: &KeyName,
+        pick: Pick,
+        op: F,
+    ) -> Result<T>
     where
         T: Send + 'static,
         F: Fn(&Session, &Key) -> CallResult<T> + Clone + Send + Sync + 'static,
     {
         self.with_indexed_key(name, move |s, d, indexed| {
+            let (version, handle, nonce) =
+                indexed.resolve(pick).ok_or(Pkcs11Error::VersionNotFound)?;
             let key = Key {
-                master: d.copies.working(s, indexed.master, indexed.nonce)?,
+                master: d.copies.working(s, handle, nonce)?,
                 device: d,
                 indexed,
+                version,
             };
             op(s, &key)
         })
         .await
+    }
+
+    /// [`Self::with_key`] for one version; a version this instance has not seen (another
+    /// instance just rotated) is looked up on the token once, at most every
+    /// [`NEGATIVE_TTL_MIN`] per key, so ciphertexts naming made-up versions cost no searches.
+    pub(super) async fn with_version<T, F>(
+        self: &Arc<Self>,
+        name: &KeyName,
+        version: u32,
+        op: F,
+    ) -> Result<T>
+    where
+        T: Send + 'static,
+        F: Fn(&Session, &Key) -> CallResult<T> + Clone + Send + Sync + 'static,
+    {
+        match self
+            .with_key(name, Pick::Version(version), op.clone())
+            .await
+        {
+            Err(KeystoreError::VersionNotFound) if self.may_look_up_versions(name) => {
+                self.refresh(name).await?;
+                self.with_key(name, Pick::Version(version), op).await
+            }
+            other => other,
+        }
+    }
+
+    fn may_look_up_versions(&self, name: &KeyName) -> bool {
+        let mut last = self.version_lookups.lock().ignore_poison();
+        let now = Instant::now();
+        if last
+            .get(name)
+            .is_some_and(|at| now.duration_since(*at) < NEGATIVE_TTL_MIN)
+        {
+            return false;
+        }
+        if last.len() > 10_000 {
+            last.retain(|_, at| now.duration_since(*at) < NEGATIVE_TTL_MIN);
+        }
+        last.insert(name.clone(), now);
+        true
     }
 
     /// Runs `op` against an indexed key (its token objects), retrying once through a fresh
@@ -205,10 +333,9 @@ impl Inner {
                 let live: HashSet<_> = keys
                     .values()
                     .flat_map(|e| {
-                        [Some(e.master), e.hmac]
-                            .into_iter()
-                            .flatten()
-                            .map(|h| copies::Original::new(h, e.nonce))
+                        e.objects()
+                            .map(|(h, nonce)| copies::Original::new(h, nonce))
+                            .collect::<Vec<_>>()
                     })
                     .collect();
                 d.copies.retain(s, &live);
@@ -348,7 +475,7 @@ pub(super) fn has_ready_master(found: &[LabelledObject]) -> bool {
     found.iter().any(|f| {
         f.meta
             .as_ref()
-            .is_some_and(|m| m.role == Role::Key && m.state == State::Ready)
+            .is_some_and(|m| m.role == Role::Key && m.state == State::Ready && m.version == 1)
     })
 }
 
@@ -363,9 +490,35 @@ pub(super) fn pick_ready(
     let master = found
         .iter()
         .filter_map(|f| f.meta.as_ref().map(|m| (f, m)))
-        .filter(|(_, m)| m.role == Role::Key && m.state == State::Ready)
+        .filter(|(_, m)| m.role == Role::Key && m.state == State::Ready && m.version == 1)
         .min_by(|a, b| a.1.nonce.cmp(&b.1.nonce))?;
-    let info = master.1.key_info(name)?;
+    let mut info = master.1.key_info(name)?;
+    // Versions of this key (their `base` names its master); one object per version, the
+    // smallest nonce if a foreign tool made two.
+    let mut versions: Vec<(VersionObject, &str)> = Vec::new();
+    for (f, m) in found.iter().filter_map(|f| f.meta.as_ref().map(|m| (f, m))) {
+        if m.role != Role::Key
+            || m.state != State::Ready
+            || m.version < 2
+            || m.base != master.1.nonce
+        {
+            continue;
+        }
+        let candidate = VersionObject {
+            version: m.version,
+            master: f.handle,
+            nonce: nonce_value(&m.nonce),
+            created_at: m.created_at,
+        };
+        match versions.iter_mut().find(|(v, _)| v.version == m.version) {
+            Some(slot) if m.nonce.as_str() < slot.1 => *slot = (candidate, &m.nonce),
+            Some(_) => {}
+            None => versions.push((candidate, &m.nonce)),
+        }
+    }
+    versions.sort_by_key(|(v, _)| v.version);
+    let versions: Vec<VersionObject> = versions.into_iter().map(|(v, _)| v).collect();
+    info.version = versions.last().map_or(1, |v| v.version);
     let nonce = nonce_value(&master.1.nonce);
     let hmac = found
         .iter()
@@ -381,6 +534,8 @@ pub(super) fn pick_ready(
         info,
         nonce,
         generation,
+        nonce_text: master.1.nonce.clone(),
+        versions,
     })
 }
 

@@ -37,6 +37,7 @@ use cryptoki_sys::{
 use zeroize::Zeroizing;
 
 use super::raw::LoadedModule;
+use crate::locks::IgnorePoison;
 
 type InitFn = unsafe extern "C" fn(CK_SESSION_HANDLE, *mut CK_MECHANISM, CK_OBJECT_HANDLE) -> CK_RV;
 type MessageFn = unsafe extern "C" fn(
@@ -278,12 +279,12 @@ impl MessageCalls {
     }
 
     fn prepared_for(&self, s: &Session, side: Side) -> Option<Prepared> {
-        let mut map = self.prepared.lock().unwrap_or_else(|e| e.into_inner());
+        let mut map = self.prepared.lock().ignore_poison();
         *map.get_mut(&s.handle())?.side(side)
     }
 
     fn set_prepared(&self, s: &Session, side: Side, to: Option<Prepared>) {
-        let mut map = self.prepared.lock().unwrap_or_else(|e| e.into_inner());
+        let mut map = self.prepared.lock().ignore_poison();
         *map.entry(s.handle()).or_default().side(side) = to;
     }
 

@@ -102,7 +102,7 @@ use self::workers::Workers;
 use self::writelock::WriteLock;
 use super::{
     DataKey, HmacKeySource, ImportKey, KeyInfo, KeyStore, KeystoreError, KeystoreStats, PoolStats,
-    Provenance, Result,
+    Provenance, Result, ScheduledRotation, VersionInfo, VersionState,
 };
 use crate::crypto::kes::Algorithm;
 use crate::locks::IgnorePoison;
@@ -160,6 +160,11 @@ struct Inner {
     marker_due: AtomicBool,
     /// The HSM's random bytes for DEKs and IVs, drawn in bulk ([`randomness`]).
     randomness: randomness::RandomPool,
+    /// When each key's versions were last looked up on the token for a version the index
+    /// lacked (`Inner::with_version`).
+    version_lookups: Mutex<HashMap<KeyName, Instant>>,
+    /// Seals and unseals per key version since start.
+    usage: super::usage::Usage,
 }
 
 impl fmt::Debug for Pkcs11KeyStore {
@@ -261,6 +266,8 @@ impl Pkcs11KeyStore {
             marker_seen: Mutex::new(Some(stamp)),
             marker_due: AtomicBool::new(false),
             randomness: randomness::RandomPool::new(),
+            version_lookups: Mutex::new(HashMap::new()),
+            usage: Default::default(),
         });
         tokio::spawn(Inner::watch(Arc::downgrade(&inner)));
         Ok(Pkcs11KeyStore { inner })
@@ -420,6 +427,68 @@ impl KeyStore for Pkcs11KeyStore {
 
     async fn reload_pin(&self, pin: Pin) -> Result<()> {
         self.inner.reload_pin(pin).await
+    }
+
+    async fn rotate(&self, name: &KeyName, provenance: Provenance) -> Result<u32> {
+        self.inner
+            .rotate_key(name, None, provenance)
+            .await?
+            .ok_or_else(|| KeystoreError::Backend("rotation made no version".into()))
+    }
+
+    async fn rotate_if_due(
+        &self,
+        name: &KeyName,
+        period: Duration,
+        provenance: Provenance,
+    ) -> Result<ScheduledRotation> {
+        Ok(
+            match self
+                .inner
+                .rotate_key(name, Some(period), provenance)
+                .await?
+            {
+                Some(v) => ScheduledRotation::Rotated(v),
+                None => ScheduledRotation::NotDue,
+            },
+        )
+    }
+
+    async fn versions(&self, name: &KeyName) -> Result<Vec<VersionInfo>> {
+        let times = self
+            .inner
+            .with_indexed_key(name, |s, _, indexed| {
+                s.get_attributes(indexed.master, &[AttributeType::Class])?;
+                Ok(indexed.version_times())
+            })
+            .await?;
+        let newest = times.last().map_or(1, |(v, _)| *v);
+        Ok(times
+            .into_iter()
+            .map(|(version, created_at)| {
+                let (seals, unseals, last_used) = self.inner.usage.of(name, version);
+                VersionInfo {
+                    version,
+                    created_at,
+                    state: if version == newest {
+                        VersionState::Sealing
+                    } else {
+                        VersionState::Active
+                    },
+                    seals,
+                    unseals,
+                    last_used,
+                }
+            })
+            .collect())
+    }
+
+    async fn destroy_version(&self, name: &KeyName, version: u32) -> Result<()> {
+        self.inner.destroy_version(name, version).await
+    }
+
+    fn version_usage(&self) -> Vec<super::usage::VersionUsage> {
+        self.inner.usage.snapshot()
     }
 
     async fn status(&self) -> Result<Duration> {

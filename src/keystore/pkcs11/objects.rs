@@ -6,6 +6,10 @@
 //! linking the pair, scheme, algorithm and provenance. A key is visible only once its master
 //! object's state is `ready` (the commit point of a create, see `create` in the parent module).
 //!
+//! Key versions (rotation): version N ≥ 2 is one more master object under the same label,
+//! with `version` and `base` (the nonce of version 1's master) in its record; version 1's
+//! record has neither. New versions have no HMAC object: `/v1/key/hmac` keeps version 1's.
+//!
 //! Template invariants (docs/FORMAT.md §6, docs/SECURITY.md): master keys are token, private, sensitive and never
 //! extractable; no derive, sign, verify, wrap or unwrap unless the scheme needs it; and
 //! `CKA_ALLOWED_MECHANISMS` is exactly the scheme's mechanism.
@@ -66,6 +70,22 @@ pub struct Meta {
     #[serde(default, skip_serializing_if = "String::is_empty")]
     /// Who made it; empty when unknown.
     pub created_by: String,
+    /// The key version this master object is; absent = 1. For versions ≥ 2, `created_at` and
+    /// `created_by` are the version's.
+    #[serde(default = "first_version", skip_serializing_if = "is_first_version")]
+    pub version: u32,
+    /// For versions ≥ 2: the `nonce` of the key's version-1 master, so a version left by an
+    /// interrupted delete is never taken for a version of a new key of the same name.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub base: String,
+}
+
+fn first_version() -> u32 {
+    1
+}
+
+fn is_first_version(v: &u32) -> bool {
+    *v == 1
 }
 
 /// Pending objects older than this are leftovers of a crashed create and may be removed.
@@ -90,7 +110,16 @@ impl Meta {
             alg: alg.as_str().to_owned(),
             created_at: provenance.created_at,
             created_by: provenance.created_by.clone(),
+            version: 1,
+            base: String::new(),
         }
+    }
+
+    /// The record of version `version` (≥ 2) of the key whose version-1 nonce is `base`.
+    pub fn of_version(mut self, version: u32, base: &str) -> Self {
+        self.version = version;
+        self.base = base.to_owned();
+        self
     }
 
     /// The JSON bytes stored in `CKA_ID`.
@@ -125,6 +154,7 @@ impl Meta {
             algorithm: Algorithm::from_import_name(&self.alg)?,
             created_at: self.created_at,
             created_by: self.created_by.clone(),
+            version: 1,
         })
     }
 }

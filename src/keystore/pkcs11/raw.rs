@@ -29,6 +29,8 @@ use cryptoki::session::Session;
 use cryptoki_sys::{CK_FUNCTION_LIST, CK_RV, CK_SESSION_HANDLE, CK_ULONG};
 use zeroize::Zeroizing;
 
+use crate::locks::IgnorePoison;
+
 use super::error::Pkcs11Error;
 
 /// How much longer than its input an output may be: a GCM tag (16) and a block of padding.
@@ -237,7 +239,7 @@ impl CallGuard {
     /// Registers the exit handler after `module`'s first initialization in this process
     /// (exit handlers run in reverse order, so it runs before anything the module registered).
     pub fn install_exit_hook(module: &Path) {
-        let mut hooked = HOOKED.lock().unwrap_or_else(|e| e.into_inner());
+        let mut hooked = HOOKED.lock().ignore_poison();
         if hooked.iter().any(|m| m == module) {
             return;
         }

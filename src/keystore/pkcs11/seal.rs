@@ -14,12 +14,12 @@ use zeroize::Zeroizing;
 
 use super::device::Device;
 use super::error::Pkcs11Error;
-use super::index::IndexedKey;
+use super::index::{IndexedKey, Pick};
 use super::objects;
 use super::seam::CallResult;
 use super::{randomness, Inner, IvSource};
 use crate::crypto::{kes, native};
-use crate::keystore::{DataKey, KeyInfo, Result, Scheme};
+use crate::keystore::{DataKey, KeyInfo, KeystoreError, Result, Scheme};
 use crate::name::KeyName;
 use crate::secret::SecretBytes;
 
@@ -32,8 +32,8 @@ impl Inner {
         let context = Arc::new(context.to_vec());
         let iv_source = self.settings.iv;
         let inner = self.clone();
-        let (plaintext, ciphertext) = self
-            .with_key(name, move |s, key| {
+        let (plaintext, ciphertext, version) = self
+            .with_key(name, Pick::Sealing, move |s, key| {
                 let extra = seal_random_len(key.info().scheme, iv_source);
                 // The DEK and the IV from the pool: no C_GenerateRandom on this request.
                 let mut rnd = Zeroizing::new([0u8; 32 + kes::TRAILER_LEN]);
@@ -48,9 +48,10 @@ impl Inner {
                     dek.as_ref(),
                     &context,
                 )?;
-                Ok((dek, ct))
+                Ok((dek, ct, key.version))
             })
             .await?;
+        self.usage.sealed(name, version);
         self.top_up_randomness();
         Ok(DataKey {
             plaintext,
@@ -68,14 +69,16 @@ impl Inner {
         let context = Arc::new(context.to_vec());
         let iv_source = self.settings.iv;
         let inner = self.clone();
-        let ct = self
-            .with_key(name, move |s, key| {
+        let (ct, version) = self
+            .with_key(name, Pick::Sealing, move |s, key| {
                 let mut rnd = [0u8; kes::TRAILER_LEN];
                 let extra = seal_random_len(key.info().scheme, iv_source);
                 inner.draw(s, &mut rnd[..extra])?;
-                seal_on_device(s, key, iv_source, &rnd[..extra], &plaintext, &context)
+                let ct = seal_on_device(s, key, iv_source, &rnd[..extra], &plaintext, &context)?;
+                Ok((ct, key.version))
             })
             .await?;
+        self.usage.sealed(name, version);
         self.top_up_randomness();
         Ok(ct)
     }
@@ -115,17 +118,31 @@ impl Inner {
         ciphertext: &[u8],
         context: &[u8],
     ) -> Result<SecretBytes> {
-        let ciphertext = Arc::new(ciphertext.to_vec());
         let context = Arc::new(context.to_vec());
-        self.with_key(name, move |s, key| {
-            open_on_device(s, key, &ciphertext, &context)
-        })
-        .await
+        // The version the ciphertext names, then (for `kes` look-alikes) version 1.
+        for (version, inner) in crate::crypto::versioned::readings(ciphertext) {
+            let inner = Arc::new(inner.to_vec());
+            let context = context.clone();
+            let opened = self
+                .with_version(name, version, move |s, key| {
+                    open_on_device(s, key, &inner, &context)
+                })
+                .await;
+            match opened {
+                Ok(pt) => {
+                    self.usage.unsealed(name, version);
+                    return Ok(pt);
+                }
+                Err(KeystoreError::NotAuthentic | KeystoreError::VersionNotFound) => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        Err(KeystoreError::NotAuthentic)
     }
 
     pub(super) async fn hmac(self: &Arc<Self>, name: &KeyName, message: &[u8]) -> Result<[u8; 32]> {
         let message = Arc::new(message.to_vec());
-        self.with_key(name, move |s, key| {
+        self.with_key(name, Pick::Sealing, move |s, key| {
             let mac = s.sign(&Mechanism::Sha256Hmac, key.hmac(s)?, &message)?;
             let len = mac.len();
             mac.try_into().map_err(|_| Pkcs11Error::MacLength(len))
@@ -136,9 +153,11 @@ impl Inner {
 
 /// A key for one operation: the master handle to use, and what the index and the device know.
 pub(super) struct Key<'a> {
+    /// The handle of the version in use.
     pub(super) master: ObjectHandle,
     pub(super) device: &'a Device,
     pub(super) indexed: &'a IndexedKey,
+    pub(super) version: u32,
 }
 
 impl Key<'_> {
@@ -158,9 +177,22 @@ pub(super) fn unseal_error(e: cryptoki::error::Error, key: &Key) -> Pkcs11Error 
     Pkcs11Error::from(e).unsealing(key.device.tag_failures)
 }
 
-/// Seals `plaintext` on the device with the key's scheme. `rnd` holds fresh random bytes
-/// for the IV (and nonce): 12 for `gcm`, 28 for `kes`, none for `kwp`.
+/// Seals `plaintext` on the device with the key version's scheme, in the ciphertext format
+/// that names the version. `rnd` holds fresh random bytes for the IV (and nonce): 12 for
+/// `gcm`, 28 for `kes`, none for `kwp`.
 pub(super) fn seal_on_device(
+    s: &Session,
+    key: &Key,
+    iv_source: IvSource,
+    rnd: &[u8],
+    plaintext: &[u8],
+    context: &[u8],
+) -> CallResult<Vec<u8>> {
+    let inner = seal_version_one_format(s, key, iv_source, rnd, plaintext, context)?;
+    Ok(crate::crypto::versioned::wrap(key.version, inner))
+}
+
+fn seal_version_one_format(
     s: &Session,
     key: &Key,
     iv_source: IvSource,

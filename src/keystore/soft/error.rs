@@ -49,6 +49,10 @@ pub enum SoftError {
     KeyFileNotOpening(PathBuf),
     #[error("key file {} is malformed", .0.display())]
     KeyFileMalformed(PathBuf),
+    #[error("too many concurrent rotations of '{0}'; try again")]
+    RotateContended(String),
+    #[error("key version file {}: {why}", path.display())]
+    VersionFile { path: PathBuf, why: String },
     #[error("cannot wrap key record: {0}")]
     Wrap(aes_kw::Error),
 }

@@ -32,7 +32,11 @@ pub(super) async fn status_metrics_api_version(store: Store) {
     assert!(s.get("keystore_unavailable").is_none());
 
     let routes: Vec<api::ApiRoute> = json(&send(&c, Method::GET, "/v1/api", None).await);
-    assert_eq!(routes.len(), 23, "KES's 22 and /v1/metrics/kesh");
+    assert_eq!(
+        routes.len(),
+        26,
+        "KES's 22, /v1/metrics/kesh and the three key-version routes"
+    );
     let find = |p: &str| routes.iter().find(|r| r.path == p).unwrap().clone();
     assert_eq!(
         find("/v1/key/generate/"),

@@ -93,7 +93,7 @@ fn policies_identities_status_metrics_logs() {
     assert!(v["keystore_latency"].as_u64().unwrap() >= 1, "{v}");
     assert!(v.get("api").is_none());
     let v = srv.run(&["status", "--api", "--json"]).json();
-    assert_eq!(v["api"].as_array().unwrap().len(), 23, "{v}");
+    assert_eq!(v["api"].as_array().unwrap().len(), 26, "{v}");
     let out = srv.run(&["status"]).ok();
     for field in ["Endpoint", "Version", "Uptime", "Keystore  reachable"] {
         assert!(out.contains(field), "{field}: {out}");

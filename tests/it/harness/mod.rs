@@ -136,6 +136,8 @@ pub struct Tokens {
     pub listing: Arc<EphemeralToken>,
     /// Two `kesh server` processes listing past 1,024 keys while one churns (`listing.rs`).
     pub listing_bulk: Arc<EphemeralToken>,
+    /// Two `kesh server` processes rotating one key on a schedule (`rotation.rs`).
+    pub rotation: Arc<EphemeralToken>,
     /// One per vendor personality of the fault shim, each used by one server process at a
     /// time (`personalities.rs`).
     pub personalities: std::collections::BTreeMap<&'static str, Arc<EphemeralToken>>,
@@ -168,6 +170,7 @@ pub fn tokens() -> &'static Tokens {
             guide: Arc::new(token()),
             listing: Arc::new(token()),
             listing_bulk: Arc::new(token()),
+            rotation: Arc::new(token()),
             personalities: PERSONALITIES
                 .iter()
                 .map(|p| (*p, Arc::new(token())))
