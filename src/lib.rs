@@ -15,7 +15,7 @@
 //! | [`tls`]      | the rustls crypto provider and PEM loading, for both sides    | what a peer must present |
 //! | [`api`]      | wire DTOs shared by server and [`client`]                    | logic                  |
 //! | [`client`]   | a small KES client (hyper + rustls) for the CLI and tests, and [`client::bench`] (`kesh bench`) | the server internals |
-//! | [`config`]   | config file → validated settings, `${VAR}` substitution; reads the config, PIN and KEK files; [`config::keystore::KeystoreConfig::open`] opens the configured keystore (for pkcs11: loads the module, logs in) | HTTP, policy decisions |
+//! | [`config`]   | config file → validated settings, `${VAR}` substitution; reads the config, PIN and KEK files | HTTP, policy decisions, opening a keystore ([`keystore::settings::KeystoreConfig::open`] does) |
 //! | [`keystore`] | `trait KeyStore`, backends [`keystore::pkcs11`] (every cryptoki call, on its worker threads) and [`keystore::soft`] | HTTP, policy |
 //! | [`crypto`]   | ciphertext formats (native, KES, legacy), KES stored keys, host-side AEAD | I/O of any kind |
 //! | [`name`]     | validated key names and list patterns                        | everything else        |

@@ -17,7 +17,9 @@ use crate::server::service::{KeyOp, ServiceError};
 /// Which request body could not be decoded; import words it differently.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BodyKind {
+    /// The import route's body.
     Import,
+    /// Any other route's body.
     Other,
 }
 
@@ -26,18 +28,26 @@ pub enum BodyKind {
 pub enum ApiError {
     /// Wrong method for the route (`POST` on `PUT` routes is not wrong).
     MethodNotAllowed {
+        /// The method the request used.
         got: Method,
+        /// The method the route takes.
         want: Method,
     },
+    /// A key name that is empty, too long or has invalid characters.
     InvalidKeyName(String),
+    /// A listing pattern that is empty, too long or invalid.
     InvalidPattern(String),
+    /// A policy name that is empty, too long or has invalid characters.
     InvalidPolicyName(String),
+    /// An identity that is empty, too long or has invalid characters.
     InvalidIdentity(String),
+    /// A body that does not decode, or is too large.
     InvalidBody(BodyKind),
     /// kesh's `/v1/key/destroy-version/<name>/<version>` without a valid `<version>`.
     InvalidKeyVersion(String),
     /// The client sent more than one end-entity certificate.
     MultipleCertificates,
+    /// What the service refused or failed at.
     Service(ServiceError),
 }
 

@@ -7,10 +7,6 @@
 //! handler; the outcome is counted, audited and, for 5xx, sent to the error log.
 
 pub mod audit;
-#[allow(
-    missing_docs,
-    reason = "not yet documented item by item; remove as each module is"
-)]
 pub mod error;
 #[allow(
     unsafe_code,
@@ -22,10 +18,6 @@ pub mod metrics;
 pub mod policy;
 pub mod rotation;
 pub mod routes;
-#[allow(
-    missing_docs,
-    reason = "not yet documented item by item; remove as each module is"
-)]
 pub mod service;
 pub mod tls;
 

@@ -27,14 +27,23 @@ use crate::server::policy::{Authorizer, Denial, Permit, Policy, PolicyName};
 /// wire message of a backend failure.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum KeyOp {
+    /// `/v1/key/create`.
     Create,
+    /// `/v1/key/import`.
     Import,
+    /// `/v1/key/describe`.
     Describe,
+    /// `/v1/key/list`.
     List,
+    /// `/v1/key/delete`.
     Delete,
+    /// `/v1/key/generate`.
     Generate,
+    /// `/v1/key/encrypt`.
     Encrypt,
+    /// `/v1/key/decrypt`.
     Decrypt,
+    /// `/v1/key/hmac`.
     Hmac,
     /// [`KeyStore::status`], the probe behind `/v1/ready` and `/v1/status`.
     Status,
@@ -47,6 +56,7 @@ pub enum KeyOp {
 }
 
 impl KeyOp {
+    /// The operation as metric labels and logs name it.
     pub fn as_str(self) -> &'static str {
         match self {
             KeyOp::Create => "create",
@@ -76,22 +86,30 @@ impl std::fmt::Display for KeyOp {
 /// the operation they happened in (which chooses the wire message of a backend failure).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ServiceError {
+    /// No policy allows the path.
     #[error("not authorized")]
     NotAllowed,
+    /// A verify route without a client certificate.
     #[error("no client certificate")]
     NoCertificate,
     /// Import with a cipher name that is unknown or that the keystore cannot hold.
     #[error("algorithm '{0}' is not supported")]
     AlgorithmUnsupported(String),
+    /// Import of a key of the wrong length for its cipher.
     #[error("invalid key size for '{0}'")]
     InvalidKeySize(String),
+    /// No policy by that name.
     #[error("policy does not exist")]
     PolicyNotFound,
+    /// No identity by that name.
     #[error("identity does not exist")]
     IdentityNotFound,
+    /// The keystore failed `op`; the wire answer depends on both.
     #[error("{op}: {source}")]
     Keystore {
+        /// The operation that failed.
         op: KeyOp,
+        /// What the keystore said.
         #[source]
         source: KeystoreError,
     },
@@ -110,17 +128,24 @@ impl ServiceError {
 /// A policy as describe/read report it.
 #[derive(Debug, Clone)]
 pub struct PolicyView {
+    /// The policy's name.
     pub name: PolicyName,
+    /// Its allow and deny rules.
     pub policy: Policy,
+    /// When it was loaded (the server's start or last reload).
     pub created_at: OffsetDateTime,
+    /// The admin identity, which configured it.
     pub created_by: Identity,
 }
 
 /// An identity as describe reports it.
 #[derive(Debug, Clone)]
 pub struct IdentityView {
+    /// Whether this is the admin identity.
     pub admin: bool,
+    /// The policy it is assigned to, if any.
     pub policy: Option<PolicyName>,
+    /// When the assignment was loaded.
     pub created_at: OffsetDateTime,
     /// The admin, for identities assigned to a policy.
     pub created_by: Option<Identity>,
@@ -129,17 +154,24 @@ pub struct IdentityView {
 /// What the caller learns about itself.
 #[derive(Debug, Clone)]
 pub struct SelfView {
+    /// The caller's identity (none without a certificate).
     pub identity: Option<Identity>,
+    /// Whether the caller is the admin.
     pub admin: bool,
+    /// The caller's policy, if any.
     pub policy: Option<(PolicyName, Policy)>,
+    /// When the caller's policy was loaded.
     pub created_at: OffsetDateTime,
+    /// The admin, for identities assigned to a policy.
     pub created_by: Option<Identity>,
 }
 
 /// Keystore health as `/v1/status` reports it.
 #[derive(Debug, Clone, Copy)]
 pub enum KeystoreHealth {
+    /// Serving; the probe took this long.
     Reachable(Duration),
+    /// The probe failed.
     Unreachable,
 }
 
@@ -162,6 +194,7 @@ impl std::fmt::Debug for Service {
 }
 
 impl Service {
+    /// A service over `keystore`, deciding with `authorizer` and counting in `metrics`.
     pub fn new(keystore: Arc<dyn KeyStore>, authorizer: Authorizer, metrics: Arc<Metrics>) -> Self {
         Service {
             keystore,
@@ -177,6 +210,7 @@ impl Service {
         self.rotation_schedule.read().ignore_poison().clone()
     }
 
+    /// Replaces the keys scheduled for rotation (start and reload).
     pub fn set_rotation_schedule(&self, schedule: BTreeMap<KeyName, Duration>) {
         *self.rotation_schedule.write().ignore_poison() = Arc::new(schedule);
     }
@@ -192,10 +226,12 @@ impl Service {
         *self.authorizer.write().ignore_poison() = Arc::new(authorizer);
     }
 
+    /// The metrics the service counts in.
     pub fn metrics(&self) -> &Arc<Metrics> {
         &self.metrics
     }
 
+    /// What the keystore reports beside its answers.
     pub fn keystore_stats(&self) -> crate::keystore::KeystoreStats {
         self.keystore.stats()
     }
@@ -205,10 +241,12 @@ impl Service {
         self.keystore.reload_pin(pin).await
     }
 
+    /// One line naming the keystore.
     pub fn keystore_description(&self) -> String {
         self.keystore.description()
     }
 
+    /// Time since the service started.
     pub fn uptime(&self) -> Duration {
         self.started.elapsed()
     }
@@ -256,6 +294,7 @@ impl Service {
         )
     }
 
+    /// `/v1/key/create/<name>`.
     pub async fn create_key(&self, permit: &Permit, name: &KeyName) -> Result<(), ServiceError> {
         self.call(
             KeyOp::Create,
@@ -300,6 +339,7 @@ impl Service {
         }
     }
 
+    /// `/v1/key/describe/<name>`.
     pub async fn describe_key(
         &self,
         _permit: &Permit,
@@ -320,10 +360,12 @@ impl Service {
             .await
     }
 
+    /// `/v1/key/delete/<name>`.
     pub async fn delete_key(&self, _permit: &Permit, name: &KeyName) -> Result<(), ServiceError> {
         self.call(KeyOp::Delete, self.keystore.delete(name)).await
     }
 
+    /// `/v1/key/generate/<name>`: a fresh data key, plaintext and sealed.
     pub async fn generate_key(
         &self,
         _permit: &Permit,
@@ -337,6 +379,7 @@ impl Service {
         Ok(dek)
     }
 
+    /// `/v1/key/encrypt/<name>`.
     pub async fn encrypt(
         &self,
         _permit: &Permit,
@@ -354,6 +397,7 @@ impl Service {
         Ok(ct)
     }
 
+    /// `/v1/key/decrypt/<name>`.
     pub async fn decrypt(
         &self,
         _permit: &Permit,
@@ -380,6 +424,7 @@ impl Service {
         }
     }
 
+    /// `/v1/key/hmac/<name>`.
     pub async fn hmac(
         &self,
         _permit: &Permit,
@@ -464,6 +509,7 @@ impl Service {
         }
     }
 
+    /// `/v1/policy/describe` and `/v1/policy/read`.
     pub fn describe_policy(
         &self,
         _permit: &Permit,
@@ -489,6 +535,7 @@ impl Service {
             .collect()
     }
 
+    /// `/v1/identity/describe/<identity>`.
     pub fn describe_identity(
         &self,
         _permit: &Permit,

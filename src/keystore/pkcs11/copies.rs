@@ -40,6 +40,7 @@ pub struct Original {
 }
 
 impl Original {
+    /// The original of token object `token` made with creation nonce `nonce`.
     pub fn new(token: ObjectHandle, nonce: u64) -> Self {
         Original {
             handle: token.handle(),
@@ -85,6 +86,7 @@ pub struct SessionCopies {
 }
 
 impl SessionCopies {
+    /// A map of copies; `enabled` false makes every key used as its token object.
     pub fn new(enabled: bool) -> Self {
         SessionCopies {
             enabled,

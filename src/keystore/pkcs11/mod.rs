@@ -38,10 +38,6 @@
 //! attempt.
 
 pub mod changes;
-#[allow(
-    missing_docs,
-    reason = "not yet documented item by item; remove as each module is"
-)]
 pub mod copies;
 mod create;
 pub mod device;
@@ -59,10 +55,6 @@ pub mod profile;
     unsafe_code,
     reason = "mlock of the pool of HSM random bytes: libc has no safe wrapper"
 )]
-#[allow(
-    missing_docs,
-    reason = "not yet documented item by item; remove as each module is"
-)]
 pub mod randomness;
 #[allow(
     unsafe_code,
@@ -72,10 +64,6 @@ pub mod raw;
 mod seal;
 mod seam;
 pub mod settings;
-#[allow(
-    missing_docs,
-    reason = "not yet documented item by item; remove as each module is"
-)]
 pub mod workers;
 pub mod writelock;
 

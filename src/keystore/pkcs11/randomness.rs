@@ -22,12 +22,14 @@ pub const POOL_BYTES: usize = 4096;
 /// A refill starts when fewer bytes than this are left.
 pub const LOW_WATER: usize = 1024;
 
+/// Random bytes drawn from the HSM in bulk, handed out once each (module doc).
 pub struct RandomPool {
     bytes: Mutex<Zeroizing<Vec<u8>>>,
     refilling: AtomicBool,
 }
 
 impl RandomPool {
+    /// An empty pool: the first seals draw their bytes directly until a refill lands.
     pub fn new() -> Self {
         let bytes = Zeroizing::new(Vec::<u8>::with_capacity(POOL_BYTES));
         // SAFETY: the range is the Vec's own allocation of POOL_BYTES bytes, which is never
@@ -77,6 +79,7 @@ impl RandomPool {
         self.refilling.store(false, Ordering::Release);
     }
 
+    /// Ends a refill that failed, so the next low pool asks again.
     pub fn refill_failed(&self) {
         self.refilling.store(false, Ordering::Release);
     }

@@ -159,6 +159,7 @@ impl Queue {
 /// What became of a call.
 #[derive(Debug)]
 pub enum Outcome<T> {
+    /// The job ran; its answer.
     Done(T),
     /// No worker was free within the wait; the job was withdrawn unrun.
     Busy,
@@ -193,10 +194,13 @@ pub struct Workers {
 /// Figures for metrics.
 #[derive(Debug, Clone, Copy)]
 pub struct WorkerStats {
+    /// Worker threads (one per session).
     pub size: usize,
+    /// Jobs running on a worker now.
     pub running: usize,
     /// Jobs started on a worker thread.
     pub started: u64,
+    /// Total time jobs waited in the queue for a worker.
     pub waited: Duration,
     /// Jobs run on the asking runtime thread instead.
     pub inline: u64,
@@ -303,6 +307,7 @@ impl Workers {
         }
     }
 
+    /// Figures for metrics, now.
     pub fn stats(&self) -> WorkerStats {
         let q = &self.queue;
         WorkerStats {
