@@ -10,6 +10,7 @@ use std::sync::Mutex;
 
 use time::OffsetDateTime;
 
+use super::{VersionInfo, VersionState};
 use crate::locks::IgnorePoison;
 use crate::name::KeyName;
 
@@ -68,6 +69,30 @@ impl Usage {
     /// Counts an unseal with `version` of `name`.
     pub fn unsealed(&self, name: &KeyName, version: u32) {
         self.bump(name, version, |c| c.unseals += 1);
+    }
+
+    /// The versions listing of `name` from its versions' `(number, created_at)`, oldest first:
+    /// each with this process's use of it; the newest seals.
+    pub fn listing(&self, name: &KeyName, times: Vec<(u32, OffsetDateTime)>) -> Vec<VersionInfo> {
+        let newest = times.last().map_or(1, |(v, _)| *v);
+        times
+            .into_iter()
+            .map(|(version, created_at)| {
+                let (seals, unseals, last_used) = self.of(name, version);
+                VersionInfo {
+                    version,
+                    created_at,
+                    state: if version == newest {
+                        VersionState::Sealing
+                    } else {
+                        VersionState::Active
+                    },
+                    seals,
+                    unseals,
+                    last_used,
+                }
+            })
+            .collect()
     }
 
     /// Seals, unseals and last use of one version (zeros and `None` when unused).

@@ -176,12 +176,7 @@ impl Inner {
         if !force && misses.contains_key(name) {
             return Err(KeystoreError::KeyNotFound);
         }
-        let label = self.label(name);
-        let wanted = name.clone();
-        self.searches.fetch_add(1, Ordering::Relaxed);
-        let found = self
-            .run(move |s, d| find_ready(s, &label, &wanted, d.generation))
-            .await?;
+        let found = self.search_token(name).await?;
         match found {
             Some(key) => {
                 misses.remove(name);
@@ -195,16 +190,21 @@ impl Inner {
         }
     }
 
+    /// One targeted search of the token for `name`'s ready key (counted in `searches`).
+    async fn search_token(self: &Arc<Self>, name: &KeyName) -> Result<Option<IndexedKey>> {
+        let label = self.label(name);
+        let wanted = name.clone();
+        self.searches.fetch_add(1, Ordering::Relaxed);
+        Ok(self
+            .run(move |s, d| find_ready(s, &label, &wanted, d.generation))
+            .await?)
+    }
+
     /// Searches the token for `name` now, even when it is indexed, and indexes what it finds:
     /// for versions another instance made or destroyed. Serialised with misses.
     pub(super) async fn refresh(self: &Arc<Self>, name: &KeyName) -> Result<Arc<IndexedKey>> {
         let _misses = self.misses.lock().await;
-        let label = self.label(name);
-        let wanted = name.clone();
-        self.searches.fetch_add(1, Ordering::Relaxed);
-        let found = self
-            .run(move |s, d| find_ready(s, &label, &wanted, d.generation))
-            .await?;
+        let found = self.search_token(name).await?;
         match found {
             Some(key) => Ok(self.remember(key)),
             None => {
@@ -235,6 +235,7 @@ impl Inner {
                 device: d,
                 indexed,
                 version,
+                nonce,
             };
             op(s, &key)
         })

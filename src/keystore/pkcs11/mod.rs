@@ -90,7 +90,7 @@ use self::workers::Workers;
 use self::writelock::WriteLock;
 use super::{
     DataKey, HmacKeySource, ImportKey, KeyInfo, KeyStore, KeystoreError, KeystoreStats, PoolStats,
-    Provenance, Result, ScheduledRotation, VersionInfo, VersionState,
+    Provenance, Result, ScheduledRotation, VersionInfo,
 };
 use crate::crypto::kes::Algorithm;
 use crate::locks::IgnorePoison;
@@ -450,25 +450,7 @@ impl KeyStore for Pkcs11KeyStore {
                 Ok(indexed.version_times())
             })
             .await?;
-        let newest = times.last().map_or(1, |(v, _)| *v);
-        Ok(times
-            .into_iter()
-            .map(|(version, created_at)| {
-                let (seals, unseals, last_used) = self.inner.usage.of(name, version);
-                VersionInfo {
-                    version,
-                    created_at,
-                    state: if version == newest {
-                        VersionState::Sealing
-                    } else {
-                        VersionState::Active
-                    },
-                    seals,
-                    unseals,
-                    last_used,
-                }
-            })
-            .collect())
+        Ok(self.inner.usage.listing(name, times))
     }
 
     async fn destroy_version(&self, name: &KeyName, version: u32) -> Result<()> {

@@ -158,6 +158,8 @@ pub(super) struct Key<'a> {
     pub(super) device: &'a Device,
     pub(super) indexed: &'a IndexedKey,
     pub(super) version: u32,
+    /// The version's creation nonce (version 1's is `indexed.nonce`).
+    pub(super) nonce: u64,
 }
 
 impl Key<'_> {
@@ -188,19 +190,8 @@ pub(super) fn seal_on_device(
     plaintext: &[u8],
     context: &[u8],
 ) -> CallResult<Vec<u8>> {
-    let inner = seal_version_one_format(s, key, iv_source, rnd, plaintext, context)?;
-    Ok(crate::crypto::versioned::wrap(key.version, inner))
-}
-
-fn seal_version_one_format(
-    s: &Session,
-    key: &Key,
-    iv_source: IvSource,
-    rnd: &[u8],
-    plaintext: &[u8],
-    context: &[u8],
-) -> CallResult<Vec<u8>> {
-    match key.info().scheme {
+    // Version 1's format for the scheme; the envelope then names the version.
+    let inner = match key.info().scheme {
         Scheme::Gcm => {
             let mut iv = [0u8; native::GCM_IV_LEN];
             if iv_source == IvSource::Caller {
@@ -208,7 +199,7 @@ fn seal_version_one_format(
             }
             let sealed = if let (Some(message), IvSource::Caller) = (&key.device.message, iv_source)
             {
-                message.seal(s, key.master, key.indexed.nonce, &iv, context, plaintext)?
+                message.seal(s, key.master, key.nonce, &iv, context, plaintext)?
             } else {
                 let params =
                     GcmParams::new(&mut iv, context, (native::GCM_TAG_LEN as u64 * 8).into())?;
@@ -230,7 +221,7 @@ fn seal_version_one_format(
             if iv_source == IvSource::Device && iv == [0u8; native::GCM_IV_LEN] {
                 return Err(Pkcs11Error::NoIvReturned);
             }
-            Ok(native::encode_gcm(&iv, &sealed))
+            native::encode_gcm(&iv, &sealed)
         }
         Scheme::Kwp => {
             let (pad, inner) = native::kwp_inner(plaintext, context);
@@ -240,7 +231,7 @@ fn seal_version_one_format(
             let obj = obj?;
             let wrapped = s.wrap_key(&Mechanism::AesKeyWrapPad, key.master, obj);
             let _ = s.destroy_object(obj);
-            Ok(native::encode_kwp(pad, &wrapped?))
+            native::encode_kwp(pad, &wrapped?)
         }
         Scheme::Kes => {
             let short = |_| Pkcs11Error::ShortRandom(rnd.len());
@@ -249,16 +240,17 @@ fn seal_version_one_format(
                 .try_into()
                 .map_err(short)?;
             let derived = derive_on_device(s, key, &iv)?;
-            Ok(kes::seal(
+            kes::seal(
                 key.info().algorithm,
                 &derived,
                 &iv,
                 &nonce,
                 plaintext,
                 context,
-            ))
+            )
         }
-    }
+    };
+    Ok(crate::crypto::versioned::wrap(key.version, inner))
 }
 
 /// The `kes` scheme's per-message key, HMAC-SHA256(master, iv), computed on the device.
@@ -287,7 +279,7 @@ pub(super) fn open_on_device(
             let (mut iv, sealed) = native::parse_gcm(ciphertext)?;
             if let Some(message) = &key.device.message {
                 return message
-                    .open(s, key.master, key.indexed.nonce, &iv, context, sealed)
+                    .open(s, key.master, key.nonce, &iv, context, sealed)
                     .map_err(|err| unseal_error(err, key));
             }
             let params = GcmParams::new(&mut iv, context, (native::GCM_TAG_LEN as u64 * 8).into())?;

@@ -39,7 +39,7 @@ mod error;
 
 use super::{
     BackendError, DataKey, HmacKeySource, ImportKey, KeyInfo, KeyStore, KeystoreError,
-    KeystoreStats, Provenance, Result, ScheduledRotation, Scheme, VersionInfo, VersionState,
+    KeystoreStats, Provenance, Result, ScheduledRotation, Scheme, VersionInfo,
 };
 use crate::crypto::{self, kes, kes::Algorithm, native};
 use crate::locks::IgnorePoison;
@@ -514,26 +514,7 @@ impl KeyStore for SoftKeyStore {
 
     async fn versions(&self, name: &KeyName) -> Result<Vec<VersionInfo>> {
         let key = self.key(name)?;
-        let newest = key.info.version;
-        Ok(key
-            .version_times()
-            .into_iter()
-            .map(|(version, created_at)| {
-                let (seals, unseals, last_used) = self.usage.of(name, version);
-                VersionInfo {
-                    version,
-                    created_at,
-                    state: if version == newest {
-                        VersionState::Sealing
-                    } else {
-                        VersionState::Active
-                    },
-                    seals,
-                    unseals,
-                    last_used,
-                }
-            })
-            .collect())
+        Ok(self.usage.listing(name, key.version_times()))
     }
 
     async fn destroy_version(&self, name: &KeyName, version: u32) -> Result<()> {
