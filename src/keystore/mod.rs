@@ -123,6 +123,13 @@ pub enum ScheduledRotation {
     NotDue,
 }
 
+impl From<Option<u32>> for ScheduledRotation {
+    /// A backend's "version made, if any".
+    fn from(made: Option<u32>) -> Self {
+        made.map_or(ScheduledRotation::NotDue, ScheduledRotation::Rotated)
+    }
+}
+
 /// How long a version stays "sealing" after a newer one is made, for [`KeyStore::destroy_version`]:
 /// other instances may not have seen the new version yet (they do within about a second).
 pub const SEALING_GRACE: Duration = Duration::from_secs(3);

@@ -134,6 +134,28 @@ const CLOUDHSM_FUNCTIONS: &[&str] = &[
 
 /// The personalities, and in them the vendor ID strings profile detection can match
 /// (`library_manufacturer`, `token_manufacturer`, `token_model`; see `ids_documented`).
+/// A module that behaves as PKCS#11 says (SoftHSM's behaviour stands): each vendor below
+/// states only where it differs.
+const PLAIN_MODULE: Personality = Personality {
+    name: "",
+    library_manufacturer: "",
+    library_description: "",
+    token_manufacturer: "",
+    token_model: "",
+    ids_documented: false,
+    gcm_iv: GcmIv::Caller,
+    functions: None,
+    no_copy_object: false,
+    absent_mechanisms: &[],
+    refuses_allowed_mechanisms: None,
+    no_generic_secret: false,
+    max_label: None,
+    max_id: None,
+    max_data_object: None,
+    max_sessions: None,
+    rw_sessions_only: false,
+};
+
 pub const VENDOR_IDS: &[Personality] = &[
     // Thales Luna 7, partition on an HSM not in FIPS mode (HSM policy 12 off), as the `luna`
     // profile assumes:
@@ -151,18 +173,7 @@ pub const VENDOR_IDS: &[Personality] = &[
         library_description: "Chrystoki",
         token_manufacturer: "SafeNet, Inc.",
         token_model: "LunaSA",
-        ids_documented: false,
-        gcm_iv: GcmIv::Caller,
-        functions: None,
-        no_copy_object: false,
-        absent_mechanisms: &[],
-        refuses_allowed_mechanisms: None,
-        no_generic_secret: false,
-        max_label: None,
-        max_id: None,
-        max_data_object: None,
-        max_sessions: None,
-        rw_sessions_only: false,
+        ..PLAIN_MODULE
     },
     // Entrust nShield with Security World:
     // * data objects hold at most one command's worth, normally 8192 bytes ("nShield PKCS #11
@@ -178,18 +189,8 @@ pub const VENDOR_IDS: &[Personality] = &[
         library_description: "nFast PKCS#11 module",
         token_manufacturer: "nCipher Corp. Ltd",
         token_model: "",
-        ids_documented: false,
-        gcm_iv: GcmIv::Caller,
-        functions: None,
-        no_copy_object: false,
-        absent_mechanisms: &[],
-        refuses_allowed_mechanisms: None,
-        no_generic_secret: false,
-        max_label: None,
-        max_id: None,
         max_data_object: Some(8192),
-        max_sessions: None,
-        rw_sessions_only: false,
+        ..PLAIN_MODULE
     },
     // AWS CloudHSM, Client SDK 5 PKCS#11 library:
     // * GCM: the HSM ignores the IV in the request, generates its own and writes it to the
@@ -209,18 +210,11 @@ pub const VENDOR_IDS: &[Personality] = &[
         library_description: "AWS CloudHSM PKCS#11",
         token_manufacturer: "Amazon Web Services",
         token_model: "CloudHSM",
-        ids_documented: false,
         gcm_iv: GcmIv::DeviceIntoParams { len: 12 },
         functions: Some(CLOUDHSM_FUNCTIONS),
         no_copy_object: true,
-        absent_mechanisms: &[],
-        refuses_allowed_mechanisms: None,
-        no_generic_secret: false,
-        max_label: None,
-        max_id: None,
-        max_data_object: None,
-        max_sessions: None,
         rw_sessions_only: true,
+        ..PLAIN_MODULE
     },
     // Yubico YubiHSM 2, yubihsm_pkcs11 (Yubico's own module, github.com/Yubico/yubihsm-shell,
     // pkcs11/ and lib/; read at commit 428bfdd1):
@@ -244,17 +238,14 @@ pub const VENDOR_IDS: &[Personality] = &[
         token_manufacturer: "Yubico (www.yubico.com)",
         token_model: "YubiHSM",
         ids_documented: true,
-        gcm_iv: GcmIv::Caller,
-        functions: None,
         no_copy_object: true,
         absent_mechanisms: &[CKM_AES_GCM, CKM_AES_KEY_WRAP, CKM_AES_KEY_WRAP_PAD],
         refuses_allowed_mechanisms: Some(CKR_ATTRIBUTE_TYPE_INVALID),
         no_generic_secret: true,
         max_label: Some(256),
         max_id: Some(256),
-        max_data_object: None,
         max_sessions: Some(16),
-        rw_sessions_only: false,
+        ..PLAIN_MODULE
     },
     // Utimaco CryptoServer / u.trust GP HSM, PKCS#11 R3:
     // * IDs: "Utimaco IS GmbH" is the publisher named in Utimaco's PKCS#11 developer guides
@@ -268,18 +259,7 @@ pub const VENDOR_IDS: &[Personality] = &[
         library_description: "Utimaco CryptoServer PKCS#11 R3",
         token_manufacturer: "Utimaco IS GmbH",
         token_model: "CryptoServer",
-        ids_documented: false,
-        gcm_iv: GcmIv::Caller,
-        functions: None,
-        no_copy_object: false,
-        absent_mechanisms: &[],
-        refuses_allowed_mechanisms: None,
-        no_generic_secret: false,
-        max_label: None,
-        max_id: None,
-        max_data_object: None,
-        max_sessions: None,
-        rw_sessions_only: false,
+        ..PLAIN_MODULE
     },
 ];
 

@@ -430,16 +430,11 @@ impl KeyStore for Pkcs11KeyStore {
         period: Duration,
         provenance: Provenance,
     ) -> Result<ScheduledRotation> {
-        Ok(
-            match self
-                .inner
-                .rotate_key(name, Some(period), provenance)
-                .await?
-            {
-                Some(v) => ScheduledRotation::Rotated(v),
-                None => ScheduledRotation::NotDue,
-            },
-        )
+        let made = self
+            .inner
+            .rotate_key(name, Some(period), provenance)
+            .await?;
+        Ok(made.into())
     }
 
     async fn versions(&self, name: &KeyName) -> Result<Vec<VersionInfo>> {

@@ -506,10 +506,7 @@ impl KeyStore for SoftKeyStore {
         period: Duration,
         provenance: Provenance,
     ) -> Result<ScheduledRotation> {
-        Ok(match self.add_version(name, Some(period), provenance)? {
-            Some(v) => ScheduledRotation::Rotated(v),
-            None => ScheduledRotation::NotDue,
-        })
+        Ok(self.add_version(name, Some(period), provenance)?.into())
     }
 
     async fn versions(&self, name: &KeyName) -> Result<Vec<VersionInfo>> {
