@@ -16,7 +16,7 @@
 //! | [`api`]      | wire DTOs shared by server and [`client`]                    | logic                  |
 //! | [`client`]   | a small KES client (hyper + rustls) for the CLI and tests, and [`client::bench`] (`kesh bench`) | the server internals |
 //! | [`config`]   | config file → validated settings, `${VAR}` substitution; reads the config, PIN and KEK files | HTTP, policy decisions, opening a keystore ([`keystore::settings::KeystoreConfig::open`] does) |
-//! | [`keystore`] | `trait KeyStore`, backends [`keystore::pkcs11`] (every cryptoki call, on its worker threads) and [`keystore::soft`] | HTTP, policy |
+//! | [`keystore`] | `trait KeyStore`, backends [`keystore::pkcs11`] (every cryptoki call, inline for a fast device or on its worker threads) and [`keystore::soft`] | HTTP, policy |
 //! | [`crypto`]   | ciphertext formats (native, KES, legacy), KES stored keys, host-side AEAD | I/O of any kind |
 //! | [`name`]     | validated key names and list patterns                        | everything else        |
 //! | [`secret`]   | secret-holding types that zeroize and never print            | everything else        |
@@ -29,9 +29,9 @@
 //! against the [`server::policy::Authorizer`] (admin passes; otherwise deny patterns first, then
 //! allow), yielding a [`server::policy::Permit`]. It reads the body within the route's limit and
 //! hands a validated [`name::KeyName`] and the context to [`keystore::KeyStore::generate`]. The
-//! pkcs11 backend queues the call for one of its worker threads
-//! ([`keystore::pkcs11::workers`]; `Busy` when none takes it within `session_wait`), which
-//! draws the DEK and IV from the HSM's random bytes and seals the DEK on the device with
+//! pkcs11 backend runs the device calls inline while the device is fast (a local token), else
+//! queues them for one of its worker threads ([`keystore::pkcs11::workers`]; `Busy` when none
+//! takes them within `session_wait`); the call draws the DEK and IV from the HSM's random bytes and seals the DEK on the device with
 //! `CKM_AES_GCM` under the named master key, the context as AAD; [`crypto::native`] frames the
 //! result. The plaintext DEK travels back in a zeroizing buffer; the dispatcher counts the
 //! request in [`server::metrics`] and writes its [`server::audit`] event (never key material).

@@ -13,12 +13,13 @@
 //! | `seal` | seal and unseal on the device per scheme, session copies ([`copies`]), one-call data functions ([`raw`]), bulk randomness ([`randomness`]) |
 //! | [`device`] | one connection: initialize, find the token, log in, sessions |
 //! | [`objects`] | labels, metadata and key templates |
-//! | [`workers`] | the OS threads the calls run on |
+//! | [`workers`] | where calls run: inline for a fast device, else the OS worker threads |
 //! | [`probe`] | `kesh hsm probe` |
 //!
 //! Every cryptoki call of a request goes through `Inner::run` (in `seam.rs`), the
-//! one seam: it queues the call for the [`workers`] (one OS thread per pool session, so PKCS#11
-//! calls, which block for as long as the device takes, never stall the async runtime) and
+//! one seam: it hands the call to [`workers`], which runs it inline while the device's calls
+//! take microseconds, and otherwise queues it for one OS thread per pool session (so PKCS#11
+//! calls, which block for as long as the device takes, never stall the async runtime), and
 //! answers `Busy` when no worker takes it within `session_wait`.
 //!
 //! Index: built from one scan at start, kept current on create/delete, refreshed on a miss

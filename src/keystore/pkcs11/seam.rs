@@ -1,5 +1,5 @@
 //! The call seam and recovery: every cryptoki call of a request runs through [`Inner::run`]
-//! on a worker thread; a device-level failure takes the device out of service and
+//! (inline for a fast device, else on a worker thread); a device-level failure takes the device out of service and
 //! [`Inner::recover`] reconnects it, never retrying a PIN the token refused.
 //!
 //! Owns the device slot of [`Inner`], the workers' use and the login state. Knows nothing of
@@ -37,7 +37,8 @@ impl Inner {
         })
     }
 
-    /// The seam: one blocking closure on one pooled session, on a worker thread.
+    /// The seam: one blocking closure on one pooled session, run where [`super::workers`]
+    /// decides (inline on the asking runtime thread for a fast device, else a worker thread).
     /// The closure gets the device, whose generation lets it refuse handles from another
     /// generation before they are used (a re-initialized module may reuse handle numbers).
     pub(super) async fn run<T, F>(self: &Arc<Self>, f: F) -> CallResult<T>
@@ -51,7 +52,7 @@ impl Inner {
         let call = move || {
             let _live = raw::CallGuard::enter().ok_or(Pkcs11Error::Exiting)?;
             let _calls = inner.calls.read().ignore_poison();
-            // Taken on the worker: recovery may have swapped the device since the queueing.
+            // Taken where the call runs: recovery may have swapped the device since the queueing.
             let device = inner.current_device()?;
             let session = device.checkout(&inner.ctx)?;
             let result = f(&session, &device);
