@@ -438,6 +438,10 @@ lb_conns=$(wc -l <"$ngx/logs/stream.log" 2>/dev/null || echo 0)
 cat "$work"/failures.* >>"$work/failures" 2>/dev/null || true
 if [ -s "$work/failures" ]; then
   sed 's/^/scale-out: failure: /' "$work/failures" >&2
+  # The instances' own account of what failed (their error log), for a run nobody can rerun.
+  for n in 1 2; do
+    grep -E ' (ERROR|WARN) ' "$work/kesh$n.err" 2>/dev/null | tail -n 20 | sed "s/^/scale-out: instance $n: /" >&2 || true
+  done
 fi
 late=$( (cat "$work"/late.* 2>/dev/null || true) | wc -l)
 say "$lb_conns connections through nginx; key requests audited: instance 1 $served1, instance 2 $served2"

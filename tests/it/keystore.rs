@@ -1041,6 +1041,47 @@ mod pkcs11_only {
         create_race_across_processes(harness::tokens().processes.clone()).await
     }
 
+    /// SoftHSM locks its object files against other processes only: a token search on one
+    /// thread while another created a key read the new object half-written, and the create
+    /// failed with CKR_TEMPLATE_INCONSISTENT (a 502 in the scale-out run). Here searches for
+    /// names that do not exist, each one a token search, run beside the creates.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn creates_beside_searches_in_one_process() {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let store = harness::pkcs11().await;
+        let stop = Arc::new(AtomicBool::new(false));
+        let searchers: Vec<_> = (0..3)
+            .map(|t| {
+                let (ks, stop) = (store.ks.clone(), stop.clone());
+                tokio::spawn(async move {
+                    let mut searches = 0u32;
+                    while !stop.load(Ordering::Relaxed) {
+                        let absent = harness::name(&format!("absent{t}x{searches}"));
+                        match ks.describe(&absent).await {
+                            Err(KeystoreError::KeyNotFound) => searches += 1,
+                            other => panic!("describe of an absent key: {other:?}"),
+                        }
+                    }
+                    searches
+                })
+            })
+            .collect();
+        for i in 0..80 {
+            let n = harness::name(&format!("beside{i}"));
+            if let Err(e) = store.ks.create(&n, harness::who()).await {
+                stop.store(true, Ordering::Relaxed);
+                panic!("create {i} beside searches: {e}");
+            }
+        }
+        stop.store(true, Ordering::Relaxed);
+        let mut searches = 0;
+        for s in searchers {
+            searches += s.await.unwrap();
+        }
+        // The searches ran beside the creates, not after them.
+        assert!(searches >= 80, "only {searches} searches");
+    }
+
     /// The same on Kryoptic; its store is an sqlite file the child processes share.
     mod kryoptic {
         use crate::harness;

@@ -5,7 +5,7 @@
 //! Owns the token writes and the host-wide write lock. Knows nothing of sealing.
 
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{Arc, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, Instant};
 
 use cryptoki::mechanism::Mechanism;
@@ -18,10 +18,12 @@ use super::error::Pkcs11Error;
 use super::index::{has_ready_master, pick_ready, survey, IndexedKey, LabelledObject};
 use super::objects::{self, Meta, Role, State};
 use super::seam::CallResult;
+use super::workers::Placement;
 use super::writelock::Held;
-use super::{Inner, CREATE_CONTENTION_LIMIT, TOKEN_WRITES};
+use super::{Inner, CREATE_CONTENTION_LIMIT, TOKEN_OBJECTS, TOKEN_WRITES};
 use crate::crypto::kes::Algorithm;
 use crate::keystore::{KeyInfo, KeystoreError, Provenance, Result, Scheme};
+use crate::locks::IgnorePoison;
 use crate::name::KeyName;
 
 /// What a create writes.
@@ -40,13 +42,32 @@ pub(super) enum NewHmac {
     None,
 }
 
+/// Held by a job while it writes token objects: this process's searches wait
+/// ([`TOKEN_OBJECTS`]), and so do other processes' writes (the host lock, when configured).
+pub(super) struct Writing<'a> {
+    _host: Option<Held<'a>>,
+    _process: RwLockWriteGuard<'static, ()>,
+}
+
 impl Inner {
-    /// The host-wide token write lock, when configured; taken on a worker thread.
-    pub(super) fn hold_writes(&self) -> CallResult<Option<Held<'_>>> {
-        self.write_lock
+    /// Taken by jobs that write token objects, on a worker thread ([`Inner::run_on_worker`]).
+    pub(super) fn hold_writes(&self) -> CallResult<Writing<'_>> {
+        let process = TOKEN_OBJECTS.write().ignore_poison();
+        let host = self
+            .write_lock
             .as_ref()
             .map(|l| l.hold(CREATE_CONTENTION_LIMIT))
-            .transpose()
+            .transpose()?;
+        Ok(Writing {
+            _host: host,
+            _process: process,
+        })
+    }
+
+    /// Taken by jobs that search token objects, on a worker thread: none runs while this
+    /// process writes one.
+    pub(super) fn hold_reads(&self) -> RwLockReadGuard<'static, ()> {
+        TOKEN_OBJECTS.read().ignore_poison()
     }
 
     /// Creates a key's objects through the on-token protocol.
@@ -56,7 +77,7 @@ impl Inner {
         let key_name = name.clone();
         let inner = self.clone();
         let created = self
-            .run(move |s, d| {
+            .run_on_worker(move |s, d| {
                 d.offers(spec.scheme)?;
                 let _held = inner.hold_writes()?;
                 // A device that refuses kesh's layout gets a log line saying so (not just a 502).
@@ -93,7 +114,7 @@ impl Inner {
         let _writes = TOKEN_WRITES.lock().await;
         let inner = self.clone();
         let result = self
-            .with_indexed_key(name, move |s, d, key| {
+            .with_indexed_key(name, Placement::Worker, move |s, d, key| {
                 let _held = inner.hold_writes()?;
                 // The master goes first: that is the commit point of a delete. Versions left
                 // by a delete that stopped after it name a base that is gone: a later create
@@ -140,7 +161,7 @@ impl Inner {
         let key_name = name.clone();
         let inner = self.clone();
         let made = self
-            .run(move |s, d| {
+            .run_on_worker(move |s, d| {
                 let _held = inner.hold_writes()?;
                 rotate_on_token(s, &label, &key_name, due, &provenance, d.generation)
             })
@@ -177,7 +198,7 @@ impl Inner {
         let fresh = self.refresh(name).await?;
         crate::keystore::check_destroy(&fresh.version_times(), version)?;
         let inner = self.clone();
-        self.with_indexed_key(name, move |s, d, indexed| {
+        self.with_indexed_key(name, Placement::Worker, move |s, d, indexed| {
             let v = indexed
                 .versions
                 .iter()

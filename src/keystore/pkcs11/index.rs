@@ -19,6 +19,7 @@ use super::error::Pkcs11Error;
 use super::objects::{Meta, Role, State};
 use super::seal::Key;
 use super::seam::CallResult;
+use super::workers::Placement;
 use super::{changes, Inner, NEGATIVE_TTL_MAX, NEGATIVE_TTL_MIN, TOKEN_WRITES};
 use crate::keystore::{KeyInfo, KeystoreError, Result};
 use crate::locks::IgnorePoison;
@@ -195,8 +196,12 @@ impl Inner {
         let label = self.label(name);
         let wanted = name.clone();
         self.searches.fetch_add(1, Ordering::Relaxed);
+        let inner = self.clone();
         Ok(self
-            .run(move |s, d| find_ready(s, &label, &wanted, d.generation))
+            .run_on_worker(move |s, d| {
+                let _reads = inner.hold_reads();
+                find_ready(s, &label, &wanted, d.generation)
+            })
             .await?)
     }
 
@@ -227,7 +232,7 @@ impl Inner {
         T: Send + 'static,
         F: Fn(&Session, &Key) -> CallResult<T> + Clone + Send + Sync + 'static,
     {
-        self.with_indexed_key(name, move |s, d, indexed| {
+        self.with_indexed_key(name, Placement::Anywhere, move |s, d, indexed| {
             let (version, handle, nonce) =
                 indexed.resolve(pick).ok_or(Pkcs11Error::VersionNotFound)?;
             let key = Key {
@@ -286,7 +291,12 @@ impl Inner {
     /// Runs `op` against an indexed key (its token objects), retrying once through a fresh
     /// search when the handles turn out stale (deleted by another instance, or from before a
     /// recovery).
-    pub(super) async fn with_indexed_key<T, F>(self: &Arc<Self>, name: &KeyName, op: F) -> Result<T>
+    pub(super) async fn with_indexed_key<T, F>(
+        self: &Arc<Self>,
+        name: &KeyName,
+        placement: Placement,
+        op: F,
+    ) -> Result<T>
     where
         T: Send + 'static,
         F: Fn(&Session, &Device, &IndexedKey) -> CallResult<T> + Clone + Send + Sync + 'static,
@@ -296,7 +306,7 @@ impl Inner {
             let indexed = self.indexed_key(name, force).await?;
             let op = op.clone();
             let outcome = self
-                .run(move |s, d| {
+                .run_in(placement, move |s, d| {
                     if d.generation != indexed.generation {
                         return Err(Pkcs11Error::Stale);
                     }
@@ -329,7 +339,7 @@ impl Inner {
         self.searches.fetch_add(1, Ordering::Relaxed);
         self.index.write().ignore_poison().learned_during_scan = Some(Vec::new());
         let scanned = self
-            .run(move |s, d| {
+            .run_on_worker(move |s, d| {
                 let keys = scan(s, &prefix, d.generation)?;
                 let live: HashSet<_> = keys
                     .values()
@@ -405,7 +415,7 @@ impl Inner {
         let due = self.marker_due.swap(false, Ordering::AcqRel);
         let inner = self.clone();
         let polled = self
-            .run(move |s, _| {
+            .run_on_worker(move |s, _| {
                 if !due {
                     return changes::read(s, &inner.cfg.prefix);
                 }

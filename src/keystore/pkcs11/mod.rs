@@ -87,7 +87,7 @@ use zeroize::Zeroizing;
 
 use self::device::Device;
 use self::error::NextLogin;
-use self::workers::Workers;
+use self::workers::{Placement, Workers};
 use self::writelock::WriteLock;
 use super::{
     DataKey, HmacKeySource, ImportKey, KeyInfo, KeyStore, KeystoreError, KeystoreStats, PoolStats,
@@ -313,6 +313,15 @@ fn opening(e: Pkcs11Error) -> KeystoreError {
 /// the on-token protocol in `create_on_token`.
 static TOKEN_WRITES: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
+/// Keeps this process's token searches apart from its token writes, on the threads that make
+/// the calls. SoftHSM re-reads every object's file during `C_FindObjectsInit` and its file locks
+/// only keep processes apart, not threads: a search beside a create read the new object's file
+/// half-written, dropped its attributes, and `C_GenerateKey` then failed with
+/// `CKR_TEMPLATE_INCONSISTENT` (seen with two instances and 8 clients creating keys).
+/// [`TOKEN_WRITES`] cannot cover request-path searches (a miss) without stalling them behind
+/// every create's whole protocol; this lock holds only while calls run.
+static TOKEN_OBJECTS: std::sync::RwLock<()> = std::sync::RwLock::new(());
+
 #[async_trait::async_trait]
 impl KeyStore for Pkcs11KeyStore {
     fn description(&self) -> String {
@@ -353,7 +362,7 @@ impl KeyStore for Pkcs11KeyStore {
         // One cheap read proves the handle still names a live object, so a key deleted by
         // another instance is reported gone at once.
         self.inner
-            .with_indexed_key(name, |s, _, key| {
+            .with_indexed_key(name, Placement::Anywhere, |s, _, key| {
                 s.get_attributes(key.master, &[AttributeType::Class])?;
                 Ok(key.info.clone())
             })
@@ -441,7 +450,7 @@ impl KeyStore for Pkcs11KeyStore {
     async fn versions(&self, name: &KeyName) -> Result<Vec<VersionInfo>> {
         let times = self
             .inner
-            .with_indexed_key(name, |s, _, indexed| {
+            .with_indexed_key(name, Placement::Anywhere, |s, _, indexed| {
                 s.get_attributes(indexed.master, &[AttributeType::Class])?;
                 Ok(indexed.version_times())
             })

@@ -14,7 +14,7 @@ use cryptoki::session::Session;
 use super::device::Device;
 use super::error::{NextLogin, Pkcs11Error};
 use super::index::{scan, Index};
-use super::workers::Outcome;
+use super::workers::{Outcome, Placement};
 use super::{raw, Inner, RECOVERY_BACKOFF_MAX};
 use crate::keystore::Result;
 use crate::locks::IgnorePoison;
@@ -46,6 +46,25 @@ impl Inner {
         T: Send + 'static,
         F: FnOnce(&Session, &Device) -> CallResult<T> + Send + 'static,
     {
+        self.run_in(Placement::Anywhere, f).await
+    }
+
+    /// [`Self::run`] on a worker thread, never inline: for jobs that take the token locks
+    /// ([`Inner::hold_writes`], [`Inner::hold_reads`]) and may wait on them.
+    pub(super) async fn run_on_worker<T, F>(self: &Arc<Self>, f: F) -> CallResult<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Session, &Device) -> CallResult<T> + Send + 'static,
+    {
+        self.run_in(Placement::Worker, f).await
+    }
+
+    /// [`Self::run`] where `placement` says.
+    pub(super) async fn run_in<T, F>(self: &Arc<Self>, placement: Placement, f: F) -> CallResult<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Session, &Device) -> CallResult<T> + Send + 'static,
+    {
         // Fail fast while down, before queueing.
         self.current_device()?;
         let inner = self.clone();
@@ -69,7 +88,7 @@ impl Inner {
             result
         };
         let wait = self.cfg.session_wait;
-        let outcome = match self.workers.call(wait, call).await {
+        let outcome = match self.workers.call(wait, placement, call).await {
             Outcome::Done(outcome) => outcome,
             Outcome::Busy => return Err(Pkcs11Error::Busy(wait)),
             Outcome::Lost => return Err(Pkcs11Error::WorkerLost),

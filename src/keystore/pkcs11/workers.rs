@@ -20,6 +20,8 @@
 //! recent jobs is under [`INLINE_MAX`] (a network HSM's round trip is far above it, so its jobs
 //! always go to the workers), and at most one fewer jobs than the runtime has threads run inline
 //! at once, so a call that hangs without warning holds one runtime thread, never all of them.
+//! Jobs that may wait on a lock or write to the token ([`Placement::Worker`]) never run inline,
+//! however fast the device.
 
 use std::collections::VecDeque;
 use std::panic::AssertUnwindSafe;
@@ -156,6 +158,16 @@ impl Queue {
     }
 }
 
+/// Where a job may run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Placement {
+    /// Inline when the device is fast, else on a worker: a request's device calls.
+    Anywhere,
+    /// Always on a worker: jobs that wait on locks or write to the token, whose length the
+    /// device's typical call says nothing about.
+    Worker,
+}
+
 /// What became of a call.
 #[derive(Debug)]
 pub enum Outcome<T> {
@@ -263,13 +275,18 @@ impl Workers {
         }
     }
 
-    /// Runs `f` on a worker, waiting at most `wait` for one to take it.
-    pub async fn call<T, F>(&self, wait: Duration, f: F) -> Outcome<T>
+    /// Runs `f` inline or on a worker (see the module doc), waiting at most `wait` for a
+    /// worker to take it.
+    pub async fn call<T, F>(&self, wait: Duration, placement: Placement, f: F) -> Outcome<T>
     where
         T: Send + 'static,
         F: FnOnce() -> T + Send + 'static,
     {
-        if let Some(_place) = self.inline_place() {
+        let inline = match placement {
+            Placement::Anywhere => self.inline_place(),
+            Placement::Worker => None,
+        };
+        if let Some(_place) = inline {
             let started = Instant::now();
             // As on a worker: a panicking job loses its answer, not the thread.
             let answer = std::panic::catch_unwind(AssertUnwindSafe(f));
@@ -412,7 +429,7 @@ mod tests {
         rt().block_on(async {
             let w = Workers::start(2).unwrap();
             let name = w
-                .call(Duration::from_secs(1), || {
+                .call(Duration::from_secs(1), Placement::Anywhere, || {
                     std::thread::current().name().unwrap_or("").to_owned()
                 })
                 .await;
@@ -429,8 +446,10 @@ mod tests {
             let busy = {
                 let w = w.clone();
                 tokio::spawn(async move {
-                    w.call(Duration::from_secs(5), move || blocked.recv().is_ok())
-                        .await
+                    w.call(Duration::from_secs(5), Placement::Anywhere, move || {
+                        blocked.recv().is_ok()
+                    })
+                    .await
                 })
             };
             while w.stats().running == 0 {
@@ -439,7 +458,7 @@ mod tests {
             let ran = Arc::new(AtomicBool::new(false));
             let r = ran.clone();
             let second = w
-                .call(Duration::from_millis(50), move || {
+                .call(Duration::from_millis(50), Placement::Anywhere, move || {
                     r.store(true, Ordering::SeqCst)
                 })
                 .await;
@@ -447,7 +466,9 @@ mod tests {
             release.send(()).unwrap();
             assert!(matches!(busy.await.unwrap(), Outcome::Done(true)));
             // The withdrawn job is skipped, not run late.
-            let after = w.call(Duration::from_secs(1), || 7).await;
+            let after = w
+                .call(Duration::from_secs(1), Placement::Anywhere, || 7)
+                .await;
             assert!(matches!(after, Outcome::Done(7)));
             assert!(!ran.load(Ordering::SeqCst));
         });
@@ -458,7 +479,7 @@ mod tests {
         rt().block_on(async {
             let w = Workers::start(1).unwrap();
             let slow = w
-                .call(Duration::from_millis(10), || {
+                .call(Duration::from_millis(10), Placement::Anywhere, || {
                     std::thread::sleep(Duration::from_millis(100));
                     "done"
                 })
@@ -479,20 +500,33 @@ mod tests {
             let w = Workers::start(2).unwrap();
             // A device is slow until shown otherwise: the first jobs go to the workers.
             assert!(matches!(
-                w.call(Duration::from_secs(1), on_worker).await,
+                w.call(Duration::from_secs(1), Placement::Anywhere, on_worker)
+                    .await,
                 Outcome::Done(true)
             ));
             for _ in 0..64 {
-                w.call(Duration::from_secs(1), || ()).await;
+                w.call(Duration::from_secs(1), Placement::Anywhere, || ())
+                    .await;
             }
             let mut inline = 0;
             for _ in 0..16 {
-                if let Outcome::Done(false) = w.call(Duration::from_secs(1), on_worker).await {
+                if let Outcome::Done(false) = w
+                    .call(Duration::from_secs(1), Placement::Anywhere, on_worker)
+                    .await
+                {
                     inline += 1;
                 }
             }
             assert_eq!(inline, 16);
             assert!(w.stats().inline >= 16);
+            // However fast the device: a job that may wait on a lock stays off the runtime.
+            let inline_before = w.stats().inline;
+            assert!(matches!(
+                w.call(Duration::from_secs(1), Placement::Worker, on_worker)
+                    .await,
+                Outcome::Done(true)
+            ));
+            assert_eq!(w.stats().inline, inline_before);
         });
     }
 
@@ -501,17 +535,19 @@ mod tests {
         rt().block_on(async {
             let w = Workers::start(2).unwrap();
             for _ in 0..64 {
-                w.call(Duration::from_secs(1), || ()).await;
+                w.call(Duration::from_secs(1), Placement::Anywhere, || ())
+                    .await;
             }
             // The device turns slow (a network HSM's round trip): a few calls move it off.
             let slow = || std::thread::sleep(INLINE_MAX * 4);
             for _ in 0..8 {
-                w.call(Duration::from_secs(1), slow).await;
+                w.call(Duration::from_secs(1), Placement::Anywhere, slow)
+                    .await;
             }
             let inline_before = w.stats().inline;
             for _ in 0..8 {
                 let ran_on_worker = w
-                    .call(Duration::from_secs(1), move || {
+                    .call(Duration::from_secs(1), Placement::Anywhere, move || {
                         slow();
                         on_worker()
                     })
@@ -527,7 +563,8 @@ mod tests {
         rt().block_on(async {
             let w = Arc::new(Workers::start(2).unwrap());
             for _ in 0..64 {
-                w.call(Duration::from_secs(1), || ()).await;
+                w.call(Duration::from_secs(1), Placement::Anywhere, || ())
+                    .await;
             }
             // A fast device hangs without warning, in a job running inline, and a second
             // request arrives while it does: the runtime (two threads) must keep serving.
@@ -536,7 +573,7 @@ mod tests {
             let hanging = {
                 let (w, entered) = (w.clone(), entered.clone());
                 tokio::spawn(async move {
-                    w.call(Duration::from_secs(5), move || {
+                    w.call(Duration::from_secs(5), Placement::Anywhere, move || {
                         entered.store(true, Ordering::SeqCst);
                         hung.recv().is_ok() && !on_worker()
                     })
@@ -548,7 +585,7 @@ mod tests {
             }
             let second = tokio::time::timeout(
                 Duration::from_secs(2),
-                w.call(Duration::from_secs(1), on_worker),
+                w.call(Duration::from_secs(1), Placement::Anywhere, on_worker),
             )
             .await;
             // Served, and by a worker: the one inline place was taken.
@@ -573,7 +610,9 @@ mod tests {
         rt.block_on(async {
             let w = Workers::start(1).unwrap();
             for _ in 0..64 {
-                let ran = w.call(Duration::from_secs(1), on_worker).await;
+                let ran = w
+                    .call(Duration::from_secs(1), Placement::Anywhere, on_worker)
+                    .await;
                 assert!(matches!(ran, Outcome::Done(true)));
             }
             assert_eq!(w.stats().inline, 0);
@@ -584,10 +623,15 @@ mod tests {
     fn a_panicking_job_costs_its_answer_not_the_worker() {
         rt().block_on(async {
             let w = Workers::start(1).unwrap();
-            let lost: Outcome<()> = w.call(Duration::from_secs(1), || panic!("job bug")).await;
+            let lost: Outcome<()> = w
+                .call(Duration::from_secs(1), Placement::Anywhere, || {
+                    panic!("job bug")
+                })
+                .await;
             assert!(matches!(lost, Outcome::Lost));
             assert!(matches!(
-                w.call(Duration::from_secs(1), || 1).await,
+                w.call(Duration::from_secs(1), Placement::Anywhere, || 1)
+                    .await,
                 Outcome::Done(1)
             ));
         });
