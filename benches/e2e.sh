@@ -33,10 +33,11 @@ target=${CARGO_TARGET_DIR:-target}
 command -v softhsm2-util >/dev/null || { echo "e2e: SoftHSM is required: apt-get install softhsm2" >&2; exit 1; }
 command -v jq >/dev/null || { echo "e2e: jq is required: apt-get install jq" >&2; exit 1; }
 
-echo "e2e: building (release)" >&2
-cargo build --release --quiet -p kesh -p kesh-fault-shim
-BIN=$target/release/kesh
-SHIM=$(realpath "$target/release/libkesh_fault_shim.so")
+# The profile the Debian package ships (whole-program optimised, Cargo.toml).
+echo "e2e: building (dist profile)" >&2
+cargo build --profile dist --quiet -p kesh -p kesh-fault-shim
+BIN=$target/dist/kesh
+SHIM=$(realpath "$target/dist/libkesh_fault_shim.so")
 MODULE=$(for m in /usr/lib/softhsm/libsofthsm2.so /usr/lib/x86_64-linux-gnu/softhsm/libsofthsm2.so \
   /usr/local/lib/softhsm/libsofthsm2.so /usr/lib64/pkcs11/libsofthsm2.so; do [ -e "$m" ] && echo "$m" && break; done)
 
@@ -62,7 +63,7 @@ for t in hsm bulk lat sweep cnt; do
 done
 populate() { # token keys
   SOFTHSM2_CONF=$(conf "$1") KESH_POPULATE_LABEL=e2e-$1 KESH_POPULATE_PIN=$PIN \
-    KESH_POPULATE_KEYS=$2 cargo run --release --quiet --example populate >/dev/null
+    KESH_POPULATE_KEYS=$2 cargo run --profile dist --quiet --example populate >/dev/null
 }
 echo "e2e: writing 10 and $BULK_KEYS keys onto tokens" >&2
 populate hsm 10
@@ -225,11 +226,11 @@ stop lat
 # What the shim and this machine allow at 32 sessions, without kesh (sleeps overshoot 1 ms).
 ceiling=$(SOFTHSM2_CONF=$(conf lat) KESH_SHIM_CONTROL="$work/shim" KESH_CEILING_MODULE="$SHIM" \
   KESH_CEILING_LABEL=e2e-lat KESH_CEILING_PIN=$PIN KESH_CEILING_THREADS=32 \
-  cargo run --release --quiet --example shim_ceiling | sed -n 's/^calls_per_sec=//p')
+  cargo run --profile dist --quiet --example shim_ceiling | sed -n 's/^calls_per_sec=//p')
 # One thread: what one call through the shim takes here, the floor under a c=1 latency.
 one_call=$(SOFTHSM2_CONF=$(conf lat) KESH_SHIM_CONTROL="$work/shim" KESH_CEILING_MODULE="$SHIM" \
   KESH_CEILING_LABEL=e2e-lat KESH_CEILING_PIN=$PIN KESH_CEILING_THREADS=1 \
-  cargo run --release --quiet --example shim_ceiling | sed -n 's/^calls_per_sec=//p')
+  cargo run --profile dist --quiet --example shim_ceiling | sed -n 's/^calls_per_sec=//p')
 
 echo "e2e: Kryoptic, message-based AEAD (one call) vs two calls, c=16" >&2
 KRY_MODULE=$(softhsm-tests/kryoptic build)
@@ -283,7 +284,7 @@ out=benches/RESULTS.md
   echo "| CPU | $(lscpu | sed -n 's/^Model name: *//p' | head -1), $(nproc) CPUs available |"
   echo "| load at start | $(cut -d' ' -f1-3 /proc/loadavg) (other builds were running on this shared machine) |"
   echo "| kernel | $(uname -sr) |"
-  echo "| build | kesh $(git describe --always --dirty), release profile, $(rustc -V) |"
+  echo "| build | kesh $(git describe --always --dirty), dist profile (fat LTO, what the package ships), $(rustc -V) |"
   echo "| SoftHSM | $(softhsm2-util --version), file object store |"
   echo "| memory locking | ${mlock:-not reported} (server as $(id -un)) |"
   echo "| transport | kesh bench: HTTP/2, one TLS 1.3 connection, requests multiplexed (as MinIO's client) |"
