@@ -83,11 +83,17 @@ impl Inner {
         Ok(ct)
     }
 
-    /// Fills `out` with the HSM's random bytes: from the pool, else drawn now.
+    /// Fills `out` with the HSM's random bytes: from the pool, else from a draw made now
+    /// whose rest goes into the pool, so the requests behind this one find it filled.
     fn draw(&self, s: &Session, out: &mut [u8]) -> CallResult<()> {
-        if !self.randomness.take(out) {
-            s.generate_random_slice(out)?;
+        if self.randomness.take(out) {
+            return Ok(());
         }
+        let mut fresh = Zeroizing::new(vec![0u8; randomness::DRAW_BYTES.max(out.len())]);
+        s.generate_random_slice(&mut fresh)?;
+        let (mine, rest) = fresh.split_at(out.len());
+        out.copy_from_slice(mine);
+        self.randomness.add(rest);
         Ok(())
     }
 
@@ -98,17 +104,24 @@ impl Inner {
         }
         let inner = self.clone();
         tokio::spawn(async move {
-            let drawn = inner
-                .run(|s, _| {
-                    let mut fresh = Zeroizing::new(vec![0u8; randomness::POOL_BYTES]);
-                    s.generate_random_slice(&mut fresh)?;
-                    Ok(fresh)
+            let pool = inner.clone();
+            // Draws until full, at most a pool's worth (requests keep taking meanwhile);
+            // bytes drawn before a failure are kept.
+            let _ = inner
+                .run(move |s, _| {
+                    let mut fresh = Zeroizing::new(vec![0u8; randomness::DRAW_BYTES]);
+                    let draws = randomness::POOL_BYTES / randomness::DRAW_BYTES;
+                    for _ in 0..draws {
+                        if !pool.randomness.has_room_for_a_draw() {
+                            break;
+                        }
+                        s.generate_random_slice(&mut fresh)?;
+                        pool.randomness.add(&fresh);
+                    }
+                    Ok(())
                 })
                 .await;
-            match drawn {
-                Ok(fresh) => inner.randomness.refill(&fresh),
-                Err(_) => inner.randomness.refill_failed(),
-            }
+            inner.randomness.refill_ended();
         });
     }
 
