@@ -405,6 +405,37 @@ async fn a_generate_is_two_device_calls_with_the_random_pool_warm() {
     ));
 }
 
+/// The change-marker poll reads the markers it found by handle and searches the token every
+/// 2 s at most: a search on SoftHSM opens the file of every object on the token, and every
+/// instance polled four times a second.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_instance_searches_the_token_every_two_seconds_at_most() {
+    let srv = faulty_server(2, "2s", "").spawn();
+    let key = harness::name("fault-poll");
+    let c = &srv.client();
+    // A create replaces the marker; the polls after it start from a search.
+    c.create_key(key.as_str()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let (finds, reads) = (
+        srv.calls("C_FindObjectsInit").await,
+        srv.calls("C_GetAttributeValue").await,
+    );
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let (finds, reads) = (
+        srv.calls("C_FindObjectsInit").await - finds,
+        srv.calls("C_GetAttributeValue").await - reads,
+    );
+    // 3 s of polls every 0.25 s: about 12, of which at most 2 search.
+    assert!(finds <= 2, "{finds} searches in 3 s of idle polls");
+    assert!(
+        reads >= 8,
+        "only {reads} marker reads in 3 s: the poll is not running"
+    );
+    harness::report(&format!(
+        "calls: an idle instance made {finds} searches and {reads} marker reads in 3 s"
+    ));
+}
+
 /// On a slow HSM under load, the pool's refill waits behind the queued requests. The requests
 /// that find the pool short meanwhile each draw 4 KiB and leave the rest in it, so the draws
 /// stay about one per 93 generates; when each drew only its own 44 bytes, 210 of 640

@@ -415,10 +415,13 @@ impl Inner {
         let due = self.marker_due.swap(false, Ordering::AcqRel);
         let inner = self.clone();
         let polled = self
-            .run_on_worker(move |s, _| {
+            .run_on_worker(move |s, d| {
+                let mut known = inner.markers_known.lock().ignore_poison();
                 if !due {
-                    return changes::read(s, &inner.cfg.prefix);
+                    return changes::read_known(s, &inner.cfg.prefix, &mut known, d.generation);
                 }
+                // The next poll searches: the markers are new.
+                *known = None;
                 let _held = inner.hold_writes()?;
                 let (before, after) = changes::touch(s, &inner.cfg.prefix)?;
                 let mut seen = inner.marker_seen.lock().ignore_poison();

@@ -145,6 +145,9 @@ struct Inner {
     /// The change marker as this instance last knew it to match its index ([`changes`]);
     /// `None` forces a rescan at the next poll.
     marker_seen: Mutex<Option<changes::Stamp>>,
+    /// The markers the last poll found, read by handle ([`changes::Known`]); only the poll,
+    /// one at a time, touches it.
+    markers_known: Mutex<Option<changes::Known>>,
     /// This instance created or deleted a key since it last replaced the marker.
     marker_due: AtomicBool,
     /// The HSM's random bytes for DEKs and IVs, drawn in bulk ([`randomness`]).
@@ -253,6 +256,7 @@ impl Pkcs11KeyStore {
             write_lock,
             searches: AtomicU64::new(0),
             marker_seen: Mutex::new(Some(stamp)),
+            markers_known: Mutex::new(None),
             marker_due: AtomicBool::new(false),
             randomness: randomness::RandomPool::new(),
             version_lookups: Mutex::new(HashMap::new()),
