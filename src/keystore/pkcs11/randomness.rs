@@ -67,7 +67,7 @@ impl RandomPool {
     }
 
     /// Whether a refill should start now: below [`LOW_WATER`] and none running. Marks one
-    /// as running; [`Self::refill`] or [`Self::refill_failed`] ends it.
+    /// as running; [`Self::refill_ended`] ends it.
     pub fn wants_refill(&self) -> bool {
         self.lock().len() < LOW_WATER
             && self
