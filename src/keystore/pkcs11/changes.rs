@@ -83,18 +83,18 @@ pub struct Known {
 }
 
 /// The markers as they are now, read by the handles in `known` while they all still read as
-/// they did; searched for (and `known` replaced) otherwise, every [`SEARCH_EVERY`] polls, and
-/// on a device of another generation.
+/// they did; searched for (and `known` replaced) otherwise, every [`SEARCH_EVERY`] polls, on
+/// a device of another generation, and while there is no marker to read.
 pub fn read_known(
     s: &Session,
     prefix: &str,
     known: &mut Option<Known>,
     generation: u64,
 ) -> Result<Stamp, Pkcs11Error> {
-    if let Some(k) = known
-        .as_mut()
-        .filter(|k| k.generation == generation && k.reads + 1 < SEARCH_EVERY)
-    {
+    // No marker yet (a token no instance has written): only a search sees the first one.
+    if let Some(k) = known.as_mut().filter(|k| {
+        k.generation == generation && k.reads + 1 < SEARCH_EVERY && !k.handles.is_empty()
+    }) {
         if unchanged(s, k) {
             k.reads += 1;
             return Ok(k.stamp.clone());
