@@ -10,8 +10,13 @@ use crate::harness::{self, server, ServerProcess};
 /// Two servers on `token`, with only module, token and PIN configured: the profile is the
 /// one detected from the module.
 fn two_servers(token: &EphemeralToken) -> (ServerProcess, ServerProcess) {
+    two_servers_with(token, "")
+}
+
+/// [`two_servers`] with more `pkcs11:` settings (indented lines).
+fn two_servers_with(token: &EphemeralToken, more: &str) -> (ServerProcess, ServerProcess) {
     let keystore = format!(
-        "  pkcs11:\n    module: {}\n    token: {}\n    pin: ${{KESH_PIN}}\n",
+        "  pkcs11:\n    module: {}\n    token: {}\n    pin: ${{KESH_PIN}}\n{more}",
         token.module.display(),
         token.label
     );
@@ -44,6 +49,26 @@ async fn listed_within(
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// Under a label prefix nobody has written yet the token holds no change marker, so an
+/// instance's polls find none; the first create elsewhere must still reach its listing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_first_change_marker_under_a_prefix_is_seen() {
+    let prefix = format!("first-{}/", harness::name("p").as_str());
+    let (a, b) = two_servers_with(
+        &harness::tokens().listing,
+        &format!("    prefix: {prefix}\n"),
+    );
+    // Several of B's polls find no marker.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    a.client().create_key("first").await.unwrap();
+    let took = listed_within(&b.client(), "first", true, Duration::from_secs(1))
+        .await
+        .expect("the other instance lists the first key under a new prefix within 1 s");
+    harness::report(&format!(
+        "listing: the first key under a new prefix listed on the other instance after {took:?}"
+    ));
 }
 
 /// 20 races of 20 creates of one name across both instances: exactly one wins, and each
