@@ -18,7 +18,7 @@ use crate::harness::{self, server, ServerBuilder, ServerProcess};
 /// `rules` from its first call and counts calls ([`ServerProcess::calls`]).
 pub(crate) fn faulty_server(sessions: u64, session_wait: &str, rules: &str) -> ServerBuilder {
     server()
-        .pkcs11(&harness::tokens().faults)
+        .pkcs11_private(&harness::tokens().faults)
         .pkcs11_setting("sessions", sessions)
         .pkcs11_setting("session_wait", session_wait)
         .fault_shim(rules)
@@ -333,7 +333,7 @@ async fn a_refused_pin_is_never_retried_until_the_operator_reloads() {
 
     // The operator fixes the PIN (here: the token accepts it again) and reloads.
     srv.inject("");
-    srv.write_pin(harness::tokens().faults.pin().expose());
+    srv.write_pin(harness::tokens().faults.token.pin().expose());
     let t = Instant::now();
     srv.signal("-HUP");
     let back = wait_for_recovery(c, key).await;

@@ -59,6 +59,8 @@ async fn soak() {
         t + 200 >= fault_start && t <= fault_end + 3000
     };
     let sealed = Arc::new(Mutex::new(Vec::<Sealed>::new()));
+    // The last outage answer, in ms after the fault window closed: how long recovery took.
+    let last_outage = Arc::new(Mutex::new(None::<i128>));
     let tally = Arc::new(Mutex::new(BTreeMap::<String, u64>::new()));
     let count = |tally: &Mutex<BTreeMap<String, u64>>, what: &str| {
         *tally.lock().unwrap().entry(what.to_owned()).or_default() += 1;
@@ -69,8 +71,13 @@ async fn soak() {
     let mut baseline = None;
     let mut tasks = Vec::new();
     for client in 0..CLIENTS {
-        let (shared, sealed, tally, base) =
-            (shared.clone(), sealed.clone(), tally.clone(), base.clone());
+        let (shared, sealed, tally, base, last_outage) = (
+            shared.clone(),
+            sealed.clone(),
+            tally.clone(),
+            base.clone(),
+            last_outage.clone(),
+        );
         tasks.push(tokio::spawn(async move {
             let c = &*shared;
             let mut i = 0u64;
@@ -138,7 +145,12 @@ async fn soak() {
                             // client's own create and delete slots.
                             Some((400, m)) if m == "key already exists" => true,
                             Some((404, m)) if m == "key does not exist" => true,
-                            Some((504, m)) if m == "key store is not reachable" => in_fault(),
+                            Some((504, m)) if m == "key store is not reachable" => {
+                                let after = now_ms() as i128 - fault_end as i128;
+                                let mut last = last_outage.lock().unwrap();
+                                *last = Some(last.map_or(after, |l| l.max(after)));
+                                in_fault()
+                            }
                             _ => false,
                         };
                         let label = match api {
@@ -191,14 +203,16 @@ async fn soak() {
     let tally = tally.lock().unwrap().clone();
     let requests: u64 = tally.values().sum();
     crate::harness::report(&format!(
-        "soak: {secs} s, {requests} requests, {} DEKs checked, outcomes {tally:?}, RSS {rss0} → {rss1} kB, fds {fds0} → {fds1}",
-        sealed.len()
+        "soak: {secs} s, {requests} requests, {} DEKs checked, outcomes {tally:?}, last outage answer {:?} ms after the fault, RSS {rss0} → {rss1} kB, fds {fds0} → {fds1}",
+        sealed.len(),
+        *last_outage.lock().unwrap(),
     ));
     assert!(
         tally
             .keys()
             .all(|k| !k.starts_with("UNEXPECTED") && !k.contains("?!") && k != "WRONG PLAINTEXT"),
-        "{tally:?}"
+        "{tally:?}\nthe server's log:\n{}",
+        srv.stderr()
     );
     assert!(
         tally.get("generate").copied().unwrap_or(0) > 0

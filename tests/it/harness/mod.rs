@@ -121,8 +121,9 @@ pub struct Tokens {
     pub shared: Arc<EphemeralToken>,
     pub bulk: Arc<EphemeralToken>,
     pub processes: Arc<EphemeralToken>,
-    /// Used by `kesh server` processes that load SoftHSM through the fault shim.
-    pub faults: Arc<EphemeralToken>,
+    /// Used by `kesh server` processes that load SoftHSM through the fault shim; in a token
+    /// directory of its own, so that their recoveries re-read only it.
+    pub faults: softhsm::PrivateToken,
     /// Written only by the `kesh migrate` and `kesh server` children of the CLI test.
     pub migrate: Arc<EphemeralToken>,
     /// Written only by the `kesh migrate` and `kesh server` children of the Vault tests.
@@ -163,7 +164,7 @@ pub fn tokens() -> &'static Tokens {
             shared: Arc::new(shared),
             bulk: Arc::new(token()),
             processes: Arc::new(token()),
-            faults: Arc::new(token()),
+            faults: softhsm::PrivateToken::create("faults"),
             migrate: Arc::new(token()),
             vault: Arc::new(token()),
             probe: Arc::new(token()),

@@ -141,6 +141,13 @@ impl ServerBuilder {
         self
     }
 
+    /// [`Self::pkcs11`] on a token in a SoftHSM directory of its own, which the child gets as
+    /// its `SOFTHSM2_CONF`.
+    pub fn pkcs11_private(self, private: &super::softhsm::PrivateToken) -> Self {
+        let conf = private.conf.to_str().expect("a UTF-8 path").to_owned();
+        self.pkcs11(&private.token).env("SOFTHSM2_CONF", &conf)
+    }
+
     /// One more `pkcs11:` setting (`sessions`, `session_wait`, …).
     pub fn pkcs11_setting(mut self, key: &str, value: impl Into<serde_yaml::Value>) -> Self {
         match &mut self.keystore {
