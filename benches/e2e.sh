@@ -404,6 +404,23 @@ out=benches/RESULTS.md
     echo "| $op | $(num "$(echo "$p / 1000" | bc -l)" 2) | $calls | $(num "$bound" 0) | $(num "$m" 0) | $(num "$(echo "$m / $bound" | bc -l)" 3) | $(num "$(echo "$m * $calls / $ceiling" | bc -l)" 3) |"
   done
   echo
+  echo "## Time in device calls, as the server counts it"
+  echo
+  echo "Wall-clock time the keystore's jobs spent running their PKCS#11 calls, per operation"
+  echo "(\`kesh_hsm_call_seconds_total\` over the window, read by kesh bench), beside the same runs'"
+  echo "latency and CPU: the part of each that is the device's. At c=16 on SoftHSM a call's wall"
+  echo "time includes waits on SoftHSM's own locks and preemption, so it exceeds its CPU time."
+  echo
+  echo "| server | op | c | device µs/op | p50 µs | server CPU µs/op |"
+  echo "|---|---|---|---|---|---|"
+  for op in generate decrypt; do
+    for pt in "hsm|.tag==\"main\" and .srv==\"hsm\" and .op==\"$op\" and .concurrency==16|16" \
+      "lat|.tag==\"latc1\" and .op==\"$op\"|1"; do
+      IFS='|' read -r name sel c <<<"$pt"
+      echo "| $name | $op | $c | $(num "$(med "$sel" device_us_per_op)") | $(num "$(med "$sel" p50_us)") | $(num "$(med "$sel" server.cpu_us_per_op)") |"
+    done
+  done
+  echo
   echo "## Kryoptic: PKCS#11 3.0 message-based AES-GCM vs C_EncryptInit + C_Encrypt (c=16)"
   echo
   echo "One Kryoptic token (an unoptimised build, OpenSSL's cryptography), two servers: kry seals"
@@ -445,7 +462,7 @@ out=benches/RESULTS.md
   echo "<details><summary>raw records</summary>"
   echo
   echo '```'
-  jq -c '{tag, srv, op, proto, c: .concurrency, ops_per_sec, p50_us, p99_us, errors, cpu: .server.cpu_us_per_op, rss_kb: .server.rss_kb}' "$results"
+  jq -c '{tag, srv, op, proto, c: .concurrency, ops_per_sec, p50_us, p99_us, errors, cpu: .server.cpu_us_per_op, device_us: .device_us_per_op, rss_kb: .server.rss_kb}' "$results"
   echo '```'
   echo "</details>"
 } >"$out"

@@ -181,6 +181,11 @@ pub struct Report {
     pub latency: Latency,
     /// The server's CPU and memory, when its pid was given.
     pub server: Option<ServerUsage>,
+    /// Time the server's keystore spent in device calls per completed operation,
+    /// microseconds (`kesh_hsm_call_seconds_total` over the window): what the HSM itself
+    /// costs inside the server. `None` for a keystore without sessions, or when the
+    /// identity may not read `/v1/metrics/kesh`.
+    pub device_us_per_op: Option<f64>,
     /// The first failure seen (warmup included), to say what went wrong.
     pub first_error: Option<String>,
 }
@@ -203,6 +208,9 @@ impl Report {
             self.latency.p99_us,
             self.latency.max_us,
         );
+        if let Some(d) = self.device_us_per_op {
+            s.push_str(&format!(" device_us_per_op={d:.2}"));
+        }
         if let Some(u) = &self.server {
             s.push_str(&format!(
                 " cpu_us_per_op={:.2} vcsw_per_op={:.3} ivcsw_per_op={:.3} rss_kb={} rss_peak_kb={} rss_before_kb={}",
@@ -247,6 +255,12 @@ impl fmt::Display for Report {
             ms(self.latency.max_us)
         )?;
         writeln!(f, "  errors      {}", self.errors)?;
+        if let Some(d) = self.device_us_per_op {
+            writeln!(
+                f,
+                "  device      {d:.1} µs/op in HSM calls (the server's own count)"
+            )?;
+        }
         if let Some(e) = &self.first_error {
             writeln!(f, "  first error {e}")?;
         }
@@ -808,11 +822,13 @@ pub async fn run(client: &Client, settings: &Settings) -> Result<Report, BenchEr
         Some(pid) => Some(proc_sample(pid)?),
         None => None,
     };
+    let device_at_start = device_seconds(client).await;
     tokio::time::sleep_until(end.into()).await;
     let at_end = match settings.server_pid {
         Some(pid) => Some(proc_sample(pid)?),
         None => None,
     };
+    let device_at_end = device_seconds(client).await;
     let elapsed = window_start.elapsed();
 
     let mut hist = Histogram::new();
@@ -865,8 +881,20 @@ pub async fn run(client: &Client, settings: &Settings) -> Result<Report, BenchEr
         ops_per_sec: if secs > 0.0 { ops as f64 / secs } else { 0.0 },
         latency: hist.latency(),
         server,
+        device_us_per_op: match (device_at_start, device_at_end) {
+            (Some(a), Some(b)) if ops > 0 => Some((b - a) * 1e6 / ops as f64),
+            _ => None,
+        },
         first_error,
     })
+}
+
+/// The server's `kesh_hsm_call_seconds_total`, if it has one and lets this identity read it.
+async fn device_seconds(client: &Client) -> Option<f64> {
+    let text = client.kesh_metrics().await.ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("kesh_hsm_call_seconds_total "))
+        .and_then(|v| v.trim().parse().ok())
 }
 
 #[cfg(test)]

@@ -392,6 +392,8 @@ pub struct PoolStats {
     /// Total time those calls waited for it. (Refusals are counted by the caller, which
     /// sees every `Busy` error.)
     pub wait_seconds: f64,
+    /// Total time those calls ran: the device's own time, round trips included.
+    pub call_seconds: f64,
 }
 
 /// What a backend reports beside its answers, for `/v1/metrics/kesh` and `/v1/status`.

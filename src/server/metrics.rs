@@ -335,6 +335,11 @@ impl Metrics {
                     "Time keystore calls spent waiting for a free HSM session.",
                     pool.wait_seconds,
                 ),
+                (
+                    "kesh_hsm_call_seconds_total",
+                    "Time keystore calls spent running on an HSM session: the device's own time, round trips included.",
+                    pool.call_seconds,
+                ),
             ] {
                 family(out, name, "counter", help);
                 let _ = writeln!(out, "{name} {value}");
@@ -524,6 +529,7 @@ mod tests {
                 acquired: 10,
                 inline: 6,
                 wait_seconds: 0.5,
+                call_seconds: 0.25,
             }),
             login_refused: Some(false),
             unreadable_key_files: Some(2),
@@ -534,6 +540,10 @@ mod tests {
         );
         assert!(
             text.contains("kesh_hsm_session_wait_seconds_total 0.5\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("kesh_hsm_call_seconds_total 0.25\n"),
             "{text}"
         );
         assert!(

@@ -75,4 +75,24 @@ fn bench_over_h2_and_http1() {
         &["--op", "describe", "-c", "2", "--key", &key, "--http1"],
     );
     check(&r, "describe", "http1", 2, 2);
+    // The soft keystore makes no device calls, and says so by leaving the figure out.
+    assert!(r["device_us_per_op"].is_null(), "{r}");
+}
+
+#[test]
+fn on_an_hsm_bench_reports_the_time_spent_in_device_calls() {
+    // Every PKCS#11 call takes at least 1 ms, and a generate makes two (IVs and DEKs come
+    // from the random pool, drawn in bulk).
+    let srv = crate::faults::faulty_server(2, "5s", "latency 1000 *\n").spawn();
+    let key = format!("bench-hsm-{}", std::process::id());
+    let r = bench(&srv, &["--op", "generate", "-c", "1", "--key", &key]);
+    check(&r, "generate", "h2", 1, 1);
+    let device = r["device_us_per_op"]
+        .as_f64()
+        .unwrap_or_else(|| panic!("{r}"));
+    let p50 = r["p50_us"].as_f64().unwrap();
+    assert!(
+        (2000.0..p50 * 1.5).contains(&device),
+        "2 calls of ≥ 1 ms each, within the latency: {r}"
+    );
 }

@@ -421,6 +421,7 @@ impl KeyStore for Pkcs11KeyStore {
                 acquired: w.started + w.inline,
                 inline: w.inline,
                 wait_seconds: w.waited.as_secs_f64(),
+                call_seconds: w.busy.as_secs_f64(),
             }),
             login_refused: Some(self.inner.login_refused.load(Ordering::Acquire)),
             unreadable_key_files: None,

@@ -89,6 +89,8 @@ struct Queue {
     inline_running: AtomicUsize,
     /// Smoothed duration of a job, wherever it ran (an exponential moving average, 1/8).
     typical_nanos: AtomicU64,
+    /// Total time jobs ran, wherever they ran.
+    busy_nanos: AtomicU64,
 }
 
 impl Default for Queue {
@@ -103,6 +105,7 @@ impl Default for Queue {
             inline_running: AtomicUsize::new(0),
             // A device is slow until its calls have shown otherwise.
             typical_nanos: AtomicU64::new(INLINE_MAX_NANOS * 8),
+            busy_nanos: AtomicU64::new(0),
         }
     }
 }
@@ -127,10 +130,11 @@ impl Queue {
         true
     }
 
-    /// Folds one job's duration into the smoothed one. Racing updates may lose one sample;
-    /// the average only steers where jobs run.
+    /// Counts one job's duration, and folds it into the smoothed one. Racing updates of the
+    /// average may lose one sample; it only steers where jobs run.
     fn record(&self, took: Duration) {
         let took = u64::try_from(took.as_nanos()).unwrap_or(u64::MAX);
+        self.busy_nanos.fetch_add(took, Ordering::Relaxed);
         let old = self.typical_nanos.load(Ordering::Relaxed);
         let new = old - old / 8 + took / 8;
         self.typical_nanos.store(new, Ordering::Relaxed);
@@ -216,6 +220,8 @@ pub struct WorkerStats {
     pub waited: Duration,
     /// Jobs run on the asking runtime thread instead.
     pub inline: u64,
+    /// Total time jobs ran (their device calls), inline or on a worker.
+    pub busy: Duration,
 }
 
 /// Jobs whose smoothed duration is under this run inline (module doc). A local software token's
@@ -333,6 +339,7 @@ impl Workers {
             started: q.started.load(Ordering::Relaxed),
             waited: Duration::from_nanos(q.waited_nanos.load(Ordering::Relaxed)),
             inline: q.inline_started.load(Ordering::Relaxed),
+            busy: Duration::from_nanos(q.busy_nanos.load(Ordering::Relaxed)),
         }
     }
 }

@@ -116,6 +116,12 @@ pub(super) async fn status_metrics_api_version(store: Store) {
     ] {
         assert_eq!(all.contains(hsm_family), hsm, "{hsm_family}:\n{all}");
     }
+    // The generate above ran on the device, and its time there is counted.
+    let device_seconds = all
+        .lines()
+        .find_map(|l| l.strip_prefix("kesh_hsm_call_seconds_total "))
+        .map(|v| v.parse::<f64>().unwrap());
+    assert_eq!(device_seconds.is_some_and(|s| s > 0.0), hsm, "{all}");
 }
 
 /// The families MinIO reads from `/v1/metrics` (kms-go `kes.Client.Metrics`); the three
