@@ -22,7 +22,7 @@ use kesh::keystore::{KeyStore, Provenance};
 use kesh::name::KeyName;
 use tokio::runtime::Runtime;
 
-const CONTEXT: &[u8] = br#"{"bucket":"bucket/objects/0001.bin"}"#;
+use common::CONTEXT;
 
 fn measuring() -> bool {
     std::env::args().any(|a| a == "--bench")
@@ -71,7 +71,8 @@ fn seal_unseal(c: &mut Criterion) {
         ("softhsm-direct-token-key", true),
         ("softhsm-direct-session-key", false),
     ] {
-        let direct = Direct::open(&token, on_token);
+        let direct =
+            common::Direct::open(&token.module, &token.label, token.pin().expose(), on_token);
         g.bench_function(BenchmarkId::new("generate", what), |b| {
             b.iter(|| direct.seal())
         });
@@ -83,84 +84,6 @@ fn seal_unseal(c: &mut Criterion) {
     g.finish();
     drop(hsm);
     drop(token);
-}
-
-/// SoftHSM without kesh: one logged-in session and one AES key with kesh's master template.
-struct Direct {
-    key: cryptoki::object::ObjectHandle,
-    /// Randomness drawn in bulk, as kesh's pool does; used from the end.
-    random: std::cell::RefCell<Vec<u8>>,
-    // Dropped before the context it belongs to.
-    session: cryptoki::session::Session,
-    _ctx: cryptoki::context::Pkcs11,
-}
-
-impl Direct {
-    fn open(token: &EphemeralToken, on_token: bool) -> Self {
-        use cryptoki::mechanism::Mechanism;
-        use cryptoki::object::Attribute;
-        use kesh::keystore::pkcs11::objects;
-        let (ctx, _slot, session) =
-            common::login(&token.module, &token.label, token.pin().expose());
-        let meta = objects::Meta::new(
-            objects::Role::Key,
-            "00000000000000ff",
-            kesh::keystore::Scheme::Gcm,
-            kesh::crypto::kes::Algorithm::Aes256,
-            &Provenance::now("bench"),
-        );
-        let mut template =
-            objects::master_template("bench/direct", &meta, kesh::keystore::Scheme::Gcm, None);
-        template.retain(|a| !matches!(a, Attribute::Token(_)));
-        template.push(Attribute::Token(on_token));
-        let key = session
-            .generate_key(&Mechanism::AesKeyGen, &template)
-            .expect("generate a key");
-        Direct {
-            key,
-            random: std::cell::RefCell::new(Vec::new()),
-            session,
-            _ctx: ctx,
-        }
-    }
-
-    /// IV ‖ GCM(DEK) with the tag, as kesh's seal without its header.
-    fn seal(&self) -> Vec<u8> {
-        use cryptoki::mechanism::{aead::GcmParams, Mechanism};
-        let mut random = self.random.borrow_mut();
-        if random.len() < 44 {
-            random.resize(4096, 0);
-            self.session
-                .generate_random_slice(&mut random)
-                .expect("random");
-        }
-        let at = random.len() - 44;
-        let mut iv = [0u8; 12];
-        iv.copy_from_slice(&random[at + 32..]);
-        let params = GcmParams::new(&mut iv, CONTEXT, 128.into()).expect("params");
-        let sealed = self
-            .session
-            .encrypt(&Mechanism::AesGcm(params), self.key, &random[at..at + 32])
-            .expect("seal");
-        random.truncate(at);
-        [&iv[..], &sealed].concat()
-    }
-
-    fn unseal(&self, sealed: &[u8]) -> Vec<u8> {
-        use cryptoki::mechanism::{aead::GcmParams, Mechanism};
-        let mut iv = [0u8; 12];
-        iv.copy_from_slice(&sealed[..12]);
-        let params = GcmParams::new(&mut iv, CONTEXT, 128.into()).expect("params");
-        self.session
-            .decrypt(&Mechanism::AesGcm(params), self.key, &sealed[12..])
-            .expect("unseal")
-    }
-}
-
-impl Drop for Direct {
-    fn drop(&mut self) {
-        let _ = self.session.destroy_object(self.key);
-    }
 }
 
 fn lookup(c: &mut Criterion) {

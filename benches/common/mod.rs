@@ -16,6 +16,9 @@ use kesh::crypto::kes::Algorithm;
 use kesh::keystore::pkcs11::{device, objects, TokenSelector};
 use kesh::keystore::{Provenance, Scheme};
 
+/// The encryption context of every benchmarked operation, shaped like MinIO's.
+pub const CONTEXT: &[u8] = br#"{"bucket":"bucket/objects/0001.bin"}"#;
+
 /// The module loaded and initialized, the token's slot, and a session logged in as the user.
 pub fn login(module: &std::path::Path, label: &str, pin: &str) -> (Pkcs11, Slot, Session) {
     let ctx = Pkcs11::new(module).expect("load the PKCS#11 module");
@@ -54,5 +57,81 @@ pub fn populate(module: &std::path::Path, label: &str, pin: &str, first: usize, 
         session
             .generate_key(&Mechanism::AesKeyGen, &template)
             .expect("generate a master key");
+    }
+}
+
+/// SoftHSM without kesh: one logged-in session and one AES key with kesh's master template.
+pub struct Direct {
+    key: cryptoki::object::ObjectHandle,
+    /// Randomness drawn in bulk, as kesh's pool does; used from the end.
+    random: std::cell::RefCell<Vec<u8>>,
+    // Dropped before the context it belongs to.
+    session: cryptoki::session::Session,
+    _ctx: cryptoki::context::Pkcs11,
+}
+
+impl Direct {
+    pub fn open(module: &std::path::Path, label: &str, pin: &str, on_token: bool) -> Self {
+        use cryptoki::mechanism::Mechanism;
+        use cryptoki::object::Attribute;
+        let (ctx, _slot, session) = login(module, label, pin);
+        let meta = objects::Meta::new(
+            objects::Role::Key,
+            "00000000000000ff",
+            kesh::keystore::Scheme::Gcm,
+            kesh::crypto::kes::Algorithm::Aes256,
+            &Provenance::now("bench"),
+        );
+        let mut template =
+            objects::master_template("bench/direct", &meta, kesh::keystore::Scheme::Gcm, None);
+        template.retain(|a| !matches!(a, Attribute::Token(_)));
+        template.push(Attribute::Token(on_token));
+        let key = session
+            .generate_key(&Mechanism::AesKeyGen, &template)
+            .expect("generate a key");
+        Direct {
+            key,
+            random: std::cell::RefCell::new(Vec::new()),
+            session,
+            _ctx: ctx,
+        }
+    }
+
+    /// IV ‖ GCM(DEK) with the tag, as kesh's seal without its header.
+    pub fn seal(&self) -> Vec<u8> {
+        use cryptoki::mechanism::{aead::GcmParams, Mechanism};
+        let mut random = self.random.borrow_mut();
+        if random.len() < 44 {
+            random.resize(4096, 0);
+            self.session
+                .generate_random_slice(&mut random)
+                .expect("random");
+        }
+        let at = random.len() - 44;
+        let mut iv = [0u8; 12];
+        iv.copy_from_slice(&random[at + 32..]);
+        let params = GcmParams::new(&mut iv, CONTEXT, 128.into()).expect("params");
+        let sealed = self
+            .session
+            .encrypt(&Mechanism::AesGcm(params), self.key, &random[at..at + 32])
+            .expect("seal");
+        random.truncate(at);
+        [&iv[..], &sealed].concat()
+    }
+
+    pub fn unseal(&self, sealed: &[u8]) -> Vec<u8> {
+        use cryptoki::mechanism::{aead::GcmParams, Mechanism};
+        let mut iv = [0u8; 12];
+        iv.copy_from_slice(&sealed[..12]);
+        let params = GcmParams::new(&mut iv, CONTEXT, 128.into()).expect("params");
+        self.session
+            .decrypt(&Mechanism::AesGcm(params), self.key, &sealed[12..])
+            .expect("unseal")
+    }
+}
+
+impl Drop for Direct {
+    fn drop(&mut self) {
+        let _ = self.session.destroy_object(self.key);
     }
 }
