@@ -309,6 +309,17 @@ impl Metrics {
     }
 
     fn render_kesh_into(&self, out: &mut String, keystore: &crate::keystore::KeystoreStats) {
+        // Families in name order, as the test below checks.
+        if let Some(pool) = keystore.pool {
+            let name = "kesh_hsm_call_seconds_total";
+            family(
+                out,
+                name,
+                "counter",
+                "Time keystore calls spent running on an HSM session: the device's own time, round trips included.",
+            );
+            let _ = writeln!(out, "{name} {}", pool.call_seconds);
+        }
         if let Some(refused) = keystore.login_refused {
             family(
                 out,
@@ -334,11 +345,6 @@ impl Metrics {
                     "kesh_hsm_session_wait_seconds_total",
                     "Time keystore calls spent waiting for a free HSM session.",
                     pool.wait_seconds,
-                ),
-                (
-                    "kesh_hsm_call_seconds_total",
-                    "Time keystore calls spent running on an HSM session: the device's own time, round trips included.",
-                    pool.call_seconds,
                 ),
             ] {
                 family(out, name, "counter", help);
