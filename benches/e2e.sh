@@ -33,6 +33,10 @@ target=${CARGO_TARGET_DIR:-target}
 command -v softhsm2-util >/dev/null || { echo "e2e: SoftHSM is required: apt-get install softhsm2" >&2; exit 1; }
 command -v jq >/dev/null || { echo "e2e: jq is required: apt-get install jq" >&2; exit 1; }
 
+# Before anything of this script's own runs: the report's "load at start".
+started_at=$(date -u +%Y-%m-%dT%H:%MZ)
+load_at_start=$(cut -d' ' -f1-3 /proc/loadavg)
+
 # The profile the Debian package ships (whole-program optimised, Cargo.toml).
 echo "e2e: building (dist profile)" >&2
 cargo build --profile dist --quiet -p kesh -p kesh-fault-shim
@@ -295,9 +299,10 @@ out=benches/RESULTS.md
   echo
   echo "| | |"
   echo "|---|---|"
-  echo "| date | $(date -u +%Y-%m-%dT%H:%MZ) |"
+  echo "| date | started $started_at, finished $(date -u +%H:%MZ) |"
   echo "| CPU | $(lscpu | sed -n 's/^Model name: *//p' | head -1), $(nproc) CPUs available |"
-  echo "| load at start | $(cut -d' ' -f1-3 /proc/loadavg) (other builds were running on this shared machine) |"
+  echo "| load at start | $load_at_start (1, 5 and 15 min; a shared machine) |"
+  echo "| load at the end | $(cut -d' ' -f1-3 /proc/loadavg) (this script's own load included) |"
   echo "| kernel | $(uname -sr) |"
   echo "| build | kesh $(git describe --always --dirty), dist profile (fat LTO, what the package ships), $(rustc -V) |"
   echo "| SoftHSM | $(softhsm2-util --version), file object store |"
