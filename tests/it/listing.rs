@@ -90,7 +90,7 @@ async fn listings_follow_creates_and_deletes(token: &EphemeralToken) {
     let bound = Duration::from_secs(1);
     let mut slowest = Duration::ZERO;
     for round in 0..20 {
-        let name = format!("race-{round}");
+        let name = harness::name(&format!("race-{round}")).as_str().to_owned();
         let creates = (0..20).map(|i| {
             let c = if i % 2 == 0 { &ca } else { &cb };
             c.create_key(&name)
@@ -126,7 +126,7 @@ async fn listings_follow_creates_and_deletes(token: &EphemeralToken) {
         slowest = slowest.max(took);
 
         // Created on one only, listed by the other within the bound.
-        let solo = format!("solo-{round}");
+        let solo = harness::name(&format!("solo-{round}")).as_str().to_owned();
         deleter.create_key(&solo).await.unwrap();
         let took = listed_within(other, &solo, true, bound)
             .await

@@ -47,17 +47,20 @@ fn find(s: &Session, prefix: &str) -> Result<Vec<ObjectHandle>, Pkcs11Error> {
     ])?)
 }
 
+/// One marker's value.
+fn value(s: &Session, h: ObjectHandle) -> Result<Option<Vec<u8>>, Pkcs11Error> {
+    let attrs = s.get_attributes(h, &[AttributeType::Value])?;
+    Ok(attrs.into_iter().find_map(|a| match a {
+        Attribute::Value(v) => Some(v),
+        _ => None,
+    }))
+}
+
 fn values(s: &Session, handles: &[ObjectHandle]) -> Result<Stamp, Pkcs11Error> {
     let mut values = Vec::with_capacity(handles.len());
     for &h in handles {
-        match s
-            .get_attributes(h, &[AttributeType::Value])
-            .map_err(Pkcs11Error::from)
-        {
-            Ok(attrs) => values.extend(attrs.into_iter().filter_map(|a| match a {
-                Attribute::Value(v) => Some(v),
-                _ => None,
-            })),
+        match value(s, h) {
+            Ok(v) => values.extend(v),
             // Replaced by another writer between the search and the read.
             Err(e) if e.is_stale() => {}
             Err(e) => return Err(e),
@@ -116,11 +119,8 @@ pub fn read_known(
 fn unchanged(s: &Session, k: &Known) -> bool {
     let mut now = Vec::with_capacity(k.handles.len());
     for &h in &k.handles {
-        match s.get_attributes(h, &[AttributeType::Value]) {
-            Ok(attrs) => now.extend(attrs.into_iter().filter_map(|a| match a {
-                Attribute::Value(v) => Some(v),
-                _ => None,
-            })),
+        match value(s, h) {
+            Ok(v) => now.extend(v),
             Err(_) => return false,
         }
     }

@@ -52,6 +52,8 @@ pub(super) struct Writing<'a> {
 impl Inner {
     /// Taken by jobs that write token objects, on a worker thread ([`Inner::run_on_worker`]).
     pub(super) fn hold_writes(&self) -> CallResult<Writing<'_>> {
+        // The process lock first: this process's threads share the host lock's file, and an
+        // `flock` does not keep them apart.
         let process = TOKEN_OBJECTS.write().ignore_poison();
         let host = self
             .write_lock
