@@ -67,14 +67,24 @@ pub struct Direct {
     random: std::cell::RefCell<Vec<u8>>,
     // Dropped before the context it belongs to.
     session: cryptoki::session::Session,
-    _ctx: cryptoki::context::Pkcs11,
+    slot: Slot,
+    ctx: Pkcs11,
 }
 
 impl Direct {
     pub fn open(module: &std::path::Path, label: &str, pin: &str, on_token: bool) -> Self {
-        use cryptoki::mechanism::Mechanism;
+        let (ctx, slot, session) = login(module, label, pin);
+        Self::with_session(ctx, slot, session, on_token)
+    }
+
+    /// Another session with its own key on the same module, for another thread.
+    pub fn another(&self, on_token: bool) -> Self {
+        let session = self.ctx.open_rw_session(self.slot).expect("open a session");
+        Self::with_session(self.ctx.clone(), self.slot, session, on_token)
+    }
+
+    fn with_session(ctx: Pkcs11, slot: Slot, session: Session, on_token: bool) -> Self {
         use cryptoki::object::Attribute;
-        let (ctx, _slot, session) = login(module, label, pin);
         let meta = objects::Meta::new(
             objects::Role::Key,
             "00000000000000ff",
@@ -93,7 +103,8 @@ impl Direct {
             key,
             random: std::cell::RefCell::new(Vec::new()),
             session,
-            _ctx: ctx,
+            slot,
+            ctx,
         }
     }
 

@@ -415,9 +415,31 @@ fn decide(function: &'static str, has_output: bool) -> Option<Verdict> {
         verdict
     };
     if sleep > 0 && verdict.is_none() {
-        std::thread::sleep(Duration::from_micros(sleep));
+        sleep_without_slack(Duration::from_micros(sleep));
     }
     verdict
+}
+
+/// Sleeps for `d` as a network HSM's round trip would take it.
+///
+/// Linux lets a sleeping thread's timer fire up to its timer slack late (50 µs by default), so a
+/// plain 1 ms sleep took about 1.09 ms here. A client of a network HSM waits in a read that the
+/// reply ends, which no timer slack delays, so the shim sets the calling thread's slack to 1 ns
+/// once before its first sleep.
+fn sleep_without_slack(d: Duration) {
+    thread_local! {
+        static SLACK_SET: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    }
+    SLACK_SET.with(|set| {
+        if !set.replace(true) {
+            let one_nanosecond: libc::c_ulong = 1;
+            // SAFETY: PR_SET_TIMERSLACK takes one integer argument and changes only the
+            // calling thread's timer slack; its failure leaves the default slack, which is
+            // still a valid sleep.
+            unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, one_nanosecond, 0, 0, 0) };
+        }
+    });
+    std::thread::sleep(d);
 }
 
 #[cfg(test)]
