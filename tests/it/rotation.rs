@@ -112,8 +112,11 @@ async fn every_version_decrypts_after_rotations(ks: Store) {
         // ... and seals with the newest.
         let dk = other.generate(&n, ctx).await.unwrap();
         assert_eq!(version_of(&dk.ciphertext), 4);
-        // A rotation there reaches this instance: it seals with it within the change-marker
-        // poll (no request here names the new version first), and decrypts it at once.
+        // A rotation there reaches this instance: it seals with it once the change-marker
+        // poll has seen it (no request here names the new version first), and decrypts it at
+        // once. About a second on a quiet token (docs/api.md). The bound is wider: the suite's
+        // other tests change this token meanwhile, each change is a rescan here, and a rescan
+        // that took t waits t before the next (slow with Kryoptic's debug build under load).
         assert_eq!(other.rotate(&n, harness::who()).await.unwrap(), 5);
         let dk5 = other.generate(&n, ctx).await.unwrap();
         let start = std::time::Instant::now();
@@ -123,7 +126,7 @@ async fn every_version_decrypts_after_rotations(ks: Store) {
                 break;
             }
             assert!(
-                start.elapsed() < Duration::from_secs(2),
+                start.elapsed() < Duration::from_secs(5),
                 "this instance still seals with version {} after {:?}",
                 version_of(&dk.ciphertext),
                 start.elapsed()
