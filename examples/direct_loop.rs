@@ -24,25 +24,13 @@ use std::sync::{Arc, Barrier, OnceLock};
 use std::time::{Duration, Instant};
 
 fn main() {
-    let (Ok(label), Ok(pin)) = (
-        std::env::var("KESH_DIRECT_LABEL"),
-        std::env::var("KESH_DIRECT_PIN"),
-    ) else {
-        eprintln!(
-            "direct_loop: set KESH_DIRECT_LABEL and KESH_DIRECT_PIN \
-             (and KESH_DIRECT_SECS, KESH_DIRECT_THREADS)"
-        );
-        std::process::exit(2);
-    };
-    let number = |var: &str, default: u64| {
-        std::env::var(var)
-            .ok()
-            .and_then(|n| n.parse::<u64>().ok())
-            .filter(|&n| n > 0)
-            .unwrap_or(default)
-    };
-    let secs = number("KESH_DIRECT_SECS", 2);
-    let threads = number("KESH_DIRECT_THREADS", 1);
+    let [label, pin] = common::required_env(
+        "direct_loop",
+        ["KESH_DIRECT_LABEL", "KESH_DIRECT_PIN"],
+        "KESH_DIRECT_SECS, KESH_DIRECT_THREADS",
+    );
+    let secs = common::env_count("KESH_DIRECT_SECS", 2) as u64;
+    let threads = common::env_count("KESH_DIRECT_THREADS", 1);
     let module = kesh::keystore::pkcs11::ephemeral::module_path()
         .expect("SoftHSM is required: apt-get install softhsm2");
     let first = common::Direct::open(&module, &label, &pin, false);

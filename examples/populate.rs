@@ -9,19 +9,12 @@
 mod common;
 
 fn main() {
-    let (Ok(label), Ok(pin)) = (
-        std::env::var("KESH_POPULATE_LABEL"),
-        std::env::var("KESH_POPULATE_PIN"),
-    ) else {
-        eprintln!(
-            "populate: set KESH_POPULATE_LABEL and KESH_POPULATE_PIN (and KESH_POPULATE_KEYS)"
-        );
-        std::process::exit(2);
-    };
-    let keys: usize = std::env::var("KESH_POPULATE_KEYS")
-        .ok()
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(10);
+    let [label, pin] = common::required_env(
+        "populate",
+        ["KESH_POPULATE_LABEL", "KESH_POPULATE_PIN"],
+        "KESH_POPULATE_KEYS",
+    );
+    let keys = common::env_count("KESH_POPULATE_KEYS", 10);
     let module = kesh::keystore::pkcs11::ephemeral::module_path()
         .expect("SoftHSM is required: apt-get install softhsm2");
     let started = std::time::Instant::now();

@@ -15,21 +15,16 @@ use std::time::{Duration, Instant};
 mod common;
 
 fn main() {
-    let (Ok(module), Ok(label), Ok(pin)) = (
-        std::env::var("KESH_CEILING_MODULE"),
-        std::env::var("KESH_CEILING_LABEL"),
-        std::env::var("KESH_CEILING_PIN"),
-    ) else {
-        eprintln!(
-            "shim_ceiling: set KESH_CEILING_MODULE, KESH_CEILING_LABEL and KESH_CEILING_PIN \
-             (and KESH_CEILING_THREADS)"
-        );
-        std::process::exit(2);
-    };
-    let threads: usize = std::env::var("KESH_CEILING_THREADS")
-        .ok()
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(32);
+    let [module, label, pin] = common::required_env(
+        "shim_ceiling",
+        [
+            "KESH_CEILING_MODULE",
+            "KESH_CEILING_LABEL",
+            "KESH_CEILING_PIN",
+        ],
+        "KESH_CEILING_THREADS",
+    );
+    let threads = common::env_count("KESH_CEILING_THREADS", 32);
     let (ctx, slot, _login) = common::login(std::path::Path::new(&module), &label, &pin);
     let calls = AtomicU64::new(0);
     let window = Duration::from_secs(3);

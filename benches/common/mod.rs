@@ -19,6 +19,30 @@ use kesh::keystore::{Provenance, Scheme};
 /// The encryption context of every benchmarked operation, shaped like MinIO's.
 pub const CONTEXT: &[u8] = br#"{"bucket":"bucket/objects/0001.bin"}"#;
 
+/// The example helpers' settings: the `required` variables' values, or a usage line naming
+/// them (and the `optional` ones) and exit code 2.
+pub fn required_env<const N: usize>(
+    program: &str,
+    required: [&str; N],
+    optional: &str,
+) -> [String; N] {
+    required.map(|var| {
+        std::env::var(var).unwrap_or_else(|_| {
+            eprintln!("{program}: set {} (and {optional})", required.join(", "));
+            std::process::exit(2);
+        })
+    })
+}
+
+/// A positive count from the variable `var`, else `default`.
+pub fn env_count(var: &str, default: usize) -> usize {
+    std::env::var(var)
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .filter(|&n| n > 0)
+        .unwrap_or(default)
+}
+
 /// The module loaded and initialized, the token's slot, and a session logged in as the user.
 pub fn login(module: &std::path::Path, label: &str, pin: &str) -> (Pkcs11, Slot, Session) {
     let ctx = Pkcs11::new(module).expect("load the PKCS#11 module");
