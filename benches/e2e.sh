@@ -79,8 +79,8 @@ populate bulk "$BULK_KEYS"
 populate_s=$(echo "$(date +%s.%N) - $t0" | bc)
 
 # SoftHSM's own cost per seal with 10 and with $BULK_KEYS keys in its directory, without kesh
-# (examples/direct_loop.rs): SoftHSM keeps every object in memory, and its own per-call work grows
-# with them. Alternated, medians.
+# (examples/direct_loop.rs): SoftHSM loads every object of its directory into memory, and a seal
+# beside them costs more (the example's doc says why). Alternated, medians.
 cargo build --profile dist --quiet --example direct_loop
 # "pair": two threads sealing at once on the 10-key token, as a server on two cores calls it.
 direct_us() { # token [threads] → CPU µs per seal
@@ -404,8 +404,9 @@ out=benches/RESULTS.md
   echo "Populating $BULK_KEYS keys straight onto the token took $(num "$populate_s") s."
   echo
   echo "SoftHSM alone (examples/direct_loop.rs: one thread sealing, not the one that opened the module, as in kesh) took $(num "$direct_few" 2) µs per seal"
-  echo "beside the 10-key token and $(num "$direct_bulk" 2) µs beside the $BULK_KEYS-key one: it holds every object"
-  echo "of its directory in memory, and its own work per call grows with them."
+  echo "beside the 10-key token and $(num "$direct_bulk" 2) µs beside the $BULK_KEYS-key one. SoftHSM loads every object"
+  echo "of its directory into memory, on the thread that opens the module; a seal from any other thread then"
+  echo "costs more, through glibc's per-thread malloc arenas (examples/direct_loop.rs has the measurement)."
   echo
   echo "| op | 10 keys ops/s | $BULK_KEYS keys ops/s | ratio |"
   echo "|---|---|---|---|"

@@ -13,9 +13,15 @@
 //! seal took 7.3 µs from the opening thread and 10.5–10.7 µs from another one (10 keys: 7.0
 //! either way).
 //!
-//! SoftHSM keeps every object of every token in its directory in memory, so the figure also
-//! depends on what else the directory holds: e2e.sh compares the 10-key and the 10,000-key
-//! tokens' directories with it.
+//! SoftHSM loads every object of every token in its directory into memory when the module is
+//! opened, so the figure also depends on what else the directory holds: e2e.sh compares the
+//! 10-key and the 10,000-key tokens' directories with it. The difference follows glibc's
+//! per-thread malloc arenas, not the objects' number as such: with `MALLOC_ARENA_MAX=1` a seal
+//! beside the 10,000 keys took 7.5–7.8 µs instead of 8.6–9.3, and with jemalloc preloaded
+//! 6.6–6.7 against 6.2–6.3 beside 10 keys (this loop, 2026-12-04). kesh keeps glibc's
+//! defaults. In the server, on SoftHSM at c=16, one arena did not lower the CPU per operation
+//! (43.6–52.8 µs against 41.2–48.9); jemalloc or mimalloc preloaded took about 4 µs less per
+//! operation, but the server then held 3.4–3.7 MiB more at c=64 (17.0 MiB with glibc).
 
 #[path = "../benches/common/mod.rs"]
 mod common;
