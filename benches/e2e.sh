@@ -18,6 +18,8 @@
 #   kry    kesh on Kryoptic (detected profile), PKCS#11 3.0 message-based AES-GCM: one call
 #          per seal or unseal
 #   kry2   the same token with `message_aead: false`: C_EncryptInit + C_Encrypt, two calls
+#   kcnt, kcnt2  kry's and kry2's configurations through the fault shim (which forwards
+#          Kryoptic's PKCS#11 3.0 interface), no fault: count their calls per operation
 #   s1..s4 kesh on SoftHSM, `profile: softhsm` with `sessions: 1..4` (the pool-size sweep)
 # Every point alternates between the servers it compares, E2E_RUNS times; tables give medians.
 set -euo pipefail
@@ -219,10 +221,10 @@ shim_calls() { # server → the shim's total call count (first line) once it is 
 # Calls per operation, counted by the shim: the difference between a short and a long run at
 # c=1 (each a fresh bench, so set-up calls, such as the data keys a decrypt run makes first,
 # cancel out).
-calls_in() { # server tag op duration → calls the shim saw
+calls_in() { # server tag op duration → calls the shim saw (key: $COUNT_KEY, default bulk-5)
   local before after
   before=$(shim_calls "$1")
-  D=$4 W=0s bench "$2" "$1" "$3" 1 bulk-5 >/dev/null
+  D=$4 W=0s bench "$2" "$1" "$3" 1 "${COUNT_KEY:-bulk-5}" >/dev/null
   after=$(shim_calls "$1")
   echo "$after - $before" | bc
 }
@@ -258,8 +260,8 @@ one_call=$(SOFTHSM2_CONF=$(conf lat) KESH_SHIM_CONTROL="$work/shim" KESH_CEILING
 echo "e2e: Kryoptic, message-based AEAD (one call) vs two calls, c=16" >&2
 KRY_MODULE=$(softhsm-tests/kryoptic build)
 KRY_CONF=$(softhsm-tests/kryoptic tokens "$work/kryoptic" "$PIN" e2e-kry)
-kry() { # message_aead
-  printf '  pkcs11:\n    module: %s\n    token: e2e-kry\n    pin: ${KESH_PIN}\n    session_wait: 10s\n    message_aead: %s\n' "$KRY_MODULE" "$1"
+kry() { # message_aead [module]
+  printf '  pkcs11:\n    module: %s\n    token: e2e-kry\n    pin: ${KESH_PIN}\n    session_wait: 10s\n    message_aead: %s\n' "${2:-$KRY_MODULE}" "$1"
 }
 start kry "$(kry true)" KRYOPTIC_CONF="$KRY_CONF"
 start kry2 "$(kry false)" KRYOPTIC_CONF="$KRY_CONF"
@@ -273,6 +275,14 @@ for run in $(seq "$RUNS"); do
 done
 stop kry
 stop kry2
+echo "e2e: PKCS#11 calls per operation on Kryoptic, both paths (through the shim, no fault)" >&2
+for s in kcnt:true kcnt2:false; do
+  : >"$work/${s%:*}.shim"
+  start "${s%:*}" "$(kry "${s#*:}" "$SHIM")" KRYOPTIC_CONF="$KRY_CONF" KESH_SHIM_TARGET="$KRY_MODULE" \
+    KESH_SHIM_CONTROL="$work/${s%:*}.shim" KESH_SHIM_STATS="$work/${s%:*}.calls"
+  COUNT_KEY=kry-bench count_calls "${s%:*}" "${s%:*}"
+  stop "${s%:*}"
+done
 
 echo "e2e: session pool sweep (sessions 1..4, c=16)" >&2
 for run in $(seq "$RUNS"); do
@@ -333,6 +343,9 @@ out=benches/RESULTS.md
   echo "csw/op: voluntary context switches of all the server's threads per operation (a thread"
   echo "parked: futex or I/O wait), from /proc/PID/task/*/status."
   echo
+  echo "PKCS#11 calls per operation, counted by the fault shim on cnt (hsm's configuration, which bulk and"
+  echo "s1..s4 share): generate $(calls_per_op cnt generate), decrypt $(calls_per_op cnt decrypt); soft makes none; lat, kry and kry2 below."
+  echo
   echo "## Targets, each against its baseline from this run"
   echo
   tsel() { echo ".tag==\"main\" and .srv==\"$1\" and .op==\"$2\" and .concurrency==$3"; }
@@ -344,6 +357,10 @@ out=benches/RESULTS.md
   for op in generate decrypt; do
     calls=$(calls_per_op cnt "$op")
     echo "| PKCS#11 calls per $op (hsm's configuration, shim count): ≤ 2 | $calls | lat (no profile): $(calls_per_op lat "$op") | $(verdict "$calls" '<=' 2.05) |"
+  done
+  for op in generate decrypt; do
+    calls=$(calls_per_op kcnt "$op")
+    echo "| PKCS#11 calls per $op with message-based AEAD (Kryoptic, kry's configuration, shim count): ≤ 1 | $calls | kry2 (\`message_aead: false\`): $(calls_per_op kcnt2 "$op") | $(verdict "$calls" '<=' 1.05) |"
   done
   for op in generate decrypt; do
     p=$(echo "$(med ".tag==\"latc1\" and .op==\"$op\"" p50_us) / 1000" | bc -l)
@@ -454,17 +471,18 @@ out=benches/RESULTS.md
   echo
   echo "One Kryoptic token (an unoptimised build, OpenSSL's cryptography), two servers: kry seals"
   echo "and unseals with one C_EncryptMessage / C_DecryptMessage per operation (its start-up line:"
-  echo "${kry_aead:-not reported}), kry2 with \`message_aead: false\`. Calls per operation on this path are"
-  echo "counted by the test on_kryoptic_a_generate_and_a_decrypt_are_one_message_call_each (the"
-  echo "fault shim wraps 2.40 modules only)."
+  echo "${kry_aead:-not reported}), kry2 with \`message_aead: false\`. Calls per operation: counted by"
+  echo "the fault shim, which forwards Kryoptic's PKCS#11 3.0 interface, on two more servers with kry's and"
+  echo "kry2's configurations (kcnt, kcnt2), as cnt counts hsm's."
   echo
-  echo "| op | one call ops/s | two calls ops/s | ratio | one call CPU µs/op | two calls CPU µs/op | one call csw/op | two calls csw/op |"
-  echo "|---|---|---|---|---|---|---|---|"
+  echo "| op | one call ops/s | two calls ops/s | ratio | one call CPU µs/op | two calls CPU µs/op | one call csw/op | two calls csw/op | one call calls/op | two calls calls/op |"
+  echo "|---|---|---|---|---|---|---|---|---|---|"
   for op in generate decrypt; do
     a=".tag==\"kry\" and .srv==\"kry\" and .op==\"$op\""
     b=".tag==\"kry\" and .srv==\"kry2\" and .op==\"$op\""
     echo "| $op | $(num "$(med "$a" ops_per_sec)" 0) | $(num "$(med "$b" ops_per_sec)" 0) | $(num "$(echo "$(med "$a" ops_per_sec) / $(med "$b" ops_per_sec)" | bc -l)" 2) \
-| $(num "$(med "$a" server.cpu_us_per_op)") | $(num "$(med "$b" server.cpu_us_per_op)") | $(num "$(med "$a" server.voluntary_switches_per_op)" 2) | $(num "$(med "$b" server.voluntary_switches_per_op)" 2) |"
+| $(num "$(med "$a" server.cpu_us_per_op)") | $(num "$(med "$b" server.cpu_us_per_op)") | $(num "$(med "$a" server.voluntary_switches_per_op)" 2) | $(num "$(med "$b" server.voluntary_switches_per_op)" 2) \
+| $(calls_per_op kcnt "$op") | $(calls_per_op kcnt2 "$op") |"
   done
   echo
   echo "## Session pool size on SoftHSM (c=16)"

@@ -62,6 +62,67 @@ async fn on_kryoptic_a_generate_and_a_decrypt_are_one_message_call_each() {
     assert_eq!(&pt[..], &dk.plaintext[..]);
 }
 
+/// The same count taken outside kesh: a `kesh server` loads Kryoptic through the fault shim,
+/// which forwards its v3.0 interface and counts every call that reaches the module.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn through_the_shim_kryoptic_receives_one_call_per_generate_and_per_decrypt() {
+    let token = harness::kryoptic_tokens().processes.clone();
+    let srv = harness::server()
+        .pkcs11(&token)
+        .fault_shim("")
+        .env("KESH_SHIM_TARGET", &token.module.display().to_string())
+        .spawn();
+    let c = srv.client();
+    let name = harness::name("shim-count").to_string();
+    c.create_key(&name).await.unwrap();
+    // Prepares each pool session for the key once, outside the count.
+    for _ in 0..8 {
+        c.generate_key(&name, b"ctx").await.unwrap();
+    }
+    let counts = || async {
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        let text = std::fs::read_to_string(srv.dir().join("calls")).unwrap();
+        text.lines()
+            .filter_map(|l| l.split_once(' '))
+            .map(|(f, n)| (f.to_owned(), n.parse::<u64>().unwrap()))
+            .collect::<std::collections::BTreeMap<_, _>>()
+    };
+    let before = counts().await;
+    let mut keys = Vec::new();
+    for _ in 0..N {
+        keys.push(c.generate_key(&name, b"ctx").await.unwrap());
+    }
+    for dk in &keys {
+        let pt = c.decrypt(&name, &dk.ciphertext.0, b"ctx").await.unwrap();
+        assert_eq!(pt.0[..], dk.plaintext.0[..]);
+    }
+    let made: std::collections::BTreeMap<_, _> = counts()
+        .await
+        .into_iter()
+        .map(|(f, n)| {
+            let was = before.get(&f).copied().unwrap_or(0);
+            (f, n - was)
+        })
+        .filter(|(_, n)| *n > 0)
+        .collect();
+    assert_eq!(made.get("C_EncryptMessage"), Some(&N), "{made:?}");
+    assert_eq!(made.get("C_DecryptMessage"), Some(&N), "{made:?}");
+    // Nothing else runs once per operation: beside the message calls only randomness
+    // refills, prepares and the change poll's reads, each far fewer than N in all.
+    for (f, n) in &made {
+        assert!(
+            matches!(f.as_str(), "C_EncryptMessage" | "C_DecryptMessage") || *n < N / 2,
+            "{f} ran {n} times for {N} generates and {N} decrypts: {made:?}"
+        );
+    }
+    let total: u64 = made.values().sum();
+    harness::report(&format!(
+        "calls: through the shim, Kryoptic received {total} calls for {} generates and decrypts ({:.2} per operation)",
+        2 * N,
+        total as f64 / (2 * N) as f64
+    ));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn message_aead_false_and_a_2_40_module_seal_in_two_calls_with_the_same_ciphertexts() {
     let token = harness::kryoptic_tokens().shared.clone();

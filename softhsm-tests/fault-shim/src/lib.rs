@@ -1,7 +1,9 @@
 //! A PKCS#11 module that forwards every call to a real one (SoftHSM) and injects faults.
 //!
 //! kesh loads it exactly as it loads a vendor module. The real module is
-//! `KESH_SHIM_TARGET` (default: SoftHSM's usual paths). Faults come from the control file named
+//! `KESH_SHIM_TARGET` (default: SoftHSM's usual paths). When that module offers the PKCS#11
+//! 3.0 interface (`C_GetInterface`, as Kryoptic does), the shim offers it too, wrapped, so the
+//! functions 3.0 added (message-based AEAD) are counted and can be failed like the others. Faults come from the control file named
 //! by `KESH_SHIM_CONTROL`, re-read whenever it changes; every change starts the rules afresh.
 //! One rule a line:
 //!
@@ -58,7 +60,12 @@ const SOFTHSM_PATHS: &[&str] = &[
 struct Real {
     _lib: libloading::Library,
     list: CK_FUNCTION_LIST,
+    /// The module's v3.0 list, when it offers one (`C_GetInterface`).
+    list_3_0: Option<CK_FUNCTION_LIST_3_0>,
 }
+
+/// The name of the standard interface (PKCS#11 3.0, section 5.1.1).
+const INTERFACE_NAME: &[u8] = b"PKCS 11\0";
 
 // SAFETY: the function list is plain data (version and function pointers) that never changes
 // after loading; the library handle is only kept alive.
@@ -88,7 +95,44 @@ fn load_real() -> Result<Real, String> {
     }
     // SAFETY: the module returned a valid pointer to its static function list.
     let list = unsafe { *list };
-    Ok(Real { _lib: lib, list })
+    let list_3_0 = interface_3_0(&lib);
+    Ok(Real {
+        _lib: lib,
+        list,
+        list_3_0,
+    })
+}
+
+/// The module's standard interface at version 3.0, if it has one.
+fn interface_3_0(lib: &libloading::Library) -> Option<CK_FUNCTION_LIST_3_0> {
+    type GetInterface = unsafe extern "C" fn(
+        *mut CK_UTF8CHAR,
+        *mut CK_VERSION,
+        *mut *mut CK_INTERFACE,
+        CK_FLAGS,
+    ) -> CK_RV;
+    let mut version = CK_VERSION { major: 3, minor: 0 };
+    let mut interface: *mut CK_INTERFACE = std::ptr::null_mut();
+    // SAFETY: C_GetInterface is the PKCS#11 3.0 entry point with exactly this signature; the
+    // name is NUL-terminated and the module only reads it.
+    let rv = unsafe {
+        let get: libloading::Symbol<GetInterface> = lib.get(b"C_GetInterface\0").ok()?;
+        get(
+            INTERFACE_NAME.as_ptr().cast_mut(),
+            &mut version,
+            &mut interface,
+            0,
+        )
+    };
+    if rv != CKR_OK || interface.is_null() {
+        return None;
+    }
+    // SAFETY: the module returned a valid interface whose list is a static v3.0 function list,
+    // the version asked for.
+    unsafe {
+        let list = (*interface).pFunctionList.cast::<CK_FUNCTION_LIST_3_0>();
+        (!list.is_null() && (*list).version.major == 3).then(|| *list)
+    }
 }
 
 fn real_module() -> Option<&'static Real> {
@@ -106,27 +150,131 @@ pub(crate) fn real() -> &'static CK_FUNCTION_LIST {
     }
 }
 
+/// The real module's v3.0 function list (all `None` when it has none).
+pub(crate) fn real_3_0() -> &'static CK_FUNCTION_LIST_3_0 {
+    static EMPTY: OnceLock<CK_FUNCTION_LIST_3_0> = OnceLock::new();
+    match real_module().and_then(|r| r.list_3_0.as_ref()) {
+        Some(list) => list,
+        // SAFETY: an all-zero function list is valid: every entry is `None`.
+        None => EMPTY.get_or_init(|| unsafe { std::mem::zeroed() }),
+    }
+}
+
+/// The shim's v2.40 function list, and its v3.0 interface (the v3.0 list when the real module
+/// has one, else the v2.40 list, which tells the loader to use `C_GetFunctionList`).
+/// Leaked once: both must outlive every caller, as a module's static lists do. Pointers as
+/// `usize`, which a static can hold.
+struct Wrapped {
+    list: usize,
+    interface: usize,
+}
+
+fn wrapped() -> Option<&'static Wrapped> {
+    static WRAPPED: OnceLock<Option<Wrapped>> = OnceLock::new();
+    WRAPPED
+        .get_or_init(|| {
+            let real = real_module()?;
+            let mut list = functions::wrapped(&real.list);
+            personality::install(&mut list);
+            let list_ptr = Box::into_raw(Box::new(list));
+            let functions: *mut std::ffi::c_void = match real.list_3_0 {
+                Some(_) => Box::into_raw(Box::new(functions::wrapped_3_0(&list))).cast(),
+                None => list_ptr.cast(),
+            };
+            let interface = CK_INTERFACE {
+                pInterfaceName: INTERFACE_NAME.as_ptr().cast_mut(),
+                pFunctionList: functions,
+                flags: 0,
+            };
+            Some(Wrapped {
+                list: list_ptr as usize,
+                interface: Box::into_raw(Box::new(interface)) as usize,
+            })
+        })
+        .as_ref()
+}
+
 /// The PKCS#11 entry point.
 ///
 /// # Safety
 /// `list` must be a valid pointer to writable storage for one pointer.
 #[no_mangle]
 pub unsafe extern "C" fn C_GetFunctionList(list: *mut *mut CK_FUNCTION_LIST) -> CK_RV {
-    static WRAPPED: OnceLock<usize> = OnceLock::new();
     if list.is_null() {
         return CKR_ARGUMENTS_BAD;
     }
-    let Some(real) = real_module() else {
+    let Some(w) = wrapped() else {
         return CKR_GENERAL_ERROR;
     };
-    // Leaked once: the list must outlive every caller, as a module's static list does.
-    let ptr = *WRAPPED.get_or_init(|| {
-        let mut list = functions::wrapped(&real.list);
-        personality::install(&mut list);
-        Box::into_raw(Box::new(list)) as usize
-    });
     // SAFETY: checked non-null above; the caller owns the storage.
-    unsafe { *list = ptr as *mut CK_FUNCTION_LIST };
+    unsafe { *list = w.list as *mut CK_FUNCTION_LIST };
+    CKR_OK
+}
+
+/// The PKCS#11 3.0 entry point listing interfaces: the shim offers one (see [`Wrapped`]).
+///
+/// # Safety
+/// `count` must be valid; `list`, when not null, must have room for `*count` interfaces.
+#[no_mangle]
+pub unsafe extern "C" fn C_GetInterfaceList(
+    list: *mut CK_INTERFACE,
+    count: *mut CK_ULONG,
+) -> CK_RV {
+    if count.is_null() {
+        return CKR_ARGUMENTS_BAD;
+    }
+    let Some(w) = wrapped() else {
+        return CKR_GENERAL_ERROR;
+    };
+    // SAFETY: checked non-null; the caller owns the storage, and `list` has room for
+    // `*count` interfaces when it is not null.
+    unsafe {
+        let room = *count;
+        *count = 1;
+        if list.is_null() {
+            return CKR_OK;
+        }
+        if room < 1 {
+            return CKR_BUFFER_TOO_SMALL;
+        }
+        *list = *(w.interface as *const CK_INTERFACE);
+    }
+    CKR_OK
+}
+
+/// The PKCS#11 3.0 entry point for one interface: the shim's, when the name and version asked
+/// for (either may be null: any) are its own.
+///
+/// # Safety
+/// `interface` must be valid; `name`, when not null, NUL-terminated; `version` valid or null.
+#[no_mangle]
+pub unsafe extern "C" fn C_GetInterface(
+    name: *mut CK_UTF8CHAR,
+    version: *mut CK_VERSION,
+    interface: *mut *mut CK_INTERFACE,
+    flags: CK_FLAGS,
+) -> CK_RV {
+    if interface.is_null() {
+        return CKR_ARGUMENTS_BAD;
+    }
+    let Some(w) = wrapped() else {
+        return CKR_GENERAL_ERROR;
+    };
+    let offered = w.interface as *mut CK_INTERFACE;
+    // SAFETY: the caller's pointers are valid (or null where allowed) per the contract above;
+    // the offered interface and its list are leaked, so always valid.
+    unsafe {
+        let offered_version = (*(*offered).pFunctionList.cast::<CK_FUNCTION_LIST>()).version;
+        let name_matches = name.is_null()
+            || std::ffi::CStr::from_ptr(name.cast()).to_bytes_with_nul() == INTERFACE_NAME;
+        let version_matches = version.is_null()
+            || ((*version).major == offered_version.major
+                && (*version).minor == offered_version.minor);
+        if !name_matches || !version_matches || flags != 0 {
+            return CKR_ARGUMENTS_BAD;
+        }
+        *interface = offered;
+    }
     CKR_OK
 }
 
