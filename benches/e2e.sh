@@ -24,6 +24,8 @@
 # Every point alternates between the servers it compares, E2E_RUNS times; tables give medians.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# Before this script rewrites benches/RESULTS.md, which would make every build look modified.
+BUILD_ID=$(git describe --always --dirty 2>/dev/null || echo unknown)
 
 DURATION=${E2E_DURATION:-2s}
 WARMUP=${E2E_WARMUP:-500ms}
@@ -318,7 +320,7 @@ out=benches/RESULTS.md
   echo "| load at start | $load_at_start (1, 5 and 15 min; a shared machine) |"
   echo "| load at the end | $(cut -d' ' -f1-3 /proc/loadavg) (this script's own load included) |"
   echo "| kernel | $(uname -sr) |"
-  echo "| build | kesh $(git describe --always --dirty), dist profile (fat LTO, what the package ships), $(rustc -V) |"
+  echo "| build | kesh $BUILD_ID, dist profile (fat LTO, what the package ships), $(rustc -V) |"
   echo "| SoftHSM | $(softhsm2-util --version), file object store |"
   echo "| memory locking | ${mlock:-not reported} (server as $(id -un)) |"
   echo "| transport | kesh bench: HTTP/2, one TLS 1.3 connection, requests multiplexed (as MinIO's client) |"
