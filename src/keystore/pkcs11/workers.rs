@@ -391,13 +391,18 @@ fn work(queue: &Queue) {
         let mut task = job.task;
         let started = Instant::now();
         let ran = std::panic::catch_unwind(AssertUnwindSafe(|| task.run())).is_ok();
-        queue.record(started.elapsed());
+        let took = started.elapsed();
+        queue.record(took);
         if ran {
             answers.push(task);
             oldest.get_or_insert_with(Instant::now);
         }
         queue.running.fetch_sub(1, Ordering::Relaxed);
-        if answers.len() >= DELIVERY_BATCH || oldest.is_some_and(|t| t.elapsed() >= DELIVERY_DELAY)
+        // A job as long as the delay says the device is slow: holding its answer for the next
+        // job would add a whole device call to its latency.
+        if answers.len() >= DELIVERY_BATCH
+            || took >= DELIVERY_DELAY
+            || oldest.is_some_and(|t| t.elapsed() >= DELIVERY_DELAY)
         {
             deliver(&mut answers);
             oldest = None;
@@ -405,10 +410,10 @@ fn work(queue: &Queue) {
     }
 }
 
-/// Answers are handed back when the queue runs dry, when this many have gathered, or when the
-/// oldest has waited [`DELIVERY_DELAY`]: one wake-up of the async runtime then serves a burst
-/// of fast calls (a local software token's take ~12 µs), while a slow device's answers go
-/// out at once.
+/// Answers are handed back when the queue runs dry, when this many have gathered, when the
+/// oldest has waited [`DELIVERY_DELAY`], or when the job just run took that long: one wake-up
+/// of the async runtime then serves a burst of fast calls (a local software token's take
+/// ~12 µs), while a slow device's answers go out at once.
 const DELIVERY_BATCH: usize = 8;
 const DELIVERY_DELAY: Duration = Duration::from_micros(100);
 
@@ -478,6 +483,49 @@ mod tests {
                 .await;
             assert!(matches!(after, Outcome::Done(7)));
             assert!(!ran.load(Ordering::SeqCst));
+        });
+    }
+
+    #[test]
+    fn a_slow_jobs_answer_is_not_held_while_the_next_job_runs() {
+        rt().block_on(async {
+            let w = Arc::new(Workers::start(1).unwrap());
+            let queue = w.queue.clone();
+            let first = {
+                let w = w.clone();
+                tokio::spawn(async move {
+                    w.call(Duration::from_secs(5), Placement::Worker, move || {
+                        // A network HSM's call, which ends once the second job is queued.
+                        while queue.lock().jobs.is_empty() {
+                            std::thread::sleep(Duration::from_millis(1));
+                        }
+                        std::thread::sleep(Duration::from_millis(2));
+                        1
+                    })
+                    .await
+                })
+            };
+            while w.stats().running == 0 {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            // Queued behind the first on the one worker, and blocked until released.
+            let (release, blocked) = std::sync::mpsc::channel::<()>();
+            let second = {
+                let w = w.clone();
+                tokio::spawn(async move {
+                    w.call(Duration::from_secs(5), Placement::Worker, move || {
+                        blocked.recv_timeout(Duration::from_secs(10)).is_ok()
+                    })
+                    .await
+                })
+            };
+            let answer = tokio::time::timeout(Duration::from_secs(5), first).await;
+            release.send(()).unwrap();
+            assert!(
+                matches!(answer, Ok(Ok(Outcome::Done(1)))),
+                "the first answer waited for the second job"
+            );
+            assert!(matches!(second.await.unwrap(), Outcome::Done(true)));
         });
     }
 
