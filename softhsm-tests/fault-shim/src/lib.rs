@@ -211,7 +211,8 @@ pub unsafe extern "C" fn C_GetFunctionList(list: *mut *mut CK_FUNCTION_LIST) -> 
     CKR_OK
 }
 
-/// The PKCS#11 3.0 entry point listing interfaces: the shim offers one (see [`Wrapped`]).
+/// The PKCS#11 3.0 entry point listing interfaces: the shim offers one, its v3.0 list when the
+/// real module has one, else its v2.40 list.
 ///
 /// # Safety
 /// `count` must be valid; `list`, when not null, must have room for `*count` interfaces.
