@@ -79,15 +79,7 @@ async fn through_the_shim_kryoptic_receives_one_call_per_generate_and_per_decryp
     for _ in 0..8 {
         c.generate_key(&name, b"ctx").await.unwrap();
     }
-    let counts = || async {
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-        let text = std::fs::read_to_string(srv.dir().join("calls")).unwrap();
-        text.lines()
-            .filter_map(|l| l.split_once(' '))
-            .map(|(f, n)| (f.to_owned(), n.parse::<u64>().unwrap()))
-            .collect::<std::collections::BTreeMap<_, _>>()
-    };
-    let before = counts().await;
+    let before = srv.all_calls().await;
     let mut keys = Vec::new();
     for _ in 0..N {
         keys.push(c.generate_key(&name, b"ctx").await.unwrap());
@@ -96,7 +88,8 @@ async fn through_the_shim_kryoptic_receives_one_call_per_generate_and_per_decryp
         let pt = c.decrypt(&name, &dk.ciphertext.0, b"ctx").await.unwrap();
         assert_eq!(pt.0[..], dk.plaintext.0[..]);
     }
-    let made: std::collections::BTreeMap<_, _> = counts()
+    let made: std::collections::BTreeMap<_, _> = srv
+        .all_calls()
         .await
         .into_iter()
         .map(|(f, n)| {

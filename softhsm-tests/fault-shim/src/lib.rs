@@ -1,11 +1,13 @@
-//! A PKCS#11 module that forwards every call to a real one (SoftHSM) and injects faults.
+//! A PKCS#11 module that forwards every call to a real one (SoftHSM, or Kryoptic) and injects
+//! faults.
 //!
 //! kesh loads it exactly as it loads a vendor module. The real module is
 //! `KESH_SHIM_TARGET` (default: SoftHSM's usual paths). When that module offers the PKCS#11
 //! 3.0 interface (`C_GetInterface`, as Kryoptic does), the shim offers it too, wrapped, so the
-//! functions 3.0 added (message-based AEAD) are counted and can be failed like the others. Faults come from the control file named
-//! by `KESH_SHIM_CONTROL`, re-read whenever it changes; every change starts the rules afresh.
-//! One rule a line:
+//! functions 3.0 added (message-based AEAD) are counted and can be failed like the others.
+//!
+//! Faults come from the control file named by `KESH_SHIM_CONTROL`, re-read whenever it
+//! changes; every change starts the rules afresh. One rule a line:
 //!
 //! ```text
 //! fail <CKR_NAME|0xHEX> <C_Function,...|*> [count=N] [until=<unix ms>]

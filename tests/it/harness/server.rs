@@ -29,7 +29,7 @@ use time::OffsetDateTime;
 
 use super::certs::{read_certificate, ServerCerts};
 use super::command::{kesh, kesh_cmd, Run, BIN};
-use super::shim::{shim_calls, shim_path};
+use super::shim::{shim_calls, shim_counts, shim_path};
 use super::Store;
 
 /// A new server: soft keystore in memory, no policies, an API-key admin.
@@ -691,6 +691,12 @@ impl ServerProcess {
     /// The shim's count of `function` as last written.
     pub fn calls_now(&self, function: &str) -> u64 {
         shim_calls(&self.dir.path().join("calls"), function)
+    }
+
+    /// Every function's count at the shim (as [`Self::calls`], after its 100 ms).
+    pub async fn all_calls(&self) -> std::collections::BTreeMap<String, u64> {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        shim_counts(&self.dir.path().join("calls"))
     }
 
     /// Replaces the PIN the config's `pin_file:` names.

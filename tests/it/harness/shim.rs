@@ -2,6 +2,7 @@
 //! where it is, built on first use when a plain `cargo test` has not built it, and what its
 //! call counts say. Writes no rules ([`super::ServerProcess::inject`] does).
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
@@ -59,14 +60,19 @@ fn build(profile_dir: &Path) {
     );
 }
 
-/// The count of one function's calls in a shim stats file (0 before its first call).
-pub fn shim_calls(stats: &Path, function: &str) -> u64 {
+/// Every function's count in a shim stats file (empty before the first call).
+pub fn shim_counts(stats: &Path) -> BTreeMap<String, u64> {
     std::fs::read_to_string(stats)
         .unwrap_or_default()
         .lines()
         .filter_map(|l| l.split_once(' '))
-        .find(|(f, _)| *f == function)
-        .map_or(0, |(_, n)| n.parse().unwrap())
+        .map(|(f, n)| (f.to_owned(), n.parse().unwrap()))
+        .collect()
+}
+
+/// The count of one function's calls in a shim stats file (0 before its first call).
+pub fn shim_calls(stats: &Path, function: &str) -> u64 {
+    shim_counts(stats).get(function).copied().unwrap_or(0)
 }
 
 /// Milliseconds since the epoch: the clock the shim's `until=` rules are written in.
