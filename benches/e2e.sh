@@ -278,13 +278,15 @@ done
 stop kry
 stop kry2
 echo "e2e: PKCS#11 calls per operation on Kryoptic, both paths (through the shim, no fault)" >&2
-for s in kcnt:true kcnt2:false; do
-  : >"$work/${s%:*}.shim"
-  start "${s%:*}" "$(kry "${s#*:}" "$SHIM")" KRYOPTIC_CONF="$KRY_CONF" KESH_SHIM_TARGET="$KRY_MODULE" \
-    KESH_SHIM_CONTROL="$work/${s%:*}.shim" KESH_SHIM_STATS="$work/${s%:*}.calls"
-  COUNT_KEY=kry-bench count_calls "${s%:*}" "${s%:*}"
-  stop "${s%:*}"
-done
+count_kry() { # server message_aead
+  : >"$work/$1.shim"
+  start "$1" "$(kry "$2" "$SHIM")" KRYOPTIC_CONF="$KRY_CONF" KESH_SHIM_TARGET="$KRY_MODULE" \
+    KESH_SHIM_CONTROL="$work/$1.shim" KESH_SHIM_STATS="$work/$1.calls"
+  COUNT_KEY=kry-bench count_calls "$1" "$1"
+  stop "$1"
+}
+count_kry kcnt true
+count_kry kcnt2 false
 
 echo "e2e: session pool sweep (sessions 1..4, c=16)" >&2
 for run in $(seq "$RUNS"); do

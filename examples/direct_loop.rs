@@ -4,9 +4,9 @@
 //!
 //! `KESH_DIRECT_LABEL=<token> KESH_DIRECT_PIN=<pin> cargo run --release --example direct_loop`
 //! seals for `KESH_DIRECT_SECS` (default 2) on the SoftHSM token that `SOFTHSM2_CONF` holds and
-//! prints the sealing threads' CPU time per seal, in µs. With `KESH_DIRECT_THREADS=N` (default 1), N
-//! threads seal at once, each with its own session and key: a server calls the module from
-//! several threads, and SoftHSM's (and OpenSSL's) shared state then moves between cores.
+//! prints the sealing threads' CPU time per seal, in µs. With `KESH_DIRECT_THREADS=N` (default
+//! 1), N threads seal at once, each with its own session and key: a server calls the module
+//! from several threads, and SoftHSM's (and OpenSSL's) shared state then moves between cores.
 //!
 //! The sealing threads are never the one that opened the module, as in kesh, whose calls run on
 //! its runtime and worker threads. It matters: beside a 10,000-key token, the same session's

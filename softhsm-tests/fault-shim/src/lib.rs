@@ -265,7 +265,8 @@ pub unsafe extern "C" fn C_GetInterface(
     };
     let offered = w.interface as *mut CK_INTERFACE;
     // SAFETY: the caller's pointers are valid (or null where allowed) per the contract above;
-    // the offered interface and its list are leaked, so always valid.
+    // the offered interface and its list are leaked, so always valid, and a v2.40 and a v3.0
+    // list both begin with their version.
     unsafe {
         let offered_version = (*(*offered).pFunctionList.cast::<CK_FUNCTION_LIST>()).version;
         let name_matches = name.is_null()
